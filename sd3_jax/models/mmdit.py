@@ -1,0 +1,472 @@
+"""The SD3 / SD3.5 MM-DiT (SD3_SPEC.md s1-3), NHWC, parameter names mirroring the original.
+
+``MMDiT(config).apply({'params': params}, x, t, pooled, context)`` with x [B,H,W,C] latents,
+t [B] flow time in [0, 1] (scaled by 1000 inside, as the reference feeds sigma*1000), pooled
+[B,P] and context [B,L,D] returns the velocity, shape of x, in float32.
+
+Parameter tree (unscanned layout; kernels are [in..., out...]):
+  pos_embed [1, M*M, h]      fixed table (gradient stopped), centre-cropped per input
+  x_embedder/proj            kernel [p, p, C, h]      (the 2x2 stride-2 patch conv)
+  t_embedder/mlp_0, mlp_2    y_embedder/mlp_0, mlp_2   context_embedder
+  joint_blocks_{i}/{context_block,x_block}/
+      adaLN_modulation       kernel [h, n*h]  (n = 6; 2 for the last context block; 9 dual)
+      attn/qkv               kernel [h, 3, H, 64]      attn/ln_q, ln_k (qk-norm)  attn/proj [H, 64, h]
+      attn2/...              (MMDiT-X dual-attention layers, x_block only)
+      mlp/fc1, mlp/fc2
+  final_layer/adaLN_modulation, final_layer/linear
+With ``scan_layers`` runs of equal blocks are stacked under ``scan_blocks_{start}_{stop}``
+(leading 'layers' axis); ``stack_block_params`` / ``unstack_block_params`` convert.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from sd3_jax.models import layers as L
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MMDiTConfig:
+  """Architecture of an MM-DiT; everything a checkpoint needs to be rebuilt.
+
+  Attributes:
+    depth: number of joint blocks d. Hidden size defaults to 64*d and heads to d (head dim 64).
+    hidden_size / num_heads: override the 64*d / d rule (tiny test models).
+    patch_size: latent patch side (2 for all released models).
+    in_channels / out_channels: latent channels (16 for SD3).
+    pooled_dim: width of the pooled text vector (2048 = CLIP-L 768 | CLIP-G 1280).
+    context_dim: width of the text tokens (4096).
+    pos_embed_max_size: side M of the positional grid (192 SD3 / SD3.5-large, 384 SD3.5-medium).
+    qk_norm: RMSNorm on q and k per head (SD3.5).
+    dual_attention_layers: blocks whose image stream adds a second, image-only self-attention
+      (MMDiT-X, SD3.5-medium: 0..12).
+    mlp_ratio: MLP hidden = mlp_ratio * hidden.
+    pos_embed_base_size / pos_embed_scale: how a freshly initialised table places positions
+      (SD3_SPEC s2.1): the centre crop of base_size*scale patches spans 0..base_size.
+  """
+  depth: int
+  hidden_size: int | None = None
+  num_heads: int | None = None
+  patch_size: int = 2
+  in_channels: int = 16
+  out_channels: int = 16
+  pooled_dim: int = 2048
+  context_dim: int = 4096
+  pos_embed_max_size: int = 192
+  qk_norm: bool = False
+  dual_attention_layers: tuple[int, ...] = ()
+  mlp_ratio: int = 4
+  pos_embed_base_size: int = 16
+  pos_embed_scale: float = 1.0
+
+  def __post_init__(self):
+    object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
+    if self.hidden_size is None:
+      object.__setattr__(self, "hidden_size", 64 * self.depth)
+    if self.num_heads is None:
+      object.__setattr__(self, "num_heads", self.depth)
+    if self.depth < 1:
+      raise ValueError(f"depth must be >= 1, got {self.depth}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
+    if bad:
+      raise ValueError(f"dual_attention_layers {bad} outside 0..{self.depth - 1}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["dual_attention_layers"] = list(self.dual_attention_layers)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "MMDiTConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"unknown MMDiTConfig keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+
+def config_for_depth(depth: int, **overrides) -> MMDiTConfig:
+  """The paper's scaling family: hidden 64*d, heads d, head dim 64."""
+  return MMDiTConfig(depth=depth, **overrides)
+
+
+PRESETS: dict[str, MMDiTConfig] = {
+    "sd3-medium": MMDiTConfig(depth=24),
+    "sd3.5-large": MMDiTConfig(depth=38, qk_norm=True),
+    "sd3.5-medium": MMDiTConfig(depth=24, qk_norm=True, dual_attention_layers=tuple(range(13)),
+                                pos_embed_max_size=384),
+}
+
+
+def get_config(name: str) -> MMDiTConfig:
+  """A named preset ('sd3-medium', 'sd3.5-large', 'sd3.5-medium') or 'd<N>' for the family."""
+  if name in PRESETS:
+    return PRESETS[name]
+  if name.startswith("d") and name[1:].isdigit():
+    return config_for_depth(int(name[1:]))
+  raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)} or d<depth> (e.g. d24)")
+
+
+def block_segments(config: MMDiTConfig) -> list[tuple[int, int, bool]]:
+  """Runs [start, stop) of consecutive blocks 0..d-2 with equal structure, and whether dual.
+
+  The last block (context stream pre-only) is never part of a run.
+  """
+  segs: list[tuple[int, int, bool]] = []
+  for i in range(config.depth - 1):
+    dual = i in config.dual_attention_layers
+    if segs and segs[-1][2] == dual and segs[-1][1] == i:
+      segs[-1] = (segs[-1][0], i + 1, dual)
+    else:
+      segs.append((i, i + 1, dual))
+  return segs
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+
+
+class AttentionProjections(nn.Module):
+  """qkv projection (+ optional QK RMSNorm) and output projection of one stream."""
+  hidden: int
+  heads: int
+  qk_norm: bool
+  has_proj: bool = True
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    hd = self.hidden // self.heads
+    self.qkv = L.Dense((3, self.heads, hd), ("embed", "qkv", "heads", "kv"), dtype=self.dtype)
+    if self.qk_norm:
+      self.ln_q = L.RMSNorm()
+      self.ln_k = L.RMSNorm()
+    if self.has_proj:
+      self.proj = L.Dense(self.hidden, ("heads", "kv", "embed"), n_in=2, dtype=self.dtype)
+
+  def qkv_heads(self, x_BxLxD):
+    qkv = self.qkv(x_BxLxD)  # [B, L, 3, H, Dh]
+    qkv = nn.with_logical_constraint(qkv, (L.ACT_BATCH, L.ACT_LENGTH, None, L.ACT_HEADS, None))
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.qk_norm:
+      q, k = self.ln_q(q), self.ln_k(k)
+    return q, k, v
+
+  def out(self, a_BxLxHxDh):
+    return self.proj(a_BxLxHxDh)
+
+
+class StreamBlock(nn.Module):
+  """One stream of a joint block (the reference's DismantledBlock): adaLN, attention, MLP."""
+  hidden: int
+  heads: int
+  mlp_ratio: int = 4
+  qk_norm: bool = False
+  pre_only: bool = False
+  dual: bool = False
+  dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
+
+  def setup(self):
+    n_mods = 2 if self.pre_only else (9 if self.dual else 6)
+    zeros = nn.initializers.zeros_init()
+    self.adaLN_modulation = L.Dense(n_mods * self.hidden, ("embed", "mlp"), dtype=self.dtype,
+                                    kernel_init=zeros)
+    self.attn = AttentionProjections(self.hidden, self.heads, self.qk_norm,
+                                     has_proj=not self.pre_only, dtype=self.dtype)
+    if self.dual:
+      self.attn2 = AttentionProjections(self.hidden, self.heads, self.qk_norm, dtype=self.dtype)
+    if not self.pre_only:
+      self.mlp = Mlp(self.hidden, self.mlp_ratio * self.hidden, dtype=self.dtype)
+
+  def pre_attention(self, x_BxLxD, c_BxD):
+    """Returns (q, k, v) for the joint attention and what post_attention needs."""
+    n_mods = 2 if self.pre_only else (9 if self.dual else 6)
+    mods = jnp.split(self.adaLN_modulation(nn.silu(c_BxD)), n_mods, axis=-1)
+    x_norm = L.layer_norm(x_BxLxD)
+    q, k, v = self.attn.qkv_heads(L.modulate(x_norm, mods[0], mods[1]))  # shift_msa, scale_msa
+    return (q, k, v), (x_BxLxD, x_norm, mods)
+
+  def post_attention(self, attn_BxLxHxDh, saved):
+    x, x_norm, mods = saved
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+    del shift_msa, scale_msa
+    x = x + gate_msa[:, None] * self.attn.out(attn_BxLxHxDh)
+    if self.dual:
+      shift2, scale2, gate2 = mods[6:9]
+      q2, k2, v2 = self.attn2.qkv_heads(L.modulate(x_norm, shift2, scale2))
+      a2 = L.dot_product_attention(q2, k2, v2, self.attention_impl)
+      x = x + gate2[:, None] * self.attn2.out(a2)
+    x = x + gate_mlp[:, None] * self.mlp(L.modulate(L.layer_norm(x), shift_mlp, scale_mlp))
+    return nn.with_logical_constraint(x, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_EMBED))
+
+
+class Mlp(nn.Module):
+  hidden: int
+  mlp_hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = L.Dense(self.mlp_hidden, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+    h = nn.with_logical_constraint(h, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_MLP))
+    h = jax.nn.gelu(h, approximate=True)
+    return L.Dense(self.hidden, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
+
+
+class JointBlock(nn.Module):
+  """Context and image streams with joint attention over [context, image] tokens.
+
+  Called as ``(ctx, x), _ = block((ctx, x), c)`` so that it can be scanned; the last block
+  (``context_pre_only``) returns ctx unchanged-by-MLP (its attention output is discarded).
+  """
+  hidden: int
+  heads: int
+  mlp_ratio: int = 4
+  qk_norm: bool = False
+  context_pre_only: bool = False
+  dual: bool = False
+  dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, carry, c_BxD):
+    ctx, x = carry
+    kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio,
+              qk_norm=self.qk_norm, dtype=self.dtype, attention_impl=self.attention_impl)
+    context_block = StreamBlock(pre_only=self.context_pre_only, name="context_block", **kw)
+    x_block = StreamBlock(dual=self.dual, name="x_block", **kw)
+    (cq, ck, cv), c_saved = context_block.pre_attention(ctx, c_BxD)
+    (xq, xk, xv), x_saved = x_block.pre_attention(x, c_BxD)
+    n_ctx = ctx.shape[1]
+    # Reference order: context tokens first, then image tokens.
+    a = L.dot_product_attention(jnp.concatenate([cq, xq], 1), jnp.concatenate([ck, xk], 1),
+                                jnp.concatenate([cv, xv], 1), self.attention_impl)
+    if not self.context_pre_only:
+      ctx = context_block.post_attention(a[:, :n_ctx], c_saved)
+    x = x_block.post_attention(a[:, n_ctx:], x_saved)
+    return (ctx, x), None
+
+
+class MlpEmbedder(nn.Module):
+  """Linear -> SiLU -> Linear (the reference's TimestepEmbedder / VectorEmbedder mlp)."""
+  hidden: int
+  dtype: Dtype = jnp.float32
+  init_std: float | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.normal(self.init_std) if self.init_std else None
+    x = L.Dense(self.hidden, ("cond", "embed"), dtype=self.dtype, kernel_init=init, name="mlp_0")(x)
+    return L.Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, kernel_init=init,
+                   name="mlp_2")(nn.silu(x))
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+class MMDiT(nn.Module):
+  """The MM-DiT. Runtime options (not part of the checkpoint):
+
+  dtype: compute dtype (bfloat16 on accelerators); parameters stay float32.
+  remat: one of REMAT_POLICIES ('none', 'full', 'dots', 'dots_no_batch').
+  scan_layers: scan over runs of identical blocks (faster compiles at large depth). The
+    parameter layout changes (see module docstring); results are identical.
+  attention_impl: 'xla' (float32 softmax, any backend), 'cudnn' or 'auto'.
+  """
+  config: MMDiTConfig
+  dtype: Dtype = jnp.float32
+  remat: str = "none"
+  scan_layers: bool = False
+  attention_impl: str = "xla"
+
+  def _check_inputs(self, x, t, pooled, context):
+    cfg = self.config
+    if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
+      raise ValueError(f"x must be NHWC latents [B,H,W,{cfg.in_channels}], got shape {x.shape}")
+    b, hh, ww, _ = x.shape
+    p = cfg.patch_size
+    if hh % p or ww % p:
+      raise ValueError(f"latent height and width must be divisible by the patch size {p}, got {hh}x{ww}")
+    if t.shape != (b,):
+      raise ValueError(f"t must have shape [B]=({b},) of flow times in [0, 1], got {t.shape}")
+    if pooled.shape != (b, cfg.pooled_dim):
+      raise ValueError(f"pooled must have shape [B, {cfg.pooled_dim}] = ({b}, {cfg.pooled_dim}), got {pooled.shape}")
+    if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.context_dim:
+      raise ValueError(f"context must have shape [B, L, {cfg.context_dim}] with B={b}, got {context.shape}")
+
+  def _block(self, i: int, dual: bool, pre_only: bool, name: str):
+    cfg = self.config
+    cls = JointBlock
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+    if self.remat != "none":
+      cls = nn.remat(cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+    return cls, dict(hidden=cfg.hidden_size, heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                     qk_norm=cfg.qk_norm, context_pre_only=pre_only, dual=dual, dtype=self.dtype,
+                     attention_impl=self.attention_impl, name=name)
+
+  @nn.compact
+  def __call__(self, x, t, pooled, context, *, skip_layers: tuple[int, ...] = ()):
+    """Velocity v(x, t). ``skip_layers`` (unscanned models only) bypasses those blocks,
+    for skip-layer guidance."""
+    cfg = self.config
+    self._check_inputs(x, t, pooled, context)
+    b, hh, ww, _ = x.shape
+    p, d = cfg.patch_size, cfg.hidden_size
+    hp, wp = hh // p, ww // p
+
+    # Patch embedding: a p x p stride-p conv written as an einsum (kernel [p, p, C, h]).
+    x_emb = PatchEmbed(d, p, dtype=self.dtype, name="x_embedder")(x.astype(self.dtype))
+    table = self.param(
+        "pos_embed",
+        nn.with_logical_partitioning(
+            lambda *_: jnp.asarray(L.sincos_2d_table(d, cfg.pos_embed_max_size, cfg.pos_embed_base_size,
+                                                     cfg.pos_embed_scale)[None], jnp.float32),
+            (None, None, "embed")),
+        (1, cfg.pos_embed_max_size ** 2, d), jnp.float32)
+    pos = L.crop_pos_embed(jax.lax.stop_gradient(table), cfg.pos_embed_max_size, hp, wp)
+    x_tok = x_emb.reshape(b, hp * wp, d) + pos.astype(self.dtype)  # row-major (h, w) tokens
+    x_tok = nn.with_logical_constraint(x_tok, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_EMBED))
+
+    t_feat = L.timestep_embedding(t.astype(jnp.float32) * 1000.0)  # the network sees sigma*1000
+    c = MlpEmbedder(d, dtype=self.dtype, init_std=0.02, name="t_embedder")(t_feat.astype(self.dtype))
+    c = c + MlpEmbedder(d, dtype=self.dtype, name="y_embedder")(pooled.astype(self.dtype))
+    ctx = L.Dense(d, ("cond", "embed"), dtype=self.dtype, name="context_embedder")(context.astype(self.dtype))
+    ctx = nn.with_logical_constraint(ctx, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_EMBED))
+
+    carry = (ctx, x_tok)
+    if self.scan_layers:
+      if skip_layers:
+        raise ValueError("skip_layers needs an unscanned model (scan_layers=False)")
+      for start, stop, dual in block_segments(cfg):
+        cls, kw = self._block(start, dual, False, f"scan_blocks_{start}_{stop}")
+        scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=(nn.broadcast,), length=stop - start,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
+        carry, _ = scanned(**kw)(carry, c)
+    else:
+      for i in range(cfg.depth - 1):
+        cls, kw = self._block(i, i in cfg.dual_attention_layers, False, f"joint_blocks_{i}")
+        if i in skip_layers and not self.is_initializing():
+          continue
+        carry, _ = cls(**kw)(carry, c)
+    last = cfg.depth - 1
+    cls, kw = self._block(last, last in cfg.dual_attention_layers, True, f"joint_blocks_{last}")
+    if last not in skip_layers or self.is_initializing():
+      carry, _ = cls(**kw)(carry, c)
+    x_tok = carry[1]
+
+    x_out = FinalLayer(d, p * p * cfg.out_channels, dtype=self.dtype, name="final_layer")(x_tok, c)
+    # Unpatchify: channels ordered (p_row, q_col, c).
+    x_out = x_out.reshape(b, hp, wp, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
+    return x_out.reshape(b, hh, ww, cfg.out_channels).astype(jnp.float32)
+
+
+class PatchEmbed(nn.Module):
+  hidden: int
+  patch: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    b, hh, ww, ch = x_BxHxWxC.shape
+    p = self.patch
+    patches = x_BxHxWxC.reshape(b, hh // p, p, ww // p, p, ch).transpose(0, 1, 3, 2, 4, 5)  # [B,h,w,p,q,C]
+    return L.Dense(self.hidden, (None, None, None, "embed"), n_in=3, dtype=self.dtype, name="proj")(patches)
+
+
+class FinalLayer(nn.Module):
+  hidden: int
+  out_features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c):
+    zeros = nn.initializers.zeros_init()
+    mod = L.Dense(2 * self.hidden, ("embed", "mlp"), dtype=self.dtype, kernel_init=zeros,
+                  name="adaLN_modulation")(nn.silu(c))
+    shift, scale = jnp.split(mod, 2, axis=-1)  # original order: shift first
+    x = L.modulate(L.layer_norm(x), shift, scale)
+    return L.Dense(self.out_features, ("embed", None), dtype=self.dtype, kernel_init=zeros,
+                   name="linear")(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: dummy inputs, abstract init, parameter counts, scan layout conversion
+
+
+def dummy_inputs(config: MMDiTConfig, batch: int = 1, latent_size: int = 8, context_len: int = 8):
+  x = jnp.zeros((batch, latent_size, latent_size, config.in_channels), jnp.float32)
+  return (x, jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, config.pooled_dim), jnp.float32),
+          jnp.zeros((batch, context_len, config.context_dim), jnp.float32))
+
+
+def init_params(model: MMDiT, rng: jax.Array, boxed: bool = False):
+  """Initialise parameters (float32). ``boxed`` keeps the nn.Partitioned logical-axis boxes."""
+  variables = model.init(rng, *dummy_inputs(model.config, latent_size=2 * model.config.patch_size))
+  params = variables["params"]
+  return params if boxed else nn.unbox(params)
+
+
+def abstract_params(model: MMDiT):
+  """Shapes, dtypes and logical axes of the parameters without allocating them."""
+  return jax.eval_shape(functools.partial(init_params, model, boxed=True), jax.random.key(0))
+
+
+def count_params(config: MMDiTConfig, include_pos_embed: bool = False) -> int:
+  shapes = nn.unbox(abstract_params(MMDiT(config)))
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+    if not include_pos_embed and any(getattr(k, "key", None) == "pos_embed" for k in path):
+      continue
+    total += int(np.prod(leaf.shape))
+  return total
+
+
+def stack_block_params(params: dict, config: MMDiTConfig) -> dict:
+  """Unscanned layout -> scanned layout (runs of blocks stacked on a leading axis)."""
+  out = {k: v for k, v in params.items() if not k.startswith("joint_blocks_")}
+  for start, stop, _ in block_segments(config):
+    blocks = [params[f"joint_blocks_{i}"] for i in range(start, stop)]
+    out[f"scan_blocks_{start}_{stop}"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  last = config.depth - 1
+  out[f"joint_blocks_{last}"] = params[f"joint_blocks_{last}"]
+  return out
+
+
+def unstack_block_params(params: dict, config: MMDiTConfig) -> dict:
+  """Scanned layout -> unscanned layout."""
+  out = {k: v for k, v in params.items() if not k.startswith("scan_blocks_")}
+  for start, stop, _ in block_segments(config):
+    stacked = params[f"scan_blocks_{start}_{stop}"]
+    for j, i in enumerate(range(start, stop)):
+      out[f"joint_blocks_{i}"] = jax.tree.map(lambda a: a[j], stacked)
+  return out
+
+
+def iter_blocks(config: MMDiTConfig) -> Iterator[tuple[int, bool, bool]]:
+  """(index, dual, context_pre_only) for every joint block."""
+  for i in range(config.depth):
+    yield i, i in config.dual_attention_layers, i == config.depth - 1
