@@ -1,0 +1,204 @@
+"""Orbax checkpoints: train state + grain iterator position + config, async, keep N, exact resume.
+
+Layout (one directory per committed step, written by orbax.checkpoint.CheckpointManager):
+
+  <directory>/<step>/state/                 the state pytree (OCDBT/tensorstore, sharded writes)
+                   /data/process_<i>-of-<n>.json   grain iterator position of each process
+                   /config/                 the experiment config (JSON)
+                   /_CHECKPOINT_METADATA, commit_success.txt
+
+Saves are asynchronous: ``save`` returns once the arrays are copied off the devices (and the
+iterator position is read), the write continues in the background, and the next ``save`` (or
+``wait_until_finished`` / ``close``) waits for it. A step is written to
+``<step>.orbax-checkpoint-tmp`` and renamed when complete, then marked by
+``commit_success.txt``; only committed steps are listed, restored or counted for keep-N, so a
+crash during a save never costs the previous checkpoint (leftover tmp directories are removed
+when the next Checkpointer opens the directory).
+
+Restore goes straight into the target shardings given by an abstract state (a pytree of
+``jax.ShapeDtypeStruct`` with ``sharding``, e.g. from ``jax.eval_shape`` plus the trainer's
+shardings), so nothing is materialised on one device and the mesh may differ from the one
+that saved (resharding on load). Dtypes may differ too (values are cast).
+
+Multi-host: every process constructs the Checkpointer on the same directory (a shared file
+system or gs://) and calls save/restore with the same arguments at the same steps; orbax
+synchronises the processes and each writes / reads only its own shards. Hence every leaf of
+the state must be a *global* jax.Array, including scalars such as the step (use
+``jax.device_put(jnp.asarray(step), NamedSharding(mesh, P()))``, not a Python/NumPy number or
+a process-local array). Each process saves and restores its own iterator position, so resume
+needs the same process count and the same per-process data pipeline.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+STATE, DATA, CONFIG = "state", "data", "config"
+COMMIT_FILE = "commit_success.txt"  # written by orbax when a step is finalised
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a pytree of jax.Arrays: a restore target."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _key_str(path) -> str:
+  """'opt_state.0.mu.w': the dotted naming orbax uses for a leaf, whatever the node types."""
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return ".".join(parts)
+
+
+def _flatten(tree: Any) -> dict[str, Any]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {_key_str(p): leaf for p, leaf in leaves}
+
+
+def _listing(names, limit: int = 8) -> str:
+  names = sorted(names)
+  more = f" ... ({len(names) - limit} more)" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
+
+
+class Checkpointer:
+  """Keeps the last ``max_to_keep`` checkpoints of {state, data iterator, config} in directory."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    path = str(directory)
+    self.directory = epath.Path(path if "://" in path else os.path.abspath(path))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True, create=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       DATA: grain.checkpoint.CheckpointHandler(),
+                       CONFIG: ocp.JsonCheckpointHandler()})
+    stray = sorted(set(self._manager.all_steps()) - set(self.all_steps()))
+    if stray:
+      logging.warning("ignoring step directories without %s in %s: %s", COMMIT_FILE,
+                      self.directory, stray)
+
+  # -- queries
+
+  def _committed(self, step: int) -> bool:
+    return (self.directory / str(step) / COMMIT_FILE).exists()
+
+  def all_steps(self) -> list[int]:
+    """Committed steps, ascending (a save still in flight is not listed until it commits)."""
+    return sorted(s for s in self._manager.all_steps() if self._committed(s))
+
+  def latest_step(self) -> Optional[int]:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def reached_preemption(self, step: int) -> bool:
+    """True when jax's preemption sync point is reached at ``step`` (save with force=True)."""
+    return self._manager.reached_preemption(step)
+
+  # -- save
+
+  def save(self, step: int, state: Any, data_iterator: Any = None,
+           config: Optional[dict] = None, force: bool = False) -> bool:
+    """Starts an (async) save of ``state`` (a pytree of global jax.Arrays), the position of a
+    grain ``data_iterator`` (DatasetIterator or DataLoaderIterator; optional) and ``config``
+    (a JSON-serialisable dict, e.g. ``ConfigDict.to_dict()``; optional).
+
+    Returns whether a save was started (orbax may skip a step unless ``force``)."""
+    bad = [k for k, leaf in _flatten(state).items() if not isinstance(leaf, jax.Array)]
+    if bad:
+      raise TypeError(f"every state leaf must be a (global) jax.Array; not at: {_listing(bad)}")
+    args = {STATE: ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      args[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    if config is not None:
+      try:
+        json.dumps(config)
+      except TypeError as e:
+        raise TypeError(f"config must be JSON-serialisable: {e}") from e
+      args[CONFIG] = ocp.args.JsonSave(dict(config))
+    return self._manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+
+  # -- restore
+
+  def _check_against_saved(self, step: int, abstract_state: Any):
+    wanted = _flatten(abstract_state)
+    unsharded = [k for k, v in wanted.items() if getattr(v, "sharding", None) is None]
+    if unsharded:
+      raise ValueError("abstract_state leaves need a sharding (jax.ShapeDtypeStruct(shape, dtype, "
+                       f"sharding=...)) to restore in place; missing at: {_listing(unsharded)}")
+    saved = _flatten(self._manager.item_metadata(step)[STATE].tree)
+    where = f"checkpoint step {step} in {self.directory}"
+    missing, unexpected = set(wanted) - set(saved), set(saved) - set(wanted)
+    if missing or unexpected:
+      msg = [f"state structure does not match {where}:"]
+      if missing:
+        msg.append(f"not in the checkpoint: {_listing(missing)}")
+      if unexpected:
+        msg.append(f"in the checkpoint but not in abstract_state: {_listing(unexpected)}")
+      raise ValueError(" ".join(msg))
+    shapes = [f"{k} (checkpoint {tuple(saved[k].shape)}, requested {tuple(wanted[k].shape)})"
+              for k in sorted(wanted) if tuple(saved[k].shape) != tuple(wanted[k].shape)]
+    if shapes:
+      raise ValueError(f"state shapes do not match {where}: {_listing(shapes)}")
+
+  def restore(self, step: Optional[int] = None, *, abstract_state: Any,
+              data_iterator: Any = None) -> tuple[Any, Optional[dict]]:
+    """Restores ``step`` (default: the latest committed one) -> (state, config or None).
+
+    ``abstract_state``: pytree of jax.ShapeDtypeStruct with shardings (the target layout).
+    ``data_iterator``: a fresh grain iterator of the same pipeline; its position is set in
+    place so that it continues with the element that followed the saved one.
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no committed checkpoint in {self.directory}")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(f"no committed checkpoint for step {step} in {self.directory}; "
+                              f"available steps: {steps}")
+    self._check_against_saved(step, abstract_state)
+    step_dir = self.directory / str(step)
+    args = {STATE: ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      if not (step_dir / DATA).exists():
+        raise ValueError(f"checkpoint step {step} in {self.directory} has no data iterator "
+                         "position (saved without data_iterator); pass data_iterator=None")
+      args[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    if (step_dir / CONFIG).exists():
+      args[CONFIG] = ocp.args.JsonRestore()
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:
+      if hasattr(e, "add_note"):
+        e.add_note(f"while restoring {sorted(args)} of step {step} from {self.directory}")
+      raise
+    return restored[STATE], (restored[CONFIG] if CONFIG in args else None)
+
+  # -- lifetime
+
+  def wait_until_finished(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

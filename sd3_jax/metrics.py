@@ -1,0 +1,497 @@
+"""Training metrics: model FLOPs and MFU, clu metric collections, JSONL / TensorBoard writing.
+
+* ``mmdit_forward_flops`` / ``train_step_flops``: the analytic model-FLOP count used for MFU
+  (the convention of /work/shared/ANCHORS.md), and ``count_matmul_flops``, a jaxpr walk that
+  checks it against what the model actually traces.
+* ``peak_flops_per_device``: dense bf16 peak per chip, from ``device.device_kind``.
+* ``TrainMetrics``: a ``clu.metrics.Collection`` built inside the jitted train step (loss,
+  grad norm, learning rate, loss per bucket of t) and merged on the host.
+* ``MetricWriter``: host-0 writer of ``metrics.jsonl`` and, when the ``tensorboard`` package is
+  installed, TensorBoard event files (pure python, no TensorFlow).
+* ``StepTimer`` and ``format_progress``: throughput, MFU and a one-line console report.
+
+No ``from __future__ import annotations`` here: clu reads ``Collection.__annotations__`` as
+metric classes, which postponed annotations would turn into strings.
+"""
+import contextlib
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metrics as clu_metrics
+from jax.extend import core as jex_core
+
+from sd3_jax.models.mmdit import MMDiTConfig
+
+TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features (layers.timestep_embedding)
+
+# --------------------------------------------------------------------------------------------
+# Model FLOPs
+
+
+def mmdit_forward_flops_breakdown(config: MMDiTConfig, latent_h: int, latent_w: int,
+                                  context_len: int) -> dict[str, int]:
+  """Matmul FLOPs of one forward pass for ONE example, by component (see mmdit_forward_flops)."""
+  p = config.patch_size
+  if latent_h % p or latent_w % p:
+    raise ValueError(f"latent {latent_h}x{latent_w} is not divisible by the patch size {p}")
+  h, r = config.hidden_size, config.mlp_ratio
+  n = (latent_h // p) * (latent_w // p)  # image tokens
+  lc = context_len
+  s = n + lc  # joint sequence
+  dual = set(config.dual_attention_layers)
+
+  def attention(q_len, kv_len):  # QK^T and AV over all heads: 2 * 2*q*kv*h
+    return 4 * q_len * kv_len * h
+
+  terms = dict.fromkeys(("patch_embed", "t_embedder_in", "y_embedder_in", "embedders_out",
+                         "context_embedder", "adaln", "qkv", "attention", "proj", "mlp",
+                         "attn2", "final_layer"), 0)
+  terms["patch_embed"] = 2 * n * (p * p * config.in_channels) * h
+  terms["t_embedder_in"] = 2 * TIMESTEP_FREQ_DIM * h
+  terms["y_embedder_in"] = 2 * config.pooled_dim * h
+  terms["embedders_out"] = 2 * (2 * h * h)  # t_embedder/mlp_2 and y_embedder/mlp_2
+  terms["context_embedder"] = 2 * lc * config.context_dim * h
+  for i in range(config.depth):
+    last = i == config.depth - 1
+    x_mods = 9 if i in dual else 6
+    ctx_mods = 2 if last else 6
+    terms["adaln"] += 2 * h * (x_mods + ctx_mods) * h
+    terms["qkv"] += 2 * s * h * 3 * h
+    # All S query rows, also in the last block whose context outputs are discarded: that is
+    # what the model computes (one einsum over the joint sequence).
+    terms["attention"] += attention(s, s)
+    out_tokens = n if last else s  # the last context stream has no proj / MLP
+    terms["proj"] += 2 * out_tokens * h * h
+    terms["mlp"] += 2 * 2 * out_tokens * h * (r * h)
+    if i in dual:  # image-only self-attention: qkv, attention, proj
+      terms["attn2"] += 2 * n * h * 3 * h + attention(n, n) + 2 * n * h * h
+  terms["final_layer"] = 2 * h * 2 * h + 2 * n * h * (p * p * config.out_channels)
+  return terms
+
+
+def mmdit_forward_flops(config: MMDiTConfig, latent_h: int, latent_w: int, context_len: int) -> int:
+  """Exact matmul FLOPs of one MM-DiT forward pass for one example (a matmul [m,k]x[k,n] = 2mkn).
+
+  With h hidden, r mlp_ratio, p patch, N = (H/p)(W/p) image tokens, L context tokens,
+  S = N + L, F = 256 timestep features, d blocks of which D are dual-attention (MMDiT-X):
+
+    embed   = 2N(p^2 C_in)h + 2Fh + 2(pooled_dim)h + 4h^2 + 2L(context_dim)h
+    block   = 24h^2 (adaLN, 6 mods per stream) + 6Sh^2 (qkv) + 4S^2 h (QK^T, AV)
+              + 2Sh^2 (proj) + 4rSh^2 (MLP)                    for blocks 0..d-2
+    last    = 16h^2 (adaLN 6 + 2 mods) + 6Sh^2 + 4S^2 h + 2Nh^2 + 4rNh^2
+              (pre-only context stream: qkv but no proj/MLP; all S query rows are computed)
+    dual    = 6h^2 (3 more mods) + 6Nh^2 + 4N^2 h + 2Nh^2      per dual block (attn2)
+    final   = 4h^2 + 2Nh(p^2 C_out)
+
+  total = embed + (d-1) block + last + D dual + final. Elementwise work (norms, softmax,
+  modulation, activations) is not counted. This equals the dot_general FLOPs of the traced
+  forward exactly (tests/test_metrics.py).
+  """
+  return sum(mmdit_forward_flops_breakdown(config, latent_h, latent_w, context_len).values())
+
+
+def train_step_flops(config: MMDiTConfig, latent_h: int, latent_w: int, context_len: int,
+                     batch_size: int) -> int:
+  """Model FLOPs of one train step: 3 x forward x batch (forward + backward = 2x forward).
+
+  The convention of /work/shared/ANCHORS.md: matmuls and attention only; recomputation by
+  remat is not counted; elementwise ops and the optimizer update are not counted. (The exact
+  backward is slightly less than 2x forward, because no gradient flows into the inputs of the
+  patch / text / timestep embedders; the convention ignores that.) For d=24 at 256^2 (32x32
+  latent, 154 tokens) this is 1.74e12 per image; 5.41e12 at 512^2; d=38: 6.80e12 / 20.6e12.
+  """
+  return 3 * batch_size * mmdit_forward_flops(config, latent_h, latent_w, context_len)
+
+
+def _dot_general_flops(eqn) -> int:
+  (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+  lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+  contract = math.prod(lhs[i] for i in lc)
+  batch = math.prod(lhs[i] for i in lb)
+  free_l = math.prod(lhs) // (contract * batch)
+  free_r = math.prod(rhs) // (contract * batch)
+  return 2 * batch * free_l * free_r * contract
+
+
+def _conv_flops(eqn) -> int:
+  rhs = eqn.invars[1].aval.shape
+  out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+  # each output element: (in_features / groups) * kernel window multiply-adds
+  return 2 * math.prod(eqn.outvars[0].aval.shape) * (math.prod(rhs) // out_features)
+
+
+def jaxpr_matmul_flops(jaxpr) -> int:
+  """dot_general + conv FLOPs of a (closed) jaxpr, recursing into jit/remat/custom_jvp calls
+  and multiplying scan bodies by their length. Data-dependent loops raise."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      total += _dot_general_flops(eqn)
+    elif name == "conv_general_dilated":
+      total += _conv_flops(eqn)
+    elif name == "while":
+      raise ValueError("cannot count FLOPs through a while loop (unknown trip count)")
+    elif name == "cond":
+      branch = {jaxpr_matmul_flops(b) for b in eqn.params["branches"]}
+      if len(branch) > 1:
+        raise ValueError(f"cond branches have different matmul FLOPs {sorted(branch)}")
+      total += branch.pop()
+    else:
+      mult = eqn.params["length"] if name == "scan" else 1
+      total += mult * sum(jaxpr_matmul_flops(j) for j in jex_core.jaxprs_in_params(eqn.params))
+  return total
+
+
+def count_matmul_flops(fn: Callable, *args, **kwargs) -> int:
+  """Matmul FLOPs of ``fn(*args, **kwargs)`` as traced (no compilation, args may be abstract)."""
+  return jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args, **kwargs))
+
+
+# --------------------------------------------------------------------------------------------
+# Peak FLOP/s per chip
+
+# Dense (no sparsity) bf16 peak per chip, matched in order on jax's device.device_kind
+# (lower-cased). TPU: Google Cloud TPU system-architecture pages; NVIDIA: datasheets (the
+# "with sparsity" figures halved). GH200 matches h200 below; its GPU has the same 989e12.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    (r"^tpu v4$", 275e12),
+    (r"^tpu v5( lite|e)$", 197e12),
+    (r"^tpu v5p?$", 459e12),
+    (r"^tpu v6( lite|e)$", 918e12),
+    (r"h100.*pcie", 756e12),
+    (r"h100 nvl", 835e12),
+    (r"h100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"h200", 989e12),
+    (r"a100", 312e12),
+)
+
+
+def peak_flops_per_device(device_kind: str, override: Optional[float] = None) -> Optional[float]:
+  """Peak dense bf16 FLOP/s of one chip, or None when unknown (CPU, other chips).
+
+  ``override`` (e.g. from the config, or a measured matmul ceiling) wins when given. MFU is
+  reported as null rather than guessed when this returns None.
+  """
+  if override is not None:
+    if override <= 0:
+      raise ValueError(f"peak FLOP/s override must be positive, got {override}")
+    return float(override)
+  kind = device_kind.strip().lower()
+  for pattern, peak in PEAK_BF16_FLOPS:
+    if re.search(pattern, kind):
+      return peak
+  return None
+
+
+# --------------------------------------------------------------------------------------------
+# clu metrics (built inside jit, merged and computed on the host)
+
+NUM_T_BUCKETS = 10  # equal-width buckets of t in [0, 1]
+
+
+@flax.struct.dataclass
+class TBucketLoss(clu_metrics.Metric):
+  """Mean per-example loss in each of NUM_T_BUCKETS equal buckets of t (t=1 goes in the last).
+
+  compute() -> [NUM_T_BUCKETS] means, NaN where a bucket saw no example.
+  """
+  total: jax.Array  # [NUM_T_BUCKETS] float32 sums
+  count: jax.Array  # [NUM_T_BUCKETS] int32
+
+  @classmethod
+  def empty(cls) -> "TBucketLoss":
+    return cls(total=jnp.zeros((NUM_T_BUCKETS,), jnp.float32),
+               count=jnp.zeros((NUM_T_BUCKETS,), jnp.int32))
+
+  @classmethod
+  def from_model_output(cls, per_example_loss: jax.Array, t: jax.Array, **_) -> "TBucketLoss":
+    if per_example_loss.shape != t.shape or per_example_loss.ndim != 1:
+      raise ValueError(
+          f"per_example_loss {per_example_loss.shape} and t {t.shape} must both be [B]")
+    idx = jnp.clip(jnp.floor(t.astype(jnp.float32) * NUM_T_BUCKETS), 0, NUM_T_BUCKETS - 1)
+    onehot = jax.nn.one_hot(idx.astype(jnp.int32), NUM_T_BUCKETS, dtype=jnp.float32)  # [B, n]
+    loss = per_example_loss.astype(jnp.float32)[:, None]
+    return cls(total=jnp.sum(onehot * loss, axis=0),
+               count=jnp.sum(onehot, axis=0).astype(jnp.int32))
+
+  def merge(self, other: "TBucketLoss") -> "TBucketLoss":
+    return type(self)(total=self.total + other.total, count=self.count + other.count)
+
+  def compute(self) -> jax.Array:
+    return jnp.where(self.count > 0, self.total / jnp.maximum(self.count, 1), jnp.nan)
+
+
+def t_bucket_names(n: int = NUM_T_BUCKETS) -> list[str]:
+  return [f"loss_t/{i / n:.1f}-{(i + 1) / n:.1f}" for i in range(n)]
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  """Per-step training metrics.
+
+  In the train step (inside jit):
+    TrainMetrics.single_from_model_output(per_example_loss=[B], t=[B], grad_norm=(),
+                                          learning_rate=())
+  On the host: ``acc = m if acc is None else acc.merge(m)`` over a logging window, then
+  ``acc.compute()`` -> {'loss', 'grad_norm' (window means), 'learning_rate' (last value),
+  'loss_t/0.0-0.1', ...} as python floats. Empty t-buckets are omitted from the dict.
+  """
+  loss: clu_metrics.Average.from_output("per_example_loss")
+  grad_norm: clu_metrics.Average.from_output("grad_norm")
+  learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+  loss_t: TBucketLoss
+
+  def compute(self) -> dict[str, float]:  # host-side: returns python floats
+    out = {}
+    for name, value in jax.device_get(super().compute()).items():
+      if name == "loss_t":
+        out.update({k: float(v) for k, v in zip(t_bucket_names(), value) if not np.isnan(v)})
+      else:
+        out[name] = float(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _scalar(value: Any) -> Any:
+  """A python scalar (int, float, bool, str or None) from python/numpy/jax scalars."""
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  arr = np.asarray(value)
+  if arr.size != 1:
+    raise ValueError(f"metric values must be scalars, got shape {arr.shape}")
+  return arr.reshape(()).item()
+
+
+def _json_safe(value: Any) -> Any:
+  if isinstance(value, float) and not math.isfinite(value):
+    return None  # NaN/inf -> null: valid JSON, numeric columns stay numeric
+  return value
+
+
+class MetricWriter:
+  """Writes scalars to ``workdir/metrics.jsonl`` and, if tensorboard is installed, to
+  TensorBoard event files in ``workdir/tensorboard``. Only the primary process writes.
+
+  Each ``write_scalars(step, scalars)`` appends one JSON object ``{"step", "wall_time",
+  **scalars}`` and flushes; non-finite floats are written as ``null``. Resuming appends to the
+  same file. ``resume_step``: drop lines with step > resume_step (logged by a preempted run
+  after its last checkpoint; they will be logged again) and tell TensorBoard to purge them.
+  A torn last line (process killed mid-write) is dropped at start-up.
+  """
+
+  def __init__(self, workdir: str, *, is_primary: Optional[bool] = None, tensorboard: bool = True,
+               resume_step: Optional[int] = None):
+    self.is_primary = jax.process_index() == 0 if is_primary is None else bool(is_primary)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._file = self._tb = None
+    if not self.is_primary:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._repair(resume_step)
+    self._file = open(self.path, "a", encoding="utf-8")
+    if tensorboard:
+      self._tb = _TensorBoardWriter.create(os.path.join(workdir, "tensorboard"), resume_step)
+
+  def _repair(self, resume_step: Optional[int]):
+    if not os.path.exists(self.path):
+      return
+    with open(self.path, encoding="utf-8") as f:
+      old = f.read()
+    keep = []
+    for line in old.split("\n"):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # empty or torn line
+      if not isinstance(record, dict):
+        continue
+      if resume_step is None or record.get("step", -1) <= resume_step:
+        keep.append(line)
+    new = "".join(line + "\n" for line in keep)
+    if new != old:
+      tmp = self.path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write(new)
+      os.replace(tmp, self.path)
+
+  @property
+  def tensorboard_enabled(self) -> bool:
+    return self._tb is not None
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    if not self.is_primary:
+      return
+    if self._file is None:
+      raise RuntimeError("MetricWriter is closed")
+    values = {str(k): _scalar(v) for k, v in scalars.items()}
+    if "step" in values or "wall_time" in values:
+      raise ValueError("'step' and 'wall_time' are reserved metric names")
+    record = {"step": int(step), "wall_time": time.time(), **values}
+    line = json.dumps({k: _json_safe(v) for k, v in record.items()}, allow_nan=False)
+    self._file.write(line + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      numeric = {k: float(v) for k, v in values.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+      self._tb.write(int(step), record["wall_time"], numeric)
+
+  def flush(self):
+    if self._file is not None:
+      self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self):
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class _TensorBoardWriter:
+  """Scalar summaries through tensorboard's own EventFileWriter and protos (no TensorFlow)."""
+
+  def __init__(self, logdir: str, resume_step: Optional[int]):
+    # Imported here: tensorboard is an optional extra (ImportError -> JSONL only).
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    self._writer = EventFileWriter(logdir)
+    if resume_step is not None:  # a START at step s makes TensorBoard drop earlier events >= s
+      self._writer.add_event(event_pb2.Event(
+          wall_time=time.time(), step=int(resume_step) + 1,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+  @classmethod
+  def create(cls, logdir: str, resume_step: Optional[int]) -> Optional["_TensorBoardWriter"]:
+    try:
+      return cls(logdir, resume_step)
+    except ImportError:
+      return None  # the optional `tensorboard` extra is not installed: JSONL only
+
+  def write(self, step: int, wall_time: float, scalars: Mapping[str, float]):
+    values = [self._summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+    self._writer.add_event(self._event_pb2.Event(
+        wall_time=wall_time, step=step, summary=self._summary_pb2.Summary(value=values)))
+    self._writer.flush()
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Throughput and progress
+
+
+class StepTimer:
+  """Throughput between successive ``tick(step)`` calls.
+
+  The first tick only starts the clock (so compilation is excluded). Each later tick returns
+  the averages over the steps since the previous tick:
+    step_time (s), images_per_sec, tflops_per_sec (all devices), tflops_per_sec_per_device,
+    mfu = achieved FLOP/s / (peak_flops_per_device * num_devices), None if the peak is unknown.
+  Time spent inside ``with timer.paused():`` (checkpointing, evaluation) is excluded. Dispatch
+  is asynchronous: tick after something that waits for the step (e.g. fetching its metrics).
+  """
+
+  def __init__(self, *, flops_per_step: float, images_per_step: int, num_devices: int,
+               peak_flops_per_device: Optional[float] = None,
+               clock: Callable[[], float] = time.perf_counter):
+    if num_devices < 1:
+      raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+    self.flops_per_step = float(flops_per_step)
+    self.images_per_step = images_per_step
+    self.num_devices = num_devices
+    self.peak_flops_per_device = peak_flops_per_device
+    self._clock = clock
+    self._last: Optional[tuple[int, float]] = None
+    self._paused_total = 0.0
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = self._clock()
+    try:
+      yield
+    finally:
+      self._paused_total += self._clock() - start
+
+  def tick(self, step: int) -> dict[str, Optional[float]]:
+    now = self._clock()
+    last, self._last = self._last, (step, now)
+    paused, self._paused_total = self._paused_total, 0.0
+    if last is None or step <= last[0]:
+      return {}
+    steps = step - last[0]
+    elapsed = max(now - last[1] - paused, 1e-9)
+    flops_per_sec = self.flops_per_step * steps / elapsed
+    peak = self.peak_flops_per_device
+    return {
+        "step_time": elapsed / steps,
+        "images_per_sec": self.images_per_step * steps / elapsed,
+        "tflops_per_sec": flops_per_sec / 1e12,
+        "tflops_per_sec_per_device": flops_per_sec / self.num_devices / 1e12,
+        "mfu": None if peak is None else flops_per_sec / (peak * self.num_devices),
+    }
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  d, rem = divmod(seconds, 86400)
+  h, rem = divmod(rem, 3600)
+  m, s = divmod(rem, 60)
+  if d:
+    return f"{d}d{h:02d}h"
+  if h:
+    return f"{h}h{m:02d}m"
+  return f"{m}m{s:02d}s"
+
+
+_PROGRESS_FIELDS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("loss", "loss", lambda v: f"{v:.4f}"),
+    ("grad_norm", "grad_norm", lambda v: f"{v:.3g}"),
+    ("learning_rate", "lr", lambda v: f"{v:.2e}"),
+    ("step_time", "step", lambda v: f"{v:.3g}s"),
+    ("images_per_sec", "img/s", lambda v: f"{v:.1f}"),
+    ("tflops_per_sec_per_device", "TFLOP/s/dev", lambda v: f"{v:.1f}"),
+    ("mfu", "MFU", lambda v: f"{100 * v:.1f}%"),
+)
+
+
+def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any]) -> str:
+  """One console line, e.g.
+  ``step 1200/500000 (0.2%) | loss 0.4312 | lr 1.00e-04 | step 0.52s | MFU 41.3% | ETA 3d00h``.
+  Missing or None fields are left out; ETA needs ``step_time``."""
+  parts = [f"step {step}/{total_steps} ({100 * step / max(total_steps, 1):.1f}%)"]
+  for key, label, fmt in _PROGRESS_FIELDS:
+    value = metrics.get(key)
+    if value is not None:
+      parts.append(f"{label} {fmt(float(value))}")
+  step_time = metrics.get("step_time")
+  if step_time is not None and total_steps > step:
+    parts.append(f"ETA {_format_duration(float(step_time) * (total_steps - step))}")
+  return " | ".join(parts)
+
