@@ -1,0 +1,22 @@
+"""The paper's largest scaling-study model: d=38 (8.06B, SD3.5-large shape) with QK-norm.
+
+256^2 pretraining shape (32x32x16 latents, 154 text tokens), global batch 4096, bf16 compute,
+float32 master weights and Adam state sharded with FSDP over all chips, full remat, scanned
+blocks. QK RMSNorm keeps attention logits bounded in mixed precision (SD3_SPEC s4).
+
+Check the fit before spending pod time (compile-only TPU topology, runs on a CPU machine):
+  python -m tools.aot_compile --config configs/sd3_8b.py --topology v5p:8x8x8
+Launch on the pod (every host):
+  python -m sd3_jax.main --config configs/sd3_8b.py --workdir gs://BUCKET/sd3_8b --multihost \
+      --config.data.source=records --config.data.path=/data/sd3_records
+Expect ~6.8 TFLOP per image per step (model FLOPs); the README has per-chip memory figures.
+"""
+from configs.common import base_config, model_config
+
+
+def get_config():
+  c = base_config()
+  c.model = model_config("sd3.5-large")   # d=38, qk_norm=True
+  c.total_steps = 500_000
+  c.global_batch_size = 4096
+  return c

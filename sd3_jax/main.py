@@ -1,0 +1,53 @@
+r"""Train an MM-DiT with rectified flow.
+
+  python -m sd3_jax.main --config configs/tiny.py --workdir /tmp/sd3_tiny \
+      [--config.total_steps=200 --config.global_batch_size=16 ...]
+
+Restarting the same command resumes from the latest checkpoint in WORKDIR/checkpoints.
+Multi-host: on TPU pods / SLURM pass --multihost (jax.distributed auto-detects the cluster);
+elsewhere give --coordinator_address, --num_processes and --process_id.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py); override keys with --config.key=value.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard logs.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (auto-detected cluster).")
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --multihost).")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  if _COORD.value:
+    if _NPROC.value is None or _PID.value is None:
+      raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+    jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value,
+                               process_id=_PID.value)
+  elif _MULTIHOST.value:
+    jax.distributed.initialize()
+
+  from sd3_jax import train  # after jax.distributed, which must come before any computation
+
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.TrainingDivergedError as e:
+    logging.error("%s", e)
+    sys.exit(3)
+
+
+if __name__ == "__main__":
+  app.run(main)

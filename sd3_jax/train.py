@@ -1,0 +1,401 @@
+"""Rectified-flow training of the MM-DiT: TrainState, sharded init, the jitted train step, the loop.
+
+Only this module and main.py read the experiment config. The flow (config -> mesh + rules ->
+eval_shape(init) -> shardings -> restore-or-init inside jit -> grain iterator -> global batch ->
+train_step -> metrics / async checkpoints / validation loss) follows STYLE.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import linen as nn
+from flax import struct
+
+from sd3_jax import checkpoint as ckpt_lib
+from sd3_jax import flow
+from sd3_jax import input_pipeline
+from sd3_jax import metrics as metrics_lib
+from sd3_jax import sharding
+from sd3_jax.models import mmdit
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss or gradient became NaN/Inf; the last good checkpoint is left in place."""
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+
+
+# --------------------------------------------------------------------------------------------
+# Model, optimizer, state
+
+
+def model_config(config: ml_collections.ConfigDict) -> mmdit.MMDiTConfig:
+  """config.model.preset ('sd3-medium', 'd24', ...) with the non-None fields of config.model on top."""
+  m = dict(config.model)
+  base = mmdit.get_config(m.pop("preset")).to_dict()
+  overrides = {k: v for k, v in m.items() if v is not None}
+  if "depth" in overrides:  # re-derive the family's width unless given explicitly
+    base.pop("hidden_size"), base.pop("num_heads")
+  return mmdit.MMDiTConfig.from_dict({**base, **overrides})
+
+
+def make_model(config: ml_collections.ConfigDict) -> mmdit.MMDiT:
+  return mmdit.MMDiT(model_config(config), dtype=jnp.dtype(config.dtype), remat=config.remat,
+                     scan_layers=config.scan_layers, attention_impl=config.attention_impl)
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warm-up to opt.learning_rate, then 'constant', 'cosine' or 'linear' decay to opt.end_lr_ratio*lr."""
+  lr, warmup = opt.learning_rate, int(opt.warmup_steps)
+  decay_steps = max(total_steps - warmup, 1)
+  end = lr * opt.end_lr_ratio
+  if opt.schedule == "constant":
+    after = optax.constant_schedule(lr)
+  elif opt.schedule == "cosine":
+    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=opt.end_lr_ratio)
+  elif opt.schedule == "linear":
+    after = optax.linear_schedule(lr, end, decay_steps)
+  else:
+    raise ValueError(f"optimizer.schedule must be 'constant', 'cosine' or 'linear', got {opt.schedule!r}")
+  if warmup <= 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def _is_frozen(path) -> bool:
+  return any(getattr(k, "key", None) == "pos_embed" for k in path)
+
+
+def _decays(path, leaf) -> bool:
+  """Weight decay on matrices only (not biases, norm scales or the fixed positional table)."""
+  return (not _is_frozen(path)) and getattr(path[-1], "key", None) == "kernel"
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping, warm-up schedule, decay mask; pos_embed stays fixed."""
+  opt = config.optimizer
+  schedule = learning_rate_schedule(opt, config.total_steps)
+  adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                      mask=lambda p: jax.tree_util.tree_map_with_path(_decays, p))
+  # identity() keeps the optimizer-state structure the same with clipping off, so a checkpoint
+  # restores whatever grad_clip is.
+  clip = optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity()
+  trainable = optax.chain(clip, adamw)
+  labels = lambda p: jax.tree_util.tree_map_with_path(lambda path, _: "frozen" if _is_frozen(path) else "train", p)
+  return optax.multi_transform({"train": trainable, "frozen": optax.set_to_zero()}, labels)
+
+
+def init_state(model: mmdit.MMDiT, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  params = mmdit.init_params(model, rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params))
+
+
+def state_shardings(model, tx, mesh, rules=sharding.LOGICAL_RULES):
+  """(abstract state with shardings, sharding pytree) without allocating anything.
+
+  Parameters, EMA and Adam moments get the parameters' logical axes; the rest is replicated.
+  """
+  boxed_params = mmdit.abstract_params(model)
+  param_specs = sharding.logical_specs(boxed_params)
+  abstract = jax.eval_shape(functools.partial(init_state, model, tx), jax.random.key(0))
+  shapes = nn.unbox(boxed_params)
+  specs = TrainState(step=jax.sharding.PartitionSpec(), params=param_specs,
+                     opt_state=sharding.specs_like_params(abstract.opt_state, param_specs, shapes),
+                     ema_params=param_specs)
+  shardings = sharding.logical_to_mesh_shardings(specs, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return abstract, shardings
+
+
+def create_sharded_state(model, tx, mesh, rng, shardings) -> TrainState:
+  """Initialise straight into the target shardings (never materialised whole on one device)."""
+  with sharding.logical_axes(mesh):
+    return jax.jit(lambda k: init_state(model, tx, k), out_shardings=shardings)(rng)
+
+
+# --------------------------------------------------------------------------------------------
+# The train step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """Everything the pure train step needs from the config, as plain values."""
+  sampler: str = "logit_normal"
+  logit_mean: float = 0.0
+  logit_std: float = 1.0
+  mode_scale: float = 1.29
+  shift: float = 1.0
+  text_dropout: float = 0.464
+  text_layout: flow.TextLayout = flow.TextLayout()
+  grad_accum_steps: int = 1
+  ema_decay: float = 0.99
+  ema_every: int = 100
+
+
+def step_options(config: ml_collections.ConfigDict) -> StepOptions:
+  f = config.flow
+  return StepOptions(
+      sampler=f.sampler, logit_mean=f.logit_mean, logit_std=f.logit_std, mode_scale=f.mode_scale,
+      shift=f.shift, text_dropout=f.text_dropout,
+      text_layout=flow.TextLayout(clip_l_dim=config.text.clip_l_dim, clip_g_dim=config.text.clip_g_dim,
+                                  clip_tokens=config.text.clip_tokens),
+      grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema.decay, ema_every=config.ema.every)
+
+
+def sample_noise(batch: dict, rng: jax.Array, opts: StepOptions) -> dict:
+  """Draw t, the noise and the text-encoder dropout for the whole global batch at once, so that
+  gradient accumulation changes nothing but the order of float additions."""
+  x0 = batch["latent"]
+  k_t, k_eps, k_drop = jax.random.split(rng, 3)
+  t = flow.sample_t(k_t, (x0.shape[0],), opts.sampler, m=opts.logit_mean, s=opts.logit_std,
+                    mode_scale=opts.mode_scale, shift=opts.shift)
+  eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+  context, pooled = batch["context"], batch["pooled"]
+  if opts.text_dropout > 0:
+    context, pooled = flow.drop_text_conditioning(k_drop, context, pooled, opts.text_dropout, opts.text_layout)
+  return dict(x0=x0.astype(jnp.float32), eps=eps, t=t, context=context, pooled=pooled)
+
+
+def rf_loss(params, model: mmdit.MMDiT, ex: dict):
+  """Rectified-flow loss: sum over examples of ||v(z_t, t) - (eps - x0)||^2 (mean over pixels)."""
+  z_t = flow.noised(ex["x0"], ex["eps"], ex["t"])
+  v = model.apply({"params": params}, z_t, ex["t"], ex["pooled"], ex["context"])
+  per_example = flow.per_example_loss(v, ex["x0"], ex["eps"])
+  return jnp.sum(per_example), per_example
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: mmdit.MMDiT,
+               tx: optax.GradientTransformation, opts: StepOptions, schedule: optax.Schedule):
+  """One optimizer update over the global batch (split into grad_accum_steps microbatches)."""
+  ex = sample_noise(batch, jax.random.fold_in(rng, state.step), opts)
+  n_examples = ex["x0"].shape[0]
+  grad_fn = jax.value_and_grad(rf_loss, has_aux=True)
+  n = opts.grad_accum_steps
+  if n == 1:
+    (loss_sum, per_example), grads = grad_fn(state.params, model, ex)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), ex)
+
+    def body(acc, mb):
+      (l, pe), g = grad_fn(state.params, model, mb)
+      return jax.tree.map(jnp.add, acc, g), (l, pe)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (sums, per_example) = jax.lax.scan(body, zeros, micro)
+    loss_sum, per_example = jnp.sum(sums), per_example.reshape(-1)
+  grads = jax.tree.map(lambda g: g / n_examples, grads)
+  loss = loss_sum / n_examples
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  step = state.step + 1
+  do_ema = (step % opts.ema_every) == 0
+  decay = jnp.where(do_ema, opts.ema_decay, 1.0)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  new_state = state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema)
+  out = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(params),
+             metrics=metrics_lib.TrainMetrics.single_from_model_output(
+                 per_example_loss=per_example, t=ex["t"], grad_norm=grad_norm,
+                 learning_rate=schedule(state.step)))
+  return new_state, out
+
+
+def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+  """Global shapes of one training batch."""
+  d, b = config.data, config.global_batch_size
+  return {"latent": (b, d.latent_size, d.latent_size, d.latent_channels),
+          "context": (b, d.context_len, d.context_dim), "pooled": (b, d.pooled_dim)}
+
+
+def make_train_step(model, tx, opts: StepOptions, schedule, mesh, shardings, batch_shapes: dict):
+  """The jitted step with explicit in/out shardings and the state donated.
+
+  ``schedule`` is the learning-rate schedule (for the logged learning rate); batch_shapes maps
+  'latent'/'context'/'pooled' to global shapes (only their ranks matter for the shardings).
+  """
+  batch_sh = {k: sharding.batch_sharding(mesh, len(s)) for k, s in batch_shapes.items()}
+  rep = sharding.replicated(mesh)
+
+  def fn(state, batch, rng):
+    with sharding.logical_axes(mesh):
+      return train_step(state, batch, rng, model=model, tx=tx, opts=opts, schedule=schedule)
+
+  out_sh = rep  # scalars and small metric accumulators, replicated
+  return jax.jit(fn, in_shardings=(shardings, batch_sh, rep), out_shardings=(shardings, out_sh),
+                 donate_argnums=(0,))
+
+
+# --------------------------------------------------------------------------------------------
+# Data and validation
+
+
+def make_source(config: ml_collections.ConfigDict, split: str = "train"):
+  d = config.data
+  if d.source == "synthetic":
+    n = d.num_synthetic if split == "train" else config.val.num_examples
+    return input_pipeline.SyntheticSource(
+        num_records=n, latent_shape=(d.latent_size, d.latent_size, d.latent_channels),
+        context_len=d.context_len, context_dim=d.context_dim, pooled_dim=d.pooled_dim,
+        seed=config.seed + (0 if split == "train" else 1))
+  if d.source == "records":
+    path = d.path if split == "train" else (d.val_path or d.path)
+    if not path:
+      raise ValueError("config.data.source='records' needs config.data.path (a directory of "
+                       "*.array_record shards written by sd3_jax.input_pipeline.RecordWriter)")
+    return input_pipeline.RecordSource(path)
+  raise ValueError(f"config.data.source must be 'synthetic' or 'records', got {d.source!r}")
+
+
+def make_validation_fn(model, mesh):
+  """Jitted per-level validation loss sums (and example count) of one global batch."""
+  rep = sharding.replicated(mesh)
+
+  def fn(params, batch, levels):
+    with sharding.logical_axes(mesh):
+      velocity = lambda z, t: model.apply({"params": params}, z, t, batch["pooled"], batch["context"])
+      return flow.validation_loss_sums(velocity, batch["latent"].astype(jnp.float32), batch["noise"],
+                                       levels, mask=batch["mask"])
+
+  return jax.jit(fn, out_shardings=(rep, rep))
+
+
+def run_validation(config, val_fn, params, val_source, mesh) -> dict[str, float]:
+  """Mean RF loss per fixed t level over the fixed validation examples with fixed noise
+  (SD3_SPEC s4): comparable across runs, model sizes, batch sizes and restarts."""
+  levels = flow.val_t_levels(config.val.levels)
+  it = input_pipeline.make_eval_iterator(
+      val_source, global_batch_size=config.val.batch_size, max_examples=config.val.num_examples,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  sums, count = 0.0, 0.0
+  for local in it:
+    ids = local.pop("example_id")
+    local["mask"] = local["mask"].astype(np.float32)
+    local["noise"] = np.asarray(flow.fixed_validation_noise(config.val.seed, ids, local["latent"].shape[1:]))
+    s, c = val_fn(params, sharding.make_global_batch(local, mesh), levels)
+    sums, count = sums + np.asarray(jax.device_get(s), np.float64), count + float(jax.device_get(c))
+  return flow.summarize_validation(sums / max(count, 1.0), levels)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def _check_finite(step: int, values: dict, checkpointer) -> None:
+  bad = {k: v for k, v in values.items() if not np.isfinite(v)}
+  if bad:
+    last = checkpointer.latest_step()
+    where = f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was written"
+    raise TrainingDivergedError(
+        f"non-finite training values at step {step}: {bad}; stopping ({where}). Lower "
+        "optimizer.learning_rate, raise optimizer.warmup_steps, enable qk-norm or use float32 "
+        "compute, then resume from the checkpoint.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Train (resuming from workdir/checkpoints if present); returns the last logged metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  model = make_model(config)
+  tx = make_optimizer(config)
+  opts = step_options(config)
+  primary = jax.process_index() == 0
+  if primary:
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+  abstract, shardings = state_shardings(model, tx, mesh)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       max_to_keep=config.keep_checkpoints,
+                                       async_save=config.async_checkpointing)
+  sharding.batch_size_per_process(config.global_batch_size, mesh)  # validates divisibility
+  if config.global_batch_size % config.grad_accum_steps:
+    raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by "
+                     f"grad_accum_steps {config.grad_accum_steps}")
+  train_iter = input_pipeline.make_train_iterator(
+      make_source(config, "train"), global_batch_size=config.global_batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      shuffle=config.data.shuffle, worker_count=config.data.worker_count)
+
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, _ = checkpointer.restore(latest, abstract_state=abstract, data_iterator=train_iter)
+    log.info("resumed from step %d", latest)
+  else:
+    state = create_sharded_state(model, tx, mesh, jax.random.key(config.seed), shardings)
+  start_step = int(jax.device_get(state.step))
+
+  d = config.data
+  schedule = learning_rate_schedule(config.optimizer, config.total_steps)
+  step_fn = make_train_step(model, tx, opts, schedule, mesh, shardings, batch_shapes(config))
+  step_rng = jax.random.key(config.seed + 1)
+
+  mcfg = model_config(config)
+  flops_per_step = metrics_lib.train_step_flops(mcfg, d.latent_size, d.latent_size, d.context_len,
+                                                config.global_batch_size)
+  peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
+                                           override=config.peak_flops_per_device or None)
+  timer = metrics_lib.StepTimer(flops_per_step=flops_per_step, images_per_step=config.global_batch_size,
+                                num_devices=jax.device_count(), peak_flops_per_device=peak)
+  # A resumed run drops what a killed run logged after its checkpoint (it is logged again).
+  writer = metrics_lib.MetricWriter(workdir, is_primary=primary, resume_step=start_step)
+
+  val_source = make_source(config, "val") if config.val.every > 0 else None
+  val_fn = make_validation_fn(model, mesh) if val_source is not None else None
+
+  acc = None
+  last: dict[str, Any] = {}
+  for step in range(start_step, config.total_steps):
+    batch = sharding.make_global_batch(next(train_iter), mesh)
+    state, out = step_fn(state, batch, step_rng)
+    acc = out["metrics"] if acc is None else acc.merge(out["metrics"])
+    done = step + 1
+    if step == start_step:  # start the clock after the compiling step
+      jax.block_until_ready(out["loss"])
+      timer.tick(done)
+    is_last = done == config.total_steps
+    if done % config.log_every == 0 or is_last:
+      values = acc.compute()  # waits for the step
+      values.update({k: v for k, v in timer.tick(done).items() if v is not None})
+      values["param_norm"] = float(jax.device_get(out["param_norm"]))
+      _check_finite(done, {k: values[k] for k in ("loss", "grad_norm", "param_norm")}, checkpointer)
+      writer.write_scalars(done, values)
+      if primary:
+        print(metrics_lib.format_progress(done, config.total_steps, values), flush=True)
+      last = dict(values, step=done)
+      acc = None
+    with timer.paused():
+      if val_fn is not None and (done % config.val.every == 0 or is_last):
+        params = state.ema_params if config.val.use_ema else state.params
+        val = run_validation(config, val_fn, params, val_source, mesh)
+        writer.write_scalars(done, val)
+        last.update(val)
+      if done % config.checkpoint_every == 0 or is_last:
+        # The state about to be saved comes from this step's update: check its parameters
+        # too, not only the loss computed before the update.
+        _check_finite(done, {"loss": float(jax.device_get(out["loss"])),
+                             "grad_norm": float(jax.device_get(out["grad_norm"])),
+                             "param_norm": float(jax.device_get(out["param_norm"]))}, checkpointer)
+        checkpointer.save(done, state, data_iterator=train_iter, config=config.to_dict())
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  writer.close()
+  return last

@@ -1,0 +1,31 @@
+"""tools.aot_compile: the real train step compiled for a TPU topology on this CPU machine."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _aot(*flags):
+  cmd = [sys.executable, "-m", "tools.aot_compile", "--config", os.path.join(REPO, "configs/tiny.py"),
+         "--json", *flags]
+  p = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                     text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-4000:]
+  return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_tiny_config_fits_v5p_topology():
+  r = _aot("--topology=v5p:2x2x2", "--config.mesh.fsdp=4", "--config.mesh.tensor=2")
+  assert r["num_devices"] == 8 and r["device_kind"].startswith("TPU v5")
+  assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+  assert r["hbm_bytes_per_device"] == 95 * 1024 ** 3
+  assert 0 < r["peak_bytes_per_device"] < r["hbm_bytes_per_device"] and r["fits"] is True
+  assert r["compiled_flops_per_device"] > 0
+
+
+def test_too_large_batch_does_not_fit_v5e():
+  # 16 GiB of HBM per v5e chip: 4M latent examples of 8x8x4 (plus context) cannot fit on 4 chips.
+  r = _aot("--topology=v5e:2x2", "--config.global_batch_size=2097152")
+  assert r["fits"] is False and r["peak_bytes_per_device"] > r["hbm_bytes_per_device"]

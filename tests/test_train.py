@@ -1,0 +1,215 @@
+"""The trainer on 8 fake CPU devices: sharded == unsharded, rules, accumulation, resume, NaN stop."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import tiny
+from sd3_jax import sharding, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+  c = tiny.get_config()
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def _batches(c, n, seed=0):
+  rng = np.random.default_rng(seed)
+  d = c.data
+  b = c.global_batch_size
+  return [dict(latent=rng.standard_normal((b, d.latent_size, d.latent_size, d.latent_channels), np.float32),
+               context=rng.standard_normal((b, d.context_len, d.context_dim), np.float32),
+               pooled=rng.standard_normal((b, d.pooled_dim), np.float32)) for _ in range(n)]
+
+
+def _run_steps(c, mesh, batches):
+  model, tx, opts = train.make_model(c), train.make_optimizer(c), train.step_options(c)
+  _, shardings = train.state_shardings(model, tx, mesh)
+  state = train.create_sharded_state(model, tx, mesh, jax.random.key(c.seed), shardings)
+  shapes = {k: v.shape for k, v in batches[0].items()}
+  schedule = train.learning_rate_schedule(c.optimizer, c.total_steps)
+  step = train.make_train_step(model, tx, opts, schedule, mesh, shardings, shapes)
+  losses = []
+  for b in batches:
+    state, out = step(state, sharding.make_global_batch(b, mesh), jax.random.key(1))
+    losses.append(float(out["loss"]))
+  return state, np.array(losses)
+
+
+def _mesh(shape, n=None):
+  return sharding.make_mesh(*shape, devices=jax.devices()[:n] if n else None)
+
+
+@pytest.fixture(scope="module")
+def reference_run():
+  # Adam divides by sqrt(v) + eps: with the default eps 1e-8 a gradient that is zero up to
+  # rounding noise (adaLN-Zero entries early on) becomes a full +-lr update, so parameters of
+  # two correct runs can differ by ~lr there. A larger eps keeps updates linear in tiny
+  # gradients, so parameters can be compared tightly as well as losses.
+  c = _config(**{"model.qk_norm": True, "model.dual_attention_layers": (0,), "optimizer.eps": 1e-3})
+  batches = _batches(c, 3)
+  state, losses = _run_steps(c, _mesh((1, 1, 1), 1), batches)
+  return c, batches, state, losses
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)])
+def test_sharded_losses_equal_single_device(reference_run, shape):
+  c, batches, ref_state, ref_losses = reference_run
+  assert len(jax.devices()) == 8
+  state, losses = _run_steps(c, _mesh(shape), batches)
+  assert np.all(np.isfinite(losses)) and losses[0] > 0
+  # Different devices reduce in a different order: float32 rounding only (~1e-7 relative per
+  # op, amplified by three Adam steps whose first update is ~lr*sign(g)).
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-5)
+
+
+def test_parameter_shardings_follow_rules():
+  c = _config()
+  mesh = _mesh((2, 2, 2))
+  model, tx = train.make_model(c), train.make_optimizer(c)
+  abstract, shardings = train.state_shardings(model, tx, mesh)
+  blk = shardings.params["joint_blocks_0"]["x_block"]
+  assert blk["mlp"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
+  assert blk["mlp"]["fc2"]["kernel"].spec == P("tensor", "fsdp")
+  assert blk["attn"]["qkv"]["kernel"].spec == P("fsdp", None, "tensor", None)
+  assert blk["attn"]["proj"]["kernel"].spec == P("tensor", None, "fsdp")
+  assert blk["adaLN_modulation"]["kernel"].spec == P("fsdp", "tensor")
+  assert shardings.params["pos_embed"].spec == P(None, None, "fsdp")
+  assert shardings.step.spec == P()
+  # Adam moments and EMA are sharded like the parameters they mirror.
+  adam = shardings.opt_state.inner_states["train"].inner_state[1][0]
+  assert adam.mu["joint_blocks_0"]["x_block"]["mlp"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
+  assert shardings.ema_params["joint_blocks_0"]["x_block"]["mlp"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
+  # Initialisation lands directly in those shardings.
+  state = train.create_sharded_state(model, tx, mesh, jax.random.key(0), shardings)
+  leaf = state.params["joint_blocks_0"]["x_block"]["mlp"]["fc1"]["kernel"]
+  assert leaf.sharding.spec == P("fsdp", "tensor")
+  assert leaf.addressable_shards[0].data.shape == (leaf.shape[0] // 2, leaf.shape[1] // 2)
+
+
+def test_gradient_accumulation_matches_full_batch():
+  c1 = _config(**{"optimizer.eps": 1e-3})  # see reference_run for eps
+  c2 = _config(grad_accum_steps=4, **{"optimizer.eps": 1e-3})
+  batches = _batches(c1, 2)
+  mesh = _mesh((1, 8, 1))
+  s1, l1 = _run_steps(c1, mesh, batches)
+  s2, l2 = _run_steps(c2, mesh, batches)
+  np.testing.assert_allclose(l2, l1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-5)
+
+
+def test_pos_embed_is_frozen_and_ema_moves():
+  c = _config(**{"ema.every": 1})
+  mesh = _mesh((1, 8, 1))
+  model, tx = train.make_model(c), train.make_optimizer(c)
+  _, shardings = train.state_shardings(model, tx, mesh)
+  init = train.create_sharded_state(model, tx, mesh, jax.random.key(c.seed), shardings)
+  pos0 = np.asarray(init.params["pos_embed"])
+  state, _ = _run_steps(c, mesh, _batches(c, 2))
+  np.testing.assert_array_equal(np.asarray(state.params["pos_embed"]), pos0)
+  p = np.asarray(state.params["final_layer"]["linear"]["kernel"])
+  e = np.asarray(state.ema_params["final_layer"]["linear"]["kernel"])
+  assert np.any(p != 0) and np.any(e != 0) and not np.allclose(p, e)
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _main(workdir, *flags, env=None, **popen):
+  cmd = [sys.executable, "-m", "sd3_jax.main", "--config", os.path.join(REPO, "configs/tiny.py"),
+         "--workdir", workdir, *flags]
+  e = dict(os.environ, **(env or {}))
+  return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, **popen)
+
+
+COMMON = ["--config.total_steps=16", "--config.log_every=2", "--config.checkpoint_every=4",
+          "--config.val.every=8", "--config.mesh.fsdp=4", "--config.mesh.data=2"]
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+  """Kill -9 mid-run (after some checkpoints), rerun the same command: identical losses."""
+  full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+  p = _main(full, *COMMON)
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  p = _main(cut, *COMMON)
+  ckdir = os.path.join(cut, "checkpoints")
+  deadline = time.time() + 600
+  while time.time() < deadline and p.poll() is None:
+    steps = [int(s) for s in os.listdir(ckdir) if s.isdigit()] if os.path.isdir(ckdir) else []
+    if steps and max(steps) >= 8:
+      break
+    time.sleep(0.05)
+  p.kill()
+  p.communicate()
+  killed_at = max(_read_metrics(cut))
+  assert killed_at < 16, "the run finished before it could be killed"
+  p = _main(cut, *COMMON)
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  assert "resumed from step" in out
+  a, b = _read_metrics(full), _read_metrics(cut)
+  assert sorted(a) == sorted(b) == list(range(2, 17, 2))
+  assert a == b  # exact equality of every logged loss
+
+
+def test_restore_onto_different_mesh(tmp_path):
+  wd = str(tmp_path / "w")
+  p = _main(wd, "--config.total_steps=4", "--config.checkpoint_every=4", "--config.val.every=0",
+            "--config.mesh.fsdp=8")
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  p = _main(wd, "--config.total_steps=6", "--config.checkpoint_every=2", "--config.val.every=0",
+            "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.mesh.data=2")
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  assert "resumed from step 4" in out
+  assert max(_read_metrics(wd)) == 6
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  wd = str(tmp_path / "w")
+  p = _main(wd, "--config.total_steps=4", "--config.checkpoint_every=2", "--config.val.every=0")
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  # Resume with an absurd learning rate: the parameters overflow and the loss turns NaN/Inf.
+  p = _main(wd, "--config.total_steps=12", "--config.checkpoint_every=2", "--config.log_every=1",
+            "--config.val.every=0", "--config.optimizer.learning_rate=1e30",
+            "--config.optimizer.warmup_steps=0", "--config.optimizer.grad_clip=0")
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 3, out
+  assert "non-finite training values" in out and "last good checkpoint" in out
+  steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+  assert steps and steps[-1] >= 4
+  # Every kept checkpoint restores to finite parameters.
+  from sd3_jax import checkpoint as ckpt_lib
+  c = _config()
+  mesh = _mesh((1, 8, 1))
+  model, tx = train.make_model(c), train.make_optimizer(c)
+  abstract, _ = train.state_shardings(model, tx, mesh)
+  ck = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), max_to_keep=2)
+  state, _ = ck.restore(ck.latest_step(), abstract_state=abstract)
+  ck.close()
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))

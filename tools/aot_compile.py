@@ -1,0 +1,220 @@
+r"""Will this config fit that TPU topology? Compile the real train step ahead of time, on CPU.
+
+  python -m tools.aot_compile --config configs/sd3_8b.py --topology v5p:8x8x8 [--json]
+  python -m tools.aot_compile --config configs/sd3_medium.py --topology v6e:16x16 --find_max_batch
+
+Uses libtpu's compile-only topologies (pip install 'jax[tpu]==0.10.2', the `tpu` extra; no TPU
+needed). Prints per-chip memory (arguments, temporaries, peak), the chip's HBM, whether it fits,
+and the compiled FLOPs. "peak" is arguments + outputs - donated (aliased) + temporaries, the
+conservative total; when the TPU compiler itself refuses the program (RESOURCE_EXHAUSTED) the
+figure comes from its message and `fits` is false. ``--json`` prints one JSON object with at least `peak_bytes_per_device`,
+`hbm_bytes_per_device` and `fits`. ``--find_max_batch`` also searches the largest global batch
+(a multiple of the batch shards) whose step fits, and reports it per chip.
+Any topology name libtpu accepts works: v4:2x2x1, v5e:16x16, v5p:4x4x4, v5p:8x8x8, v6e:16x16, ...
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from sd3_jax import metrics as metrics_lib  # noqa: E402
+from sd3_jax import sharding  # noqa: E402
+from sd3_jax import train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:8x8x8", "TPU topology name, e.g. v5p:8x8x8 or v6e:16x16.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+_FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Search the largest global batch that fits.")
+flags.mark_flags_as_required(["config"])
+
+GiB = 1024 ** 3
+# HBM per chip (bytes) by jax device_kind prefix.
+HBM_BYTES = {
+    "TPU v4": 32 * GiB,
+    "TPU v5 lite": 16 * GiB,   # v5e
+    "TPU v5e": 16 * GiB,
+    "TPU v5p": 95 * GiB,
+    "TPU v5": 95 * GiB,        # v5p reports "TPU v5"
+    "TPU v6 lite": 32 * GiB,   # v6e (Trillium)
+    "TPU v6e": 32 * GiB,
+}
+
+
+def hbm_bytes(device_kind: str) -> int | None:
+  for prefix in sorted(HBM_BYTES, key=len, reverse=True):
+    if device_kind.startswith(prefix):
+      return HBM_BYTES[prefix]
+  return None
+
+
+def topology_devices(name: str, num_slices: int = 1):
+  from jax.experimental import topologies
+  try:
+    topo = topologies.get_topology_desc(topology_name=name, platform="tpu",
+                                        **({"num_slices": num_slices} if num_slices > 1 else {}))
+  except Exception as e:  # libtpu missing or unknown name
+    raise SystemExit(f"cannot build TPU topology {name!r}: {e}\n(install the tpu extra: "
+                     "pip install -e '.[tpu]'; names look like v5p:8x8x8, v6e:16x16)") from e
+  return topo.devices
+
+
+def compile_step(config, devices):
+  """Lower and compile the real train step for ``devices`` -> (compiled, mesh, abstract args)."""
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+  model, tx, opts = train.make_model(config), train.make_optimizer(config), train.step_options(config)
+  abstract_state, shardings = train.state_shardings(model, tx, mesh)
+  shapes = train.batch_shapes(config)
+  batch = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding.batch_sharding(mesh, len(s)))
+           for k, s in shapes.items()}
+  rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                             sharding=sharding.replicated(mesh))
+  schedule = train.learning_rate_schedule(config.optimizer, config.total_steps)
+  step = train.make_train_step(model, tx, opts, schedule, mesh, shardings, shapes)
+  args = (abstract_state, batch, rng)
+  try:
+    return step.lower(*args).compile(), mesh, args
+  except jax.errors.JaxRuntimeError as e:
+    e.mesh, e.abstract_args = mesh, args
+    raise
+
+
+_UNITS = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def _parse_oom(message: str) -> int | None:
+  """Bytes the TPU compiler said it needed, from its RESOURCE_EXHAUSTED message."""
+  for pattern in (r"required for HLO temporaries \(([\d.]+)([KMGT])\)", r"Used ([\d.]+)([KMGT]) of"):
+    m = re.search(pattern, message)
+    if m:
+      return int(float(m.group(1)) * _UNITS[m.group(2)])
+  return None
+
+
+def _bytes_per_device(abstract_tree) -> int:
+  """Per-device bytes of a tree of ShapeDtypeStructs with shardings (largest shard)."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    itemsize = 8 if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else jnp.dtype(leaf.dtype).itemsize
+    total += int(np.prod(shard)) * itemsize
+  return total
+
+
+def analyse(config, devices) -> dict:
+  d = config.data
+  kind = devices[0].device_kind
+  hbm = hbm_bytes(kind)
+  r = {"topology": _TOPOLOGY.value, "device_kind": kind, "num_devices": len(devices),
+       "global_batch_size": config.global_batch_size,
+       "batch_per_device": config.global_batch_size / len(devices),
+       "hbm_bytes_per_device": hbm,
+       "model_flops_per_step": metrics_lib.train_step_flops(
+           train.model_config(config), d.latent_size, d.latent_size, d.context_len,
+           config.global_batch_size)}
+  try:
+    compiled, mesh, abstract_args = compile_step(config, devices)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The TPU compiler refuses programs that cannot fit; what it needed is in its message.
+    mesh, abstract_args = e.mesh, e.abstract_args  # attached by compile_step
+    args = _bytes_per_device(abstract_args)
+    temps = _parse_oom(str(e))
+    r.update({"mesh": dict(mesh.shape), "argument_bytes_per_device": args,
+              "output_bytes_per_device": None, "alias_bytes_per_device": None,
+              "temp_bytes_per_device": temps,
+              "peak_bytes_per_device": None if temps is None else args + temps,
+              "fits": False, "compiled_flops_per_device": None,
+              "compile_error": str(e).splitlines()[0][:500]})
+    return r
+  ma = compiled.memory_analysis()
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  # Conservative per-chip total (as maxtext reports it): live arguments and outputs (donated
+  # buffers counted once) plus temporaries. XLA's own peak_memory_in_bytes is kept alongside.
+  peak = int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+             + ma.temp_size_in_bytes)
+  r.update({
+      "xla_peak_bytes_per_device": int(ma.peak_memory_in_bytes),
+      "mesh": dict(mesh.shape),
+      "argument_bytes_per_device": int(ma.argument_size_in_bytes),
+      "output_bytes_per_device": int(ma.output_size_in_bytes),
+      "alias_bytes_per_device": int(ma.alias_size_in_bytes),
+      "temp_bytes_per_device": int(ma.temp_size_in_bytes),
+      "peak_bytes_per_device": peak,
+      "fits": None if hbm is None else peak <= hbm,
+      "compiled_flops_per_device": float(ca.get("flops", float("nan"))) if ca else None,
+  })
+  return r
+
+
+def find_max_batch(config, devices, start: int) -> int | None:
+  """Largest global batch (multiple of the batch shards) that fits, by doubling then bisection."""
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+  unit = mesh.shape["data"] * mesh.shape["fsdp"] * config.grad_accum_steps
+
+  def fits(mult: int) -> bool:
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.global_batch_size = mult * unit
+    r = analyse(c, devices)
+    peak = r["peak_bytes_per_device"]
+    peak_s = "?" if peak is None else f"{peak / GiB:.2f}"
+    print(f"  batch {mult * unit:>7d} ({mult * unit / len(devices):.2f}/chip): peak {peak_s} GiB -> "
+          f"{'fits' if r['fits'] else 'does not fit'}", file=sys.stderr, flush=True)
+    return bool(r["fits"])
+
+  lo, hi = 0, max(1, start // unit)
+  while fits(hi):
+    lo, hi = hi, hi * 2
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo * unit if lo else None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  devices = topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
+  r = analyse(_CONFIG.value, devices)
+  if _FIND_MAX.value:
+    best = find_max_batch(_CONFIG.value, devices, _CONFIG.value.global_batch_size)
+    r["max_global_batch_that_fits"] = best
+    r["max_batch_per_device_that_fits"] = None if best is None else best / len(devices)
+  if _JSON.value:
+    print(json.dumps(r))
+    return
+  g = lambda k: f"{r[k] / GiB:8.2f} GiB" if r[k] is not None else "   unknown"
+  print(f"topology {r['topology']} ({r['num_devices']} x {r['device_kind']}), mesh {r['mesh']}, "
+        f"global batch {r['global_batch_size']} ({r['batch_per_device']:.2f}/chip)")
+  for label, key in [("arguments", "argument_bytes_per_device"), ("outputs", "output_bytes_per_device"),
+                     ("aliased", "alias_bytes_per_device"), ("temporaries", "temp_bytes_per_device"),
+                     ("peak", "peak_bytes_per_device"), ("HBM", "hbm_bytes_per_device")]:
+    if key not in r:
+      continue
+    print(f"  {label:12s} {g(key)} per chip")
+  print(f"  fits         {r['fits']}")
+  if r.get("compile_error"):
+    print(f"  the TPU compiler refused it: {r['compile_error']}")
+  else:
+    print(f"  compiled FLOPs per chip per step {r['compiled_flops_per_device']:.4g} (XLA counts a "
+          f"scanned loop body once); model FLOPs per step {r['model_flops_per_step']:.4g}")
+  if _FIND_MAX.value:
+    print(f"  largest global batch that fits: {r['max_global_batch_that_fits']} "
+          f"({r['max_batch_per_device_that_fits']}/chip)")
+
+
+if __name__ == "__main__":
+  app.run(main)
