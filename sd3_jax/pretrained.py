@@ -1,0 +1,345 @@
+"""Our MM-DiT checkpoint format: ``save_pretrained`` / ``load_pretrained``.
+
+A checkpoint is a directory::
+
+  DIR/sd3_jax_config.json   {"format": "sd3_jax.mmdit", "format_version": 1,
+                             "layout": "unscanned", "param_dtype": "bfloat16" | ... | "mixed",
+                             "config": MMDiTConfig.to_dict()}
+  DIR/params/               an orbax PyTree checkpoint (OCDBT) of the parameter tree in the
+                            UNSCANNED layout of models/mmdit.py (joint_blocks_{i}/..., kernels
+                            [in..., out...]), numpy leaves stored in their own dtype.
+
+``params/`` is a plain orbax checkpoint: ``ocp.PyTreeCheckpointer().restore(DIR/'params')``
+gives the nested dict. Nothing else is stored (no optimizer state; the trainer's own
+checkpoints are a different thing). ``tools/convert_weights`` converts this format to and
+from diffusers and the original SD3 single file, losslessly.
+
+Writing streams: leaves may be ``LazyArray`` (shape, dtype and a function that produces the
+data), which are materialised a couple at a time while orbax writes, so exporting an 8B model
+never holds it twice (nor once, when converting from another file).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import shutil
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from sd3_jax.models import mmdit
+
+CONFIG_FILE = "sd3_jax_config.json"
+PARAMS_DIR = "params"
+FORMAT = "sd3_jax.mmdit"
+FORMAT_VERSION = 1
+_MAX_LOADS_IN_FLIGHT = 2
+
+
+class LazyArray:
+  """A leaf whose data is produced on demand by ``load()`` (used for streaming writes)."""
+
+  def __init__(self, shape, dtype, load: Callable[[], np.ndarray]):
+    self.shape = tuple(int(s) for s in shape)
+    self.dtype = np.dtype(dtype)
+    self.load = load
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def nbytes(self) -> int:
+    return self.size * self.dtype.itemsize
+
+  def __repr__(self):
+    return f"LazyArray({self.shape}, {self.dtype})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat <-> nested trees ("a/b/c" names)
+
+
+def flatten(tree: Mapping) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+
+  def rec(prefix, node):
+    if isinstance(node, Mapping):
+      for k, v in node.items():
+        rec(f"{prefix}{k}/", v)
+    else:
+      out[prefix[:-1]] = node
+
+  rec("", tree)
+  return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  tree: dict = {}
+  for name, v in flat.items():
+    node = tree
+    *parents, leaf = name.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def expected_shapes(config: mmdit.MMDiTConfig) -> dict[str, tuple[int, ...]]:
+  """Flat name -> shape of every parameter of the unscanned model (no allocation)."""
+  return dict(_expected_shapes(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_shapes(config: mmdit.MMDiTConfig) -> dict[str, tuple[int, ...]]:
+  abstract = nn.unbox(mmdit.abstract_params(mmdit.MMDiT(config)))  # traces the model: ~1-5 s
+  return {k: tuple(v.shape) for k, v in flatten(abstract).items()}
+
+
+def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                 what: str) -> None:
+  """Raises ValueError naming every missing, unexpected and wrongly shaped tensor."""
+  missing = sorted(set(expected) - set(found))
+  unexpected = sorted(set(found) - set(expected))
+  wrong = [f"{k}: found {list(found[k])}, expected {list(expected[k])}"
+           for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+  if not (missing or unexpected or wrong):
+    return
+  lines = [f"{what} does not match the model configuration:"]
+  for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+    if items:
+      shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+      lines.append(f"  {title} ({len(items)}): " + "; ".join(shown))
+  raise ValueError("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _ocp():
+  import orbax.checkpoint as ocp  # imported lazily: orbax is slow to import
+  return ocp
+
+
+def is_checkpoint(path) -> bool:
+  return os.path.isfile(os.path.join(os.fspath(path), CONFIG_FILE))
+
+
+def _require_checkpoint(path) -> str:
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no such checkpoint directory: {path}")
+  if not os.path.isdir(path):
+    raise ValueError(f"{path} is a file, not an sd3_jax checkpoint directory; convert PyTorch "
+                     "weights with `python -m tools.convert_weights --src SRC --dst DIR --to jax`")
+  if not is_checkpoint(path):
+    hint = ""
+    if os.path.isfile(os.path.join(path, "config.json")) or os.path.isdir(os.path.join(path, "transformer")):
+      hint = " It looks like a diffusers model;"
+    raise ValueError(f"{path} is not an sd3_jax checkpoint (no {CONFIG_FILE}).{hint} convert PyTorch "
+                     "weights with `python -m tools.convert_weights --src SRC --dst DIR --to jax`")
+  params = os.path.join(path, PARAMS_DIR)
+  if not os.path.isfile(os.path.join(params, "_METADATA")):
+    raise ValueError(f"{path} is not a complete sd3_jax checkpoint: {params} is missing or is not "
+                     "an orbax checkpoint (no _METADATA)")
+  return path
+
+
+def read_config(path) -> mmdit.MMDiTConfig:
+  """The MMDiTConfig stored in a checkpoint directory."""
+  path = _require_checkpoint(path)
+  cfg_path = os.path.join(path, CONFIG_FILE)
+  try:
+    with open(cfg_path) as f:
+      meta = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise ValueError(f"{cfg_path} does not describe an sd3_jax MM-DiT checkpoint "
+                     f"(format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                     f"expected {FORMAT!r})")
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{cfg_path}: format_version {meta.get('format_version')} is not supported "
+                     f"(this code reads version {FORMAT_VERSION})")
+  if meta.get("layout", "unscanned") != "unscanned":
+    raise ValueError(f"{cfg_path}: layout {meta.get('layout')!r} is not supported (only 'unscanned')")
+  return mmdit.MMDiTConfig.from_dict(meta["config"])
+
+
+def stored_params(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Flat name -> (shape, dtype) of the stored parameters, from orbax metadata (no data read)."""
+  path = _require_checkpoint(path)
+  meta = _ocp().PyTreeCheckpointer().metadata(os.path.join(path, PARAMS_DIR))
+  tree = meta.item_metadata.tree
+  return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(tree).items()}
+
+
+def load_params(path, groups: list[str] | None = None) -> dict:
+  """Restores the top-level groups (e.g. 'joint_blocks_3', 'pos_embed'; all when None) as a
+  nested dict of numpy arrays in their stored dtypes. Reading one group at a time keeps the
+  memory to that group."""
+  path = _require_checkpoint(path)
+  ocp = _ocp()
+  stored = stored_params(path)
+  tree = unflatten({k: 0 for k in stored})
+  if groups is not None:
+    unknown = sorted(set(groups) - set(tree))
+    if unknown:
+      raise KeyError(f"{path} has no parameter groups {unknown}; it has {sorted(tree)}")
+    tree = {g: tree[g] for g in groups}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ocp.PyTreeCheckpointer().restore(
+      os.path.join(path, PARAMS_DIR),
+      args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=groups is not None))
+
+
+def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = False,
+                    shardings=None, **model_kwargs):
+  """Loads a checkpoint directory: returns ``(model, params)``.
+
+  Args:
+    path: a directory written by ``save_pretrained`` or ``python -m tools.convert_weights --to jax``.
+    dtype: compute dtype of the returned ``MMDiT`` (bfloat16 on accelerators).
+    param_dtype: cast every parameter to this dtype (None keeps the stored dtypes). Parameters
+      are float32 by default, as the model and the trainer expect.
+    scan_layers: return the scanned layout (``mmdit.stack_block_params``) and a model with
+      ``scan_layers=True``.
+    shardings: None (default device), one ``jax.sharding.Sharding`` for every leaf, or a tree
+      of shardings with the structure of the returned params.
+    **model_kwargs: other MMDiT options (remat, attention_impl).
+
+  Parameters are read one top-level group (one joint block, or one run of blocks when
+  scanned) at a time and placed on device before the next is read, so host memory holds
+  only that group besides the result.
+  """
+  config = read_config(path)
+  stored = stored_params(path)
+  check_shapes({k: v[0] for k, v in stored.items()}, expected_shapes(config), f"checkpoint {path}")
+
+  def place(name, tree):
+    if param_dtype is not None:
+      tree = jax.tree.map(lambda a: a.astype(param_dtype, copy=False), tree)
+    if shardings is None:
+      return jax.tree.map(jnp.asarray, tree)
+    sh = shardings if isinstance(shardings, jax.sharding.Sharding) else shardings[name]
+    if isinstance(sh, jax.sharding.Sharding):
+      return jax.tree.map(lambda a: jax.device_put(a, sh), tree)
+    return jax.tree.map(jax.device_put, tree, sh)
+
+  groups = sorted({k.split("/")[0] for k in stored})
+  params = {}
+  if scan_layers:
+    for start, stop, _ in mmdit.block_segments(config):
+      names = [f"joint_blocks_{i}" for i in range(start, stop)]
+      blocks = load_params(path, names)
+      stacked = jax.tree.map(lambda *xs: np.stack(xs), *[blocks.pop(n) for n in names])
+      params[f"scan_blocks_{start}_{stop}"] = place(f"scan_blocks_{start}_{stop}", stacked)
+      groups = [g for g in groups if g not in names]
+  for g in groups:
+    params[g] = place(g, load_params(path, [g])[g])
+  model = mmdit.MMDiT(config, dtype=dtype, scan_layers=scan_layers, **model_kwargs)
+  return model, params
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _streaming_handler_registry():
+  """Orbax type handlers for LazyArray and numpy leaves that load/write a few at a time
+  (orbax's own numpy handler deep-copies every leaf up front)."""
+  ocp = _ocp()
+  import tensorstore as ts
+
+  class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
+
+    def __init__(self):
+      super().__init__(deepcopy_host_arrays=False)
+      self._sem = None
+
+    async def _open_and_write(self, value, tspec, ts_context):  # overrides orbax's per-leaf write
+      if self._sem is None:
+        self._sem = asyncio.Semaphore(_MAX_LOADS_IN_FLIGHT)
+      async with self._sem:
+        arr = await asyncio.to_thread(value.load) if isinstance(value, LazyArray) else value
+        if arr.shape != value.shape or arr.dtype != value.dtype:
+          raise ValueError(f"lazy leaf produced {arr.dtype}{list(arr.shape)}, "
+                           f"declared {value.dtype}{list(value.shape)}")
+        t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+        await t.write(np.ascontiguousarray(arr))
+        del arr
+
+  if not hasattr(ocp.type_handlers.NumpyHandler, "_open_and_write"):
+    raise RuntimeError("this orbax version has no NumpyHandler._open_and_write; streaming writes "
+                       "need orbax-checkpoint 0.12.x")
+  handler = _StreamingNumpyHandler()
+  return ocp.type_handlers.create_type_handler_registry(
+      (LazyArray, handler), (np.ndarray, handler), (jax.Array, ocp.type_handlers.ArrayHandler()))
+
+
+def _dtype_name(dtypes) -> str:
+  names = sorted({np.dtype(d).name for d in dtypes})
+  return names[0] if len(names) == 1 else "mixed"
+
+
+def write_checkpoint(path, config: mmdit.MMDiTConfig, leaves: Mapping[str, Any], *,
+                     overwrite: bool = False) -> None:
+  """Writes a checkpoint directory from flat leaves (numpy arrays or LazyArray), validating
+  names and shapes against ``config`` first. Written to a temporary sibling and renamed, so an
+  interrupted write never leaves a half checkpoint under ``path``."""
+  path = os.fspath(path).rstrip("/")
+  check_shapes({k: v.shape for k, v in leaves.items()}, expected_shapes(config), "parameters")
+  if os.path.exists(path):
+    if not overwrite:
+      raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+    if not os.path.isdir(path) or (os.listdir(path) and not is_checkpoint(path)):
+      raise FileExistsError(f"refusing to overwrite {path}: it is not an sd3_jax checkpoint")
+  tmp = f"{path}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "layout": "unscanned",
+            "param_dtype": _dtype_name(v.dtype for v in leaves.values()), "config": config.to_dict()}
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump(meta, f, indent=2)
+      f.write("\n")
+    ocp = _ocp()
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_handler_registry())
+    ocp.Checkpointer(handler).save(os.path.join(tmp, PARAMS_DIR),
+                                   args=ocp.args.PyTreeSave(unflatten(dict(leaves))))
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def save_pretrained(path, params: Mapping, config: mmdit.MMDiTConfig, *, dtype=None,
+                    overwrite: bool = False) -> None:
+  """Saves parameters (unscanned or scanned layout; jax or numpy arrays) with their config.
+
+  ``dtype`` casts every leaf (e.g. jnp.bfloat16 for a compact export); None keeps each leaf's
+  dtype. Leaves are copied to host one at a time while writing. Single-process only: every
+  array must be fully addressable.
+  """
+  if any(k.startswith("scan_blocks_") for k in params):
+    params = mmdit.unstack_block_params(params, config)
+  leaves = {}
+  for name, x in flatten(params).items():
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      raise ValueError(f"parameter {name} is not fully addressable; gather it before saving")
+    out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(x.dtype)
+    leaves[name] = LazyArray(x.shape, out_dtype,
+                             lambda x=x, d=out_dtype: np.asarray(jax.device_get(x)).astype(d, copy=False))
+  write_checkpoint(path, config, leaves, overwrite=overwrite)

@@ -1,0 +1,180 @@
+"""Streaming safetensors reading and writing with plain file I/O (no mmap, no torch).
+
+Reading copies one tensor at a time into a fresh numpy buffer (``readinto``), so a process
+that converts an 8B checkpoint holds only the tensors it is working on; an mmap would keep
+every page it touched resident. Writing lays out the header first (all names, dtypes and
+shapes are known before any data is read) and then appends the tensors in order, so
+nothing has to be gathered in memory. bfloat16 is numpy's ``ml_dtypes.bfloat16``.
+
+File format (https://github.com/huggingface/safetensors): 8-byte little-endian header size,
+a JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
+{str: str}}`` padded with spaces to a multiple of 8, then the raw little-endian data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def dtype_code(dtype) -> str:
+  dt = np.dtype(dtype)
+  if dt not in _CODES:
+    raise ValueError(f"dtype {dt} cannot be stored in safetensors")
+  return _CODES[dt]
+
+
+class SafetensorsReader:
+  """Header of one .safetensors file plus on-demand reads of single tensors."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.fspath(path)
+    with open(self.path, "rb") as f:
+      raw = f.read(8)
+      if len(raw) != 8:
+        raise ValueError(f"{self.path} is not a safetensors file (shorter than 8 bytes)")
+      (n,) = struct.unpack("<Q", raw)
+      if n > _MAX_HEADER:
+        raise ValueError(f"{self.path} is not a safetensors file (header size {n})")
+      try:
+        header = json.loads(f.read(n))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{self.path} is not a safetensors file: bad header ({e})") from None
+    self._data_start = 8 + n
+    self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+    self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+    for name, e in header.items():
+      if e["dtype"] not in _DTYPES:
+        raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
+      begin, end = e["data_offsets"]
+      dt, shape = _DTYPES[e["dtype"]], tuple(int(s) for s in e["shape"])
+      if end - begin != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+        raise ValueError(f"{self.path}: tensor {name!r} data size does not match {shape} {dt}")
+      self._entries[name] = (dt, shape, begin, end)
+
+  def keys(self) -> list[str]:
+    return list(self._entries)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._entries
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._entries[name][1]
+
+  def dtype(self, name: str) -> np.dtype:
+    return self._entries[name][0]
+
+  def read(self, name: str) -> np.ndarray:
+    dt, shape, begin, end = self._entries[name]
+    buf = np.empty(end - begin, np.uint8)
+    with open(self.path, "rb", buffering=0) as f:
+      f.seek(self._data_start + begin)
+      view, got = memoryview(buf), 0
+      while got < len(buf):
+        n = f.readinto(view[got:])
+        if not n:
+          raise ValueError(f"{self.path} is truncated (tensor {name!r})")
+        got += n
+    return buf.view(dt).reshape(shape)
+
+
+class SafetensorsWriter:
+  """Writes a safetensors file whose tensor list is fixed up front, one tensor at a time.
+
+  ``specs`` is an ordered iterable of (name, dtype, shape); tensors must then be passed to
+  ``write`` in exactly that order. ``close`` checks that all were written.
+  """
+
+  def __init__(self, path: str | os.PathLike, specs: Iterable[tuple[str, object, tuple[int, ...]]],
+               metadata: Mapping[str, str] | None = None):
+    self.path = os.fspath(path)
+    self._specs = [(name, np.dtype(dt), tuple(int(s) for s in shape)) for name, dt, shape in specs]
+    header: dict = {}
+    if metadata:
+      header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dt, shape in self._specs:
+      if name in header:
+        raise ValueError(f"duplicate tensor name {name!r}")
+      n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+      header[name] = {"dtype": dtype_code(dt), "shape": list(shape), "data_offsets": [offset, offset + n]}
+      offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    self._f = open(self.path, "wb")
+    self._f.write(struct.pack("<Q", len(raw)) + raw)
+    self._next = 0
+
+  def write(self, name: str, array: np.ndarray) -> None:
+    if self._next >= len(self._specs):
+      raise ValueError(f"{self.path}: unexpected extra tensor {name!r}")
+    want, dt, shape = self._specs[self._next]
+    if name != want:
+      raise ValueError(f"{self.path}: expected tensor {want!r} next, got {name!r}")
+    if array.dtype != dt or tuple(array.shape) != shape:
+      raise ValueError(f"{self.path}: tensor {name!r} is {array.dtype}{list(array.shape)}, "
+                       f"header says {dt}{list(shape)}")
+    self._f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+    self._next += 1
+
+  def close(self) -> None:
+    if self._f.closed:
+      return
+    self._f.close()
+    if self._next != len(self._specs):
+      missing = [s[0] for s in self._specs[self._next:]]
+      raise ValueError(f"{self.path}: {len(missing)} tensors were never written, e.g. {missing[:3]}")
+
+  def abort(self) -> None:
+    self._f.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *_):
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
+
+def plan_shards(specs: list[tuple[str, object, tuple[int, ...]]], max_shard_bytes: int
+                ) -> list[list[tuple[str, object, tuple[int, ...]]]]:
+  """Splits ordered specs into consecutive shards of at most max_shard_bytes each (a tensor
+  larger than the limit gets a shard of its own), as huggingface sharding does."""
+  shards: list[list] = [[]]
+  size = 0
+  for spec in specs:
+    n = int(np.prod(spec[2], dtype=np.int64)) * np.dtype(spec[1]).itemsize
+    if shards[-1] and size + n > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(spec)
+    size += n
+  return shards
+
+
+def parse_size(text: str | int) -> int:
+  """'10GB', '500MB', '2GiB' or a byte count -> bytes (GB = 10**9, GiB = 2**30)."""
+  if isinstance(text, int):
+    return text
+  t = text.strip().upper()
+  units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+  for u, mult in units.items():
+    if t.endswith(u):
+      return int(float(t[: -len(u)]) * mult)
+  return int(t)
