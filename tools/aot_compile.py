@@ -9,7 +9,7 @@ and the compiled FLOPs. "peak" is arguments + outputs - donated (aliased) + temp
 conservative total; when the TPU compiler itself refuses the program (RESOURCE_EXHAUSTED) the
 figure comes from its message and `fits` is false. ``--json`` prints one JSON object with at least `peak_bytes_per_device`,
 `hbm_bytes_per_device` and `fits`. ``--find_max_batch`` also searches the largest global batch
-(a multiple of the batch shards) whose step fits, and reports it per chip.
+(a multiple of the batch shards) whose step fits, and reports it per chip (4-6 compiles).
 Any topology name libtpu accepts works: v4:2x2x1, v5e:16x16, v5p:4x4x4, v5p:8x8x8, v6e:16x16, ...
 """
 from __future__ import annotations
@@ -159,29 +159,59 @@ def analyse(config, devices) -> dict:
   return r
 
 
-def find_max_batch(config, devices, start: int) -> int | None:
-  """Largest global batch (multiple of the batch shards) that fits, by doubling then bisection."""
+def find_max_batch(config, devices, first: dict, max_compiles: int = 7) -> dict:
+  """Largest global batch that fits, in few compiles (each takes minutes on a CPU for d>=24).
+
+  Per-chip memory of a rematerialised step is close to affine in the batch, so guesses
+  alternate between a secant through the bracket (or the last two compiles) and
+  doubling/bisection, until a fitting and a non-fitting batch are within 5% of each other.
+  Returns {'fits_at', 'does_not_fit_at'} as global batches (multiples of the batch shards
+  and grad_accum_steps); None where not found within max_compiles.
+  """
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
   unit = mesh.shape["data"] * mesh.shape["fsdp"] * config.grad_accum_steps
+  hbm = first["hbm_bytes_per_device"]
+  if hbm is None:
+    raise SystemExit(f"unknown HBM size for {first['device_kind']}; cannot search the batch")
 
-  def fits(mult: int) -> bool:
+  def run(batch: int) -> dict:
     c = config.copy_and_resolve_references()
     with c.unlocked():
-      c.global_batch_size = mult * unit
+      c.global_batch_size = batch
     r = analyse(c, devices)
     peak = r["peak_bytes_per_device"]
     peak_s = "?" if peak is None else f"{peak / GiB:.2f}"
-    print(f"  batch {mult * unit:>7d} ({mult * unit / len(devices):.2f}/chip): peak {peak_s} GiB -> "
+    print(f"  batch {batch:>7d} ({batch / len(devices):.2f}/chip): peak {peak_s} GiB -> "
           f"{'fits' if r['fits'] else 'does not fit'}", file=sys.stderr, flush=True)
-    return bool(r["fits"])
+    return r
 
-  lo, hi = 0, max(1, start // unit)
-  while fits(hi):
-    lo, hi = hi, hi * 2
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-  return lo * unit if lo else None
+  round_down = lambda b: max(unit, int(b) // unit * unit)
+  points = {config.global_batch_size: first}
+  lo = config.global_batch_size if first["fits"] else None   # largest batch seen to fit
+  hi = None if first["fits"] else config.global_batch_size   # smallest batch seen not to fit
+  for i in range(max_compiles):
+    if lo is not None and hi is not None and hi <= round_down(lo * 1.05) + unit:
+      break  # bracketed within 5%
+    guess = None
+    near = sorted(((b, r["peak_bytes_per_device"]) for b, r in points.items()
+                   if r["peak_bytes_per_device"] and b in (lo, hi)))
+    if len(near) < 2:  # extrapolate from the two largest batches compiled so far
+      near = sorted((b, r["peak_bytes_per_device"]) for b, r in points.items()
+                    if r["peak_bytes_per_device"])[-2:]
+    if i % 2 == 0 and len(near) == 2 and near[1][1] > near[0][1]:
+      (b0, p0), (b1, p1) = near  # secant through the bracket (or the last two points)
+      guess = round_down(b0 + (hbm - p0) * (b1 - b0) / (p1 - p0))
+    if guess is None or not (lo or 0) < guess < (hi or float("inf")) or guess in points:
+      guess = round_down(lo * 2) if hi is None else round_down(((lo or 0) + hi) / 2)  # double / bisect
+      if guess in points or guess <= (lo or 0):
+        break
+    r = run(guess)
+    points[guess] = r
+    if r["fits"]:
+      lo = max(lo or 0, guess)
+    else:
+      hi = guess if hi is None else min(hi, guess)
+  return {"fits_at": lo, "does_not_fit_at": hi}
 
 
 def main(argv):
@@ -190,9 +220,11 @@ def main(argv):
   devices = topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
   r = analyse(_CONFIG.value, devices)
   if _FIND_MAX.value:
-    best = find_max_batch(_CONFIG.value, devices, _CONFIG.value.global_batch_size)
+    found = find_max_batch(_CONFIG.value, devices, r)
+    best, over = found["fits_at"], found["does_not_fit_at"]
     r["max_global_batch_that_fits"] = best
     r["max_batch_per_device_that_fits"] = None if best is None else best / len(devices)
+    r["smallest_global_batch_seen_not_to_fit"] = over
   if _JSON.value:
     print(json.dumps(r))
     return
@@ -212,8 +244,10 @@ def main(argv):
     print(f"  compiled FLOPs per chip per step {r['compiled_flops_per_device']:.4g} (XLA counts a "
           f"scanned loop body once); model FLOPs per step {r['model_flops_per_step']:.4g}")
   if _FIND_MAX.value:
+    over = r["smallest_global_batch_seen_not_to_fit"]
     print(f"  largest global batch that fits: {r['max_global_batch_that_fits']} "
-          f"({r['max_batch_per_device_that_fits']}/chip)")
+          f"({r['max_batch_per_device_that_fits']}/chip)"
+          + (f"; {over} ({over / r['num_devices']:.2f}/chip) does not" if over else ""))
 
 
 if __name__ == "__main__":
