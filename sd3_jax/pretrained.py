@@ -1,13 +1,22 @@
-"""Our MM-DiT checkpoint format: ``save_pretrained`` / ``load_pretrained``.
+"""Our checkpoint format for every model: ``save_pretrained`` / ``load_pretrained``.
 
 A checkpoint is a directory::
 
-  DIR/sd3_jax_config.json   {"format": "sd3_jax.mmdit", "format_version": 1,
+  DIR/sd3_jax_config.json   {"format": FORMAT, "format_version": 1,
                              "layout": "unscanned", "param_dtype": "bfloat16" | ... | "mixed",
-                             "config": MMDiTConfig.to_dict()}
-  DIR/params/               an orbax PyTree checkpoint (OCDBT) of the parameter tree in the
-                            UNSCANNED layout of models/mmdit.py (joint_blocks_{i}/..., kernels
-                            [in..., out...]), numpy leaves stored in their own dtype.
+                             "config": <the model's config>.to_dict()}
+  DIR/params/               an orbax PyTree checkpoint (OCDBT) of the parameter tree, numpy
+                            leaves stored in their own dtype (kernels [in..., out...]).
+
+FORMAT names the model (``FORMATS``, extensible with ``register_format``):
+
+  sd3_jax.mmdit        models/mmdit.py MMDiT (MMDiTConfig), in the UNSCANNED layout
+                       (joint_blocks_{i}/...); ``load_pretrained(scan_layers=True)`` stacks it
+  sd3_jax.clip_text    models/text_encoders.py CLIPTextEncoder (CLIPTextConfig)
+  sd3_jax.t5_encoder   models/text_encoders.py T5Encoder (T5EncoderConfig)
+  sd3_jax.vae          models/vae.py AutoencoderKL (VAEConfig)
+
+``load_pretrained(DIR)`` returns ``(module, params)`` for any of them.
 
 ``params/`` is a plain orbax checkpoint: ``ocp.PyTreeCheckpointer().restore(DIR/'params')``
 gives the nested dict. Nothing else is stored (no optimizer state; the trainer's own
@@ -21,7 +30,9 @@ never holds it twice (nor once, when converting from another file).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import importlib
 import json
 import os
 import shutil
@@ -36,9 +47,69 @@ from sd3_jax.models import mmdit
 
 CONFIG_FILE = "sd3_jax_config.json"
 PARAMS_DIR = "params"
-FORMAT = "sd3_jax.mmdit"
+FORMAT = "sd3_jax.mmdit"  # the MM-DiT's format name (the default of read_config)
 FORMAT_VERSION = 1
 _MAX_LOADS_IN_FLIGHT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFormat:
+  """One kind of model our directory format holds. Classes are named by import path and
+  resolved on use, so a format's module is imported only when a checkpoint needs it.
+
+  ``module`` must define ``config_class`` (a dataclass with ``to_dict`` / ``from_dict``),
+  ``model_class`` (a flax module built as ``model_class(config, dtype=..., **kwargs)``) and
+  ``abstract_params(model)`` (the boxed parameter shapes, via ``jax.eval_shape``).
+  """
+  name: str
+  module: str
+  config_class: str
+  model_class: str
+  description: str
+
+  def _module(self):
+    return importlib.import_module(self.module)
+
+  def config_type(self) -> type:
+    return getattr(self._module(), self.config_class)
+
+  def config_from_dict(self, d: Mapping):
+    return self.config_type().from_dict(d)
+
+  def build(self, config, **kwargs) -> nn.Module:
+    return getattr(self._module(), self.model_class)(config, **kwargs)
+
+  def abstract_params(self, config):
+    return self._module().abstract_params(self.build(config))
+
+
+FORMATS: dict[str, ModelFormat] = {}
+
+
+def register_format(fmt: ModelFormat) -> ModelFormat:
+  """Adds (or replaces) a model kind; returns it."""
+  FORMATS[fmt.name] = fmt
+  return fmt
+
+
+register_format(ModelFormat(FORMAT, "sd3_jax.models.mmdit", "MMDiTConfig", "MMDiT", "MM-DiT"))
+register_format(ModelFormat("sd3_jax.clip_text", "sd3_jax.models.text_encoders", "CLIPTextConfig",
+                            "CLIPTextEncoder", "CLIP text encoder"))
+register_format(ModelFormat("sd3_jax.t5_encoder", "sd3_jax.models.text_encoders", "T5EncoderConfig",
+                            "T5Encoder", "T5 encoder"))
+register_format(ModelFormat("sd3_jax.vae", "sd3_jax.models.vae", "VAEConfig", "AutoencoderKL",
+                            "autoencoder (VAE)"))
+
+
+def format_of_config(config) -> ModelFormat:
+  """The registered format whose config class ``config`` is an instance of."""
+  for fmt in FORMATS.values():
+    if type(config).__module__ != fmt.module:
+      continue  # avoid importing unrelated model modules
+    if isinstance(config, fmt.config_type()):
+      return fmt
+  raise TypeError(f"no sd3_jax checkpoint format stores a {type(config).__module__}."
+                  f"{type(config).__name__}; known formats: {sorted(FORMATS)}")
 
 
 class LazyArray:
@@ -94,14 +165,15 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
   return tree
 
 
-def expected_shapes(config: mmdit.MMDiTConfig) -> dict[str, tuple[int, ...]]:
-  """Flat name -> shape of every parameter of the unscanned model (no allocation)."""
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+  """Flat name -> shape of every parameter of the (unscanned) model of ``config`` (any
+  registered format; no allocation)."""
   return dict(_expected_shapes(config))
 
 
 @functools.lru_cache(maxsize=16)
-def _expected_shapes(config: mmdit.MMDiTConfig) -> dict[str, tuple[int, ...]]:
-  abstract = nn.unbox(mmdit.abstract_params(mmdit.MMDiT(config)))  # traces the model: ~1-5 s
+def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
+  abstract = nn.unbox(format_of_config(config).abstract_params(config))  # traces: ~1-5 s
   return {k: tuple(v.shape) for k, v in flatten(abstract).items()}
 
 
@@ -155,8 +227,12 @@ def _require_checkpoint(path) -> str:
   return path
 
 
-def read_config(path) -> mmdit.MMDiTConfig:
-  """The MMDiTConfig stored in a checkpoint directory."""
+def read_format(path) -> ModelFormat:
+  """The ModelFormat of a checkpoint directory (validates the metadata file)."""
+  return _read_meta(path)[0]
+
+
+def _read_meta(path) -> tuple[ModelFormat, dict, str]:
   path = _require_checkpoint(path)
   cfg_path = os.path.join(path, CONFIG_FILE)
   try:
@@ -164,16 +240,35 @@ def read_config(path) -> mmdit.MMDiTConfig:
       meta = json.load(f)
   except json.JSONDecodeError as e:
     raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-    raise ValueError(f"{cfg_path} does not describe an sd3_jax MM-DiT checkpoint "
-                     f"(format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                     f"expected {FORMAT!r})")
+  name = meta.get("format") if isinstance(meta, dict) else None
+  if name not in FORMATS:
+    raise ValueError(f"{cfg_path} does not describe an sd3_jax checkpoint (format {name!r}, "
+                     f"expected one of {sorted(FORMATS)})")
   if meta.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{cfg_path}: format_version {meta.get('format_version')} is not supported "
                      f"(this code reads version {FORMAT_VERSION})")
   if meta.get("layout", "unscanned") != "unscanned":
     raise ValueError(f"{cfg_path}: layout {meta.get('layout')!r} is not supported (only 'unscanned')")
-  return mmdit.MMDiTConfig.from_dict(meta["config"])
+  if not isinstance(meta.get("config"), dict):
+    raise ValueError(f"{cfg_path} has no \"config\" object")
+  return FORMATS[name], meta, cfg_path
+
+
+def read_config(path, expected_format: str | None = FORMAT):
+  """The config stored in a checkpoint directory.
+
+  expected_format: the format the caller expects (default the MM-DiT's, so that MM-DiT code gets an
+  MMDiTConfig or a clear error); None accepts any registered format.
+  """
+  fmt, meta, cfg_path = _read_meta(path)
+  if expected_format is not None and fmt.name != expected_format:
+    want = FORMATS[expected_format].description if expected_format in FORMATS else expected_format
+    raise ValueError(f"{cfg_path} does not describe an sd3_jax {want} checkpoint: it holds a "
+                     f"{fmt.description} (format {fmt.name!r}, expected {expected_format!r})")
+  try:
+    return fmt.config_from_dict(meta["config"])
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{cfg_path}: bad {fmt.config_class}: {e}") from None
 
 
 def stored_params(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -205,24 +300,30 @@ def load_params(path, groups: list[str] | None = None) -> dict:
 
 def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = False,
                     shardings=None, **model_kwargs):
-  """Loads a checkpoint directory: returns ``(model, params)``.
+  """Loads a checkpoint directory of any format: returns ``(model, params)``.
 
   Args:
     path: a directory written by ``save_pretrained`` or ``python -m tools.convert_weights --to jax``.
-    dtype: compute dtype of the returned ``MMDiT`` (bfloat16 on accelerators).
+    dtype: compute dtype of the returned module (bfloat16 on accelerators).
     param_dtype: cast every parameter to this dtype (None keeps the stored dtypes). Parameters
-      are float32 by default, as the model and the trainer expect.
-    scan_layers: return the scanned layout (``mmdit.stack_block_params``) and a model with
-      ``scan_layers=True``.
+      are float32 by default, as the models and the trainer expect.
+    scan_layers: MM-DiT only: return the scanned layout (``mmdit.stack_block_params``) and a
+      model with ``scan_layers=True``.
     shardings: None (default device), one ``jax.sharding.Sharding`` for every leaf, or a tree
       of shardings with the structure of the returned params.
-    **model_kwargs: other MMDiT options (remat, attention_impl).
+    **model_kwargs: other module options (MMDiT: remat, attention_impl; AutoencoderKL:
+      attention_impl).
 
-  Parameters are read one top-level group (one joint block, or one run of blocks when
-  scanned) at a time and placed on device before the next is read, so host memory holds
-  only that group besides the result.
+  The module is ``MMDiT``, ``CLIPTextEncoder``, ``T5Encoder`` or ``AutoencoderKL`` as the
+  checkpoint's format says (``read_format``). Parameters are read one top-level group (one
+  block, or one run of blocks when scanned) at a time and placed on device before the next is
+  read, so host memory holds only that group besides the result.
   """
-  config = read_config(path)
+  fmt = read_format(path)
+  config = read_config(path, expected_format=None)
+  if scan_layers and fmt.name != FORMAT:
+    raise ValueError(f"scan_layers is only supported for MM-DiT checkpoints; {path} holds a "
+                     f"{fmt.description}")
   stored = stored_params(path)
   check_shapes({k: v[0] for k, v in stored.items()}, expected_shapes(config), f"checkpoint {path}")
 
@@ -247,8 +348,9 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_la
       groups = [g for g in groups if g not in names]
   for g in groups:
     params[g] = place(g, load_params(path, [g])[g])
-  model = mmdit.MMDiT(config, dtype=dtype, scan_layers=scan_layers, **model_kwargs)
-  return model, params
+  if fmt.name == FORMAT:
+    model_kwargs["scan_layers"] = scan_layers
+  return fmt.build(config, dtype=dtype, **model_kwargs), params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,11 +394,12 @@ def _dtype_name(dtypes) -> str:
   return names[0] if len(names) == 1 else "mixed"
 
 
-def write_checkpoint(path, config: mmdit.MMDiTConfig, leaves: Mapping[str, Any], *,
-                     overwrite: bool = False) -> None:
+def write_checkpoint(path, config, leaves: Mapping[str, Any], *, overwrite: bool = False) -> None:
   """Writes a checkpoint directory from flat leaves (numpy arrays or LazyArray), validating
-  names and shapes against ``config`` first. Written to a temporary sibling and renamed, so an
-  interrupted write never leaves a half checkpoint under ``path``."""
+  names and shapes against ``config`` (any registered format's config) first. Written to a
+  temporary sibling and renamed, so an interrupted write never leaves a half checkpoint under
+  ``path``."""
+  fmt = format_of_config(config)
   path = os.fspath(path).rstrip("/")
   check_shapes({k: v.shape for k, v in leaves.items()}, expected_shapes(config), "parameters")
   if os.path.exists(path):
@@ -308,7 +411,7 @@ def write_checkpoint(path, config: mmdit.MMDiTConfig, leaves: Mapping[str, Any],
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "layout": "unscanned",
+    meta = {"format": fmt.name, "format_version": FORMAT_VERSION, "layout": "unscanned",
             "param_dtype": _dtype_name(v.dtype for v in leaves.values()), "config": config.to_dict()}
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2)
@@ -325,15 +428,15 @@ def write_checkpoint(path, config: mmdit.MMDiTConfig, leaves: Mapping[str, Any],
     raise
 
 
-def save_pretrained(path, params: Mapping, config: mmdit.MMDiTConfig, *, dtype=None,
-                    overwrite: bool = False) -> None:
-  """Saves parameters (unscanned or scanned layout; jax or numpy arrays) with their config.
+def save_pretrained(path, params: Mapping, config, *, dtype=None, overwrite: bool = False) -> None:
+  """Saves parameters (jax or numpy arrays; an MM-DiT's may be in the scanned layout) with
+  their config (MMDiTConfig, CLIPTextConfig, T5EncoderConfig or VAEConfig).
 
   ``dtype`` casts every leaf (e.g. jnp.bfloat16 for a compact export); None keeps each leaf's
   dtype. Leaves are copied to host one at a time while writing. Single-process only: every
   array must be fully addressable.
   """
-  if any(k.startswith("scan_blocks_") for k in params):
+  if isinstance(config, mmdit.MMDiTConfig) and any(k.startswith("scan_blocks_") for k in params):
     params = mmdit.unstack_block_params(params, config)
   leaves = {}
   for name, x in flatten(params).items():

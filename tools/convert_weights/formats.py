@@ -1,11 +1,21 @@
-"""Reading and writing the three checkpoint formats, one tensor at a time.
+"""Reading and writing the checkpoint formats, one tensor at a time.
 
+MM-DiT:
   jax        our directory (sd3_jax/pretrained.py): sd3_jax_config.json + params/ (orbax).
   sd3        one original .safetensors file, keys ``model.diffusion_model.*`` (other components
              of the file, ``first_stage_model.*`` and ``text_encoders.*``, are ignored).
   diffusers  a SD3Transformer2DModel directory: config.json + diffusion_pytorch_model.safetensors
              or shards with diffusion_pytorch_model.safetensors.index.json; a pipeline
              directory with transformer/ is accepted as a source.
+VAE (vae_keys.py; small, so converted in memory):
+  jax        our directory, format sd3_jax.vae.
+  diffusers  an AutoencoderKL directory (config.json with _class_name AutoencoderKL +
+             diffusion_pytorch_model.safetensors), e.g. vae/ of a diffusers SD3 pipeline.
+Text encoders (CLIP-L, CLIP-G, T5; text_keys.py):
+  jax            our directory, format sd3_jax.clip_text / sd3_jax.t5_encoder.
+  transformers   a transformers model directory (config.json of a CLIP text model, a CLIPModel
+                 or a T5 encoder + model.safetensors, or shards + model.safetensors.index.json),
+                 e.g. text_encoder/, text_encoder_2/, text_encoder_3/ of a diffusers pipeline.
 
 A ``Source`` validates every tensor name and shape against the inferred configuration on
 opening and then hands out ORIGINAL-layout tensors by original key (``read_original``); the
@@ -25,10 +35,13 @@ import numpy as np
 from sd3_jax import pretrained
 from sd3_jax.models.mmdit import MMDiTConfig
 from tools.convert_weights import mmdit_keys as K
+from tools.convert_weights import text_keys as TK
 from tools.convert_weights.safetensors_io import SafetensorsReader, SafetensorsWriter, plan_shards
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+TRANSFORMERS_WEIGHTS = "model.safetensors"
+TRANSFORMERS_INDEX = "model.safetensors.index.json"
 SD3_METADATA_KEY = "sd3_jax_config"
 DEFAULT_MAX_SHARD_BYTES = 10 * 10**9  # diffusers' save_pretrained default, "10GB"
 
@@ -37,8 +50,20 @@ DEFAULT_MAX_SHARD_BYTES = 10 * 10**9  # diffusers' save_pretrained default, "10G
 # Detection
 
 
+def _read_json(path: str, what: str) -> dict:
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(d, dict):
+    raise ValueError(f"{path}: expected a JSON object ({what})")
+  return d
+
+
 def detect_format(path) -> tuple[str, str]:
-  """(format, resolved path) of a checkpoint; a pipeline directory resolves to transformer/."""
+  """(format, resolved path) of a checkpoint: 'jax', 'sd3', 'diffusers' (an MM-DiT or a VAE)
+  or 'transformers' (a text encoder); a pipeline directory resolves to transformer/."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"no such file or directory: {path}")
@@ -53,15 +78,40 @@ def detect_format(path) -> tuple[str, str]:
     names = os.listdir(path)
     if DIFFUSERS_WEIGHTS in names or DIFFUSERS_INDEX in names:
       return "diffusers", path
+    hf = _read_json(os.path.join(path, "config.json"), "a model config")
+    if TK.model_kind(hf) is not None:
+      if TRANSFORMERS_WEIGHTS in names or TRANSFORMERS_INDEX in names:
+        return "transformers", path
+      raise ValueError(f"{path} is a transformers {hf.get('model_type')} model without "
+                       f"{TRANSFORMERS_WEIGHTS} or {TRANSFORMERS_INDEX} (found "
+                       f"{sorted(n for n in names if n.startswith(('model', 'pytorch_model')))}); only "
+                       "safetensors weights are read")
     raise ValueError(f"{path} has a config.json but no {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX} "
-                     f"(found {sorted(n for n in names if n.startswith('diffusion_pytorch_model'))}); "
-                     "only unsuffixed safetensors weights are read")
+                     f"(found {sorted(n for n in names if n.startswith('diffusion_pytorch_model'))}), "
+                     "and it is not a CLIP text model or T5 encoder; only unsuffixed safetensors "
+                     "weights are read")
   sub = os.path.join(path, "transformer")
   if os.path.isdir(sub):
     return detect_format(sub)
   raise ValueError(f"cannot tell the format of {path}: expected an sd3_jax checkpoint directory "
                    f"({pretrained.CONFIG_FILE}), a diffusers model directory (config.json + "
-                   f"{DIFFUSERS_WEIGHTS}), a diffusers pipeline (transformer/), or a .safetensors file")
+                   f"{DIFFUSERS_WEIGHTS}), a diffusers pipeline (transformer/), a transformers text "
+                   f"encoder directory (config.json + {TRANSFORMERS_WEIGHTS}), or a .safetensors file")
+
+
+def detect_model(path) -> tuple[str, str, str]:
+  """(model kind, format, resolved path); kind is 'mmdit', 'vae', 'clip_text' or 't5_encoder'."""
+  fmt, path = detect_format(path)
+  if fmt == "jax":
+    name = pretrained.read_format(path).name
+    return name.split(".", 1)[1], fmt, path
+  if fmt == "transformers":
+    return TK.model_kind(_read_json(os.path.join(path, "config.json"), "a model config")), fmt, path
+  if fmt == "diffusers":
+    cfg = _read_json(os.path.join(path, "config.json"), "a diffusers config")
+    if cfg.get("_class_name") == "AutoencoderKL":
+      return "vae", fmt, path
+  return "mmdit", fmt, path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,11 +187,9 @@ def open_sd3(path, *, num_heads: int | None = None, head_dim: int | None = None)
                 lambda k: reader.read(names[k]), desc)
 
 
-def open_diffusers(path, *, num_heads: int | None = None, head_dim: int | None = None) -> Source:
-  desc = f"diffusers model {path}"
-  with open(os.path.join(path, "config.json")) as f:
-    hints = K.hints_from_diffusers_config(json.load(f), f"{path}/config.json")
-  index = os.path.join(path, DIFFUSERS_INDEX)
+def _open_weights_dir(path: str, single: str, index_name: str, desc: str) -> dict[str, SafetensorsReader]:
+  """Tensor name -> reader for a huggingface weights directory (one file, or shards + index)."""
+  index = os.path.join(path, index_name)
   if os.path.isfile(index):
     with open(index) as f:
       weight_map = json.load(f)["weight_map"]
@@ -156,8 +204,16 @@ def open_diffusers(path, *, num_heads: int | None = None, head_dim: int | None =
     if missing:
       raise ValueError(f"{desc}: the index lists tensors that no shard holds: {missing[:10]}")
   else:
-    r = SafetensorsReader(os.path.join(path, DIFFUSERS_WEIGHTS))
+    r = SafetensorsReader(os.path.join(path, single))
     where = {k: r for k in r.keys()}
+  return where
+
+
+def open_diffusers(path, *, num_heads: int | None = None, head_dim: int | None = None) -> Source:
+  desc = f"diffusers model {path}"
+  with open(os.path.join(path, "config.json")) as f:
+    hints = K.hints_from_diffusers_config(json.load(f), f"{path}/config.json")
+  where = _open_weights_dir(path, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX, desc)
   shapes = {k: r.shape(k) for k, r in where.items()}
   config = K.infer_config(shapes, "diffusers", num_heads=num_heads, head_dim=head_dim, hints=hints,
                           source=desc)
@@ -165,9 +221,8 @@ def open_diffusers(path, *, num_heads: int | None = None, head_dim: int | None =
                 lambda k: where[k].read(k), desc)
 
 
-def open_jax(path) -> Source:
-  config = pretrained.read_config(path)
-  stored = pretrained.stored_params(path)
+def _group_reader(path) -> Callable[[str], np.ndarray]:
+  """Reads flat parameter names from our checkpoint, holding one top-level group at a time."""
   cache: dict = {"group": None, "leaves": {}}
   lock = threading.Lock()
 
@@ -180,6 +235,13 @@ def open_jax(path) -> Source:
         cache["group"] = group
       return cache["leaves"][name]
 
+  return read
+
+
+def open_jax(path) -> Source:
+  config = pretrained.read_config(path)
+  stored = pretrained.stored_params(path)
+  read = _group_reader(path)
   return Source("jax", config, {k: v[0] for k, v in stored.items()},
                 {k: v[1] for k, v in stored.items()}, read, f"sd3_jax checkpoint {path}")
 
@@ -317,36 +379,15 @@ def write_diffusers(source: Source, dst, *, dtype=None, overwrite: bool = False,
   cfg_json = K.diffusers_config(source.config)
   es = K.entries(source.config, "diffusers")
   specs = [(e.name, _out_dtype(source, e, dtype), e.shape) for e in es]
-  shards = plan_shards(specs, max_shard_bytes)
-  n = len(shards)
-  files = ([DIFFUSERS_WEIGHTS] if n == 1 else
-           [f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
-  tmp = f"{dst}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+
+  def write_config(tmp):
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(cfg_json, f, indent=2)
       f.write("\n")
-    stream = iter_native(source, "diffusers", dtype)
-    for fn, shard in zip(files, shards):
-      with SafetensorsWriter(os.path.join(tmp, fn), shard, {"format": "pt"}) as w:
-        for name, _, _ in shard:
-          e, a = next(stream)
-          w.write(e.name, a)
-    if n > 1:
-      total = sum(int(np.prod(s[2], dtype=np.int64)) * np.dtype(s[1]).itemsize for s in specs)
-      index = {"metadata": {"total_size": total},
-               "weight_map": {name: fn for fn, shard in zip(files, shards) for name, _, _ in shard}}
-      with open(os.path.join(tmp, DIFFUSERS_INDEX), "w") as f:
-        json.dump(index, f, indent=2)
-        f.write("\n")
-    if os.path.exists(dst):
-      shutil.rmtree(dst)
-    os.replace(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+
+  stream = ((e.name, a) for e, a in iter_native(source, "diffusers", dtype))
+  _write_weights_dir(dst, specs, stream, max_shard_bytes, DIFFUSERS_WEIGHTS,
+                     "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors", DIFFUSERS_INDEX, write_config)
 
 
 def write_jax(source: Source, dst, *, dtype=None, overwrite: bool = False) -> None:
@@ -361,3 +402,148 @@ def write_jax(source: Source, dst, *, dtype=None, overwrite: bool = False) -> No
 
 
 WRITERS = {"jax": write_jax, "sd3": write_sd3, "diffusers": write_diffusers}
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoders (CLIP, T5): transformers directories <-> our checkpoints
+
+
+def open_text_source(path) -> TK.TextSource:
+  """A text encoder as a TextSource: our checkpoint (sd3_jax.clip_text / t5_encoder) or a
+  transformers directory (names, shapes and the config validated on opening)."""
+  fmt, path = detect_format(path)
+  if fmt == "jax":
+    config = pretrained.read_config(path, expected_format=None)
+    if not isinstance(config, (TK.CLIPTextConfig, TK.T5EncoderConfig)):
+      raise ValueError(f"{path} holds a {pretrained.read_format(path).description}, not a text encoder")
+    stored = pretrained.stored_params(path)
+    return TK.TextSource(config, ours_shapes={k: v[0] for k, v in stored.items()},
+                         ours_dtypes={k: v[1] for k, v in stored.items()}, read_ours=_group_reader(path),
+                         description=f"sd3_jax checkpoint {path}")
+  if fmt != "transformers":
+    raise ValueError(f"{path} is a {fmt} MM-DiT checkpoint, not a text encoder")
+  cfg_path = os.path.join(path, "config.json")
+  hf = _read_json(cfg_path, "a transformers config")
+  config = TK.config_from_hf(hf, cfg_path)
+  desc = f"transformers model {path}"
+  where = _open_weights_dir(path, TRANSFORMERS_WEIGHTS, TRANSFORMERS_INDEX, desc)
+  return TK.source_from_hf_tensors(config, {k: r.shape(k) for k, r in where.items()},
+                                   {k: r.dtype(k) for k, r in where.items()}, lambda k: where[k].read(k),
+                                   projection=TK.has_projection(hf), description=desc)
+
+
+def _text_dtype(source: TK.TextSource, e: TK.Entry, dtype) -> np.dtype:
+  return np.dtype(dtype) if dtype is not None else source.dtype(e.ours)
+
+
+def write_text_jax(source: TK.TextSource, dst, *, dtype=None, overwrite: bool = False) -> None:
+  """Our checkpoint directory (sd3_jax.clip_text / sd3_jax.t5_encoder), streamed."""
+  leaves = {}
+  for e in source.entries:
+    dt = _text_dtype(source, e, dtype)
+    leaves[e.ours] = pretrained.LazyArray(
+        e.ours_shape, dt, lambda e=e, dt=dt: source.read_ours(e.ours).astype(dt, copy=False))
+  pretrained.write_checkpoint(dst, source.config, leaves, overwrite=overwrite)
+
+
+def _is_transformers_dir(p: str) -> bool:
+  return os.path.isfile(os.path.join(p, "config.json")) and any(
+      n.startswith("model") and n.endswith((".safetensors", ".json")) for n in os.listdir(p))
+
+
+def write_text_transformers(source: TK.TextSource, dst, *, dtype=None, overwrite: bool = False,
+                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+  """A transformers directory (CLIPTextModelWithProjection / T5EncoderModel: config.json +
+  model.safetensors, sharded with model.safetensors.index.json above max_shard_bytes)."""
+  dst = os.fspath(dst).rstrip("/")
+  _check_dst(dst, overwrite, _is_transformers_dir, "transformers model directory")
+  specs = [(e.hf, _text_dtype(source, e, dtype), e.hf_shape) for e in source.entries]
+
+  def stream():
+    for name, dt, _ in specs:
+      yield name, source.read_hf(name).astype(dt, copy=False)
+
+  def write_config(tmp):
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(source.config.to_hf_config(), f, indent=2)
+      f.write("\n")
+
+  _write_weights_dir(dst, specs, stream(), max_shard_bytes, TRANSFORMERS_WEIGHTS,
+                     "model-{i:05d}-of-{n:05d}.safetensors", TRANSFORMERS_INDEX, write_config)
+
+
+def _write_weights_dir(dst: str, specs, stream, max_shard_bytes: int, single: str, pattern: str,
+                       index_name: str, write_config: Callable[[str], None]) -> None:
+  """A huggingface weights directory written tensor by tensor into a temporary sibling, then
+  renamed: ``single`` or shards named ``pattern`` with an index."""
+  shards = plan_shards(specs, max_shard_bytes)
+  n = len(shards)
+  files = [single] if n == 1 else [pattern.format(i=i + 1, n=n) for i in range(n)]
+  tmp = f"{dst}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    write_config(tmp)
+    for fn, shard in zip(files, shards):
+      with SafetensorsWriter(os.path.join(tmp, fn), shard, {"format": "pt"}) as w:
+        for _ in shard:
+          name, a = next(stream)
+          w.write(name, a)
+    if n > 1:
+      total = sum(int(np.prod(s[2], dtype=np.int64)) * np.dtype(s[1]).itemsize for s in specs)
+      index = {"metadata": {"total_size": total},
+               "weight_map": {name: fn for fn, shard in zip(files, shards) for name, _, _ in shard}}
+      with open(os.path.join(tmp, index_name), "w") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    os.replace(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+TEXT_WRITERS = {"jax": write_text_jax, "transformers": write_text_transformers}
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE: diffusers AutoencoderKL directories <-> our checkpoints (in memory: ~84M parameters)
+
+
+def convert_vae(src, dst, to: str, *, dtype=None, overwrite: bool = False,
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+  """diffusers AutoencoderKL directory -> our sd3_jax.vae checkpoint ('jax'), or back
+  ('diffusers'). Returns the VAEConfig."""
+  from tools.convert_weights import vae_keys  # imports the VAE model only when needed
+  fmt, path = detect_format(src)
+  dtype = None if dtype is None else np.dtype(dtype)
+  if to == "jax":
+    if fmt != "diffusers":
+      raise ValueError(f"{src} is already an sd3_jax checkpoint; a VAE converts to 'diffusers'")
+    config_json = _read_json(os.path.join(path, "config.json"), "a diffusers config")
+    where = _open_weights_dir(path, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX, f"diffusers VAE {path}")
+    state_dict = {k: r.read(k) for k, r in where.items()}
+    config, params = vae_keys.diffusers_state_dict_to_vae_params(state_dict, config_json, dtype=dtype)
+    pretrained.save_pretrained(dst, params, config, overwrite=overwrite)
+    return config
+  if to != "diffusers":
+    raise ValueError(f"{src} is a VAE; it converts to 'jax' or 'diffusers', not {to!r}")
+  if fmt != "jax":
+    raise ValueError(f"{src} is already a diffusers VAE; a VAE converts to 'jax'")
+  config = pretrained.read_config(path, expected_format="sd3_jax.vae")
+  state_dict = vae_keys.vae_params_to_diffusers_state_dict(pretrained.load_params(path), config)
+  if dtype is not None:
+    state_dict = {k: v.astype(dtype) for k, v in state_dict.items()}
+  dst = os.fspath(dst).rstrip("/")
+  _check_dst(dst, overwrite, _is_diffusers_dir, "diffusers model directory")
+
+  def write_config(tmp):
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(vae_keys.diffusers_vae_config(config), f, indent=2)
+      f.write("\n")
+
+  specs = [(k, v.dtype, v.shape) for k, v in state_dict.items()]
+  _write_weights_dir(dst, specs, iter(state_dict.items()), max_shard_bytes, DIFFUSERS_WEIGHTS,
+                     "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors", DIFFUSERS_INDEX, write_config)
+  return config

@@ -1,0 +1,249 @@
+"""SD3 text conditioning (SD3_SPEC s2.3): tokenization rules and the three-encoder conditioner.
+
+  tokenize_clip(tokenizer, prompts, pad_id)   [B, 77] ids: BOS, text (truncated to 75), EOS, pad
+  tokenize_t5(tokenizer, prompts, length)     [B, length] ids: text (truncated), EOS (1), pad (0)
+  SD3TextConditioner                          CLIP-L + CLIP-G (+ optional T5) modules, params and
+                                              tokenizers; encode(prompts) -> (context, pooled)
+
+Padding follows the reference ([R35] other_impls.py; SD3_SPEC s7.10), whatever pad token the
+tokenizer files declare: CLIP-L pads with its EOS (49407), CLIP-G with id 0 ("!"), T5 with 0.
+T5 gets no attention mask (pad tokens are encoded and attended to). Tokenizers are
+transformers tokenizers loaded from LOCAL directories (the released ``tokenizer/``,
+``tokenizer_2/``, ``tokenizer_3/`` of a diffusers SD3 pipeline); any callable with the
+transformers call signature works.
+
+Outputs (``flow.assemble_conditioning``): context [B, 77 + t5_length, context_dim] = CLIP-L
+penultimate hidden (no final LN) | CLIP-G penultimate hidden | zeros, then the T5 tokens;
+pooled [B, D_l + D_g] = CLIP-L pooled (un-projected) | CLIP-G pooled (projected). Without T5 its
+tokens are zeros, as the reference. The CFG negative is the encoded empty prompt
+(``encode_empty``), not zeros (zeros are the TRAINING dropout, flow.drop_text_conditioning).
+
+``SD3TextConditioner.from_pretrained(DIR)`` reads the diffusers pipeline layout::
+
+  DIR/text_encoder/    CLIP-L    our checkpoint (sd3_jax.clip_text) or a transformers directory
+  DIR/text_encoder_2/  CLIP-G    (converted in memory when not ours)
+  DIR/text_encoder_3/  T5-XXL    optional (our sd3_jax.t5_encoder or transformers)
+  DIR/tokenizer/, DIR/tokenizer_2/, DIR/tokenizer_3/   tokenizer files
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sd3_jax import flow
+from sd3_jax.models import text_encoders as te
+
+CLIP_LENGTH = 77
+T5_PAD_ID = 0
+T5_EOS_ID = 1
+CLIP_G_PAD_ID = 0
+ENCODER_DIRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TOKENIZER_DIRS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def _token_ids(tokenizer, prompts: Sequence[str], max_length: int) -> list[list[int]]:
+  if isinstance(prompts, str):
+    raise TypeError("prompts must be a list of strings, not one string")
+  out = tokenizer(list(prompts), add_special_tokens=True, truncation=True, max_length=max_length,
+                  padding=False)
+  return [list(ids) for ids in out["input_ids"]]
+
+
+def _pad(seqs: list[list[int]], length: int, pad_id: int) -> np.ndarray:
+  ids = np.full((len(seqs), length), pad_id, np.int32)
+  for i, s in enumerate(seqs):
+    if len(s) > length:
+      raise ValueError(f"tokenizer returned {len(s)} ids for max_length {length}")
+    ids[i, :len(s)] = s
+  return ids
+
+
+def tokenize_clip(tokenizer, prompts: Sequence[str], pad_id: int | None = None,
+                  length: int = CLIP_LENGTH) -> np.ndarray:
+  """[B, length] int32: BOS, the prompt's tokens (truncated to length - 2), EOS, then pad_id.
+
+  pad_id None pads with the tokenizer's EOS (CLIP-L); SD3's CLIP-G pads with 0."""
+  bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+  if bos is None or eos is None:
+    raise ValueError("a CLIP tokenizer needs BOS and EOS tokens")
+  seqs = _token_ids(tokenizer, prompts, length)
+  for s in seqs:
+    if len(s) < 2 or s[0] != bos or s[-1] != eos:
+      raise ValueError(f"the CLIP tokenizer did not add BOS {bos} / EOS {eos} (got {s[:3]}...{s[-3:]})")
+  return _pad(seqs, length, eos if pad_id is None else pad_id)
+
+
+def tokenize_t5(tokenizer, prompts: Sequence[str], length: int = 77,
+                pad_id: int = T5_PAD_ID) -> np.ndarray:
+  """[B, length] int32: the prompt's tokens (truncated to length - 1), EOS, then pad_id (0)."""
+  eos = tokenizer.eos_token_id
+  seqs = _token_ids(tokenizer, prompts, length)
+  for s in seqs:
+    if not s or s[-1] != eos:
+      raise ValueError(f"the T5 tokenizer did not append EOS {eos} (got ...{s[-3:]})")
+  return _pad(seqs, length, pad_id)
+
+
+def load_tokenizer(path):
+  """A transformers tokenizer from a LOCAL directory (never the hub)."""
+  from transformers import AutoTokenizer  # heavy; only when loading
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no tokenizer directory {path}")
+  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders
+
+
+class TextEncoder(NamedTuple):
+  """One encoder: its flax module, parameters and tokenizer."""
+  module: Any
+  params: Any
+  tokenizer: Any
+
+
+def load_text_encoder(path, *, dtype=jnp.float32):
+  """(module, params) from our checkpoint (sd3_jax.clip_text / t5_encoder) or, converted in
+  memory one tensor at a time, from a transformers directory."""
+  from sd3_jax import pretrained
+  path = os.fspath(path)
+  if pretrained.is_checkpoint(path):
+    module, params = pretrained.load_pretrained(path, dtype=dtype)
+    if not isinstance(module, (te.CLIPTextEncoder, te.T5Encoder)):
+      raise ValueError(f"{path} holds a {type(module).__name__}, not a text encoder")
+    return module, params
+  from tools.convert_weights import formats  # transformers directory
+  source = formats.open_text_source(path)
+  flat = {e.ours: jnp.asarray(source.read_ours(e.ours).astype(np.float32)) for e in source.entries}
+  return te.build(source.config, dtype), pretrained.unflatten(flat)
+
+
+class SD3TextConditioner:
+  """CLIP-L, CLIP-G and (optionally) T5 with their tokenizers: prompts -> (context, pooled).
+
+  Args:
+    clip_l, clip_g: TextEncoder with a CLIPTextEncoder (hidden = penultimate layer by config).
+    t5: TextEncoder with a T5Encoder, or None (its tokens are zeros, as the reference).
+    t5_length: T5 tokens (77 for training as the paper / dreambooth; diffusers infers with 256).
+    context_dim: context width; must equal T5's d_model when T5 is given (default that, else
+      4096). The CLIP channels (D_l + D_g) are zero-padded to it.
+    clip_l_pad_id: None pads CLIP-L with its tokenizer's EOS; clip_g_pad_id: 0 ("!").
+    project_clip_l: use CLIP-L's projected pooled output (diffusers' text_embeds) instead of the
+      reference's un-projected one; identical when text_projection is the identity (SD3).
+  """
+
+  def __init__(self, clip_l: TextEncoder, clip_g: TextEncoder, t5: TextEncoder | None = None, *,
+               t5_length: int = 77, context_dim: int | None = None, clip_l_pad_id: int | None = None,
+               clip_g_pad_id: int = CLIP_G_PAD_ID, project_clip_l: bool = False):
+    for name, enc in (("clip_l", clip_l), ("clip_g", clip_g)):
+      if not isinstance(enc.module, te.CLIPTextEncoder):
+        raise TypeError(f"{name} must hold a CLIPTextEncoder, got {type(enc.module).__name__}")
+      if enc.module.config.max_position_embeddings < CLIP_LENGTH:
+        raise ValueError(f"{name} has {enc.module.config.max_position_embeddings} positions; SD3 "
+                         f"feeds {CLIP_LENGTH} tokens")
+    for name, enc, projected in (("clip_l", clip_l, project_clip_l), ("clip_g", clip_g, True)):
+      c = enc.module.config
+      if projected and c.projection_dim != c.hidden_size:
+        raise ValueError(f"{name}'s projected pooled output is used, so its projection_dim "
+                         f"{c.projection_dim} must equal its hidden_size {c.hidden_size} (SD3's layout)")
+    if t5 is not None:
+      if not isinstance(t5.module, te.T5Encoder):
+        raise TypeError(f"t5 must hold a T5Encoder, got {type(t5.module).__name__}")
+      d_t5 = t5.module.config.d_model
+      if context_dim is not None and context_dim != d_t5:
+        raise ValueError(f"context_dim {context_dim} != T5 d_model {d_t5}")
+      context_dim = d_t5
+    context_dim = 4096 if context_dim is None else context_dim
+    self.layout = flow.TextLayout(clip_l_dim=clip_l.module.config.hidden_size,
+                                  clip_g_dim=clip_g.module.config.hidden_size, clip_tokens=CLIP_LENGTH)
+    if self.layout.pooled_dim > context_dim:
+      raise ValueError(f"CLIP-L + CLIP-G width {self.layout.pooled_dim} exceeds context_dim {context_dim}")
+    if t5_length < 1:
+      raise ValueError(f"t5_length must be >= 1, got {t5_length}")
+    self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
+    self.t5_length, self.context_dim = int(t5_length), int(context_dim)
+    self.clip_l_pad_id, self.clip_g_pad_id = clip_l_pad_id, clip_g_pad_id
+    self.project_clip_l = project_clip_l
+    self._encode_ids = jax.jit(self._encode_ids_impl)  # recompiles per batch shape only
+    self._empty = None
+
+  # -- loading
+
+  @classmethod
+  def from_pretrained(cls, path, *, dtype=jnp.float32, use_t5: bool = True, **kwargs) -> "SD3TextConditioner":
+    """From the pipeline layout in the module docstring; T5 is used when text_encoder_3/
+    exists and use_t5. kwargs go to the constructor (t5_length, context_dim, ...)."""
+    path = os.fspath(path)
+    need = [ENCODER_DIRS[0], ENCODER_DIRS[1], TOKENIZER_DIRS[0], TOKENIZER_DIRS[1]]
+    missing = [d for d in need if not os.path.isdir(os.path.join(path, d))]
+    if missing:
+      raise FileNotFoundError(
+          f"{path} lacks {missing}: expected the diffusers pipeline layout {list(ENCODER_DIRS)} "
+          f"(converted with `python -m tools.convert_weights --to jax`, or transformers directories) "
+          f"and {list(TOKENIZER_DIRS)} (tokenizer files)")
+
+    def enc(i):
+      module, params = load_text_encoder(os.path.join(path, ENCODER_DIRS[i]), dtype=dtype)
+      return TextEncoder(module, params, load_tokenizer(os.path.join(path, TOKENIZER_DIRS[i])))
+
+    t5 = None
+    if use_t5 and os.path.isdir(os.path.join(path, ENCODER_DIRS[2])):
+      t5 = enc(2)
+    return cls(enc(0), enc(1), t5, **kwargs)
+
+  # -- tokenizing and encoding
+
+  def tokenize(self, prompts: Sequence[str]) -> dict[str, np.ndarray | None]:
+    """{'clip_l': [B, 77], 'clip_g': [B, 77], 't5': [B, t5_length] or None} int32 ids."""
+    return {
+        "clip_l": tokenize_clip(self.clip_l.tokenizer, prompts, self.clip_l_pad_id),
+        "clip_g": tokenize_clip(self.clip_g.tokenizer, prompts, self.clip_g_pad_id),
+        "t5": None if self.t5 is None else tokenize_t5(self.t5.tokenizer, prompts, self.t5_length),
+    }
+
+  def _encode_ids_impl(self, p_l, p_g, p_t5, ids_l, ids_g, ids_t5):
+    out_l = self.clip_l.module.apply({"params": p_l}, ids_l)
+    out_g = self.clip_g.module.apply({"params": p_g}, ids_g)
+    b = ids_l.shape[0]
+    if self.t5 is None:
+      t5_seq = jnp.zeros((b, self.t5_length, self.context_dim), jnp.float32)
+    else:
+      t5_seq = self.t5.module.apply({"params": p_t5}, ids_t5)
+    pooled_l = out_l.projected if self.project_clip_l else out_l.pooled
+    return flow.assemble_conditioning(out_l.hidden, out_g.hidden, t5_seq, pooled_l, out_g.projected,
+                                      context_dim=self.context_dim)
+
+  def encode_ids(self, clip_l_ids, clip_g_ids, t5_ids=None) -> tuple[jax.Array, jax.Array]:
+    """Already tokenized ids -> (context [B, 77 + t5_length, context_dim], pooled [B, D_l+D_g])."""
+    if (t5_ids is None) != (self.t5 is None):
+      raise ValueError("give t5_ids exactly when the conditioner has a T5 encoder")
+    return self._encode_ids(self.clip_l.params, self.clip_g.params,
+                            None if self.t5 is None else self.t5.params,
+                            jnp.asarray(clip_l_ids, jnp.int32), jnp.asarray(clip_g_ids, jnp.int32),
+                            None if t5_ids is None else jnp.asarray(t5_ids, jnp.int32))
+
+  def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+    """Prompts -> (context [B, 77 + t5_length, context_dim], pooled [B, D_l + D_g]), float32."""
+    if not len(prompts):
+      raise ValueError("no prompts")
+    ids = self.tokenize(prompts)
+    return self.encode_ids(ids["clip_l"], ids["clip_g"], ids["t5"])
+
+  def encode_empty(self) -> tuple[jax.Array, jax.Array]:
+    """The CFG negative: the encoded empty prompt "" ([1, L, D], [1, P]), computed once."""
+    if self._empty is None:
+      self._empty = self.encode([""])
+    return self._empty
+
+  def __call__(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+    return self.encode(prompts)
