@@ -147,6 +147,18 @@ def block_segments(config: MMDiTConfig) -> list[tuple[int, int, bool]]:
 # Blocks
 
 
+def _replicated_features(mod_BxN):
+  """Keep adaLN modulation vectors [B, n*h] split over the batch only.
+
+  Without this constraint XLA's SPMD partitioner (jax 0.10.2, CPU, both Shardy and GSPMD)
+  produced WRONG values on a (data 2, fsdp 2, tensor 2) mesh when the modulation (weights
+  [embed->fsdp, mlp->tensor]) multiplies the MLP output (fc2 [mlp->tensor, embed->fsdp]):
+  relative error ~1 against the unsharded result. The vectors are tiny, so replicating
+  their feature axis costs nothing. tests/test_train.py checks a randomised model.
+  """
+  return nn.with_logical_constraint(mod_BxN, (L.ACT_BATCH, None))
+
+
 class AttentionProjections(nn.Module):
   """qkv projection (+ optional QK RMSNorm) and output projection of one stream."""
   hidden: int
@@ -202,7 +214,7 @@ class StreamBlock(nn.Module):
   def pre_attention(self, x_BxLxD, c_BxD):
     """Returns (q, k, v) for the joint attention and what post_attention needs."""
     n_mods = 2 if self.pre_only else (9 if self.dual else 6)
-    mods = jnp.split(self.adaLN_modulation(nn.silu(c_BxD)), n_mods, axis=-1)
+    mods = jnp.split(_replicated_features(self.adaLN_modulation(nn.silu(c_BxD))), n_mods, axis=-1)
     x_norm = L.layer_norm(x_BxLxD)
     q, k, v = self.attn.qkv_heads(L.modulate(x_norm, mods[0], mods[1]))  # shift_msa, scale_msa
     return (q, k, v), (x_BxLxD, x_norm, mods)
@@ -405,8 +417,8 @@ class FinalLayer(nn.Module):
   @nn.compact
   def __call__(self, x, c):
     zeros = nn.initializers.zeros_init()
-    mod = L.Dense(2 * self.hidden, ("embed", "mlp"), dtype=self.dtype, kernel_init=zeros,
-                  name="adaLN_modulation")(nn.silu(c))
+    mod = _replicated_features(L.Dense(2 * self.hidden, ("embed", "mlp"), dtype=self.dtype,
+                                       kernel_init=zeros, name="adaLN_modulation")(nn.silu(c)))
     shift, scale = jnp.split(mod, 2, axis=-1)  # original order: shift first
     x = L.modulate(L.layer_norm(x), shift, scale)
     return L.Dense(self.out_features, ("embed", None), dtype=self.dtype, kernel_init=zeros,
