@@ -70,6 +70,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.val = ml_collections.ConfigDict(dict(every=10_000, num_examples=512, batch_size=64, levels=8,
                                          seed=1234, use_ema=False))
 
+  # Periodic sample grids from the EMA weights into WORKDIR/samples/ (sd3_jax.sample);
+  # every=0: off. text_encoders / vae: our converted checkpoints (see README);
+  # pixel_space: the model's output is the image itself (no VAE).
+  c.sample = ml_collections.ConfigDict(dict(
+      every=0, prompts=("a photo of a cat",), num_per_prompt=1, num_steps=28, cfg_scale=7.0,
+      shift=3.0, seed=0, text_encoders="", vae="", pixel_space=False, t5_length=77))
+
   # Mesh: -1 means all remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   # Peak FLOP/s per device for MFU; 0 = look up the device kind (None on CPU -> MFU null).

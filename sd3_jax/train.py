@@ -361,6 +361,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   val_source = make_source(config, "val") if config.val.every > 0 else None
   val_fn = make_validation_fn(model, mesh) if val_source is not None else None
 
+  s = config.sample
+  if s.every > 0:
+    from sd3_jax import sample as sample_lib  # only when sampling is on
+    conditioner = sample_lib.load_conditioner(s.text_encoders, t5_length=s.t5_length)
+    decoder = None if s.pixel_space else sample_lib.load_decoder(s.vae)
+
   acc = None
   last: dict[str, Any] = {}
   for step in range(start_step, config.total_steps):
@@ -388,6 +394,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         val = run_validation(config, val_fn, params, val_source, mesh)
         writer.write_scalars(done, val)
         last.update(val)
+      if s.every > 0 and (done % s.every == 0 or is_last):
+        sample_lib.write_sample_grid(
+            model, state.ema_params, conditioner, list(s.prompts),
+            os.path.join(workdir, "samples", f"step_{done:08d}.png"),
+            latent_shape=(d.latent_size, d.latent_size, d.latent_channels), decoder=decoder,
+            num_per_prompt=s.num_per_prompt, num_steps=s.num_steps, cfg_scale=s.cfg_scale,
+            shift=s.shift, seed=s.seed, mesh=mesh)
       if done % config.checkpoint_every == 0 or is_last:
         # The state about to be saved comes from this step's update: check its parameters
         # too, not only the loss computed before the update.

@@ -20,6 +20,9 @@ import re
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compile-only use needs no exclusive hold of a TPU: let several checks (and a running one)
+# load libtpu at once instead of failing on its process lockfile.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
