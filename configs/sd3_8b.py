@@ -1,7 +1,8 @@
 """The paper's largest scaling-study model: d=38 (8.06B, SD3.5-large shape) with QK-norm.
 
 256^2 pretraining shape (32x32x16 latents, 154 text tokens), global batch 4096, bf16 compute,
-float32 master weights and Adam state sharded with FSDP over all chips, full remat, scanned
+float32 master weights and Adam state sharded with FSDP over 128 chips (data parallel
+across groups of 128; needs a slice of at least 128 chips), full remat, scanned
 blocks. QK RMSNorm keeps attention logits bounded in mixed precision (SD3_SPEC s4).
 
 Check the fit before spending pod time (compile-only TPU topology, runs on a CPU machine):
@@ -19,4 +20,8 @@ def get_config():
   c.model = model_config("sd3.5-large")   # d=38, qk_norm=True
   c.total_steps = 500_000
   c.global_batch_size = 4096
+  # hidden 2432 = 19 * 128: FSDP over 128 chips, data parallel over the rest (a 256- or
+  # 512-chip slice cannot shard 2432 evenly 256 or 512 ways).
+  c.mesh.fsdp = 128
+  c.mesh.data = -1
   return c

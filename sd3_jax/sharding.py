@@ -124,6 +124,23 @@ def logical_to_mesh_shardings(logical_specs, mesh: Mesh, rules=LOGICAL_RULES):
                       logical_specs, is_leaf=is_spec)
 
 
+def check_divisible(abstract_tree, shardings_tree, what: str = "array") -> None:
+  """Every sharded dimension must divide evenly over its mesh axes; name the first that does not."""
+  for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_tree)[0],
+                              jax.tree.leaves(shardings_tree)):
+    for dim, axes in zip(leaf.shape, tuple(sh.spec) + (None,) * (len(leaf.shape) - len(sh.spec))):
+      if axes is None:
+        continue
+      names = axes if isinstance(axes, tuple) else (axes,)
+      n = int(np.prod([sh.mesh.shape[a] for a in names]))
+      if dim % n:
+        raise ValueError(
+            f"{what} {jax.tree_util.keystr(path)} of shape {tuple(leaf.shape)}: dimension {dim} is "
+            f"split over mesh axes {names} of total size {n}, which does not divide it. Choose a "
+            f"mesh whose {'*'.join(names)} size divides {dim} (e.g. --config.mesh.fsdp=<divisor> "
+            "--config.mesh.data=-1), or change the model width")
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 

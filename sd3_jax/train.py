@@ -123,6 +123,7 @@ def state_shardings(model, tx, mesh, rules=sharding.LOGICAL_RULES):
                      opt_state=sharding.specs_like_params(abstract.opt_state, param_specs, shapes),
                      ema_params=param_specs)
   shardings = sharding.logical_to_mesh_shardings(specs, mesh, rules)
+  sharding.check_divisible(abstract.params, shardings.params, "parameter")
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return abstract, shardings
 

@@ -265,3 +265,10 @@ def test_periodic_sample_grids(tmp_path, monkeypatch):
   assert grids == ["step_00000001.png", "step_00000002.png"]
   img = np.asarray(Image.open(tmp_path / "samples" / grids[-1]))
   assert img.ndim == 3 and img.shape[0] >= c.data.latent_size
+
+
+def test_indivisible_mesh_is_a_clear_error():
+  c = _config(**{"model.hidden_size": 36, "model.num_heads": 4})  # 36 is not divisible by fsdp 8
+  model, tx = train.make_model(c), train.make_optimizer(c)
+  with pytest.raises(ValueError, match=r"dimension 36 is split over mesh axes \('fsdp',\) of total size 8"):
+    train.state_shardings(model, tx, _mesh((1, 8, 1)))
