@@ -29,6 +29,8 @@ import numpy as np
 from flax import traverse_util
 
 from sd3_jax.models.vae import VAEConfig
+from sd3_jax.pretrained import check_shapes  # noqa: F401  (re-exported: names every bad key)
+from tools.convert_weights.formats import _as_numpy
 
 ORIGINAL_PREFIX = "first_stage_model."
 # Weights of the LDM/SD1-style VAE that the SD3 VAE does not have.
@@ -137,18 +139,6 @@ def _from_ours(e: Entry, x: np.ndarray, fmt: str) -> np.ndarray:
   return np.ascontiguousarray(x)
 
 
-def _as_numpy(x) -> np.ndarray:
-  """numpy array of a numpy/jax array or a torch tensor (bfloat16 kept as ml_dtypes.bfloat16)."""
-  if hasattr(x, "detach"):  # torch, without importing it
-    import torch
-    x = x.detach().cpu().contiguous()
-    if x.dtype == torch.bfloat16:
-      import ml_dtypes
-      return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return x.numpy()
-  return np.asarray(x)
-
-
 # --------------------------------------------------------------------------------------------
 # Reading state dicts
 
@@ -196,23 +186,6 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], layout: str) -> VAEConfi
                      "32 (the weights do not record it); pass the diffusers config.json")
   return VAEConfig(in_channels=conv_in[1], out_channels=dec_out[0], latent_channels=dec_in[1],
                    block_out_channels=chans, layers_per_block=max(layers) + 1, norm_num_groups=groups)
-
-
-def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
-                 what: str) -> None:
-  """Raises ValueError naming every missing, unexpected and wrongly shaped tensor."""
-  missing = sorted(set(expected) - set(found))
-  unexpected = sorted(set(found) - set(expected))
-  wrong = [f"{k}: found {list(found[k])}, expected {list(expected[k])}"
-           for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-  if not (missing or unexpected or wrong):
-    return
-  lines = [f"{what} does not match the VAE configuration:"]
-  for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-    if items:
-      shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-      lines.append(f"  {title} ({len(items)}): " + "; ".join(shown))
-  raise ValueError("\n".join(lines))
 
 
 def diffusers_state_dict_to_vae_params(state_dict: Mapping, config_json: Mapping | None = None,
