@@ -206,7 +206,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: mmdit.M
     loss_sum, per_example = jnp.sum(sums), per_example.reshape(-1)
   grads = jax.tree.map(lambda g: g / n_examples, grads)
   loss = loss_sum / n_examples
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   step = state.step + 1
@@ -214,7 +214,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: mmdit.M
   decay = jnp.where(do_ema, opts.ema_decay, 1.0)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   new_state = state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema)
-  out = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(params),
+  out = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
              metrics=metrics_lib.TrainMetrics.single_from_model_output(
                  per_example_loss=per_example, t=ex["t"], grad_norm=grad_norm,
                  learning_rate=schedule(state.step)))
