@@ -22,14 +22,13 @@ import argparse
 import hashlib
 import io
 import json
-import logging
 import math
 import os
 import shutil
 import sys
 import time
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

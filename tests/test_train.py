@@ -218,7 +218,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 4, 2), (2, 4, 1)])
 def test_sharded_forward_of_random_model_equals_unsharded(shape):
   """adaLN-Zero hides sharding bugs at init (modulations are zero), so randomise everything."""
-  from flax import linen as nn
   from sd3_jax.models import mmdit
   c = _config(**{"model.qk_norm": True, "model.dual_attention_layers": (0,)})
   model = train.make_model(c)
