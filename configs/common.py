@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   # pixel_space: the model's output is the image itself (no VAE).
   c.sample = ml_collections.ConfigDict(dict(
       every=0, prompts=("a photo of a cat",), num_per_prompt=1, num_steps=28, cfg_scale=7.0,
-      shift=3.0, seed=0, text_encoders="", vae="", pixel_space=False, t5_length=77))
+      shift=3.0, seed=0, text_encoders="", vae="", pixel_space=False, t5_length=77, clip_length=77))
 
   # Mesh: -1 means all remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

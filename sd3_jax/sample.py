@@ -126,14 +126,16 @@ def as_conditioner(obj):
   raise TypeError(f"a conditioner needs encode()/encode_empty() or must be callable, got {type(obj).__name__}")
 
 
-def load_conditioner(path: str, *, dtype: str = "float32", t5_length: int = 77, use_t5: bool = True):
+def load_conditioner(path: str, *, dtype: str = "float32", t5_length: int = 77, use_t5: bool = True,
+                     clip_length: int = 77):
   """SD3 text conditioning (CLIP-L, CLIP-G and, when present, T5) from the diffusers pipeline
   layout in ``path`` (text_encoder*/ as our converted checkpoints, tokenizer*/ files); see
   ``text_conditioning.SD3TextConditioner.from_pretrained``. ``t5_length``: 77 T5 tokens as the
-  reference (diffusers samples with 256); it must give the context length the model expects."""
+  reference (diffusers samples with 256); with ``clip_length`` (77 as SD3; the embedded demo uses 12)
+  it must give the context length the model expects."""
   from sd3_jax import text_conditioning
   return text_conditioning.SD3TextConditioner.from_pretrained(path, dtype=jnp.dtype(dtype), use_t5=use_t5,
-                                                              t5_length=t5_length)
+                                                              t5_length=t5_length, clip_length=clip_length)
 
 
 class VAEDecoder:
@@ -271,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--text_encoders", help="diffusers pipeline layout: text_encoder{,_2,_3}/ (our converted "
                                          "CLIP-L, CLIP-G, optional T5) and tokenizer{,_2,_3}/")
   p.add_argument("--t5_length", type=int, default=77, help="T5 tokens (77 as the reference; diffusers 256)")
+  p.add_argument("--clip_length", type=int, default=77, help="CLIP tokens (77 as SD3; 12 for the demo)")
   p.add_argument("--no_t5", dest="t5", action="store_false", help="zeros instead of T5 (as the reference)")
   dec = p.add_mutually_exclusive_group()
   dec.add_argument("--vae", help="our converted SD3 VAE checkpoint (decodes the latents)")
@@ -361,7 +364,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
   latent_shape = _latent_shape(args, parser, model, config, decoder)
   if conditioner is None:
     conditioner = load_conditioner(args.text_encoders, dtype=compute_dtype, t5_length=args.t5_length,
-                                   use_t5=args.t5)
+                                   use_t5=args.t5, clip_length=args.clip_length)
   slg = None
   if args.slg:
     bad = [i for i in args.slg_layers if not 0 <= i < model.config.depth]

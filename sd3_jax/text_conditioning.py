@@ -1,6 +1,7 @@
 """SD3 text conditioning (SD3_SPEC s2.3): tokenization rules and the three-encoder conditioner.
 
   tokenize_clip(tokenizer, prompts, pad_id)   [B, 77] ids: BOS, text (truncated to 75), EOS, pad
+                                              (``length`` other than 77 for small demo models)
   tokenize_t5(tokenizer, prompts, length)     [B, length] ids: text (truncated), EOS (1), pad (0)
   SD3TextConditioner                          CLIP-L + CLIP-G (+ optional T5) modules, params and
                                               tokenizers; encode(prompts) -> (context, pooled)
@@ -135,6 +136,8 @@ class SD3TextConditioner:
     clip_l, clip_g: TextEncoder with a CLIPTextEncoder (hidden = penultimate layer by config).
     t5: TextEncoder with a T5Encoder, or None (its tokens are zeros, as the reference).
     t5_length: T5 tokens (77 for training as the paper / dreambooth; diffusers infers with 256).
+    clip_length: CLIP tokens per encoder (SD3: 77). Shorter sequences are for small models such
+      as the embedded demo's; a model must be trained and sampled with the same lengths.
     context_dim: context width; must equal T5's d_model when T5 is given (default that, else
       4096). The CLIP channels (D_l + D_g) are zero-padded to it.
     clip_l_pad_id: None pads CLIP-L with its tokenizer's EOS; clip_g_pad_id: 0 ("!").
@@ -143,14 +146,15 @@ class SD3TextConditioner:
   """
 
   def __init__(self, clip_l: TextEncoder, clip_g: TextEncoder, t5: TextEncoder | None = None, *,
-               t5_length: int = 77, context_dim: int | None = None, clip_l_pad_id: int | None = None,
+               t5_length: int = 77, clip_length: int = CLIP_LENGTH, context_dim: int | None = None,
+               clip_l_pad_id: int | None = None,
                clip_g_pad_id: int = CLIP_G_PAD_ID, project_clip_l: bool = False):
     for name, enc in (("clip_l", clip_l), ("clip_g", clip_g)):
       if not isinstance(enc.module, te.CLIPTextEncoder):
         raise TypeError(f"{name} must hold a CLIPTextEncoder, got {type(enc.module).__name__}")
-      if enc.module.config.max_position_embeddings < CLIP_LENGTH:
-        raise ValueError(f"{name} has {enc.module.config.max_position_embeddings} positions; SD3 "
-                         f"feeds {CLIP_LENGTH} tokens")
+      if enc.module.config.max_position_embeddings < clip_length:
+        raise ValueError(f"{name} has {enc.module.config.max_position_embeddings} positions, fewer "
+                         f"than clip_length {clip_length}")
     for name, enc, projected in (("clip_l", clip_l, project_clip_l), ("clip_g", clip_g, True)):
       c = enc.module.config
       if projected and c.projection_dim != c.hidden_size:
@@ -164,14 +168,16 @@ class SD3TextConditioner:
         raise ValueError(f"context_dim {context_dim} != T5 d_model {d_t5}")
       context_dim = d_t5
     context_dim = 4096 if context_dim is None else context_dim
+    if clip_length < 2:
+      raise ValueError(f"clip_length must be >= 2 (BOS and EOS), got {clip_length}")
     self.layout = flow.TextLayout(clip_l_dim=clip_l.module.config.hidden_size,
-                                  clip_g_dim=clip_g.module.config.hidden_size, clip_tokens=CLIP_LENGTH)
+                                  clip_g_dim=clip_g.module.config.hidden_size, clip_tokens=clip_length)
     if self.layout.pooled_dim > context_dim:
       raise ValueError(f"CLIP-L + CLIP-G width {self.layout.pooled_dim} exceeds context_dim {context_dim}")
     if t5_length < 1:
       raise ValueError(f"t5_length must be >= 1, got {t5_length}")
     self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
-    self.t5_length, self.context_dim = int(t5_length), int(context_dim)
+    self.t5_length, self.clip_length, self.context_dim = int(t5_length), int(clip_length), int(context_dim)
     self.clip_l_pad_id, self.clip_g_pad_id = clip_l_pad_id, clip_g_pad_id
     self.project_clip_l = project_clip_l
     self._encode_ids = jax.jit(self._encode_ids_impl)  # recompiles per batch shape only
@@ -204,10 +210,11 @@ class SD3TextConditioner:
   # -- tokenizing and encoding
 
   def tokenize(self, prompts: Sequence[str]) -> dict[str, np.ndarray | None]:
-    """{'clip_l': [B, 77], 'clip_g': [B, 77], 't5': [B, t5_length] or None} int32 ids."""
+    """{'clip_l': [B, clip_length], 'clip_g': [B, clip_length], 't5': [B, t5_length] or None}
+    int32 ids."""
     return {
-        "clip_l": tokenize_clip(self.clip_l.tokenizer, prompts, self.clip_l_pad_id),
-        "clip_g": tokenize_clip(self.clip_g.tokenizer, prompts, self.clip_g_pad_id),
+        "clip_l": tokenize_clip(self.clip_l.tokenizer, prompts, self.clip_l_pad_id, self.clip_length),
+        "clip_g": tokenize_clip(self.clip_g.tokenizer, prompts, self.clip_g_pad_id, self.clip_length),
         "t5": None if self.t5 is None else tokenize_t5(self.t5.tokenizer, prompts, self.t5_length),
     }
 
@@ -224,7 +231,7 @@ class SD3TextConditioner:
                                       context_dim=self.context_dim)
 
   def encode_ids(self, clip_l_ids, clip_g_ids, t5_ids=None) -> tuple[jax.Array, jax.Array]:
-    """Already tokenized ids -> (context [B, 77 + t5_length, context_dim], pooled [B, D_l+D_g])."""
+    """Already tokenized ids -> (context [B, clip_length + t5_length, context_dim], pooled [B, D_l+D_g])."""
     if (t5_ids is None) != (self.t5 is None):
       raise ValueError("give t5_ids exactly when the conditioner has a T5 encoder")
     return self._encode_ids(self.clip_l.params, self.clip_g.params,
@@ -233,7 +240,7 @@ class SD3TextConditioner:
                             None if t5_ids is None else jnp.asarray(t5_ids, jnp.int32))
 
   def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
-    """Prompts -> (context [B, 77 + t5_length, context_dim], pooled [B, D_l + D_g]), float32."""
+    """Prompts -> (context [B, clip_length + t5_length, context_dim], pooled [B, D_l + D_g]), float32."""
     if not len(prompts):
       raise ValueError("no prompts")
     ids = self.tokenize(prompts)

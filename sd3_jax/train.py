@@ -363,7 +363,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   s = config.sample
   if s.every > 0:
     from sd3_jax import sample as sample_lib  # only when sampling is on
-    conditioner = sample_lib.load_conditioner(s.text_encoders, t5_length=s.t5_length)
+    conditioner = sample_lib.load_conditioner(s.text_encoders, t5_length=s.t5_length,
+                                                 clip_length=s.clip_length)
     decoder = None if s.pixel_space else sample_lib.load_decoder(s.vae)
 
   acc = None

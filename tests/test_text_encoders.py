@@ -395,6 +395,25 @@ def test_conditioner_matches_diffusers(tokenizers, pipeline_dir):
     tc.SD3TextConditioner(cond.clip_l, cond.clip_g, cond.t5, context_dim=64)
 
 
+
+def test_conditioner_short_clip_length(pipeline_dir):
+  """clip_length < 77 (the embedded demo's 12): CLIP attention is causal and pooling reads the
+  first EOS, so for prompts that fit, the CLIP part equals the first tokens of the 77-token one."""
+  d, _ = pipeline_dir
+  full = tc.SD3TextConditioner.from_pretrained(d, t5_length=20)
+  short = tc.SD3TextConditioner.from_pretrained(d, t5_length=20, clip_length=12)
+  assert short.layout == flow.TextLayout(32, 48, 12)
+  prompts = PROMPTS[:1] + PROMPTS[2:]   # the second prompt needs more than 12 tokens
+  ctx_s, pool_s = short.encode(prompts)
+  ctx_f, pool_f = full.encode(prompts)
+  assert ctx_s.shape == (2, 12 + 20, 96)
+  np.testing.assert_allclose(ctx_s[:, :12], ctx_f[:, :12], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(pool_s, pool_f, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ctx_s[:, 12:], ctx_f[:, 77:], rtol=1e-5, atol=1e-6)  # T5 unchanged
+  assert short.tokenize([PROMPTS[1]])["clip_l"][0, -1] == 519  # truncated, still ends with EOS
+  with pytest.raises(ValueError, match="fewer than clip_length 100"):
+    tc.SD3TextConditioner(full.clip_l, full.clip_g, full.t5, clip_length=100)
+
 def test_vae_cli(tmp_path):
   """The VAE's diffusers directory <-> our sd3_jax.vae checkpoint (parity: tests/test_vae.py)."""
   from diffusers import AutoencoderKL
