@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from sd3_jax import flow, pretrained, text_conditioning as tc
+from sd3_jax.demo import clip_byte_chars
 from sd3_jax.models import text_encoders as te
 from tools.convert_weights import convert, detect_model, text_keys as TK
 from tools.convert_weights.__main__ import main as cli_main
@@ -32,25 +33,12 @@ def rel_err(ours, ref) -> float:
 # Tiny tokenizers and models
 
 
-def _byte_chars() -> list[str]:
-  """CLIP's byte -> unicode table (so that '!' is id 0, as in the real vocabulary)."""
-  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), 256)))
-  cs, n = bs[:], 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return [chr(c) for c in cs]
-
-
 MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("t", "h"), ("th", "e</w>")]
 
 
 def write_clip_tokenizer(path, pad_token: str) -> None:
   """The released file layout: vocab.json, merges.txt, tokenizer_config.json."""
-  chars = _byte_chars()
+  chars = clip_byte_chars()
   vocab = {c: i for i, c in enumerate(chars)}
   vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
   for a, b in MERGES:
