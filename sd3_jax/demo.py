@@ -292,6 +292,7 @@ def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = 
   from sd3_jax import text_conditioning, train
 
   t_start = time.time()
+  workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = load_config(config_path)
   for key, value in (overrides or {}).items():

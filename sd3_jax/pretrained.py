@@ -208,7 +208,7 @@ def is_checkpoint(path) -> bool:
 
 
 def _require_checkpoint(path) -> str:
-  path = os.fspath(path)
+  path = os.path.abspath(os.fspath(path))  # orbax takes absolute paths only
   if not os.path.exists(path):
     raise FileNotFoundError(f"no such checkpoint directory: {path}")
   if not os.path.isdir(path):
@@ -400,7 +400,7 @@ def write_checkpoint(path, config, leaves: Mapping[str, Any], *, overwrite: bool
   temporary sibling and renamed, so an interrupted write never leaves a half checkpoint under
   ``path``."""
   fmt = format_of_config(config)
-  path = os.fspath(path).rstrip("/")
+  path = os.path.abspath(os.fspath(path))  # orbax takes absolute paths only
   check_shapes({k: v.shape for k, v in leaves.items()}, expected_shapes(config), "parameters")
   if os.path.exists(path):
     if not overwrite:

@@ -75,7 +75,7 @@ def load_workdir(workdir: str, step: Optional[int] = None, *, use_ema: bool = Tr
   from flax import linen as nn
   from sd3_jax import train
 
-  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")  # orbax takes absolute paths only
   steps = committed_steps(ckpt_dir)
   if not steps:
     raise FileNotFoundError(f"no committed checkpoint in {ckpt_dir}")

@@ -73,8 +73,9 @@ SMALL = {"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2, "globa
          "val.num_examples": 16, "optimizer.warmup_steps": 1}
 
 
-def test_demo_end_to_end_and_resume(tmp_path):
-  wd = str(tmp_path / "demo")
+def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)   # a relative workdir, as `bash launch/demo.sh` passes (orbax needs absolute paths)
+  wd = "demo"
   kwargs = dict(num_train=64, num_val=16, num_heldout=3, samples_per_prompt=2, sampling_steps=2,
                 overrides=SMALL)
   s = demo.run(wd, steps=4, **kwargs)
