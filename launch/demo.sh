@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded demo, end to end on this machine (about 10 minutes on 2 CPU cores): creates .venv
+# The embedded demo, end to end on this machine (about 11 minutes on 2 CPU cores): creates .venv
 # if missing, generates a coloured-shapes text-to-image dataset with small random text encoders,
 # trains a pixel-space MM-DiT with the real trainer, samples held-out prompts and scores them.
 # Writes WORKDIR/summary.json, loss.png, samples_heldout.png, metrics.jsonl, checkpoints/.

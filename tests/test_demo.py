@@ -85,7 +85,7 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(wd, f)), f
   on_disk = json.load(open(os.path.join(wd, "summary.json")))
   assert on_disk["sample_accuracy"] == s["sample_accuracy"]
-  assert np.isfinite(s["val_loss"]) and 0 <= s["sample_accuracy"] <= 1 and 0 <= s["chance_accuracy"] <= 1
+  assert np.isfinite(s["val_loss"]) and s["val_loss_interior"] > 0 and 0 <= s["sample_accuracy"] <= 1 and 0 <= s["chance_accuracy"] <= 1
   assert s["checker_accuracy_on_real_images"] > 0.9
   assert len(s["heldout_prompts"]) == 3 and s["sampler"]["checkpoint_step"] == 4
   info = json.load(open(os.path.join(wd, "data/train/dataset_info.json")))
@@ -107,10 +107,17 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
   enc_mtime = os.path.getmtime(os.path.join(wd, "text_encoders"))
   s2 = demo.run(wd, steps=6, **kwargs)
   assert os.path.getmtime(os.path.join(wd, "text_encoders")) == enc_mtime
-  assert s2["sampler"]["checkpoint_step"] == 6
+  assert s2["sampler"]["checkpoint_step"] == 6 and s2["train"]["step_time_s"] > 0
   with open(os.path.join(wd, "metrics.jsonl")) as f:
     steps = [json.loads(x)["step"] for x in f if '"loss"' in x]
   assert steps == [2, 4, 6]
+
+
+def test_interior_val_loss():
+  rec = {"step": 3, "val/loss": 0.5, "val/loss_t0.000": 1.5, "val/loss_t0.500": 0.2, "val/loss_t0.750": 0.4,
+         "val/loss_t1.000": 0.3}
+  assert demo.interior_val_loss(rec) == pytest.approx(0.3)
+  assert demo.interior_val_loss({"val/loss": 1.0}) is None
 
 
 def test_demo_rejects_latent_configs(tmp_path):
