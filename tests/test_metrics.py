@@ -153,7 +153,10 @@ def _read_jsonl(path):
 
 
 def test_metric_writer_jsonl_resume_and_non_primary(tmp_path, monkeypatch):
-  monkeypatch.setitem(sys.modules, "tensorboard", None)  # JSONL-only path, whatever is installed
+  # JSONL-only path, whatever is installed: block the package and any submodule an earlier test
+  # imported (a cached "tensorboard.compat.proto" would otherwise import without its parent).
+  for name in [m for m in sys.modules if m.startswith("tensorboard.")] + ["tensorboard"]:
+    monkeypatch.setitem(sys.modules, name, None)
   work = str(tmp_path / "run")
   with Mt.MetricWriter(work, is_primary=True) as w:
     assert not w.tensorboard_enabled
