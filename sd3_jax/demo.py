@@ -182,7 +182,12 @@ def build_records(source, out_dir: str, conditioner, *, resolution: int) -> dict
   from sd3_jax import build_dataset
   info = os.path.join(out_dir, "dataset_info.json")
   if os.path.exists(info):
-    return json.load(open(info))
+    with open(info) as f:
+      found = json.load(f)
+    if found.get("num_records") != len(source):
+      raise ValueError(f"{out_dir} holds {found.get('num_records')} records but {len(source)} were asked "
+                       f"for; remove {out_dir} to rebuild it")
+    return found
   result = build_dataset.build(
       source, out_dir, image_encoder=build_dataset.identity_image_encoder, text_encoder=conditioner.encode,
       resolution=resolution, batch_size=256, chunk_size=5000, records_per_shard=5000, latent_dtype="float16",

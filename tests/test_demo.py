@@ -111,6 +111,8 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
   with open(os.path.join(wd, "metrics.jsonl")) as f:
     steps = [json.loads(x)["step"] for x in f if '"loss"' in x]
   assert steps == [2, 4, 6]
+  with pytest.raises(ValueError, match="holds 64 records but 80 were asked for"):
+    demo.run(wd, steps=6, **dict(kwargs, num_train=80))
 
 
 def test_interior_val_loss():
