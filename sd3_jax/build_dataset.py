@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from sd3_jax import fileutil
 from sd3_jax import input_pipeline as ip
 
 BUILD_DIR = ".build"
@@ -196,13 +197,6 @@ def load_vae_encoder(path: str, *, sample: bool, seed: int = 0, dtype: str = "fl
 
 # ----------------------------------------------------------------------------- building
 
-def atomic_json(path: str, obj) -> None:
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
 def _pad_batch(arrays: list, batch_size: int) -> list:
   return arrays + [arrays[-1]] * (batch_size - len(arrays))
 
@@ -285,7 +279,7 @@ def _build_chunk(source, chunk: int, lo: int, hi: int, *, out_dir: str, image_en
     dest = os.path.join(out_dir, key) if key else out_dir
     for s in b["shards"]:
       os.replace(s.pop("src"), os.path.join(dest, s["file"]))
-  atomic_json(_chunk_marker(out_dir, chunk), marker)
+  fileutil.atomic_json(_chunk_marker(out_dir, chunk), marker)
   shutil.rmtree(work, ignore_errors=True)
   return marker
 
@@ -316,10 +310,10 @@ def finalize(out_dir: str, num_chunks: int, metadata: dict | None = None) -> dic
     info = {"format": ip.DATASET_FORMAT, "version": ip.DATASET_VERSION, "num_records": n,
             "compression": d["compression"], "element_spec": d["element_spec"], "shards": d["shards"],
             "metadata": dict(meta, bucket=key or None)}
-    atomic_json(os.path.join(out_dir, key, ip.INFO_FILE) if key else os.path.join(out_dir, ip.INFO_FILE), info)
+    fileutil.atomic_json(os.path.join(out_dir, key, ip.INFO_FILE) if key else os.path.join(out_dir, ip.INFO_FILE), info)
     summary["num_records"] += n
     summary["directories"][key or "."] = n
-  atomic_json(os.path.join(out_dir, SUMMARY_FILE), dict(summary, metadata=meta))
+  fileutil.atomic_json(os.path.join(out_dir, SUMMARY_FILE), dict(summary, metadata=meta))
   return summary
 
 

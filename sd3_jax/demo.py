@@ -120,36 +120,29 @@ def make_text_encoders(out_dir: str, captions: Sequence[str], *, clip_l_dim: int
                        t5_dim: int, seed: int = 0) -> None:
   """Writes tokenizer{,_2,_3}/ and randomly initialised text_encoder{,_2,_3}/ (our checkpoint
   format) under ``out_dir``, atomically (a half-written directory is never left behind)."""
-  import shutil
-
   import jax
-  from sd3_jax import pretrained
+  from sd3_jax import fileutil, pretrained
   from sd3_jax.models import text_encoders as te
 
-  tmp = out_dir.rstrip("/") + f".tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  clip_vocab = write_clip_tokenizer(os.path.join(tmp, "tokenizer"), captions, pad_token=CLIP_SPECIALS[1])
-  write_clip_tokenizer(os.path.join(tmp, "tokenizer_2"), captions, pad_token="!")
-  t5_vocab = write_t5_tokenizer(os.path.join(tmp, "tokenizer_3"), captions)
-  clip = dict(vocab_size=clip_vocab, num_layers=2, num_heads=4, max_position_embeddings=77)
-  configs = {
-      # CLIP-L: quick_gelu; CLIP-G: gelu (as the released encoders). eos_token_id 2 is the
-      # released configs' legacy value: pool at argmax(ids), i.e. at EOS (the largest id).
-      "text_encoder": te.CLIPTextConfig(hidden_size=clip_l_dim, intermediate_size=4 * clip_l_dim,
-                                        projection_dim=clip_l_dim, hidden_act="quick_gelu", **clip),
-      "text_encoder_2": te.CLIPTextConfig(hidden_size=clip_g_dim, intermediate_size=4 * clip_g_dim,
-                                          projection_dim=clip_g_dim, hidden_act="gelu", **clip),
-      "text_encoder_3": te.T5EncoderConfig(vocab_size=t5_vocab, d_model=t5_dim, d_kv=t5_dim // 4,
-                                           d_ff=2 * t5_dim, num_layers=2, num_heads=4),
-  }
-  for i, (name, config) in enumerate(configs.items()):
-    module = te.build(config)
-    params = te.init_params(module, jax.random.key(seed + 100 + i))
-    pretrained.save_pretrained(os.path.join(tmp, name), params, config)
-  if os.path.exists(out_dir):
-    shutil.rmtree(out_dir)
-  os.replace(tmp, out_dir)
+  with fileutil.atomic_directory(out_dir) as tmp:
+    clip_vocab = write_clip_tokenizer(os.path.join(tmp, "tokenizer"), captions, pad_token=CLIP_SPECIALS[1])
+    write_clip_tokenizer(os.path.join(tmp, "tokenizer_2"), captions, pad_token="!")
+    t5_vocab = write_t5_tokenizer(os.path.join(tmp, "tokenizer_3"), captions)
+    clip = dict(vocab_size=clip_vocab, num_layers=2, num_heads=4, max_position_embeddings=77)
+    configs = {
+        # CLIP-L: quick_gelu; CLIP-G: gelu (as the released encoders). eos_token_id 2 is the
+        # released configs' legacy value: pool at argmax(ids), i.e. at EOS (the largest id).
+        "text_encoder": te.CLIPTextConfig(hidden_size=clip_l_dim, intermediate_size=4 * clip_l_dim,
+                                          projection_dim=clip_l_dim, hidden_act="quick_gelu", **clip),
+        "text_encoder_2": te.CLIPTextConfig(hidden_size=clip_g_dim, intermediate_size=4 * clip_g_dim,
+                                            projection_dim=clip_g_dim, hidden_act="gelu", **clip),
+        "text_encoder_3": te.T5EncoderConfig(vocab_size=t5_vocab, d_model=t5_dim, d_kv=t5_dim // 4,
+                                             d_ff=2 * t5_dim, num_layers=2, num_heads=4),
+    }
+    for i, (name, config) in enumerate(configs.items()):
+      module = te.build(config)
+      params = te.init_params(module, jax.random.key(seed + 100 + i))
+      pretrained.save_pretrained(os.path.join(tmp, name), params, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,8 +401,8 @@ def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = 
       "text_encoders": "randomly initialised CLIP-L/CLIP-G/T5 (real architectures, small widths); "
                        "tokenizers trained on the demo captions",
   }
-  from sd3_jax import build_dataset
-  build_dataset.atomic_json(os.path.join(workdir, "summary.json"), summary)
+  from sd3_jax import fileutil
+  fileutil.atomic_json(os.path.join(workdir, "summary.json"), summary, indent=2)
   return summary
 
 

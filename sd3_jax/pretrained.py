@@ -35,7 +35,6 @@ import functools
 import importlib
 import json
 import os
-import shutil
 from typing import Any, Callable, Mapping
 
 import jax
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from sd3_jax import fileutil
 from sd3_jax.models import mmdit
 
 CONFIG_FILE = "sd3_jax_config.json"
@@ -407,10 +407,7 @@ def write_checkpoint(path, config, leaves: Mapping[str, Any], *, overwrite: bool
       raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
     if not os.path.isdir(path) or (os.listdir(path) and not is_checkpoint(path)):
       raise FileExistsError(f"refusing to overwrite {path}: it is not an sd3_jax checkpoint")
-  tmp = f"{path}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+  with fileutil.atomic_directory(path) as tmp:
     meta = {"format": fmt.name, "format_version": FORMAT_VERSION, "layout": "unscanned",
             "param_dtype": _dtype_name(v.dtype for v in leaves.values()), "config": config.to_dict()}
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
@@ -420,12 +417,6 @@ def write_checkpoint(path, config, leaves: Mapping[str, Any], *, overwrite: bool
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_handler_registry())
     ocp.Checkpointer(handler).save(os.path.join(tmp, PARAMS_DIR),
                                    args=ocp.args.PyTreeSave(unflatten(dict(leaves))))
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def save_pretrained(path, params: Mapping, config, *, dtype=None, overwrite: bool = False) -> None:

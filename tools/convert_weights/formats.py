@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 from typing import Callable, Mapping
 
 import numpy as np
 
-from sd3_jax import pretrained
+from sd3_jax import fileutil, pretrained
 from sd3_jax.models.mmdit import MMDiTConfig
 from tools.convert_weights import mmdit_keys as K
 from tools.convert_weights import text_keys as TK
@@ -479,10 +478,7 @@ def _write_weights_dir(dst: str, specs, stream, max_shard_bytes: int, single: st
   shards = plan_shards(specs, max_shard_bytes)
   n = len(shards)
   files = [single] if n == 1 else [pattern.format(i=i + 1, n=n) for i in range(n)]
-  tmp = f"{dst}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+  with fileutil.atomic_directory(dst) as tmp:
     write_config(tmp)
     for fn, shard in zip(files, shards):
       with SafetensorsWriter(os.path.join(tmp, fn), shard, {"format": "pt"}) as w:
@@ -496,12 +492,6 @@ def _write_weights_dir(dst: str, specs, stream, max_shard_bytes: int, single: st
       with open(os.path.join(tmp, index_name), "w") as f:
         json.dump(index, f, indent=2)
         f.write("\n")
-    if os.path.exists(dst):
-      shutil.rmtree(dst)
-    os.replace(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 TEXT_WRITERS = {"jax": write_text_jax, "transformers": write_text_transformers}
