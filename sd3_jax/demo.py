@@ -192,8 +192,8 @@ def build_records(source, out_dir: str, conditioner, *, resolution: int) -> dict
 # Evaluation
 
 
-def chance_accuracy(images: Sequence[np.ndarray], scenes: Sequence[shapes.Scene], prompts_per_image: int,
-                    trials: int = 20, seed: int = 0) -> dict[str, float]:
+def chance_accuracy(images: Sequence[np.ndarray], scenes: Sequence[shapes.Scene], trials: int = 20,
+                    seed: int = 0) -> dict[str, float]:
   """The checker's score for the same images against shuffled captions: each prompt's images
   are scored against a different held-out prompt (a random derangement), averaged over trials."""
   rng = np.random.default_rng(seed)
@@ -245,21 +245,31 @@ def interior_val_loss(record: dict) -> float | None:
   return float(np.mean(inner)) if inner else None
 
 
-def plot_losses(metrics_path: str, out_path: str) -> None:
-  """Training loss, validation loss and its interior levels (``interior_val_loss``), log scale."""
+def read_metrics(path: str) -> list[dict]:
+  """The records of a metrics.jsonl file, in order."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _last(records: Sequence[dict], key: str) -> dict:
+  """The last record that has ``key`` ({} if none)."""
+  return next((r for r in reversed(records) if key in r), {})
+
+
+def plot_losses(records: Sequence[dict], out_path: str) -> None:
+  """Training loss, validation loss and its interior levels (``interior_val_loss``) of
+  ``read_metrics`` records, log scale."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   train, val, interior = [], [], []
-  with open(metrics_path) as f:
-    for line in f:
-      rec = json.loads(line)
-      if "loss" in rec:
-        train.append((rec["step"], rec["loss"]))
-      if "val/loss" in rec:
-        val.append((rec["step"], rec["val/loss"]))
-        if interior_val_loss(rec) is not None:
-          interior.append((rec["step"], interior_val_loss(rec)))
+  for rec in records:
+    if "loss" in rec:
+      train.append((rec["step"], rec["loss"]))
+    if "val/loss" in rec:
+      val.append((rec["step"], rec["val/loss"]))
+      if interior_val_loss(rec) is not None:
+        interior.append((rec["step"], interior_val_loss(rec)))
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
   if train:
     ax.plot(*zip(*train), ".-" if len(train) < 20 else "-", label="train loss (logit-normal t)")
@@ -308,12 +318,7 @@ def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = load_config(config_path)
-  for key, value in (overrides or {}).items():
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides or {})
   if steps is not None:
     config.total_steps = steps
   config.seed = seed
@@ -348,8 +353,8 @@ def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = 
   data_dir = os.path.join(workdir, "data")
   train_info = build_records(SceneSource(train_scenes, num_train, size=size, seed=seed, name="train"),
                              os.path.join(data_dir, "train"), conditioner, resolution=size)
-  build_records(SceneSource(heldout, num_val, size=size, seed=seed + 1, name="val"),
-                os.path.join(data_dir, "val"), conditioner, resolution=size)
+  val_source = SceneSource(heldout, num_val, size=size, seed=seed + 1, name="val")
+  build_records(val_source, os.path.join(data_dir, "val"), conditioner, resolution=size)
   stages["data_s"] = time.time() - t0
   log.info("data: %s", train_info)
 
@@ -371,20 +376,20 @@ def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = 
                                cfg_scale=cfg_scale, seed=seed)
   scenes = [s for s in heldout for _ in range(samples_per_prompt)]
   acc = shapes.accuracy(list(images), scenes)
-  chance = chance_accuracy(list(images), scenes, samples_per_prompt, seed=seed)
-  val_source = SceneSource(heldout, 256, size=size, seed=seed + 1, name="val")
-  truth = shapes.accuracy([val_source.image(i) for i in range(len(val_source))],
-                          [val_source.scene(i) for i in range(len(val_source))])
+  chance = chance_accuracy(list(images), scenes, seed=seed)
+  # The checker on 256 real renders of the held-out prompts (val_source's first records and,
+  # past num_val, more drawn the same way).
+  truth = shapes.accuracy([val_source.image(i) for i in range(256)], [val_source.scene(i) for i in range(256)])
   write_labelled_grid(images, prompts, samples_per_prompt, os.path.join(workdir, "samples_heldout.png"))
   stages["sampling_s"] = time.time() - t0
 
-  plot_losses(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss.png"))
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  val = _last_record(metrics_path, "val/loss")
+  records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  plot_losses(records, os.path.join(workdir, "loss.png"))
+  val = _last(records, "val/loss")
   summary = {
       "val_loss": val.get("val/loss"),
       "val_loss_interior": interior_val_loss(val),
-      "train_loss": _last_record(metrics_path, "loss").get("loss"),
+      "train_loss": _last(records, "loss").get("loss"),
       "sample_accuracy": acc["all"],
       "chance_accuracy": chance["all"],
       "sample_accuracy_parts": acc,
@@ -396,7 +401,7 @@ def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = 
                   "weights": "ema" if use_ema else "raw", "checkpoint_step": step},
       "train": {"steps": config.total_steps, "global_batch_size": config.global_batch_size,
                 "num_train_records": num_train, "train_combinations": len(train_scenes),
-                "model": dict(config.model), "step_time_s": _last_record(metrics_path, "step_time").get("step_time")},
+                "model": dict(config.model), "step_time_s": _last(records, "step_time").get("step_time")},
       "seconds": dict(stages, total_s=time.time() - t_start),
       "text_encoders": "randomly initialised CLIP-L/CLIP-G/T5 (real architectures, small widths); "
                        "tokenizers trained on the demo captions",
@@ -404,17 +409,6 @@ def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = 
   from sd3_jax import fileutil
   fileutil.atomic_json(os.path.join(workdir, "summary.json"), summary, indent=2)
   return summary
-
-
-def _last_record(path: str, key: str) -> dict:
-  """The last metrics.jsonl record that has ``key`` ({} if none)."""
-  found = {}
-  with open(path) as f:
-    for line in f:
-      rec = json.loads(line)
-      if key in rec:
-        found = rec
-  return found
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

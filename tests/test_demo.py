@@ -49,12 +49,12 @@ def test_chance_accuracy_uses_other_prompts():
   images = [source.image(i) for i in range(len(source))]
   scenes = [source.scene(i) for i in range(len(source))]
   assert shapes.accuracy(images, scenes)["all"] > 0.95
-  chance = demo.chance_accuracy(images, scenes, 1, trials=10)
+  chance = demo.chance_accuracy(images, scenes, trials=10)
   assert set(chance) == {"colors", "shape1", "shape2", "relation", "all"}
   # Real images of prompt i scored against prompt j != i: right only by coincidence.
   assert chance["all"] < 0.15 and chance["colors"] < 0.5
   with pytest.raises(ValueError, match="two different prompts"):
-    demo.chance_accuracy(images[:1], scenes[:1], 1)
+    demo.chance_accuracy(images[:1], scenes[:1])
 
 
 def test_scene_source_is_deterministic_and_keeps_heldout_out():
