@@ -3,7 +3,7 @@
 256^2 pretraining shape (32x32x16 latents, 154 text tokens), global batch 4096, bf16 compute,
 float32 master weights and Adam state sharded with FSDP over 128 chips (data parallel
 across groups of 128; needs a slice of at least 128 chips), full remat, scanned
-blocks. QK RMSNorm keeps attention logits bounded in mixed precision (SD3_SPEC s4).
+blocks. QK RMSNorm keeps attention logits bounded in mixed precision (the paper, section 5.3.2).
 
 Check the fit before spending pod time (compile-only TPU topology, runs on a CPU machine):
   python -m tools.aot_compile --config configs/sd3_8b.py --topology v5p:8x8x8
@@ -12,7 +12,7 @@ Launch on the pod (every host):
       --config.data.source=records --config.data.path=/data/sd3_records
 Expect ~6.8 TFLOP per image per step (model FLOPs); the README has per-chip memory figures.
 """
-from configs.common import base_config, model_config
+from sd3_jax.config import base_config, model_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ a checkpoint every 20 steps, validation at steps 50 and 100, metrics in
 /tmp/sd3_tiny/metrics.jsonl), in about a minute including compilation. Point it at records with
   --config.data.source=records --config.data.path=DIR
 """
-from configs.common import base_config, model_config
+from sd3_jax.config import base_config, model_config
 
 
 def get_config():

@@ -1,4 +1,4 @@
-"""Builds latent-record datasets (``input_pipeline`` format) from images and captions.
+"""Builds latent-record datasets (``sd3_jax.records`` format) from images and captions.
 
   # folder of images + JSONL {"file": "a/b.jpg", "caption": "...", "caption2": "..." (optional)}
   python -m sd3_jax.build_dataset --images DIR --captions caps.jsonl --out data/train \
@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from sd3_jax import fileutil
-from sd3_jax import input_pipeline as ip
+from sd3_jax import command, fileutil
+from sd3_jax import records
 
 BUILD_DIR = ".build"
 SUMMARY_FILE = "build_summary.json"
@@ -251,7 +251,7 @@ def _build_chunk(source, chunk: int, lo: int, hi: int, *, out_dir: str, image_en
   marker = {"chunk": chunk, "range": [lo, hi], "skipped": skipped, "buckets": {}}
   for key, items in sorted(groups.items()):
     part = os.path.join(work, key or "_")
-    with ip.RecordWriter(part, prefix=prefix, records_per_shard=records_per_shard) as writer:
+    with records.RecordWriter(part, prefix=prefix, records_per_shard=records_per_shard) as writer:
       for b in range(0, len(items), batch_size):
         batch = items[b:b + batch_size]
         n = len(batch)
@@ -265,7 +265,7 @@ def _build_chunk(source, chunk: int, lo: int, hi: int, *, out_dir: str, image_en
           writer.write(latents[j].astype(latent_dtype), context[j], pooled[j],
                        {"id": eid, "caption": caption, "caption_source": which})
         progress.update(n)
-    info = json.load(open(os.path.join(part, ip.INFO_FILE)))
+    info = json.load(open(os.path.join(part, records.INFO_FILE)))
     dest = os.path.join(out_dir, key) if key else out_dir
     os.makedirs(dest, exist_ok=True)
     shards = []
@@ -300,17 +300,17 @@ def finalize(out_dir: str, num_chunks: int, metadata: dict | None = None) -> dic
       d = per_bucket.setdefault(key, {"element_spec": b["element_spec"], "compression": b["compression"],
                                       "shards": []})
       if d["element_spec"] != b["element_spec"]:
-        raise ip.RecordError(f"chunk {m['chunk']} bucket {key!r} has spec {b['element_spec']}, "
+        raise records.RecordError(f"chunk {m['chunk']} bucket {key!r} has spec {b['element_spec']}, "
                              f"others {d['element_spec']}")
       d["shards"].extend(b["shards"])
   meta = dict(metadata or {}, skipped_examples=len(skipped), skipped_indices=skipped[:1000])
   summary = {"num_records": 0, "skipped_examples": len(skipped), "directories": {}}
   for key, d in sorted(per_bucket.items()):
     n = sum(s["num_records"] for s in d["shards"])
-    info = {"format": ip.DATASET_FORMAT, "version": ip.DATASET_VERSION, "num_records": n,
+    info = {"format": records.DATASET_FORMAT, "version": records.DATASET_VERSION, "num_records": n,
             "compression": d["compression"], "element_spec": d["element_spec"], "shards": d["shards"],
             "metadata": dict(meta, bucket=key or None)}
-    fileutil.atomic_json(os.path.join(out_dir, key, ip.INFO_FILE) if key else os.path.join(out_dir, ip.INFO_FILE), info)
+    fileutil.atomic_json(os.path.join(out_dir, key, records.INFO_FILE) if key else os.path.join(out_dir, records.INFO_FILE), info)
     summary["num_records"] += n
     summary["directories"][key or "."] = n
   fileutil.atomic_json(os.path.join(out_dir, SUMMARY_FILE), dict(summary, metadata=meta))
@@ -438,5 +438,10 @@ def main(argv=None, *, image_encoder: ImageEncoder | None = None,
   return result
 
 
+def entry_point() -> None:
+  """Console entry point (``sd3-build-dataset``): expected errors end in one line and exit code 2."""
+  command.run(main, "sd3-build-dataset")
+
+
 if __name__ == "__main__":
-  main()
+  entry_point()

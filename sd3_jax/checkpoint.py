@@ -37,8 +37,12 @@ from typing import Any, Optional
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+
+from sd3_jax import sharding
+from sd3_jax.models import mmdit
 
 STATE, DATA, CONFIG = "state", "data", "config"
 COMMIT_FILE = "commit_success.txt"  # written by orbax when a step is finalised
@@ -202,3 +206,58 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a training workdir (sampling, evaluation, export)
+
+
+def committed_steps(checkpoint_dir: str) -> list[int]:
+  """Steps under checkpoint_dir whose save completed. Read-only, unlike opening a
+  checkpoint.Checkpointer (which removes unfinished saves: a running trainer's)."""
+  d = epath.Path(checkpoint_dir)
+  if not d.exists():
+    return []
+  return sorted(int(p.name) for p in d.iterdir()
+                if p.name.isdigit() and (p / COMMIT_FILE).exists())
+
+
+def load_workdir(workdir: str, step: Optional[int] = None, *, use_ema: bool = True, mesh=None,
+                 dtype: Optional[str] = None):
+  """(model, params, config dict, step) from a training workdir's checkpoint.
+
+  The model is rebuilt from the checkpoint's ``config`` item (the training ConfigDict as a
+  dict) with the same layout (scan_layers) and ``dtype`` (default: the config's). Only
+  ``ema_params`` (``use_ema``) or ``params`` is restored, with an orbax partial restore of
+  the state item, directly into the parameters' shardings on ``mesh`` (default: all devices
+  on 'fsdp'); optimizer state is never read.
+  """
+  import ml_collections
+  from flax import linen as nn
+
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")  # orbax takes absolute paths only
+  steps = committed_steps(ckpt_dir)
+  if not steps:
+    raise FileNotFoundError(f"no committed checkpoint in {ckpt_dir}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f"no committed checkpoint for step {step} in {ckpt_dir}; available: {steps}")
+  step_dir = os.path.join(ckpt_dir, str(step))
+  if not os.path.exists(os.path.join(step_dir, CONFIG)):
+    raise FileNotFoundError(f"{step_dir} has no config item (saved without config=...); cannot rebuild the model")
+  config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, CONFIG))
+  cfg = ml_collections.ConfigDict(config)
+  model = mmdit.MMDiT(mmdit.config_from_preset(**cfg.model), dtype=jnp.dtype(dtype or cfg.dtype),
+                      scan_layers=cfg.scan_layers, attention_impl=cfg.attention_impl)
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  shapes = nn.unbox(mmdit.abstract_params(model))
+  name = "ema_params" if use_ema else "params"
+  restore_args = jax.tree.map(
+      lambda a, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=a.shape, dtype=a.dtype),
+      shapes, sharding.logical_to_mesh_shardings(sharding.logical_specs(mmdit.abstract_params(model)), mesh))
+  out = ocp.PyTreeCheckpointer().restore(
+      os.path.join(step_dir, STATE),
+      args=ocp.args.PyTreeRestore(item={name: shapes}, restore_args={name: restore_args},
+                                  partial_restore=True))
+  return model, out[name], config, step

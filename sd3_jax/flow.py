@@ -1,4 +1,5 @@
-"""Rectified-flow math for SD3 training (SD3_SPEC.md s2.3, s4): everything between data and model.
+"""Rectified-flow math for SD3 training (the paper, sections 2-3 and 5): everything
+between data and model.
 
 Conventions (the paper's, [P] s3): t in [0, 1], t = 0 is data and t = 1 is noise,
 ``z_t = (1 - t) x0 + t eps`` and the network predicts the velocity ``v = eps - x0``.
@@ -124,7 +125,7 @@ def per_example_loss(v_pred: Array, x0: Array, eps: Array) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class TextLayout:
-  """Where each text encoder lives in ``context`` [B, L, D] and ``pooled`` [B, P] (SD3_SPEC s2.3).
+  """Where each text encoder lives in ``context`` [B, L, D] and ``pooled`` [B, P] (README, "Text encoders").
 
   context[:, :clip_tokens, :clip_l_dim]                       CLIP-L tokens
   context[:, :clip_tokens, clip_l_dim:clip_l_dim+clip_g_dim]  CLIP-G tokens (rest: zero padding)
@@ -143,7 +144,7 @@ class TextLayout:
 def assemble_conditioning(clip_l_seq: ArrayLike, clip_g_seq: ArrayLike, t5_seq: ArrayLike,
                           clip_l_pooled: ArrayLike, clip_g_pooled: ArrayLike,
                           context_dim: int = 4096) -> tuple[Array, Array]:
-  """Reference assembly of the MM-DiT text inputs ([R35] sd3_infer.py L319-329).
+  """Reference assembly of the MM-DiT text inputs (sd3.5 reference code, ``sd3_infer.py``).
 
   Args: clip_l_seq [..., Tc, Dl], clip_g_seq [..., Tc, Dg], t5_seq [..., Tt, context_dim],
     clip_l_pooled [..., Dl], clip_g_pooled [..., Dg] (leading batch axes shared).
@@ -181,7 +182,7 @@ def drop_text_conditioning(rng: Array, context: Array, pooled: Array, p: float,
 
   Three independent Bernoulli(p) draws per example (CLIP-L, CLIP-G, T5); the paper uses
   p = 0.464 so all three are dropped (an unconditional step) in ~10% of examples. A dropped
-  encoder's tokens/channels become exact zeros (not an encoded empty prompt, SD3_SPEC s7.9);
+  encoder's tokens/channels become exact zeros (not an encoded empty prompt, as the paper's training);
   everything else is returned unchanged. context [B, L, D] with L >= clip_tokens and
   D >= clip_l_dim + clip_g_dim; pooled [B, clip_l_dim + clip_g_dim].
   """

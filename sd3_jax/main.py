@@ -1,7 +1,8 @@
-r"""Train an MM-DiT with rectified flow.
+r"""Train an MM-DiT with rectified flow (the ``sd3-train`` command).
 
-  python -m sd3_jax.main --config configs/tiny.py --workdir /tmp/sd3_tiny \
+  sd3-train --config configs/tiny.py --workdir /tmp/sd3_tiny \
       [--config.total_steps=200 --config.global_batch_size=16 ...]
+  python -m sd3_jax.main ...   # the same
 
 Restarting the same command resumes from the latest checkpoint in WORKDIR/checkpoints.
 Multi-host: on TPU pods / SLURM pass --multihost (jax.distributed auto-detects the cluster);
@@ -15,6 +16,8 @@ import sys
 import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from sd3_jax import command
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py); override keys with --config.key=value.",
@@ -47,7 +50,15 @@ def main(argv):
   except train.TrainingDivergedError as e:
     logging.error("%s", e)
     sys.exit(3)
+  except command.EXPECTED_ERRORS as e:  # bad config, data or paths: one line, no traceback
+    print(f"sd3-train: error: {command.one_line(e)}", file=sys.stderr)
+    sys.exit(command.EXIT_USAGE)
+
+
+def entry_point() -> None:
+  """Console entry point (``sd3-train``)."""
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry_point()

@@ -13,7 +13,7 @@ FORMAT names the model (``FORMATS``, extensible with ``register_format``):
   sd3_jax.mmdit        models/mmdit.py MMDiT (MMDiTConfig), in the UNSCANNED layout
                        (joint_blocks_{i}/...); ``load_pretrained(scan_layers=True)`` stacks it
   sd3_jax.clip_text    models/text_encoders.py CLIPTextEncoder (CLIPTextConfig)
-  sd3_jax.t5_encoder   models/text_encoders.py T5Encoder (T5EncoderConfig)
+  sd3_jax.t5_encoder   models/t5.py T5Encoder (T5EncoderConfig), built by models/text_encoders.py
   sd3_jax.vae          models/vae.py AutoencoderKL (VAEConfig)
 
 ``load_pretrained(DIR)`` returns ``(module, params)`` for any of them.
@@ -66,12 +66,17 @@ class ModelFormat:
   config_class: str
   model_class: str
   description: str
+  config_module: str | None = None  # where config_class is defined, when not in ``module``
 
   def _module(self):
     return importlib.import_module(self.module)
 
+  @property
+  def config_module_name(self) -> str:
+    return self.config_module or self.module
+
   def config_type(self) -> type:
-    return getattr(self._module(), self.config_class)
+    return getattr(importlib.import_module(self.config_module_name), self.config_class)
 
   def config_from_dict(self, d: Mapping):
     return self.config_type().from_dict(d)
@@ -96,7 +101,7 @@ register_format(ModelFormat(FORMAT, "sd3_jax.models.mmdit", "MMDiTConfig", "MMDi
 register_format(ModelFormat("sd3_jax.clip_text", "sd3_jax.models.text_encoders", "CLIPTextConfig",
                             "CLIPTextEncoder", "CLIP text encoder"))
 register_format(ModelFormat("sd3_jax.t5_encoder", "sd3_jax.models.text_encoders", "T5EncoderConfig",
-                            "T5Encoder", "T5 encoder"))
+                            "T5Encoder", "T5 encoder", config_module="sd3_jax.models.t5"))
 register_format(ModelFormat("sd3_jax.vae", "sd3_jax.models.vae", "VAEConfig", "AutoencoderKL",
                             "autoencoder (VAE)"))
 
@@ -104,7 +109,7 @@ register_format(ModelFormat("sd3_jax.vae", "sd3_jax.models.vae", "VAEConfig", "A
 def format_of_config(config) -> ModelFormat:
   """The registered format whose config class ``config`` is an instance of."""
   for fmt in FORMATS.values():
-    if type(config).__module__ != fmt.module:
+    if type(config).__module__ != fmt.config_module_name:
       continue  # avoid importing unrelated model modules
     if isinstance(config, fmt.config_type()):
       return fmt

@@ -1,10 +1,11 @@
-"""Euler ODE sampling of the MM-DiT with classifier-free and skip-layer guidance (SD3_SPEC s5).
+"""Euler ODE sampling of the MM-DiT with classifier-free and skip-layer guidance, as the SD3.5
+reference code (Stability-AI/sd3.5, ``sd3_infer.py``) and diffusers sample.
 
 The reference samplers, in plain jnp and one jitted loop:
 
   sampling_sigmas       the shifted sigma schedule, equal to diffusers
                         ``FlowMatchEulerDiscreteScheduler(shift).set_timesteps(n).sigmas``
-                        (including the shift applied twice at the low end, SD3_SPEC s7.3)
+                        (including the shift applied twice at the low end, as both references do)
   euler_sample          x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, sigma_i); txt2img or img2img
   guided_velocity       v_u + g (v_c - v_u) from ONE batched model call, + skip-layer guidance
   sample                all of it jitted end to end, optionally with the batch sharded on a mesh
@@ -44,7 +45,7 @@ def sampling_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: int
   """num_steps + 1 float32 sigmas from 1 down to the trailing 0, bit-equal to diffusers'
   ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)`` ``.sigmas``.
 
-  As in diffusers and the reference ([R35] sd3_infer.py ``get_sigmas``): the end points are
+  As in diffusers and the reference (sd3.5 ``sd3_infer.py`` ``get_sigmas``): the end points are
   the *already shifted* training sigmas sigma(1) = shift(1/1000) and sigma(1000) = 1 (float32),
   the timesteps are spaced linearly between them and shifted once more (float64, then cast),
   so the last nonzero sigma is shift(shift(0.001)) (0.00893 for shift 3), not 0.00299.
@@ -63,7 +64,7 @@ def sampling_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: int
 
 
 def img2img_start(num_steps: int, denoise: float) -> int:
-  """Index of the first sigma used when only ``denoise`` of the schedule is run ([R35] L358)."""
+  """Index of the first sigma used when only ``denoise`` of the schedule is run (sd3.5 ``sd3_infer.py``, img2img)."""
   if not 0.0 < denoise <= 1.0:
     raise ValueError(f"denoise must be in (0, 1], got {denoise}")
   start = int(num_steps * (1.0 - denoise))
@@ -119,7 +120,7 @@ def euler_sample(velocity_fn: Callable[[Array, Array, Array], Array], noise: Arr
 
 @dataclasses.dataclass(frozen=True)
 class SkipLayerGuidance:
-  """Skip-layer guidance (SD3.5-medium; SD3_SPEC s5): inside the window,
+  """Skip-layer guidance (SD3.5-medium; sd3.5 ``sd3_infer.py``): inside the window,
   ``v += scale * (v_cond - v_cond_with_layers_skipped)``.
 
   The window is the reference's: call i (0-based) of an n-step run is guided when

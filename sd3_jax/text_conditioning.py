@@ -1,4 +1,4 @@
-"""SD3 text conditioning (SD3_SPEC s2.3): tokenization rules and the three-encoder conditioner.
+"""SD3 text conditioning (the paper, section 5.2.1; README "Text encoders"): tokenization rules and the three-encoder conditioner.
 
   tokenize_clip(tokenizer, prompts, pad_id)   [B, 77] ids: BOS, text (truncated to 75), EOS, pad
                                               (``length`` other than 77 for small demo models)
@@ -6,7 +6,7 @@
   SD3TextConditioner                          CLIP-L + CLIP-G (+ optional T5) modules, params and
                                               tokenizers; encode(prompts) -> (context, pooled)
 
-Padding follows the reference ([R35] other_impls.py; SD3_SPEC s7.10), whatever pad token the
+Padding follows the reference (sd3.5 reference code, ``other_impls.py``), whatever pad token the
 tokenizer files declare: CLIP-L pads with its EOS (49407), CLIP-G with id 0 ("!"), T5 with 0.
 T5 gets no attention mask (pad tokens are encoded and attended to). Tokenizers are
 transformers tokenizers loaded from LOCAL directories (the released ``tokenizer/``,
@@ -123,8 +123,8 @@ def load_text_encoder(path, *, dtype=jnp.float32):
     if not isinstance(module, (te.CLIPTextEncoder, te.T5Encoder)):
       raise ValueError(f"{path} holds a {type(module).__name__}, not a text encoder")
     return module, params
-  from tools.convert_weights import formats  # transformers directory
-  source = formats.open_text_source(path)
+  from sd3_jax.convert import encoders  # transformers directory
+  source = encoders.open_text_source(path)
   flat = {e.ours: jnp.asarray(source.read_ours(e.ours).astype(np.float32)) for e in source.entries}
   return te.build(source.config, dtype), pretrained.unflatten(flat)
 
@@ -254,3 +254,14 @@ class SD3TextConditioner:
 
   def __call__(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
     return self.encode(prompts)
+
+
+def load_conditioner(path: str, *, dtype: str = "float32", t5_length: int = 77, use_t5: bool = True,
+                     clip_length: int = 77):
+  """SD3 text conditioning (CLIP-L, CLIP-G and, when present, T5) from the diffusers pipeline
+  layout in ``path`` (text_encoder*/ as our converted checkpoints, tokenizer*/ files); see
+  ``text_conditioning.SD3TextConditioner.from_pretrained``. ``t5_length``: 77 T5 tokens as the
+  reference (diffusers samples with 256); with ``clip_length`` (77 as SD3; the embedded demo uses 12)
+  it must give the context length the model expects."""
+  return SD3TextConditioner.from_pretrained(path, dtype=jnp.dtype(dtype), use_t5=use_t5,
+                                                              t5_length=t5_length, clip_length=clip_length)

@@ -2,7 +2,7 @@
 
 Only this module and main.py read the experiment config. The flow (config -> mesh + rules ->
 eval_shape(init) -> shardings -> restore-or-init inside jit -> grain iterator -> global batch ->
-train_step -> metrics / async checkpoints / validation loss) follows STYLE.md.
+train_step -> metrics / async checkpoints / validation loss) is described in the README.
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from flax import linen as nn
 from flax import struct
 
 from sd3_jax import checkpoint as ckpt_lib
-from sd3_jax import flow
-from sd3_jax import input_pipeline
+from sd3_jax import flow, generation
+from sd3_jax import input_pipeline, records
 from sd3_jax import metrics as metrics_lib
-from sd3_jax import sharding
-from sd3_jax.models import mmdit
+from sd3_jax import sharding, text_conditioning
+from sd3_jax.models import flops, mmdit
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,8 @@ class TrainState:
 # Model, optimizer, state
 
 
-def model_config(config: ml_collections.ConfigDict) -> mmdit.MMDiTConfig:
-  """config.model.preset ('sd3-medium', 'd24', ...) with the non-None fields of config.model on top."""
-  m = dict(config.model)
-  base = mmdit.get_config(m.pop("preset")).to_dict()
-  overrides = {k: v for k, v in m.items() if v is not None}
-  if "depth" in overrides:  # re-derive the family's width unless given explicitly
-    base.pop("hidden_size"), base.pop("num_heads")
-  return mmdit.MMDiTConfig.from_dict({**base, **overrides})
-
-
 def make_model(config: ml_collections.ConfigDict) -> mmdit.MMDiT:
-  return mmdit.MMDiT(model_config(config), dtype=jnp.dtype(config.dtype), remat=config.remat,
+  return mmdit.MMDiT(mmdit.config_from_preset(**config.model), dtype=jnp.dtype(config.dtype), remat=config.remat,
                      scan_layers=config.scan_layers, attention_impl=config.attention_impl)
 
 
@@ -252,7 +242,7 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
   d = config.data
   if d.source == "synthetic":
     n = d.num_synthetic if split == "train" else config.val.num_examples
-    return input_pipeline.SyntheticSource(
+    return records.SyntheticSource(
         num_records=n, latent_shape=(d.latent_size, d.latent_size, d.latent_channels),
         context_len=d.context_len, context_dim=d.context_dim, pooled_dim=d.pooled_dim,
         seed=config.seed + (0 if split == "train" else 1))
@@ -260,8 +250,8 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
     path = d.path if split == "train" else (d.val_path or d.path)
     if not path:
       raise ValueError("config.data.source='records' needs config.data.path (a directory of "
-                       "*.array_record shards written by sd3_jax.input_pipeline.RecordWriter)")
-    return input_pipeline.RecordSource(path)
+                       "*.array_record shards written by sd3_jax.records.RecordWriter)")
+    return records.RecordSource(path)
   raise ValueError(f"config.data.source must be 'synthetic' or 'records', got {d.source!r}")
 
 
@@ -280,7 +270,7 @@ def make_validation_fn(model, mesh):
 
 def run_validation(config, val_fn, params, val_source, mesh) -> dict[str, float]:
   """Mean RF loss per fixed t level over the fixed validation examples with fixed noise
-  (SD3_SPEC s4): comparable across runs, model sizes, batch sizes and restarts."""
+  (the paper, section 5.1): comparable across runs, model sizes, batch sizes and restarts."""
   levels = flow.val_t_levels(config.val.levels)
   it = input_pipeline.make_eval_iterator(
       val_source, global_batch_size=config.val.batch_size, max_examples=config.val.num_examples,
@@ -347,8 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step_fn = make_train_step(model, tx, opts, schedule, mesh, shardings, batch_shapes(config))
   step_rng = jax.random.key(config.seed + 1)
 
-  mcfg = model_config(config)
-  flops_per_step = metrics_lib.train_step_flops(mcfg, d.latent_size, d.latent_size, d.context_len,
+  mcfg = mmdit.config_from_preset(**config.model)
+  flops_per_step = flops.train_step_flops(mcfg, d.latent_size, d.latent_size, d.context_len,
                                                 config.global_batch_size)
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
                                            override=config.peak_flops_per_device or None)
@@ -362,10 +352,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   s = config.sample
   if s.every > 0:
-    from sd3_jax import sample as sample_lib  # only when sampling is on
-    conditioner = sample_lib.load_conditioner(s.text_encoders, t5_length=s.t5_length,
-                                                 clip_length=s.clip_length)
-    decoder = None if s.pixel_space else sample_lib.load_decoder(s.vae)
+    conditioner = text_conditioning.load_conditioner(s.text_encoders, t5_length=s.t5_length,
+                                                     clip_length=s.clip_length)
+    decoder = None if s.pixel_space else generation.load_decoder(s.vae)
 
   acc = None
   last: dict[str, Any] = {}
@@ -395,7 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(done, val)
         last.update(val)
       if s.every > 0 and (done % s.every == 0 or is_last):
-        sample_lib.write_sample_grid(
+        generation.write_sample_grid(
             model, state.ema_params, conditioner, list(s.prompts),
             os.path.join(workdir, "samples", f"step_{done:08d}.png"),
             latent_shape=(d.latent_size, d.latent_size, d.latent_channels), decoder=decoder,

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sd3_jax import build_dataset as bd
-from sd3_jax import input_pipeline as ip
+from sd3_jax import records
 
 L, D, P = 3, 8, 4
 
@@ -53,7 +53,7 @@ def _make_folder(tmp_path, n, corrupt=(), sizes=None, caption2=False):
 
 
 def _read(directory):
-  src = ip.RecordSource(directory)
+  src = records.RecordSource(directory)
   return {src[i].metadata["id"]: src[i] for i in range(len(src))}, src
 
 
@@ -112,7 +112,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
   part = str(tmp_path / "part")
   with pytest.raises(KeyboardInterrupt):
     bd.build(source, part, **dict(KW, image_encoder=flaky))
-  assert not os.path.exists(os.path.join(part, ip.INFO_FILE))
+  assert not os.path.exists(os.path.join(part, records.INFO_FILE))
   with pytest.warns(UserWarning):
     result = bd.build(source, part, **KW)
   assert result["skipped_chunks"] == [0] and result["processed_chunks"] == [1, 2]
@@ -127,7 +127,7 @@ def test_two_processes_disjoint_complete(tmp_path):
   out = str(tmp_path / "out")
   r1 = bd.build(source, out, process_index=1, process_count=2, **KW)
   assert r1["summary"] is None and r1["processed_chunks"] == [1, 3]
-  assert not os.path.exists(os.path.join(out, ip.INFO_FILE))
+  assert not os.path.exists(os.path.join(out, records.INFO_FILE))
   r0 = bd.build(source, out, process_index=0, process_count=2, **KW)
   assert r0["processed_chunks"] == [0, 2] and r0["summary"]["num_records"] == 13
   got, src = _read(out)
@@ -185,7 +185,7 @@ def test_cli_folder_identity(tmp_path):
                    "--identity_vae", "--resolution", "8", "--batch_size", "2", "--process_index", "0",
                    "--process_count", "1"], text_encoder=text_encoder)
   assert res["summary"]["num_records"] == 3
-  src = ip.RecordSource(out)
+  src = records.RecordSource(out)
   assert src.element_spec["latent"][0] == (8, 8, 3) and src.info["metadata"]["vae"] == "identity"
 
 

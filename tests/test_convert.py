@@ -20,10 +20,10 @@ from safetensors import safe_open
 
 from sd3_jax import pretrained
 from sd3_jax.models import mmdit as M
-from tools.convert_weights import (convert, detect_format, mmdit_keys as K, open_source,
-                                   params_to_state_dict, state_dict_to_params)
-from tools.convert_weights import formats, safetensors_io
-from tools.convert_weights.__main__ import main as cli_main
+from sd3_jax.convert import (convert, detect_format, mmdit_keys as K, open_source,
+                             params_to_state_dict, state_dict_to_params)
+from sd3_jax.convert import formats, safetensors_io
+from sd3_jax.convert.cli import main as cli_main
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 TINY = dict(hidden_size=32, num_heads=4, in_channels=4, out_channels=4, pooled_dim=16, context_dim=24,

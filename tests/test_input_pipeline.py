@@ -12,16 +12,17 @@ import safetensors.numpy
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from sd3_jax import input_pipeline as ip
+from sd3_jax import records
 
 SPEC = dict(latent_shape=(4, 2, 3), context_len=5, context_dim=6, pooled_dim=4)
 
 
 def _synthetic(n, seed=0, dtype=np.float16):
-  return ip.SyntheticSource(n, seed=seed, dtype=dtype, **SPEC)
+  return records.SyntheticSource(n, seed=seed, dtype=dtype, **SPEC)
 
 
 def _write(directory, source, per_shard=4, **kwargs):
-  with ip.RecordWriter(directory, records_per_shard=per_shard, **kwargs) as w:
+  with records.RecordWriter(directory, records_per_shard=per_shard, **kwargs) as w:
     for i in range(len(source)):
       ex = source[i]
       w.write(ex.latent, ex.context, ex.pooled, ex.metadata)
@@ -43,10 +44,10 @@ def test_round_trip_dtypes_and_metadata(tmp_path, latent_dtype):
                    pooled=rng.normal(size=(8,)).astype(np.float16),
                    metadata={"id": f"img-{i}", "caption": f"ein Bild {i} ✓", "source": "test"})
               for i in range(5)]
-  with ip.RecordWriter(tmp_path, prefix="val", records_per_shard=2, metadata={"vae": "sd3"}) as w:
+  with records.RecordWriter(tmp_path, prefix="val", records_per_shard=2, metadata={"vae": "sd3"}) as w:
     for ex in examples:
       w.write(**ex)
-  src = ip.RecordSource(tmp_path, expected_shapes={"latent": (None, None, 16), "context": (None, 32),
+  src = records.RecordSource(tmp_path, expected_shapes={"latent": (None, None, 16), "context": (None, 32),
                                                    "pooled": (8,)})
   assert len(src) == 5
   assert src.element_spec == {"latent": ((4, 2, 16), np.dtype(latent_dtype)),
@@ -72,7 +73,7 @@ def test_round_trip_dtypes_and_metadata(tmp_path, latent_dtype):
 def test_shard_naming_and_atomic_writer(tmp_path):
   src = _synthetic(7)
   d = tmp_path / "ds"
-  with ip.RecordWriter(d, prefix="train", records_per_shard=3) as w:
+  with records.RecordWriter(d, prefix="train", records_per_shard=3) as w:
     for i in range(7):
       ex = src[i]
       w.write(ex.latent, ex.context, ex.pooled, ex.metadata)
@@ -80,24 +81,24 @@ def test_shard_naming_and_atomic_writer(tmp_path):
       assert all(f.startswith(".") and f.endswith(".tmp") for f in os.listdir(d))
   shards = [f"train-{i:05d}-of-00003.array_record" for i in range(3)]
   assert sorted(os.listdir(d)) == ["dataset_info.json"] + shards
-  assert [ip.RecordSource(d).locate(i)[1] for i in (0, 2, 3, 6)] == [0, 2, 0, 0]
+  assert [records.RecordSource(d).locate(i)[1] for i in (0, 2, 3, 6)] == [0, 2, 0, 0]
   # A failure inside the block leaves the directory untouched (here: the finished dataset).
   before = sorted(os.listdir(d))
   with pytest.raises(RuntimeError, match="boom"):
-    with ip.RecordWriter(d, overwrite=True) as w:
+    with records.RecordWriter(d, overwrite=True) as w:
       w.write(src[0].latent, src[0].context, src[0].pooled, src[0].metadata)
       raise RuntimeError("boom")
-  assert sorted(os.listdir(d)) == before and len(ip.RecordSource(d)) == 7
+  assert sorted(os.listdir(d)) == before and len(records.RecordSource(d)) == 7
   with pytest.raises(FileExistsError, match="overwrite=True"):
-    ip.RecordWriter(d)
+    records.RecordWriter(d)
   _write(d, _synthetic(2), overwrite=True, prefix="new")  # replaces the old shards and info
   assert sorted(os.listdir(d)) == ["dataset_info.json", "new-00000-of-00001.array_record"]
-  assert len(ip.RecordSource(d)) == 2
+  assert len(records.RecordSource(d)) == 2
 
 
 def test_writer_rejects_bad_examples(tmp_path):
   ex = _synthetic(1)[0]
-  w = ip.RecordWriter(tmp_path)
+  w = records.RecordWriter(tmp_path)
   w.write(ex.latent, ex.context, ex.pooled, ex.metadata)
   with pytest.raises(ValueError, match="one shape/dtype per dataset"):
     w.write(ex.latent[:2], ex.context, ex.pooled, {"id": "b"})
@@ -112,11 +113,11 @@ def test_writer_rejects_bad_examples(tmp_path):
   w.abort()
   assert os.listdir(tmp_path) == []
   with pytest.raises(ValueError, match="no records"):
-    ip.RecordWriter(tmp_path / "empty").close()
-  with pytest.raises(ip.RecordError, match="not a safetensors record"):
-    ip.decode_record(b"\x01\x02")
-  with pytest.raises(ip.RecordError, match="record format"):
-    ip.decode_record(safetensors.numpy.save({"latent": np.zeros((1, 1, 1), np.float16)}))
+    records.RecordWriter(tmp_path / "empty").close()
+  with pytest.raises(records.RecordError, match="not a safetensors record"):
+    records.decode_record(b"\x01\x02")
+  with pytest.raises(records.RecordError, match="record format"):
+    records.decode_record(safetensors.numpy.save({"latent": np.zeros((1, 1, 1), np.float16)}))
 
 
 def test_corrupt_record_raises_with_file_and_index(tmp_path):
@@ -129,15 +130,15 @@ def test_corrupt_record_raises_with_file_and_index(tmp_path):
   assert at > 0
   blob[at:at + 8] = bytes(b ^ 0xFF for b in blob[at:at + 8])
   shard.write_bytes(bytes(blob))
-  rs = ip.RecordSource(d)
+  rs = records.RecordSource(d)
   np.testing.assert_array_equal(rs[4].latent, src[4].latent)  # neighbours still readable
-  with pytest.raises(ip.RecordError,
+  with pytest.raises(records.RecordError,
                      match=r"data-00001-of-00003.array_record: record 1 \(global index 5\).*re-create"):
     rs[5]
   # Training does not skip it: the iterator raises the same error.
   it = ip.make_train_iterator(rs, global_batch_size=2, seed=0, process_index=0, process_count=1,
                               shuffle=False, num_epochs=1)
-  with pytest.raises(ip.RecordError, match="record 1 .global index 5"):
+  with pytest.raises(records.RecordError, match="record 1 .global index 5"):
     for _ in it:
       pass
   # A well-formed ArrayRecord entry that is not a record: decoding names file and index too.
@@ -145,49 +146,49 @@ def test_corrupt_record_raises_with_file_and_index(tmp_path):
   w.write(src.record_bytes(8))
   w.write(b"garbage, not safetensors")
   w.close()
-  with pytest.raises(ip.RecordError,
+  with pytest.raises(records.RecordError,
                      match=r"data-00002-of-00003.array_record: record 1 \(global index 9\).*not a safetensors"):
-    ip.RecordSource(d)[9]
+    records.RecordSource(d)[9]
   # A truncated shard is refused when the source opens it.
   blob = (d / "data-00000-of-00003.array_record").read_bytes()
   (d / "data-00000-of-00003.array_record").write_bytes(blob[: len(blob) // 2])
-  with pytest.raises(ip.RecordError, match="data-00000-of-00003.array_record: cannot open shard"):
-    ip.RecordSource(d)
+  with pytest.raises(records.RecordError, match="data-00000-of-00003.array_record: cannot open shard"):
+    records.RecordSource(d)
 
 
 def test_record_source_directory_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    ip.RecordSource(tmp_path / "nope")
+    records.RecordSource(tmp_path / "nope")
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no dataset"):
-    ip.RecordSource(tmp_path / "empty")
+    records.RecordSource(tmp_path / "empty")
   d = _write(tmp_path / "ds", _synthetic(6), per_shard=2)
-  with pytest.raises(ip.RecordError, match="latent has shape .4, 2, 3., expected .None, None, 16."):
-    ip.RecordSource(d, expected_shapes={"latent": (None, None, 16)})
+  with pytest.raises(records.RecordError, match="latent has shape .4, 2, 3., expected .None, None, 16."):
+    records.RecordSource(d, expected_shapes={"latent": (None, None, 16)})
   shutil.copy(d / "data-00000-of-00003.array_record", d / "data-00000-of-00004.array_record")
-  with pytest.raises(ip.RecordError, match="unlisted shards .'data-00000-of-00004.array_record'."):
-    ip.RecordSource(d)
+  with pytest.raises(records.RecordError, match="unlisted shards .'data-00000-of-00004.array_record'."):
+    records.RecordSource(d)
   os.remove(d / "data-00000-of-00004.array_record")
   os.remove(d / "data-00002-of-00003.array_record")
-  with pytest.raises(ip.RecordError, match="missing shards .'data-00002-of-00003.array_record'."):
-    ip.RecordSource(d)
+  with pytest.raises(records.RecordError, match="missing shards .'data-00002-of-00003.array_record'."):
+    records.RecordSource(d)
   d2 = _write(tmp_path / "ds2", _synthetic(6), per_shard=2)
   info = json.loads((d2 / "dataset_info.json").read_text())
   info["shards"][1]["num_records"] = 3
   info["num_records"] = 7
   (d2 / "dataset_info.json").write_text(json.dumps(info))
-  with pytest.raises(ip.RecordError, match="holds 2 records but dataset_info.json says 3"):
-    ip.RecordSource(d2)
+  with pytest.raises(records.RecordError, match="holds 2 records but dataset_info.json says 3"):
+    records.RecordSource(d2)
   info["format"] = "something_else"
   (d2 / "dataset_info.json").write_text(json.dumps(info))
-  with pytest.raises(ip.RecordError, match="not a sd3_jax.latent_records v1 dataset"):
-    ip.RecordSource(d2)
+  with pytest.raises(records.RecordError, match="not a sd3_jax.latent_records v1 dataset"):
+    records.RecordSource(d2)
   (d2 / "dataset_info.json").write_text("{not json")
-  with pytest.raises(ip.RecordError, match="cannot use .*dataset_info.json"):
-    ip.RecordSource(d2)
+  with pytest.raises(records.RecordError, match="cannot use .*dataset_info.json"):
+    records.RecordSource(d2)
   os.remove(d2 / "dataset_info.json")
-  with pytest.raises(ip.RecordError, match="no dataset_info.json"):
-    ip.RecordSource(d2)
+  with pytest.raises(records.RecordError, match="no dataset_info.json"):
+    records.RecordSource(d2)
 
 
 def test_synthetic_source_determinism_and_spec(tmp_path):
@@ -200,12 +201,12 @@ def test_synthetic_source_determinism_and_spec(tmp_path):
   assert a[2].spec == a.element_spec == {"latent": ((4, 2, 3), np.dtype(np.float16)),
                                          "context": ((5, 6), np.dtype(np.float16)),
                                          "pooled": ((4,), np.dtype(np.float16))}
-  big = ip.SyntheticSource(1, (16, 16, 16), 1, 1, 1, seed=0, dtype=np.float32)[0].latent
+  big = records.SyntheticSource(1, (16, 16, 16), 1, 1, 1, seed=0, dtype=np.float32)[0].latent
   assert abs(big.mean()) < 0.05 and abs(big.std() - 1) < 0.05
-  decoded = ip.decode_record(a.record_bytes(1))
+  decoded = records.decode_record(a.record_bytes(1))
   np.testing.assert_array_equal(decoded.context, a[1].context)
   assert decoded.metadata == a[1].metadata
-  assert ip.RecordSource(_write(tmp_path, a)).element_spec == a.element_spec  # same spec on disk
+  assert records.RecordSource(_write(tmp_path, a)).element_spec == a.element_spec  # same spec on disk
   with pytest.raises(IndexError):
     a[6]
 
@@ -324,7 +325,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="multiple of process_count 2"):
     ip.make_eval_iterator(src, global_batch_size=3, process_index=0, process_count=2)
   with pytest.raises(ValueError, match="latent_shape"):
-    ip.SyntheticSource(4, (4, 4), 1, 1, 1, seed=0)
+    records.SyntheticSource(4, (4, 4), 1, 1, 1, seed=0)
 
 
 def test_worker_processes_give_the_same_batches_and_restore():

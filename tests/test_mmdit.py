@@ -35,7 +35,9 @@ def plain():
 
 
 def test_preset_parameter_counts_match_spec():
-  # SD3_SPEC s3: exact counts without the positional table, computed with eval_shape.
+  # The tensor sizes of the released SD3-medium and SD3.5-large transformer checkpoints summed,
+  # pos_embed excluded (the same totals diffusers' SD3Transformer2DModel gives for their configs);
+  # count_params counts our tree with eval_shape. test_family_formula derives them in closed form.
   assert M.count_params(M.get_config("sd3-medium")) == 2_028_328_000
   assert M.count_params(M.get_config("sd3.5-large")) == 8_056_627_520
   assert M.get_config("d38") == M.MMDiTConfig(depth=38)
@@ -43,7 +45,7 @@ def test_preset_parameter_counts_match_spec():
 
 
 def test_family_formula():
-  # Per full stream 18h^2+15h; last context stream 5h^2+5h (SD3_SPEC s3), plus embedders/final.
+  # Per full stream 18h^2+15h; last context stream 5h^2+5h (from the block's layers), plus embedders/final.
   for d in (2, 3):
     cfg = M.MMDiTConfig(depth=d)
     h = cfg.hidden_size

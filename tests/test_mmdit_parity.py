@@ -1,4 +1,4 @@
-"""Our MMDiT against diffusers' SD3Transformer2DModel, weights converted by tools.convert_weights.
+"""Our MMDiT against diffusers' SD3Transformer2DModel, weights converted by sd3_jax.convert.
 
 Every weight of the torch model (zero-initialised adaLN and output layers, the positional table
 and the qk-norm scales included) is random, so each block, both streams and the final layer
@@ -13,7 +13,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from sd3_jax import pretrained
-from tools.convert_weights import convert
+from sd3_jax.convert import convert
 
 BASE = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,

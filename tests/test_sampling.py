@@ -1,4 +1,4 @@
-"""Sampling: schedule and Euler parity with diffusers, CFG/SLG algebra, exact landing on a point
+"""Sampling (pure JAX; diffusers parity is in test_sampling_parity.py): schedule, CFG/SLG algebra, exact landing on a point
 mass, sharded == unsharded, and the sample CLI / write_sample_grid on a tiny trained workdir."""
 import dataclasses
 import os
@@ -11,13 +11,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from flax import linen as nn
 from PIL import Image
 
 from sd3_jax import checkpoint as ckpt_lib
-from sd3_jax import pretrained
+from sd3_jax import generation, pretrained
 from sd3_jax import sample as sample_cli
 from sd3_jax import sampling, sharding, train
 from sd3_jax.models import mmdit, vae
@@ -26,17 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------------------------
-# Schedule and Euler loop vs diffusers
-
-
-@pytest.mark.parametrize("steps,shift", [(1, 3.0), (4, 3.0), (28, 3.0), (40, 3.0), (50, 1.0),
-                                         (28, 2.5), (20, 3.2), (7, 6.0), (13, 0.7)])
-def test_sigmas_equal_diffusers(steps, shift):
-  sch = FlowMatchEulerDiscreteScheduler(shift=shift)
-  sch.set_timesteps(steps)
-  ours = sampling.sampling_sigmas(steps, shift)
-  assert ours.dtype == np.float32 and ours.shape == (steps + 1,)
-  np.testing.assert_array_equal(ours, sch.sigmas.numpy())
+# Schedule (diffusers parity: test_sampling_parity.py)
 
 
 def test_sigmas_keep_the_reference_double_shift():
@@ -44,33 +32,7 @@ def test_sigmas_keep_the_reference_double_shift():
   assert s[0] == 1.0 and s[-1] == 0.0 and np.all(np.diff(s) < 0)
   once = 3 * 0.001 / (1 + 2 * 0.001)            # shift(1/1000) = 0.002994
   np.testing.assert_allclose(s[-2], 3 * once / (1 + 2 * once), rtol=1e-6)  # shifted twice: 0.00893
-  np.testing.assert_allclose(s[-4:-1], [0.19983, 0.11091, 0.00893], atol=1e-5)  # SD3_SPEC s5
-
-
-def _velocity(x, sigma, c):  # any x- and sigma-dependent field, same float32 ops in torch and jnp
-  return x * (1 - sigma) - c * sigma
-
-
-@pytest.mark.parametrize("denoise", [1.0, 0.6])
-def test_euler_equals_diffusers_step(denoise):
-  n, shift = 10, 3.0
-  r = np.random.default_rng(0)
-  noise, x_init, c = (r.standard_normal((2, 4, 4, 3)).astype(np.float32) for _ in range(3))
-  sch = FlowMatchEulerDiscreteScheduler(shift=shift)
-  sch.set_timesteps(n)
-  start = int(n * (1 - denoise))  # the reference's img2img start
-  if start:
-    sch.set_begin_index(start)
-    x = sch.scale_noise(torch.from_numpy(x_init), sch.timesteps[start:start + 1], torch.from_numpy(noise))
-  else:
-    x = torch.from_numpy(noise)
-  for i, t in enumerate(sch.timesteps[start:]):
-    x = sch.step(_velocity(x, sch.sigmas[start + i], torch.from_numpy(c)), t, x).prev_sample
-  run = jax.jit(lambda nz, xi: sampling.euler_sample(lambda x, s, i: _velocity(x, s, c), nz,
-                                                     sampling.sampling_sigmas(n, shift),
-                                                     x_init=xi, denoise=denoise))
-  ours = run(noise, x_init if start else None)
-  np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(s[-4:-1], [0.19983, 0.11091, 0.00893], atol=1e-5)  # diffusers' 28-step shift-3 sigmas
 
 
 def test_img2img_arguments_are_checked():
@@ -266,8 +228,8 @@ def workdir(tmp_path_factory):
 
 def test_load_workdir_reads_only_the_wanted_params(workdir):
   mesh = sharding.make_mesh(1, -1, 1)
-  model, ema, config, step = sample_cli.load_workdir(workdir, mesh=mesh)
-  _, raw, _, _ = sample_cli.load_workdir(workdir, mesh=mesh, use_ema=False)
+  model, ema, config, step = ckpt_lib.load_workdir(workdir, mesh=mesh)
+  _, raw, _, _ = ckpt_lib.load_workdir(workdir, mesh=mesh, use_ema=False)
   assert step == 2 and config["total_steps"] == 2 and model.config.in_channels == 4
   # The full state restored the trainer's way, for comparison.
   cfg = ml_collections.ConfigDict(config)
@@ -283,10 +245,10 @@ def test_load_workdir_reads_only_the_wanted_params(workdir):
 
 def test_write_sample_grid_and_cli(workdir, tmp_path):
   mesh = sharding.make_mesh(1, -1, 1)  # the CLI's default mesh: one compiled sampler for all three
-  model, params, _, _ = sample_cli.load_workdir(workdir, mesh=mesh)
+  model, params, _, _ = ckpt_lib.load_workdir(workdir, mesh=mesh)
   prompts = ["a red circle", "a blue square", "a green triangle"]
   out = str(tmp_path / "grid.png")
-  grid = sample_cli.write_sample_grid(model, params, _conditioner, prompts, out, latent_shape=(8, 8, 4),
+  grid = generation.write_sample_grid(model, params, _conditioner, prompts, out, latent_shape=(8, 8, 4),
                                       decoder=_decoder, num_per_prompt=2, num_steps=3, cfg_scale=2.0,
                                       shift=3.0, seed=4, mesh=mesh)
   assert grid.shape == (3 * 10 + 2, 2 * 10 + 2, 3)  # a row per prompt, 2 columns, 2-pixel padding
@@ -295,7 +257,7 @@ def test_write_sample_grid_and_cli(workdir, tmp_path):
   neg = _conditioner([""])
   lat = sampling.sample(model, params, jnp.repeat(ctx, 2, 0), jnp.repeat(pooled, 2, 0), *neg,
                         rng=jax.random.key(4), latent_shape=(8, 8, 4), num_steps=3, cfg_scale=2.0, mesh=mesh)
-  want = sample_cli.to_uint8(_decoder(lat))
+  want = generation.to_uint8(_decoder(lat))
   tiles = [grid[2 + r * 10:10 + r * 10, 2 + q * 10:10 + q * 10] for r in range(3) for q in range(2)]
   np.testing.assert_array_equal(np.stack(tiles), want)
   assert len({t.tobytes() for t in tiles}) == 6  # prompts and samples all differ
@@ -319,7 +281,7 @@ def test_write_sample_grid_and_cli(workdir, tmp_path):
   assert vae_grid.shape == (3 * 18 + 2, 2 * 18 + 2, 3)
   decoded = vae_model.apply({"params": vae_params}, lat, method=vae_model.images_from_latents)
   tiles = [vae_grid[2 + r * 18:18 + r * 18, 2 + q * 18:18 + q * 18] for r in range(3) for q in range(2)]
-  diff = np.abs(np.stack(tiles).astype(int) - sample_cli.to_uint8(decoded).astype(int))
+  diff = np.abs(np.stack(tiles).astype(int) - generation.to_uint8(decoded).astype(int))
   assert diff.max() <= 1 and diff.mean() < 0.01  # uint8 rounding of float-rounding differences
 
 

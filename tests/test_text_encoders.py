@@ -16,10 +16,11 @@ import torch
 import transformers
 
 from sd3_jax import flow, pretrained, text_conditioning as tc
-from sd3_jax.demo import clip_byte_chars
+from sd3_jax.demo.run import clip_byte_chars
+from sd3_jax.models import t5 as t5_lib
 from sd3_jax.models import text_encoders as te
-from tools.convert_weights import convert, detect_model, text_keys as TK
-from tools.convert_weights.__main__ import main as cli_main
+from sd3_jax.convert import convert, detect_model, text_keys as TK
+from sd3_jax.convert.cli import main as cli_main
 
 PROMPTS = ["a cat", "the dog sat on a mat with a cat", ""]
 
@@ -144,7 +145,7 @@ def test_relative_position_buckets_match_transformers():
   rel = torch.arange(n)[None, :] - torch.arange(n)[:, None]
   for nb, md in ((32, 128), (8, 20)):
     ref = T5Attention._relative_position_bucket(rel, bidirectional=True, num_buckets=nb, max_distance=md)
-    assert np.array_equal(te.relative_position_buckets(n, n, nb, md), ref.numpy())
+    assert np.array_equal(t5_lib.relative_position_buckets(n, n, nb, md), ref.numpy())
 
 
 def test_configs():
@@ -158,7 +159,7 @@ def test_configs():
                                  projection_dim=48).to_dict()
   c = te.CLIPTextConfig.from_hf_config(full)
   assert (c.hidden_size, c.num_heads, c.projection_dim) == (64, 4, 48)
-  # Presets (SD3_SPEC s2.3) and round trips through our dicts and transformers' configs.
+  # Presets (the released pipeline's text_encoder{,_2,_3} configs) and round trips through our dicts and transformers' configs.
   assert (te.CLIP_L.num_layers, te.CLIP_L.hidden_size, te.CLIP_L.num_heads, te.CLIP_L.intermediate_size,
           te.CLIP_L.hidden_act, te.CLIP_L.projection_dim) == (12, 768, 12, 3072, "quick_gelu", 768)
   assert (te.CLIP_G.num_layers, te.CLIP_G.hidden_size, te.CLIP_G.num_heads, te.CLIP_G.intermediate_size,

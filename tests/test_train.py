@@ -247,7 +247,7 @@ def test_periodic_sample_grids(tmp_path, monkeypatch):
   """config.sample.every writes PNG grids from the EMA weights (conditioner stubbed by a
   deterministic function: real text encoders need tokenizer files, tested elsewhere)."""
   from PIL import Image
-  from sd3_jax import sample as sample_lib
+  from sd3_jax import text_conditioning
   c = _config(total_steps=2, log_every=1, checkpoint_every=2, **{
       "val.every": 0, "sample.every": 1, "sample.prompts": ("a", "b"), "sample.num_steps": 2,
       "sample.pixel_space": True, "sample.text_encoders": "unused", "model.in_channels": 3,
@@ -258,7 +258,7 @@ def test_periodic_sample_grids(tmp_path, monkeypatch):
     return (np.full((n, c.data.context_len, c.data.context_dim), 0.1, np.float32),
             np.full((n, c.data.pooled_dim), 0.1, np.float32))
 
-  monkeypatch.setattr(sample_lib, "load_conditioner", lambda path, **kw: conditioner)
+  monkeypatch.setattr(text_conditioning, "load_conditioner", lambda path, **kw: conditioner)
   train.train_and_evaluate(c, str(tmp_path))
   grids = sorted(os.listdir(tmp_path / "samples"))
   assert grids == ["step_00000001.png", "step_00000002.png"]

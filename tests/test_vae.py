@@ -19,7 +19,7 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from sd3_jax.models import vae as V
-from tools.convert_weights import vae_keys as K
+from sd3_jax.convert import vae_keys as K
 
 CASES = {
     # name: (VAEConfig, image H, W, batch)

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sd3_jax import metrics as metrics_lib  # noqa: E402
+from sd3_jax.models import flops, mmdit  # noqa: E402
 from sd3_jax import sharding  # noqa: E402
 from sd3_jax import train  # noqa: E402
 
@@ -122,8 +122,8 @@ def analyse(config, devices) -> dict:
        "global_batch_size": config.global_batch_size,
        "batch_per_device": config.global_batch_size / len(devices),
        "hbm_bytes_per_device": hbm,
-       "model_flops_per_step": metrics_lib.train_step_flops(
-           train.model_config(config), d.latent_size, d.latent_size, d.context_len,
+       "model_flops_per_step": flops.train_step_flops(
+           mmdit.config_from_preset(**config.model), d.latent_size, d.latent_size, d.context_len,
            config.global_batch_size)}
   try:
     compiled, mesh, abstract_args = compile_step(config, devices)

@@ -37,8 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from sd3_jax.models.mmdit import MMDiTConfig  # noqa: E402
-from tools.convert_weights import mmdit_keys as K  # noqa: E402
-from tools.convert_weights.safetensors_io import SafetensorsReader, SafetensorsWriter  # noqa: E402
+from sd3_jax.convert import mmdit_keys as K  # noqa: E402
+from sd3_jax.convert.safetensors_io import SafetensorsReader, SafetensorsWriter  # noqa: E402
 
 GiB = 2**30
 

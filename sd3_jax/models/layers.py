@@ -7,8 +7,10 @@ statistics, softmax and the timestep embedding are always computed in float32.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +131,7 @@ def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
 
 def sincos_2d_table(dim: int, grid_size: int, base_size: int = 16,
                     scale: float = 1.0) -> np.ndarray:
-  """The 2-D positional table [grid_size**2, dim] (SD3_SPEC s2.1), rows in row-major (y, x).
+  """The 2-D positional table [grid_size**2, dim] (the reference implementation's ``get_2d_sincos_pos_embed``), rows in row-major (y, x).
 
   Positions follow the paper (s5.3.2): ``(p - (grid_size - base_size*scale)/2) / scale`` on each
   axis, so that the centre crop of ``base_size*scale`` patches spans 0 .. base_size. With
@@ -154,3 +156,92 @@ def crop_pos_embed(table: jax.Array, grid_size: int, h: int, w: int) -> jax.Arra
   d = table.shape[-1]
   pe = table.reshape(1, grid_size, grid_size, d)[:, top:top + h, left:left + w, :]
   return pe.reshape(1, h * w, d)
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of the text encoders (CLIP, T5) and their transformers-style configs
+
+
+# transformers' activation names (ACT2FN) -> functions.
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def dataclass_from_dict(cls, d: Mapping):
+  """``cls(**d)``, naming any keys the dataclass does not have."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(d) - known
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+  return cls(**d)
+
+
+def hf_get(d: Mapping, key: str, default):
+  """``d[key]``, or ``default`` when missing or None (transformers' config defaults)."""
+  v = d.get(key)
+  return default if v is None else v
+
+
+class Embed(nn.Module):
+  """Embedding table [num, features] with logical axes; float32 lookup."""
+  num: int
+  features: int
+  axes: tuple[str | None, str | None] = ("vocab", "embed")
+
+  @nn.compact
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+                       (self.num, self.features), jnp.float32)
+    return jnp.take(table, ids, axis=0)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with scale and bias over the last axis; float32 statistics and output."""
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                       (d,), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+                      (d,), jnp.float32)
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+
+
+class T5LayerNorm(nn.Module):
+  """T5's RMS norm: x / rms(x) * scale, no mean subtraction, no bias; float32."""
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                       (x.shape[-1],), jnp.float32)
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps) * scale
+
+
+def masked_attention(q, k, v, *, scale: float, bias=None, causal: bool = False):
+  """q/k/v [B, L, H, Dh] -> [B, L, H, Dh]; logits and softmax in float32; bias [1|B, H, L, L]."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias
+  if causal:
+    n = q.shape[1]
+    allowed = jnp.tril(jnp.ones((n, n), bool))  # [Lq, Lk]: key position <= query position
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP

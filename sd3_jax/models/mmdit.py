@@ -1,4 +1,4 @@
-"""The SD3 / SD3.5 MM-DiT (SD3_SPEC.md s1-3), NHWC, parameter names mirroring the original.
+"""The SD3 / SD3.5 MM-DiT (the paper, section 4; the sd3.5 reference code ``mmditx.py``), NHWC, parameter names mirroring the original.
 
 ``MMDiT(config).apply({'params': params}, x, t, pooled, context)`` with x [B,H,W,C] latents,
 t [B] flow time in [0, 1] (scaled by 1000 inside, as the reference feeds sigma*1000), pooled
@@ -57,7 +57,7 @@ class MMDiTConfig:
       (MMDiT-X, SD3.5-medium: 0..12).
     mlp_ratio: MLP hidden = mlp_ratio * hidden.
     pos_embed_base_size / pos_embed_scale: how a freshly initialised table places positions
-      (SD3_SPEC s2.1): the centre crop of base_size*scale patches spans 0..base_size.
+      (sd3.5 ``mmditx.py``): the centre crop of base_size*scale patches spans 0..base_size.
   """
   depth: int
   hidden_size: int | None = None
@@ -126,6 +126,17 @@ def get_config(name: str) -> MMDiTConfig:
   if name.startswith("d") and name[1:].isdigit():
     return config_for_depth(int(name[1:]))
   raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)} or d<depth> (e.g. d24)")
+
+
+def config_from_preset(preset: str, **overrides) -> MMDiTConfig:
+  """A preset ('sd3-medium', 'd24', ...) with the non-None ``overrides`` on top: the
+  experiment config's ``model`` section (``config_from_preset(**config.model)``). Overriding
+  ``depth`` alone re-derives the family's width (hidden 64*d, d heads)."""
+  base = get_config(preset).to_dict()
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  if "depth" in overrides:  # re-derive the family's width unless given explicitly
+    base.pop("hidden_size"), base.pop("num_heads")
+  return MMDiTConfig.from_dict({**base, **overrides})
 
 
 def block_segments(config: MMDiTConfig) -> list[tuple[int, int, bool]]:

@@ -1,4 +1,4 @@
-"""SD3's text encoders (SD3_SPEC s2.3), inference only: CLIP-L/14, OpenCLIP bigG/14, T5-v1.1-XXL.
+"""SD3's text encoders (the paper, section 5.2.1), inference only: CLIP-L/14, OpenCLIP bigG/14, T5-v1.1-XXL.
 
 Numerically the transformers models ``CLIPTextModelWithProjection`` and ``T5EncoderModel``
 (transformers 5.24; parity tests in tests/test_text_encoders.py):
@@ -14,9 +14,9 @@ Numerically the transformers models ``CLIPTextModelWithProjection`` and ``T5Enco
                             RMS norm); no attention mask (SD3 attends to pad tokens).
 
 Parameters are float32; ``dtype`` is the compute dtype of the matmuls. The residual stream,
-norms, softmax and T5's position bias stay float32 (T5-XXL overflows in float16, SD3_SPEC
-s7.12; bfloat16 compute is fine). Parameter trees (kernels [in..., out...];
-tools/convert_weights/text_keys.py maps them to the transformers names):
+norms, softmax and T5's position bias stay float32 (T5-XXL overflows in float16; bfloat16
+compute is fine). Parameter trees (kernels [in..., out...];
+sd3_jax/convert/text_keys.py maps them to the transformers names):
 
   CLIP  embeddings/{token_embedding, position_embedding}/embedding
         layers_{i}/{layer_norm1, layer_norm2}/{scale, bias}
@@ -35,41 +35,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
-from sd3_jax.models.layers import Dense
+from sd3_jax.models.layers import (ACTIVATIONS, Dense, Embed, LayerNorm, dataclass_from_dict, hf_get,
+                                   masked_attention)
+from sd3_jax.models.t5 import T5Encoder, T5EncoderConfig
 
 Dtype = Any
 
-# transformers' activation names (ACT2FN) -> functions.
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
 LEGACY_CLIP_EOS_ID = 2  # transformers: this eos_token_id means "pool at argmax(input_ids)"
-
-
-def _from_dict(cls, d: Mapping):
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = set(d) - known
-  if unknown:
-    raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
-  return cls(**d)
-
-
-def _hf_get(d: Mapping, key: str, default):
-  v = d.get(key)
-  return default if v is None else v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +96,7 @@ class CLIPTextConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping) -> "CLIPTextConfig":
-    return _from_dict(cls, d)
+    return dataclass_from_dict(cls, d)
 
   @classmethod
   def from_hf_config(cls, d: Mapping, **overrides) -> "CLIPTextConfig":
@@ -127,17 +105,17 @@ class CLIPTextConfig:
     Missing keys take transformers' defaults."""
     projection_dim = None
     if d.get("model_type") == "clip" or "text_config" in d:
-      projection_dim = _hf_get(d, "projection_dim", 512)
+      projection_dim = hf_get(d, "projection_dim", 512)
       d = d.get("text_config") or {}
     kw = dict(
-        vocab_size=_hf_get(d, "vocab_size", 49408), hidden_size=_hf_get(d, "hidden_size", 512),
-        intermediate_size=_hf_get(d, "intermediate_size", 2048),
-        num_layers=_hf_get(d, "num_hidden_layers", 12), num_heads=_hf_get(d, "num_attention_heads", 8),
-        max_position_embeddings=_hf_get(d, "max_position_embeddings", 77),
-        hidden_act=_hf_get(d, "hidden_act", "quick_gelu"), layer_norm_eps=_hf_get(d, "layer_norm_eps", 1e-5),
-        projection_dim=projection_dim if projection_dim is not None else _hf_get(d, "projection_dim", 512),
-        eos_token_id=_hf_get(d, "eos_token_id", 49407), bos_token_id=_hf_get(d, "bos_token_id", 49406),
-        pad_token_id=_hf_get(d, "pad_token_id", 1))
+        vocab_size=hf_get(d, "vocab_size", 49408), hidden_size=hf_get(d, "hidden_size", 512),
+        intermediate_size=hf_get(d, "intermediate_size", 2048),
+        num_layers=hf_get(d, "num_hidden_layers", 12), num_heads=hf_get(d, "num_attention_heads", 8),
+        max_position_embeddings=hf_get(d, "max_position_embeddings", 77),
+        hidden_act=hf_get(d, "hidden_act", "quick_gelu"), layer_norm_eps=hf_get(d, "layer_norm_eps", 1e-5),
+        projection_dim=projection_dim if projection_dim is not None else hf_get(d, "projection_dim", 512),
+        eos_token_id=hf_get(d, "eos_token_id", 49407), bos_token_id=hf_get(d, "bos_token_id", 49406),
+        pad_token_id=hf_get(d, "pad_token_id", 1))
     kw.update(overrides)
     return cls(**kw)
 
@@ -156,78 +134,6 @@ class CLIPTextConfig:
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class T5EncoderConfig:
-  """A T5 encoder stack (pre-RMS-norm, relative position bias, unscaled attention logits).
-
-  feed_forward_proj as in transformers: 'gated-gelu' (T5 v1.1: GELU-tanh gate times a linear,
-  no biases), 'relu' (T5 v1.0), or '[gated-]{relu,gelu,gelu_new,silu}'.
-  """
-  vocab_size: int = 32128
-  d_model: int = 4096
-  d_kv: int = 64
-  d_ff: int = 10240
-  num_layers: int = 24
-  num_heads: int = 64
-  relative_attention_num_buckets: int = 32
-  relative_attention_max_distance: int = 128
-  layer_norm_epsilon: float = 1e-6
-  feed_forward_proj: str = "gated-gelu"
-
-  def __post_init__(self):
-    self.activation  # validates feed_forward_proj
-
-  @property
-  def is_gated(self) -> bool:
-    return self.feed_forward_proj.split("-")[0] == "gated"
-
-  @property
-  def activation(self) -> str:
-    parts = self.feed_forward_proj.split("-")
-    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
-      raise ValueError(f"feed_forward_proj {self.feed_forward_proj!r} is not '[gated-]ACT'")
-    if self.feed_forward_proj == "gated-gelu":
-      return "gelu_new"  # transformers' special case: T5 v1.1 uses the tanh approximation
-    if parts[-1] not in ACTIVATIONS:
-      raise ValueError(f"unsupported T5 activation {parts[-1]!r} in {self.feed_forward_proj!r}")
-    return parts[-1]
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping) -> "T5EncoderConfig":
-    return _from_dict(cls, d)
-
-  @classmethod
-  def from_hf_config(cls, d: Mapping, **overrides) -> "T5EncoderConfig":
-    """From a transformers T5Config dict (missing keys take transformers' defaults)."""
-    if d.get("is_decoder"):
-      raise ValueError("this is a T5 decoder config (is_decoder=True); only the encoder is supported")
-    kw = dict(
-        vocab_size=_hf_get(d, "vocab_size", 32128), d_model=_hf_get(d, "d_model", 512),
-        d_kv=_hf_get(d, "d_kv", 64), d_ff=_hf_get(d, "d_ff", 2048), num_layers=_hf_get(d, "num_layers", 6),
-        num_heads=_hf_get(d, "num_heads", 8),
-        relative_attention_num_buckets=_hf_get(d, "relative_attention_num_buckets", 32),
-        relative_attention_max_distance=_hf_get(d, "relative_attention_max_distance", 128),
-        layer_norm_epsilon=_hf_get(d, "layer_norm_epsilon", 1e-6),
-        feed_forward_proj=_hf_get(d, "feed_forward_proj", "relu"))
-    kw.update(overrides)
-    return cls(**kw)
-
-  def to_hf_config(self) -> dict:
-    """config.json of the equivalent transformers T5EncoderModel."""
-    return {
-        "architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": self.vocab_size,
-        "d_model": self.d_model, "d_kv": self.d_kv, "d_ff": self.d_ff, "num_layers": self.num_layers,
-        "num_heads": self.num_heads, "relative_attention_num_buckets": self.relative_attention_num_buckets,
-        "relative_attention_max_distance": self.relative_attention_max_distance,
-        "layer_norm_epsilon": self.layer_norm_epsilon, "feed_forward_proj": self.feed_forward_proj,
-        "is_encoder_decoder": False, "use_cache": False, "dropout_rate": 0.0, "pad_token_id": 0,
-        "eos_token_id": 1, "decoder_start_token_id": 0, "initializer_factor": 1.0, "dtype": "float32",
-    }
-
-
 # SD3's encoders (the configs of stable-diffusion-3-medium-diffusers text_encoder{,_2,_3}).
 CLIP_L = CLIPTextConfig()
 CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20,
@@ -240,69 +146,6 @@ def get_config(name: str):
   if name not in PRESETS:
     raise ValueError(f"unknown text encoder preset {name!r}; choose one of {sorted(PRESETS)}")
   return PRESETS[name]
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared pieces
-
-
-class Embed(nn.Module):
-  """Embedding table [num, features] with logical axes; float32 lookup."""
-  num: int
-  features: int
-  axes: tuple[str | None, str | None] = ("vocab", "embed")
-
-  @nn.compact
-  def __call__(self, ids: jax.Array) -> jax.Array:
-    table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
-                       (self.num, self.features), jnp.float32)
-    return jnp.take(table, ids, axis=0)
-
-
-class LayerNorm(nn.Module):
-  """LayerNorm with scale and bias over the last axis; float32 statistics and output."""
-  eps: float = 1e-5
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    d = x.shape[-1]
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                       (d,), jnp.float32)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                      (d,), jnp.float32)
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-
-
-class T5LayerNorm(nn.Module):
-  """T5's RMS norm: x / rms(x) * scale, no mean subtraction, no bias; float32."""
-  eps: float = 1e-6
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                       (x.shape[-1],), jnp.float32)
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps) * scale
-
-
-def _attention(q, k, v, *, scale: float, bias=None, causal: bool = False):
-  """q/k/v [B, L, H, Dh] -> [B, L, H, Dh]; logits and softmax in float32; bias [1|B, H, L, L]."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  if bias is not None:
-    logits = logits + bias
-  if causal:
-    n = q.shape[1]
-    allowed = jnp.tril(jnp.ones((n, n), bool))  # [Lq, Lk]: key position <= query position
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLIP
 
 
 class CLIPTextOutput(NamedTuple):
@@ -333,7 +176,7 @@ class CLIPAttention(nn.Module):
     h, dh = c.num_heads, c.head_dim
     q, k, v = (Dense((h, dh), ("embed", "heads", "kv"), dtype=self.dtype, name=f"{n}_proj")(y)
                for n in ("q", "k", "v"))  # each [B, L, H, Dh]
-    o = _attention(q, k, v, scale=dh ** -0.5, causal=True)
+    o = masked_attention(q, k, v, scale=dh ** -0.5, causal=True)
     return Dense(c.hidden_size, ("heads", "kv", "embed"), n_in=2, dtype=self.dtype, name="out_proj")(o)
 
 
@@ -390,98 +233,6 @@ class CLIPTextEncoder(nn.Module):
     projected = Dense(c.projection_dim, ("embed", None), use_bias=False, dtype=self.dtype,
                       name="text_projection")(pooled.astype(self.dtype))
     return CLIPTextOutput(hidden, pooled, projected.astype(jnp.float32))
-
-
-# ---------------------------------------------------------------------------------------------
-# T5
-
-
-def relative_position_buckets(query_length: int, key_length: int, num_buckets: int = 32,
-                              max_distance: int = 128, bidirectional: bool = True) -> np.ndarray:
-  """[Lq, Lk] int32 bucket of (key position - query position), exactly as transformers'
-  T5Attention._relative_position_bucket (float32 log, truncation toward zero)."""
-  rel = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
-  buckets = np.zeros_like(rel)
-  if bidirectional:
-    num_buckets //= 2
-    buckets += (rel > 0).astype(rel.dtype) * num_buckets
-    rel = np.abs(rel)
-  else:
-    rel = -np.minimum(rel, 0)
-  max_exact = num_buckets // 2
-  is_small = rel < max_exact
-  with np.errstate(divide="ignore"):
-    large = (np.log(rel.astype(np.float32) / np.float32(max_exact))
-             / np.float32(math.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact))
-  large = max_exact + np.where(is_small, 0, large).astype(np.int64)
-  large = np.minimum(large, num_buckets - 1)
-  return (buckets + np.where(is_small, rel, large)).astype(np.int32)
-
-
-class T5Attention(nn.Module):
-  config: T5EncoderConfig
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, y: jax.Array, position_bias: jax.Array) -> jax.Array:
-    c = self.config
-    q, k, v = (Dense((c.num_heads, c.d_kv), ("embed", "heads", "kv"), use_bias=False, dtype=self.dtype,
-                     name=n)(y) for n in ("q", "k", "v"))  # each [B, L, H, Dkv]
-    o = _attention(q, k, v, scale=1.0, bias=position_bias)  # T5 does not scale the logits
-    return Dense(c.d_model, ("heads", "kv", "embed"), n_in=2, use_bias=False, dtype=self.dtype, name="o")(o)
-
-
-class T5FeedForward(nn.Module):
-  config: T5EncoderConfig
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, y: jax.Array) -> jax.Array:
-    c = self.config
-    act = ACTIVATIONS[c.activation]
-
-    def wi(name):
-      return Dense(c.d_ff, ("embed", "mlp"), use_bias=False, dtype=self.dtype, name=name)
-
-    h = act(wi("wi_0")(y)) * wi("wi_1")(y) if c.is_gated else act(wi("wi")(y))
-    return Dense(c.d_model, ("mlp", "embed"), use_bias=False, dtype=self.dtype, name="wo")(h)
-
-
-class T5Block(nn.Module):
-  config: T5EncoderConfig
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, position_bias: jax.Array) -> jax.Array:  # x [B, L, D] float32
-    c = self.config
-    y = T5LayerNorm(c.layer_norm_epsilon, name="attn_norm")(x).astype(self.dtype)
-    x = x + T5Attention(c, self.dtype, name="attn")(y, position_bias).astype(jnp.float32)
-    y = T5LayerNorm(c.layer_norm_epsilon, name="ffn_norm")(x).astype(self.dtype)
-    return x + T5FeedForward(c, self.dtype, name="ffn")(y).astype(jnp.float32)
-
-
-class T5Encoder(nn.Module):
-  """T5 encoder: input_ids [B, L] -> last hidden state [B, L, d_model] float32 (no mask)."""
-  config: T5EncoderConfig
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, input_ids: jax.Array) -> jax.Array:
-    c = self.config
-    n = input_ids.shape[1]
-    x = Embed(c.vocab_size, c.d_model, name="shared")(input_ids)  # [B, L, D], no sqrt(d) scaling
-    buckets = relative_position_buckets(n, n, c.relative_attention_num_buckets,
-                                        c.relative_attention_max_distance)  # static [L, L]
-    table = Embed(c.relative_attention_num_buckets, c.num_heads, (None, "heads"),
-                  name="relative_attention_bias")(jnp.asarray(buckets))  # [L, L, H]
-    position_bias = jnp.transpose(table, (2, 0, 1))[None]  # [1, H, L, L]: computed once, shared
-    for i in range(c.num_layers):
-      x = T5Block(c, self.dtype, name=f"blocks_{i}")(x, position_bias)
-    return T5LayerNorm(c.layer_norm_epsilon, name="final_layer_norm")(x)
-
-
-# ---------------------------------------------------------------------------------------------
-# Construction helpers
 
 
 def build(config, dtype=jnp.float32) -> nn.Module:

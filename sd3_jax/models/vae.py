@@ -1,4 +1,4 @@
-"""The SD3 16-channel autoencoder (SD3_SPEC s3 "VAE"), NHWC, parameter names mirroring diffusers.
+"""The SD3 16-channel autoencoder (the paper, section 5.2.1), NHWC, parameter names mirroring diffusers.
 
 ``AutoencoderKL(config)`` is diffusers' AutoencoderKL with ``use_quant_conv=False,
 use_post_quant_conv=False`` (the LDM encoder/decoder with ch_mult, GroupNorm(eps 1e-6), SiLU and
@@ -264,7 +264,7 @@ class MidBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-  """Pad right/bottom by one, then 3x3 stride-2 conv with no padding (SD3_SPEC s3).
+  """Pad right/bottom by one, then 3x3 stride-2 conv with no padding (as diffusers' ``Downsample2D``).
 
   Not ``padding=1``: that shifts the sampling grid by one pixel (and gives a different output
   size for odd inputs). Output side = floor((n + 1 - 3) / 2) + 1 = floor(n / 2).

@@ -1,5 +1,6 @@
 """Key tables and tensor transforms between our parameter tree, the original SD3 single file
-and diffusers' SD3Transformer2DModel (SD3_SPEC s6), plus config inference from shapes.
+and diffusers' SD3Transformer2DModel (diffusers'
+``convert_sd3_to_diffusers.py`` holds the same table), plus config inference from shapes.
 
 Everything goes through the ORIGINAL layout (torch [out, in] weights, original key names
 without the ``model.diffusion_model.`` prefix):
@@ -54,7 +55,7 @@ _STREAM = {
 }
 _LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight"}
 
-# Original -> diffusers (SD3_SPEC s6.1). Top level:
+# Original -> diffusers (as diffusers' convert_sd3_to_diffusers.py). Top level:
 _DF_TOP = {
     "pos_embed": "pos_embed.pos_embed",
     "x_embedder.proj": "pos_embed.proj",

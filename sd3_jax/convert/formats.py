@@ -7,6 +7,7 @@ MM-DiT:
   diffusers  a SD3Transformer2DModel directory: config.json + diffusion_pytorch_model.safetensors
              or shards with diffusion_pytorch_model.safetensors.index.json; a pipeline
              directory with transformer/ is accepted as a source.
+VAE and text encoders: ``encoders.py`` (same detection and helpers).
 VAE (vae_keys.py; small, so converted in memory):
   jax        our directory, format sd3_jax.vae.
   diffusers  an AutoencoderKL directory (config.json with _class_name AutoencoderKL +
@@ -33,9 +34,9 @@ import numpy as np
 
 from sd3_jax import fileutil, pretrained
 from sd3_jax.models.mmdit import MMDiTConfig
-from tools.convert_weights import mmdit_keys as K
-from tools.convert_weights import text_keys as TK
-from tools.convert_weights.safetensors_io import SafetensorsReader, SafetensorsWriter, plan_shards
+from sd3_jax.convert import mmdit_keys as K
+from sd3_jax.convert import text_keys as TK
+from sd3_jax.convert.safetensors_io import SafetensorsReader, SafetensorsWriter, as_numpy, plan_shards
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -49,7 +50,7 @@ DEFAULT_MAX_SHARD_BYTES = 10 * 10**9  # diffusers' save_pretrained default, "10G
 # Detection
 
 
-def _read_json(path: str, what: str) -> dict:
+def read_json(path: str, what: str) -> dict:
   try:
     with open(path) as f:
       d = json.load(f)
@@ -77,7 +78,7 @@ def detect_format(path) -> tuple[str, str]:
     names = os.listdir(path)
     if DIFFUSERS_WEIGHTS in names or DIFFUSERS_INDEX in names:
       return "diffusers", path
-    hf = _read_json(os.path.join(path, "config.json"), "a model config")
+    hf = read_json(os.path.join(path, "config.json"), "a model config")
     if TK.model_kind(hf) is not None:
       if TRANSFORMERS_WEIGHTS in names or TRANSFORMERS_INDEX in names:
         return "transformers", path
@@ -105,9 +106,9 @@ def detect_model(path) -> tuple[str, str, str]:
     name = pretrained.read_format(path).name
     return name.split(".", 1)[1], fmt, path
   if fmt == "transformers":
-    return TK.model_kind(_read_json(os.path.join(path, "config.json"), "a model config")), fmt, path
+    return TK.model_kind(read_json(os.path.join(path, "config.json"), "a model config")), fmt, path
   if fmt == "diffusers":
-    cfg = _read_json(os.path.join(path, "config.json"), "a diffusers config")
+    cfg = read_json(os.path.join(path, "config.json"), "a diffusers config")
     if cfg.get("_class_name") == "AutoencoderKL":
       return "vae", fmt, path
   return "mmdit", fmt, path
@@ -186,7 +187,7 @@ def open_sd3(path, *, num_heads: int | None = None, head_dim: int | None = None)
                 lambda k: reader.read(names[k]), desc)
 
 
-def _open_weights_dir(path: str, single: str, index_name: str, desc: str) -> dict[str, SafetensorsReader]:
+def open_weights_dir(path: str, single: str, index_name: str, desc: str) -> dict[str, SafetensorsReader]:
   """Tensor name -> reader for a huggingface weights directory (one file, or shards + index)."""
   index = os.path.join(path, index_name)
   if os.path.isfile(index):
@@ -212,7 +213,7 @@ def open_diffusers(path, *, num_heads: int | None = None, head_dim: int | None =
   desc = f"diffusers model {path}"
   with open(os.path.join(path, "config.json")) as f:
     hints = K.hints_from_diffusers_config(json.load(f), f"{path}/config.json")
-  where = _open_weights_dir(path, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX, desc)
+  where = open_weights_dir(path, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX, desc)
   shapes = {k: r.shape(k) for k, r in where.items()}
   config = K.infer_config(shapes, "diffusers", num_heads=num_heads, head_dim=head_dim, hints=hints,
                           source=desc)
@@ -220,7 +221,7 @@ def open_diffusers(path, *, num_heads: int | None = None, head_dim: int | None =
                 lambda k: where[k].read(k), desc)
 
 
-def _group_reader(path) -> Callable[[str], np.ndarray]:
+def group_reader(path) -> Callable[[str], np.ndarray]:
   """Reads flat parameter names from our checkpoint, holding one top-level group at a time."""
   cache: dict = {"group": None, "leaves": {}}
   lock = threading.Lock()
@@ -240,7 +241,7 @@ def _group_reader(path) -> Callable[[str], np.ndarray]:
 def open_jax(path) -> Source:
   config = pretrained.read_config(path)
   stored = pretrained.stored_params(path)
-  read = _group_reader(path)
+  read = group_reader(path)
   return Source("jax", config, {k: v[0] for k, v in stored.items()},
                 {k: v[1] for k, v in stored.items()}, read, f"sd3_jax checkpoint {path}")
 
@@ -262,22 +263,10 @@ def open_source(path, *, num_heads: int | None = None, head_dim: int | None = No
   return opener(path, num_heads=num_heads, head_dim=head_dim)
 
 
-def _as_numpy(x) -> np.ndarray:
-  """numpy view of a numpy/jax array or a torch tensor (bfloat16 included)."""
-  if hasattr(x, "detach"):  # torch, without importing it
-    import ml_dtypes
-    import torch
-    x = x.detach().cpu().contiguous()
-    if x.dtype == torch.bfloat16:
-      return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return x.numpy()
-  return np.asarray(x)
-
-
 def source_from_state_dict(state_dict: Mapping, *, num_heads: int | None = None,
                            diffusers_config: Mapping | None = None) -> Source:
   """An in-memory 'sd3' (prefixed or bare original keys) or 'diffusers' state dict as a Source."""
-  arrays = {k: _as_numpy(v) for k, v in state_dict.items()}
+  arrays = {k: as_numpy(v) for k, v in state_dict.items()}
   if any(k.startswith("transformer_blocks.") for k in arrays):
     hints = K.hints_from_diffusers_config(diffusers_config, "diffusers config") if diffusers_config else {}
     config = K.infer_config({k: a.shape for k, a in arrays.items()}, "diffusers",
@@ -296,7 +285,7 @@ def source_from_params(params: Mapping, config: MMDiTConfig) -> Source:
   from sd3_jax.models import mmdit
   if any(k.startswith("scan_blocks_") for k in params):
     params = mmdit.unstack_block_params(params, config)
-  flat = {k: _as_numpy(v) for k, v in pretrained.flatten(params).items()}
+  flat = {k: as_numpy(v) for k, v in pretrained.flatten(params).items()}
   return Source("jax", config, {k: a.shape for k, a in flat.items()},
                 {k: a.dtype for k, a in flat.items()}, flat.__getitem__, "parameters")
 
@@ -332,7 +321,7 @@ def iter_native(source: Source, fmt: str, dtype=None):
     yield e, K.to_native(e, originals(e.orig)).astype(_out_dtype(source, e, dtype), copy=False)
 
 
-def _check_dst(dst: str, overwrite: bool, is_ours: Callable[[str], bool], kind: str) -> None:
+def check_dst(dst: str, overwrite: bool, is_ours: Callable[[str], bool], kind: str) -> None:
   """An existing output is replaced only with overwrite, and only if it is of the same kind."""
   if not os.path.exists(dst):
     return
@@ -350,7 +339,7 @@ def write_sd3(source: Source, dst, *, dtype=None, overwrite: bool = False) -> No
   dst = os.fspath(dst)
   if os.path.isdir(dst):
     raise IsADirectoryError(f"{dst} is a directory; --to sd3 writes one .safetensors file")
-  _check_dst(dst, overwrite, lambda p: False, "file")
+  check_dst(dst, overwrite, lambda p: False, "file")
   es = K.entries(source.config, "sd3")
   specs = [(K.SD3_PREFIX + e.name, _out_dtype(source, e, dtype), e.shape) for e in es]
   meta = {"format": "pt", SD3_METADATA_KEY: json.dumps(source.config.to_dict())}
@@ -365,7 +354,7 @@ def write_sd3(source: Source, dst, *, dtype=None, overwrite: bool = False) -> No
       os.remove(tmp)
 
 
-def _is_diffusers_dir(p: str) -> bool:
+def is_diffusers_dir(p: str) -> bool:
   return os.path.isfile(os.path.join(p, "config.json")) and any(
       n.startswith("diffusion_pytorch_model") for n in os.listdir(p))
 
@@ -374,7 +363,7 @@ def write_diffusers(source: Source, dst, *, dtype=None, overwrite: bool = False,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
   """A SD3Transformer2DModel directory, sharded with an index above ``max_shard_bytes``."""
   dst = os.fspath(dst).rstrip("/")
-  _check_dst(dst, overwrite, _is_diffusers_dir, "diffusers model directory")
+  check_dst(dst, overwrite, is_diffusers_dir, "diffusers model directory")
   cfg_json = K.diffusers_config(source.config)
   es = K.entries(source.config, "diffusers")
   specs = [(e.name, _out_dtype(source, e, dtype), e.shape) for e in es]
@@ -385,7 +374,7 @@ def write_diffusers(source: Source, dst, *, dtype=None, overwrite: bool = False,
       f.write("\n")
 
   stream = ((e.name, a) for e, a in iter_native(source, "diffusers", dtype))
-  _write_weights_dir(dst, specs, stream, max_shard_bytes, DIFFUSERS_WEIGHTS,
+  write_weights_dir(dst, specs, stream, max_shard_bytes, DIFFUSERS_WEIGHTS,
                      "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors", DIFFUSERS_INDEX, write_config)
 
 
@@ -403,75 +392,7 @@ def write_jax(source: Source, dst, *, dtype=None, overwrite: bool = False) -> No
 WRITERS = {"jax": write_jax, "sd3": write_sd3, "diffusers": write_diffusers}
 
 
-# ---------------------------------------------------------------------------------------------
-# Text encoders (CLIP, T5): transformers directories <-> our checkpoints
-
-
-def open_text_source(path) -> TK.TextSource:
-  """A text encoder as a TextSource: our checkpoint (sd3_jax.clip_text / t5_encoder) or a
-  transformers directory (names, shapes and the config validated on opening)."""
-  fmt, path = detect_format(path)
-  if fmt == "jax":
-    config = pretrained.read_config(path, expected_format=None)
-    if not isinstance(config, (TK.CLIPTextConfig, TK.T5EncoderConfig)):
-      raise ValueError(f"{path} holds a {pretrained.read_format(path).description}, not a text encoder")
-    stored = pretrained.stored_params(path)
-    return TK.TextSource(config, ours_shapes={k: v[0] for k, v in stored.items()},
-                         ours_dtypes={k: v[1] for k, v in stored.items()}, read_ours=_group_reader(path),
-                         description=f"sd3_jax checkpoint {path}")
-  if fmt != "transformers":
-    raise ValueError(f"{path} is a {fmt} MM-DiT checkpoint, not a text encoder")
-  cfg_path = os.path.join(path, "config.json")
-  hf = _read_json(cfg_path, "a transformers config")
-  config = TK.config_from_hf(hf, cfg_path)
-  desc = f"transformers model {path}"
-  where = _open_weights_dir(path, TRANSFORMERS_WEIGHTS, TRANSFORMERS_INDEX, desc)
-  return TK.source_from_hf_tensors(config, {k: r.shape(k) for k, r in where.items()},
-                                   {k: r.dtype(k) for k, r in where.items()}, lambda k: where[k].read(k),
-                                   projection=TK.has_projection(hf), description=desc)
-
-
-def _text_dtype(source: TK.TextSource, e: TK.Entry, dtype) -> np.dtype:
-  return np.dtype(dtype) if dtype is not None else source.dtype(e.ours)
-
-
-def write_text_jax(source: TK.TextSource, dst, *, dtype=None, overwrite: bool = False) -> None:
-  """Our checkpoint directory (sd3_jax.clip_text / sd3_jax.t5_encoder), streamed."""
-  leaves = {}
-  for e in source.entries:
-    dt = _text_dtype(source, e, dtype)
-    leaves[e.ours] = pretrained.LazyArray(
-        e.ours_shape, dt, lambda e=e, dt=dt: source.read_ours(e.ours).astype(dt, copy=False))
-  pretrained.write_checkpoint(dst, source.config, leaves, overwrite=overwrite)
-
-
-def _is_transformers_dir(p: str) -> bool:
-  return os.path.isfile(os.path.join(p, "config.json")) and any(
-      n.startswith("model") and n.endswith((".safetensors", ".json")) for n in os.listdir(p))
-
-
-def write_text_transformers(source: TK.TextSource, dst, *, dtype=None, overwrite: bool = False,
-                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-  """A transformers directory (CLIPTextModelWithProjection / T5EncoderModel: config.json +
-  model.safetensors, sharded with model.safetensors.index.json above max_shard_bytes)."""
-  dst = os.fspath(dst).rstrip("/")
-  _check_dst(dst, overwrite, _is_transformers_dir, "transformers model directory")
-  specs = [(e.hf, _text_dtype(source, e, dtype), e.hf_shape) for e in source.entries]
-
-  def stream():
-    for name, dt, _ in specs:
-      yield name, source.read_hf(name).astype(dt, copy=False)
-
-  def write_config(tmp):
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(source.config.to_hf_config(), f, indent=2)
-      f.write("\n")
-
-  _write_weights_dir(dst, specs, stream(), max_shard_bytes, TRANSFORMERS_WEIGHTS,
-                     "model-{i:05d}-of-{n:05d}.safetensors", TRANSFORMERS_INDEX, write_config)
-
-
-def _write_weights_dir(dst: str, specs, stream, max_shard_bytes: int, single: str, pattern: str,
+def write_weights_dir(dst: str, specs, stream, max_shard_bytes: int, single: str, pattern: str,
                        index_name: str, write_config: Callable[[str], None]) -> None:
   """A huggingface weights directory written tensor by tensor into a temporary sibling, then
   renamed: ``single`` or shards named ``pattern`` with an index."""
@@ -492,48 +413,3 @@ def _write_weights_dir(dst: str, specs, stream, max_shard_bytes: int, single: st
       with open(os.path.join(tmp, index_name), "w") as f:
         json.dump(index, f, indent=2)
         f.write("\n")
-
-
-TEXT_WRITERS = {"jax": write_text_jax, "transformers": write_text_transformers}
-
-
-# ---------------------------------------------------------------------------------------------
-# VAE: diffusers AutoencoderKL directories <-> our checkpoints (in memory: ~84M parameters)
-
-
-def convert_vae(src, dst, to: str, *, dtype=None, overwrite: bool = False,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
-  """diffusers AutoencoderKL directory -> our sd3_jax.vae checkpoint ('jax'), or back
-  ('diffusers'). Returns the VAEConfig."""
-  from tools.convert_weights import vae_keys  # imports the VAE model only when needed
-  fmt, path = detect_format(src)
-  dtype = None if dtype is None else np.dtype(dtype)
-  if to == "jax":
-    if fmt != "diffusers":
-      raise ValueError(f"{src} is already an sd3_jax checkpoint; a VAE converts to 'diffusers'")
-    config_json = _read_json(os.path.join(path, "config.json"), "a diffusers config")
-    where = _open_weights_dir(path, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX, f"diffusers VAE {path}")
-    state_dict = {k: r.read(k) for k, r in where.items()}
-    config, params = vae_keys.diffusers_state_dict_to_vae_params(state_dict, config_json, dtype=dtype)
-    pretrained.save_pretrained(dst, params, config, overwrite=overwrite)
-    return config
-  if to != "diffusers":
-    raise ValueError(f"{src} is a VAE; it converts to 'jax' or 'diffusers', not {to!r}")
-  if fmt != "jax":
-    raise ValueError(f"{src} is already a diffusers VAE; a VAE converts to 'jax'")
-  config = pretrained.read_config(path, expected_format="sd3_jax.vae")
-  state_dict = vae_keys.vae_params_to_diffusers_state_dict(pretrained.load_params(path), config)
-  if dtype is not None:
-    state_dict = {k: v.astype(dtype) for k, v in state_dict.items()}
-  dst = os.fspath(dst).rstrip("/")
-  _check_dst(dst, overwrite, _is_diffusers_dir, "diffusers model directory")
-
-  def write_config(tmp):
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(vae_keys.diffusers_vae_config(config), f, indent=2)
-      f.write("\n")
-
-  specs = [(k, v.dtype, v.shape) for k, v in state_dict.items()]
-  _write_weights_dir(dst, specs, iter(state_dict.items()), max_shard_bytes, DIFFUSERS_WEIGHTS,
-                     "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors", DIFFUSERS_INDEX, write_config)
-  return config

@@ -1,12 +1,13 @@
-"""The embedded demo (``bash launch/demo.sh``): a pixel-space MM-DiT on 32x32 coloured shapes.
+"""The embedded demo's trainer config (``bash launch/demo.sh``): a pixel-space MM-DiT on 32x32
+coloured shapes.
 
-``sd3_jax.demo`` builds the records this config reads (WORKDIR/data/{train,val}) and the small
+``python -m sd3_jax.demo`` builds the records this config reads (WORKDIR/data/{train,val}) and the small
 random CLIP-L / CLIP-G / T5 encoders whose outputs they hold; run the demo rather than this
 config directly. The model sees the [-1, 1] image as a 32x32x3 "latent" (patch 4: 64 image
 tokens) and a 24-token context (12 CLIP tokens + 12 T5 tokens, 64 wide), small enough to train
 to well above chance on 2 CPU cores in minutes.
 """
-from configs.common import base_config, model_config
+from sd3_jax.config import base_config, model_config
 
 IMAGE_SIZE = 32
 CLIP_TOKENS = 12   # BOS + the longest caption (8 words) + EOS fits; SD3 uses 77

@@ -1,8 +1,16 @@
-"""Defaults shared by every experiment config; each config file starts from ``base_config()``.
+"""The experiment-config schema: every key the trainer reads, its default and its meaning.
 
-Every key here is an override point: ``--config.optimizer.learning_rate=3e-4`` etc. Unknown keys
-are errors (the ConfigDict is locked by ml_collections' config_flags).
+Experiment files (``configs/*.py``) start from ``base_config()`` and change what they need; every
+key is an override point (``--config.optimizer.learning_rate=3e-4``) and unknown keys are errors.
+``load_config_file`` loads such a file by path, from any working directory, as ml_collections'
+``config_flags`` does.
 """
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Mapping
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -45,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpointing = True
 
-  # AdamW (SD3_SPEC s4: lr 1e-4, 1000 warm-up steps). Weight decay applies to kernels only.
+  # AdamW (the paper's appendix: lr 1e-4, 1000 warm-up steps). Weight decay applies to kernels only.
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=1000, schedule="constant", end_lr_ratio=0.0,
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0))
@@ -53,14 +61,14 @@ def base_config() -> ml_collections.ConfigDict:
   # spec's secondary source: 0.99 every 100 steps).
   c.ema = ml_collections.ConfigDict(dict(decay=0.99, every=100))
 
-  # Rectified flow (SD3_SPEC s4): t-sampler, resolution shift, text-encoder dropout.
+  # Rectified flow (the paper, sections 2-3 and 5.1): t-sampler, resolution shift, text-encoder dropout.
   c.flow = ml_collections.ConfigDict(dict(
       sampler="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, shift=1.0,
       text_dropout=0.464))
   # Where each text encoder lives inside context / pooled (for the dropout).
   c.text = ml_collections.ConfigDict(dict(clip_l_dim=768, clip_g_dim=1280, clip_tokens=77))
 
-  # Data: 'synthetic' (random, same element spec) or 'records' (sd3_jax.input_pipeline format).
+  # Data: 'synthetic' (random, same element spec) or 'records' (the sd3_jax.records format).
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", path="", val_path="", latent_size=32, latent_channels=16,
       context_len=154, context_dim=4096, pooled_dim=2048, num_synthetic=100_000, worker_count=0,
@@ -82,3 +90,26 @@ def base_config() -> ml_collections.ConfigDict:
   # Peak FLOP/s per device for MFU; 0 = look up the device kind (None on CPU -> MFU null).
   c.peak_flops_per_device = 0.0
   return c
+
+
+def load_config_file(path: str, arg: str | None = None,
+                     overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """``get_config()`` (or ``get_config(arg)``) of the Python file at ``path``, locked.
+
+  The file is executed as a module of its own name, without touching ``sys.path``, as
+  ``config_flags.DEFINE_config_file`` does; it may import ``sd3_jax.config``. ``overrides``
+  ({"optimizer.learning_rate": 3e-4, ...}) are applied afterwards; an unknown key is an error.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file {path!r}: give the path of a Python file with get_config()")
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"sd3_jax_config_file_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path!r} has no get_config() function")
+  config = module.get_config() if arg is None else module.get_config(arg)
+  if overrides:
+    config.update_from_flattened_dict(dict(overrides))
+  config.lock()
+  return config

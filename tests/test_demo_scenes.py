@@ -1,7 +1,7 @@
 """The embedded demo's data generator and its programmatic checker."""
 import numpy as np
 
-from sd3_jax import shapes as S
+from sd3_jax.demo import scenes as S
 
 
 def test_split_is_disjoint_and_covers_vocabulary():

@@ -1,7 +1,7 @@
 r"""The embedded demo: from generated images and captions to a trained text-to-image model.
 
   bash launch/demo.sh [WORKDIR]            # creates .venv if missing, then runs this module
-  python -m sd3_jax.demo --workdir DIR [--steps N] [--config configs/demo.py]
+  python -m sd3_jax.demo --workdir DIR [--steps N] [--config FILE]   # or: sd3-demo ...
 
 Everything is generated here, nothing is downloaded. Into WORKDIR:
 
@@ -13,14 +13,14 @@ Everything is generated here, nothing is downloaded. Into WORKDIR:
                    converted CLIP/T5/VAE weights instead (README, "Text encoders,
                    VAE and sampling").
   data/train, data/val   records built by ``sd3_jax.build_dataset`` from 32x32 scenes of two
-                   coloured shapes ("a red circle above a blue square", ``sd3_jax.shapes``):
+                   coloured shapes ("a red circle above a blue square", ``sd3_jax.demo.scenes``):
                    train over 408 caption combinations, val over 24 held-out ones. The image
                    itself in [-1, 1] is the "latent" (pixel space; a random VAE could not
                    reconstruct anything).
-  checkpoints/, metrics.jsonl   the real trainer (``train.train_and_evaluate``, configs/demo.py)
+  checkpoints/, metrics.jsonl   the real trainer (``train.train_and_evaluate``, ``sd3_jax/demo/config.py``)
   loss.png         training loss and validation loss against steps
   samples_heldout.png   a row of samples per held-out prompt, with the prompt written beside it
-  summary.json     val_loss, sample_accuracy for the held-out prompts (the ``shapes`` checker
+  summary.json     val_loss, sample_accuracy for the held-out prompts (the ``scenes`` checker
                    reads colours, shapes and the relation back from each sample) and the
                    chance level: the same images scored against shuffled held-out captions.
 
@@ -31,21 +31,21 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import logging
 import os
-import sys
 import time
 from typing import Sequence
 
 import numpy as np
 
-from sd3_jax import shapes
+from sd3_jax import config as config_lib
+from sd3_jax import checkpoint, command, generation
+from sd3_jax.demo import scenes as scene_lib
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5's vocabulary
 
@@ -153,17 +153,17 @@ class SceneSource:
   """Random-access ``build_dataset`` source of rendered scenes: example i draws its caption
   combination and its jitter from (seed, i)."""
 
-  def __init__(self, scenes: Sequence[shapes.Scene], n: int, *, size: int, seed: int, name: str):
+  def __init__(self, scenes: Sequence[scene_lib.Scene], n: int, *, size: int, seed: int, name: str):
     self.scenes, self.n, self.size, self.seed, self.name = list(scenes), n, size, seed, name
 
   def __len__(self) -> int:
     return self.n
 
-  def scene(self, i: int) -> shapes.Scene:
+  def scene(self, i: int) -> scene_lib.Scene:
     return self.scenes[int(np.random.default_rng([self.seed, i, 0]).integers(len(self.scenes)))]
 
   def image(self, i: int) -> np.ndarray:
-    return shapes.render(self.scene(i), self.size, np.random.default_rng([self.seed, i, 1]))
+    return scene_lib.render(self.scene(i), self.size, np.random.default_rng([self.seed, i, 1]))
 
   def __getitem__(self, i: int) -> dict:
     from PIL import Image
@@ -192,7 +192,7 @@ def build_records(source, out_dir: str, conditioner, *, resolution: int) -> dict
 # Evaluation
 
 
-def chance_accuracy(images: Sequence[np.ndarray], scenes: Sequence[shapes.Scene], trials: int = 20,
+def chance_accuracy(images: Sequence[np.ndarray], scenes: Sequence[scene_lib.Scene], trials: int = 20,
                     seed: int = 0) -> dict[str, float]:
   """The checker's score for the same images against shuffled captions: each prompt's images
   are scored against a different held-out prompt (a random derangement), averaged over trials."""
@@ -208,7 +208,7 @@ def chance_accuracy(images: Sequence[np.ndarray], scenes: Sequence[shapes.Scene]
       perm = rng.permutation(n)
       if not np.any(perm == np.arange(n)):
         break
-    acc = shapes.accuracy(list(images), [unique[perm[index[s]]] for s in scenes])
+    acc = scene_lib.accuracy(list(images), [unique[perm[index[s]]] for s in scenes])
     for k, v in acc.items():
       totals[k] += v / trials
   return dict(totals)
@@ -292,33 +292,18 @@ def plot_losses(records: Sequence[dict], out_path: str) -> None:
 # The whole demo
 
 
-def load_config(path: str):
-  """get_config() of a config file (as ``python -m sd3_jax.main --config``)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no config file {path}")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:  # config files import configs.common
-    sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location("demo_config", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
-
-
 def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = None, num_train: int = 20_000,
         num_val: int = 512, num_heldout: int = 24, samples_per_prompt: int = 8, sampling_steps: int = 28,
         cfg_scale: float = 3.0, use_ema: bool = True, seed: int = 0, overrides: dict | None = None) -> dict:
   """Runs (or resumes) every stage into ``workdir``; returns the summary written to summary.json.
 
   ``overrides``: {"dotted.config.key": value} applied to the config (tests shrink the model)."""
-  from sd3_jax import sample as sample_lib
-  from sd3_jax import text_conditioning, train
+  from sd3_jax import text_conditioning, train  # after flag parsing: jax starts here
 
   t_start = time.time()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  config = load_config(config_path)
-  config.update_from_flattened_dict(overrides or {})
+  config = config_lib.load_config_file(config_path, overrides=overrides)
   if steps is not None:
     config.total_steps = steps
   config.seed = seed
@@ -331,14 +316,14 @@ def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = 
     raise ValueError(f"data.context_len {config.data.context_len} leaves no T5 tokens after "
                      f"text.clip_tokens {clip_tokens}")
 
-  train_scenes, heldout = shapes.split_scenes(num_heldout, seed=seed)
+  train_scenes, heldout = scene_lib.split_scenes(num_heldout, seed=seed)
   stages: dict[str, float] = {}
 
   # 1. Tokenizers and random encoders.
   t0 = time.time()
   text_dir = os.path.join(workdir, "text_encoders")
   if not os.path.isdir(text_dir):
-    make_text_encoders(text_dir, [s.caption for s in shapes.all_scenes()], clip_l_dim=config.text.clip_l_dim,
+    make_text_encoders(text_dir, [s.caption for s in scene_lib.all_scenes()], clip_l_dim=config.text.clip_l_dim,
                        clip_g_dim=config.text.clip_g_dim, t5_dim=config.data.context_dim, seed=seed)
   conditioner = text_conditioning.SD3TextConditioner.from_pretrained(
       text_dir, clip_length=clip_tokens, t5_length=t5_tokens)
@@ -368,18 +353,18 @@ def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = 
 
   # 4. Samples for the held-out prompts, read back by the checker.
   t0 = time.time()
-  model, params, _, step = sample_lib.load_workdir(workdir, use_ema=use_ema)
+  model, params, _, step = checkpoint.load_workdir(workdir, use_ema=use_ema)
   prompts = [s.caption for s in heldout]
-  images = sample_lib.generate(model, params, conditioner, prompts, latent_shape=(size, size, 3),
+  images = generation.generate(model, params, conditioner, prompts, latent_shape=(size, size, 3),
                                num_per_prompt=samples_per_prompt, num_steps=sampling_steps,
                                shift=config.flow.shift,
                                cfg_scale=cfg_scale, seed=seed)
   scenes = [s for s in heldout for _ in range(samples_per_prompt)]
-  acc = shapes.accuracy(list(images), scenes)
+  acc = scene_lib.accuracy(list(images), scenes)
   chance = chance_accuracy(list(images), scenes, seed=seed)
   # The checker on 256 real renders of the held-out prompts (val_source's first records and,
   # past num_val, more drawn the same way).
-  truth = shapes.accuracy([val_source.image(i) for i in range(256)], [val_source.scene(i) for i in range(256)])
+  truth = scene_lib.accuracy([val_source.image(i) for i in range(256)], [val_source.scene(i) for i in range(256)])
   write_labelled_grid(images, prompts, samples_per_prompt, os.path.join(workdir, "samples_heldout.png"))
   stages["sampling_s"] = time.time() - t0
 
@@ -433,8 +418,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--no_ema", dest="ema", action="store_false", help="sample from the raw weights, not the EMA")
   p.add_argument("--seed", type=int, default=0, help="data, held-out split, encoders, training, noise")
   args = p.parse_args(argv)
-  if args.num_heldout < 2 or args.num_heldout >= len(shapes.all_scenes()):
-    p.error(f"--num_heldout must be in [2, {len(shapes.all_scenes()) - 1}]")
+  if args.num_heldout < 2 or args.num_heldout >= len(scene_lib.all_scenes()):
+    p.error(f"--num_heldout must be in [2, {len(scene_lib.all_scenes()) - 1}]")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
   logging.getLogger("matplotlib").setLevel(logging.WARNING)
@@ -447,5 +432,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   return summary
 
 
+def entry_point() -> None:
+  """Console entry point (``sd3-demo``): expected errors end in one line and exit code 2."""
+  command.run(main, "sd3-demo")
+
+
 if __name__ == "__main__":
-  main()
+  entry_point()

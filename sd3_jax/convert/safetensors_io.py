@@ -178,3 +178,15 @@ def parse_size(text: str | int) -> int:
     if t.endswith(u):
       return int(float(t[: -len(u)]) * mult)
   return int(t)
+
+
+def as_numpy(x) -> np.ndarray:
+  """numpy view of a numpy/jax array or a torch tensor (bfloat16 included)."""
+  if hasattr(x, "detach"):  # torch, without importing it
+    import ml_dtypes
+    import torch
+    x = x.detach().cpu().contiguous()
+    if x.dtype == torch.bfloat16:
+      return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return x.numpy()
+  return np.asarray(x)

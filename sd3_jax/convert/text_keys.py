@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from sd3_jax.convert.safetensors_io import as_numpy
 from sd3_jax.models.text_encoders import CLIPTextConfig, T5EncoderConfig
 
 CLIP_PREFIX = "text_model."
@@ -258,7 +259,7 @@ def source_from_hf_tensors(config, shapes: Mapping[str, tuple], dtypes: Mapping[
   """A TextSource over stored transformers tensors (keys as stored; see canonical_names).
 
   projection=False (a bare CLIPTextModel): text_projection is the identity, as diffusers'
-  single-file loader does for SD3's CLIP-L (SD3_SPEC s7.11); needs projection_dim == hidden."""
+  single-file loader does for SD3's CLIP-L; needs projection_dim == hidden."""
   names, ignored = canonical_names(shapes, config)
   embed_keys = [k for k in T5_EMBED_KEYS if k in shapes] if isinstance(config, T5EncoderConfig) else []
   hf_shapes = {n: tuple(shapes[k]) for n, k in names.items()}
@@ -289,18 +290,13 @@ def source_from_hf_tensors(config, shapes: Mapping[str, tuple], dtypes: Mapping[
                     description=description)
 
 
-def _as_numpy(x) -> np.ndarray:
-  from tools.convert_weights.formats import _as_numpy as conv
-  return conv(x)
-
-
 def state_dict_to_params(state_dict: Mapping, hf_config: Mapping, *, dtype=None):
   """In-memory transformers state dict (torch or numpy) + its config dict -> (config, params).
 
   params is our nested parameter tree of numpy arrays (source dtypes unless ``dtype``)."""
   from sd3_jax import pretrained
   config = config_from_hf(hf_config)
-  arrays = {k: _as_numpy(v) for k, v in state_dict.items()}
+  arrays = {k: as_numpy(v) for k, v in state_dict.items()}
   src = source_from_hf_tensors(config, {k: a.shape for k, a in arrays.items()},
                                {k: a.dtype for k, a in arrays.items()}, arrays.__getitem__,
                                projection=has_projection(hf_config))

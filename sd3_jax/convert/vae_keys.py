@@ -30,7 +30,7 @@ from flax import traverse_util
 
 from sd3_jax.models.vae import VAEConfig
 from sd3_jax.pretrained import check_shapes  # noqa: F401  (re-exported: names every bad key)
-from tools.convert_weights.formats import _as_numpy
+from sd3_jax.convert.safetensors_io import as_numpy
 
 ORIGINAL_PREFIX = "first_stage_model."
 # Weights of the LDM/SD1-style VAE that the SD3 VAE does not have.
@@ -211,7 +211,7 @@ def diffusers_state_dict_to_vae_params(state_dict: Mapping, config_json: Mapping
   check_shapes(shapes, {e.name(layout): e.shape(layout) for e in es}, src)
   flat = {}
   for e in es:
-    x = _to_ours(e, _as_numpy(tensors[e.name(layout)]))
+    x = _to_ours(e, as_numpy(tensors[e.name(layout)]))
     flat[e.ours] = x if dtype is None else x.astype(dtype)
   return config, traverse_util.unflatten_dict(flat, sep="/")
 

@@ -1,0 +1,111 @@
+"""Lossless checkpoint conversion.
+
+  MM-DiT          our JAX format <-> diffusers <-> original SD3 single file
+  VAE             our JAX format <-> diffusers AutoencoderKL directory
+  text encoders   our JAX format <-> transformers directories (CLIP-L, OpenCLIP bigG, T5)
+
+Command: ``sd3-convert`` (= ``python -m tools.convert_weights`` = ``python -m sd3_jax.convert``)
+``--src SRC --dst DST --to {jax,diffusers,sd3,transformers}`` (``cli.py``; see ``--help``).
+Python API:
+
+  convert(src, dst, to, dtype=None, num_heads=None, head_dim=None, max_shard_size="10GB",
+          overwrite=False)
+      -> MMDiTConfig | VAEConfig | CLIPTextConfig | T5EncoderConfig   file/directory conversion,
+                                          streamed tensor by tensor (the small VAE in memory)
+  detect_model(path) -> (kind, format, path)   kind 'mmdit' | 'vae' | 'clip_text' | 't5_encoder'
+  open_source(path) -> Source             detect + validate an MM-DiT checkpoint (``.config``)
+  open_text_source(path) -> TextSource    the same for a text encoder
+  state_dict_to_params(state_dict)        in-memory diffusers/original state dict (numpy or
+      -> (MMDiTConfig, params)            torch) -> our unscanned parameter tree (numpy)
+  params_to_state_dict(params, config, fmt) -> {name: np.ndarray}   fmt 'sd3' or 'diffusers'
+  text_keys.state_dict_to_params(state_dict, hf_config) / text_keys.params_to_state_dict(...)
+                                          the same for text encoders (transformers names)
+
+Key tables and transforms: mmdit_keys.py, text_keys.py, vae_keys.py; file formats: formats.py
+(MM-DiT, detection) and encoders.py (text encoders, VAE); safetensors streaming:
+safetensors_io.py; our own format: sd3_jax/pretrained.py.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+from sd3_jax import pretrained
+from sd3_jax.models.mmdit import MMDiTConfig
+from sd3_jax.convert import mmdit_keys, text_keys
+from sd3_jax.convert.encoders import TEXT_WRITERS, convert_vae, open_text_source
+from sd3_jax.convert.formats import (WRITERS, Source, detect_format, detect_model, iter_native, open_source,
+                                     source_from_params, source_from_state_dict)
+from sd3_jax.convert.safetensors_io import parse_size
+
+__all__ = ["convert", "detect_format", "detect_model", "open_source", "open_text_source",
+           "state_dict_to_params", "params_to_state_dict", "Source", "mmdit_keys", "text_keys"]
+TARGETS = ("jax", "diffusers", "sd3", "transformers")
+
+
+def convert(src, dst, to: str, *, dtype=None, num_heads: int | None = None,
+            head_dim: int | None = None, max_shard_size: str | int = "10GB",
+            overwrite: bool = False):
+  """Converts the checkpoint at ``src`` (model and format detected) to format ``to`` at ``dst``.
+
+  to: MM-DiT 'jax' | 'diffusers' | 'sd3'; VAE 'jax' | 'diffusers'; text encoder 'jax' |
+    'transformers' ('diffusers' is
+    accepted as a synonym: a diffusers pipeline stores its text encoders as transformers
+    directories).
+  dtype: cast every tensor ('float32', 'bfloat16', 'float16'); None keeps the source dtypes.
+  num_heads / head_dim: MM-DiT only, for original files without qk-norm (nor our metadata)
+    whose head dim is not 64; checked against the checkpoint otherwise.
+  max_shard_size: diffusers/transformers output shard size ('10GB' like diffusers; '500MB', ...).
+  Returns the model configuration.
+  """
+  if to not in TARGETS:
+    raise ValueError(f"unknown target format {to!r}; choose one of {sorted(TARGETS)}")
+  if os.path.abspath(os.fspath(src)) == os.path.abspath(os.fspath(dst)):
+    raise ValueError("--src and --dst are the same path")
+  kind, _, _ = detect_model(src)
+  if kind == "vae":
+    max_shard = parse_size(max_shard_size)
+    if num_heads is not None or head_dim is not None:
+      raise ValueError("num_heads / head_dim apply to MM-DiT checkpoints only")
+    return convert_vae(src, dst, to, dtype=dtype, overwrite=overwrite, max_shard_bytes=max_shard)
+  if kind in ("clip_text", "t5_encoder"):
+    target = "transformers" if to == "diffusers" else to
+    if target not in TEXT_WRITERS:
+      raise ValueError(f"{src} is a text encoder ({kind}); it converts to 'jax' or 'transformers', "
+                       f"not {to!r}")
+    if num_heads is not None or head_dim is not None:
+      raise ValueError("num_heads / head_dim apply to MM-DiT checkpoints only; a text encoder's "
+                       "config says its heads")
+    kwargs = {"max_shard_bytes": parse_size(max_shard_size)} if target == "transformers" else {}
+    text_source = open_text_source(src)
+    TEXT_WRITERS[target](text_source, dst, dtype=dtype, overwrite=overwrite, **kwargs)
+    return text_source.config
+  if kind != "mmdit":
+    raise ValueError(f"{src} holds a {kind} checkpoint, which this tool does not convert")
+  if to not in WRITERS:
+    raise ValueError(f"{src} is an MM-DiT; it converts to {sorted(WRITERS)}, not {to!r}")
+  kwargs = {"max_shard_bytes": parse_size(max_shard_size)} if to == "diffusers" else {}
+  source = open_source(src, num_heads=num_heads, head_dim=head_dim)
+  WRITERS[to](source, dst, dtype=dtype, overwrite=overwrite, **kwargs)
+  return source.config
+
+
+def state_dict_to_params(state_dict: Mapping, *, num_heads: int | None = None,
+                         diffusers_config: Mapping | None = None, dtype=None
+                         ) -> tuple[MMDiTConfig, dict]:
+  """diffusers or original (prefixed or bare) state dict -> (config, unscanned params)."""
+  source = source_from_state_dict(state_dict, num_heads=num_heads, diffusers_config=diffusers_config)
+  flat = {e.name: np.ascontiguousarray(a) for e, a in iter_native(source, "jax", dtype)}
+  return source.config, pretrained.unflatten(flat)
+
+
+def params_to_state_dict(params: Mapping, config: MMDiTConfig, fmt: str, *, dtype=None
+                         ) -> dict[str, np.ndarray]:
+  """Our parameters (unscanned or scanned) -> 'sd3' (prefixed keys) or 'diffusers' state dict."""
+  if fmt not in ("sd3", "diffusers"):
+    raise ValueError(f"fmt must be 'sd3' or 'diffusers', got {fmt!r}")
+  prefix = mmdit_keys.SD3_PREFIX if fmt == "sd3" else ""
+  source = source_from_params(params, config)
+  return {prefix + e.name: np.ascontiguousarray(a) for e, a in iter_native(source, fmt, dtype)}
