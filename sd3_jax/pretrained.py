@@ -1,31 +1,7 @@
-"""Our checkpoint format for every model: ``save_pretrained`` / ``load_pretrained``.
-
-A checkpoint is a directory::
-
-  DIR/sd3_jax_config.json   {"format": FORMAT, "format_version": 1,
-                             "layout": "unscanned", "param_dtype": "bfloat16" | ... | "mixed",
-                             "config": <the model's config>.to_dict()}
-  DIR/params/               an orbax PyTree checkpoint (OCDBT) of the parameter tree, numpy
-                            leaves stored in their own dtype (kernels [in..., out...]).
-
-FORMAT names the model (``FORMATS``, extensible with ``register_format``):
-
-  sd3_jax.mmdit        models/mmdit.py MMDiT (MMDiTConfig), in the UNSCANNED layout
-                       (joint_blocks_{i}/...); ``load_pretrained(scan_layers=True)`` stacks it
-  sd3_jax.clip_text    models/text_encoders.py CLIPTextEncoder (CLIPTextConfig)
-  sd3_jax.t5_encoder   models/t5.py T5Encoder (T5EncoderConfig), built by models/text_encoders.py
-  sd3_jax.vae          models/vae.py AutoencoderKL (VAEConfig)
-
-``load_pretrained(DIR)`` returns ``(module, params)`` for any of them.
-
-``params/`` is a plain orbax checkpoint: ``ocp.PyTreeCheckpointer().restore(DIR/'params')``
-gives the nested dict. Nothing else is stored (no optimizer state; the trainer's own
-checkpoints are a different thing). ``tools/convert_weights`` converts this format to and
-from diffusers and the original SD3 single file, losslessly.
-
-Writing streams: leaves may be ``LazyArray`` (shape, dtype and a function that produces the
-data), which are materialised a couple at a time while orbax writes, so exporting an 8B model
-never holds it twice (nor once, when converting from another file).
+"""Our checkpoint format for every model (MM-DiT, CLIP, T5, VAE): ``save_pretrained`` /
+``load_pretrained``, the format registry, and streamed writes (``LazyArray`` leaves are produced
+a couple at a time while orbax writes, so exporting an 8B model never holds it whole). The
+directory layout is in the README ("Converting checkpoints").
 """
 from __future__ import annotations
 
@@ -97,7 +73,8 @@ def register_format(fmt: ModelFormat) -> ModelFormat:
   return fmt
 
 
-register_format(ModelFormat(FORMAT, "sd3_jax.models.mmdit", "MMDiTConfig", "MMDiT", "MM-DiT"))
+register_format(ModelFormat(FORMAT, "sd3_jax.models.mmdit", "MMDiTConfig", "MMDiT", "MM-DiT",
+                            config_module="sd3_jax.models.mmdit_config"))
 register_format(ModelFormat("sd3_jax.clip_text", "sd3_jax.models.text_encoders", "CLIPTextConfig",
                             "CLIPTextEncoder", "CLIP text encoder"))
 register_format(ModelFormat("sd3_jax.t5_encoder", "sd3_jax.models.text_encoders", "T5EncoderConfig",

@@ -159,6 +159,29 @@ def test_diffusers_output_loads_in_diffusers(tmp_path, shard):
   assert_trees_equal(pretrained.load_params(tmp_path / "jx"), params)
 
 
+def test_conversion_keeps_the_sources_sample_size(tmp_path):
+  """diffusers derives its default resolution from config.json's sample_size: a round trip
+  through our format and the single file keeps the source's value instead of re-deriving it."""
+  cfg = CONFIGS["dual"]
+  params = random_params(cfg, seed=3)
+  src = formats.source_from_params(params, cfg)
+  formats.write_diffusers(src, tmp_path / "df")
+  derived = json.loads((tmp_path / "df" / "config.json").read_text())["sample_size"]
+  assert derived == cfg.default_sample_size
+  cj = json.loads((tmp_path / "df" / "config.json").read_text())
+  (tmp_path / "df" / "config.json").write_text(json.dumps({**cj, "sample_size": derived + 3}))
+  assert convert(tmp_path / "df", tmp_path / "jx", "jax").sample_size == derived + 3
+  convert(tmp_path / "jx", tmp_path / "m.safetensors", "sd3")
+  convert(tmp_path / "m.safetensors", tmp_path / "jx2", "jax")
+  convert(tmp_path / "jx2", tmp_path / "df2", "diffusers")
+  assert json.loads((tmp_path / "df2" / "config.json").read_text())["sample_size"] == derived + 3
+  assert SD3Transformer2DModel.from_pretrained(tmp_path / "df2").config.sample_size == derived + 3
+  # the default stays implicit: a source with the derived value converts to sample_size=None
+  assert convert(tmp_path / "m.safetensors", tmp_path / "jx3", "jax") != cfg
+  formats.write_diffusers(src, tmp_path / "df3")
+  assert convert(tmp_path / "df3", tmp_path / "jx4", "jax") == cfg
+
+
 def test_dtype_cast_and_pipeline_dir(ckpt):
   tmp, cfg, params = ckpt
   convert(tmp / "jx", tmp / "pipe" / "transformer", "diffusers", dtype="float32")

@@ -349,11 +349,15 @@ def infer_config(shapes: Mapping[str, Sequence[int]], fmt: str, *, num_heads: in
   for k, v in hints.items():
     if k in inferred and k != "num_heads" and _norm(v) != _norm(inferred[k]):
       raise ValueError(f"{source} says {k}={v!r}, but its tensors imply {inferred[k]!r}")
-  extra = {k: hints[k] for k in ("pos_embed_base_size", "pos_embed_scale") if k in hints}
+  extra = {k: hints[k] for k in ("pos_embed_base_size", "pos_embed_scale", "sample_size")
+           if hints.get(k) is not None}
   try:
-    return MMDiTConfig(**inferred, **extra)
+    config = MMDiTConfig(**inferred, **extra)
   except ValueError as e:
     raise ValueError(f"{source}: inconsistent configuration: {e}") from None
+  if config.sample_size == config.default_sample_size:  # one spelling of "the default"
+    config = dataclasses.replace(config, sample_size=None)
+  return config
 
 
 def _norm(v):
@@ -373,7 +377,7 @@ def diffusers_config(config: MMDiTConfig) -> dict:
       "_class_name": "SD3Transformer2DModel",
       "_diffusers_version": "0.31.0",
       # Only the default pipeline resolution and the unused initial table depend on it.
-      "sample_size": min(128, config.pos_embed_max_size * config.patch_size),
+      "sample_size": config.sample_size if config.sample_size is not None else config.default_sample_size,
       "patch_size": config.patch_size,
       "in_channels": config.in_channels,
       "num_layers": config.depth,
@@ -418,6 +422,8 @@ def hints_from_diffusers_config(cfg: Mapping, source: str) -> dict:
                        f"attention_head_dim = {inner}; SD3 needs them equal")
   hints["qk_norm"] = qk == "rms_norm"
   hints["dual_attention_layers"] = tuple(cfg.get("dual_attention_layers") or ())
+  if cfg.get("sample_size") is not None:
+    hints["sample_size"] = cfg["sample_size"]
   for k, v in (cfg.get("_sd3_jax") or {}).items():
     if k in ("pos_embed_base_size", "pos_embed_scale"):
       hints[k] = v

@@ -3,25 +3,11 @@
 ``MMDiT(config).apply({'params': params}, x, t, pooled, context)`` with x [B,H,W,C] latents,
 t [B] flow time in [0, 1] (scaled by 1000 inside, as the reference feeds sigma*1000), pooled
 [B,P] and context [B,L,D] returns the velocity, shape of x, in float32.
-
-Parameter tree (unscanned layout; kernels are [in..., out...]):
-  pos_embed [1, M*M, h]      fixed table (gradient stopped), centre-cropped per input
-  x_embedder/proj            kernel [p, p, C, h]      (the 2x2 stride-2 patch conv)
-  t_embedder/mlp_0, mlp_2    y_embedder/mlp_0, mlp_2   context_embedder
-  joint_blocks_{i}/{context_block,x_block}/
-      adaLN_modulation       kernel [h, n*h]  (n = 6; 2 for the last context block; 9 dual)
-      attn/qkv               kernel [h, 3, H, 64]      attn/ln_q, ln_k (qk-norm)  attn/proj [H, 64, h]
-      attn2/...              (MMDiT-X dual-attention layers, x_block only)
-      mlp/fc1, mlp/fc2
-  final_layer/adaLN_modulation, final_layer/linear
-With ``scan_layers`` runs of equal blocks are stacked under ``scan_blocks_{start}_{stop}``
-(leading 'layers' axis); ``stack_block_params`` / ``unstack_block_params`` convert.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +15,9 @@ import numpy as np
 from flax import linen as nn
 
 from sd3_jax.models import layers as L
+# The configuration API lives beside the model and is part of its namespace (mmdit.get_config).
+from sd3_jax.models.mmdit_config import (PRESETS, MMDiTConfig, block_segments, config_for_depth,  # noqa: F401
+                                         config_from_preset, get_config, iter_blocks)
 
 Dtype = Any
 
@@ -38,120 +27,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class MMDiTConfig:
-  """Architecture of an MM-DiT; everything a checkpoint needs to be rebuilt.
-
-  Attributes:
-    depth: number of joint blocks d. Hidden size defaults to 64*d and heads to d (head dim 64).
-    hidden_size / num_heads: override the 64*d / d rule (tiny test models).
-    patch_size: latent patch side (2 for all released models).
-    in_channels / out_channels: latent channels (16 for SD3).
-    pooled_dim: width of the pooled text vector (2048 = CLIP-L 768 | CLIP-G 1280).
-    context_dim: width of the text tokens (4096).
-    pos_embed_max_size: side M of the positional grid (192 SD3 / SD3.5-large, 384 SD3.5-medium).
-    qk_norm: RMSNorm on q and k per head (SD3.5).
-    dual_attention_layers: blocks whose image stream adds a second, image-only self-attention
-      (MMDiT-X, SD3.5-medium: 0..12).
-    mlp_ratio: MLP hidden = mlp_ratio * hidden.
-    pos_embed_base_size / pos_embed_scale: how a freshly initialised table places positions
-      (sd3.5 ``mmditx.py``): the centre crop of base_size*scale patches spans 0..base_size.
-  """
-  depth: int
-  hidden_size: int | None = None
-  num_heads: int | None = None
-  patch_size: int = 2
-  in_channels: int = 16
-  out_channels: int = 16
-  pooled_dim: int = 2048
-  context_dim: int = 4096
-  pos_embed_max_size: int = 192
-  qk_norm: bool = False
-  dual_attention_layers: tuple[int, ...] = ()
-  mlp_ratio: int = 4
-  pos_embed_base_size: int = 16
-  pos_embed_scale: float = 1.0
-
-  def __post_init__(self):
-    object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
-    if self.hidden_size is None:
-      object.__setattr__(self, "hidden_size", 64 * self.depth)
-    if self.num_heads is None:
-      object.__setattr__(self, "num_heads", self.depth)
-    if self.depth < 1:
-      raise ValueError(f"depth must be >= 1, got {self.depth}")
-    if self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-    bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
-    if bad:
-      raise ValueError(f"dual_attention_layers {bad} outside 0..{self.depth - 1}")
-
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
-
-  def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["dual_attention_layers"] = list(self.dual_attention_layers)
-    return d
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "MMDiTConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise ValueError(f"unknown MMDiTConfig keys {sorted(unknown)}; known: {sorted(known)}")
-    return cls(**d)
-
-
-def config_for_depth(depth: int, **overrides) -> MMDiTConfig:
-  """The paper's scaling family: hidden 64*d, heads d, head dim 64."""
-  return MMDiTConfig(depth=depth, **overrides)
-
-
-PRESETS: dict[str, MMDiTConfig] = {
-    "sd3-medium": MMDiTConfig(depth=24),
-    "sd3.5-large": MMDiTConfig(depth=38, qk_norm=True),
-    "sd3.5-medium": MMDiTConfig(depth=24, qk_norm=True, dual_attention_layers=tuple(range(13)),
-                                pos_embed_max_size=384),
-}
-
-
-def get_config(name: str) -> MMDiTConfig:
-  """A named preset ('sd3-medium', 'sd3.5-large', 'sd3.5-medium') or 'd<N>' for the family."""
-  if name in PRESETS:
-    return PRESETS[name]
-  if name.startswith("d") and name[1:].isdigit():
-    return config_for_depth(int(name[1:]))
-  raise ValueError(f"unknown model {name!r}; choose one of {sorted(PRESETS)} or d<depth> (e.g. d24)")
-
-
-def config_from_preset(preset: str, **overrides) -> MMDiTConfig:
-  """A preset ('sd3-medium', 'd24', ...) with the non-None ``overrides`` on top: the
-  experiment config's ``model`` section (``config_from_preset(**config.model)``). Overriding
-  ``depth`` alone re-derives the family's width (hidden 64*d, d heads)."""
-  base = get_config(preset).to_dict()
-  overrides = {k: v for k, v in overrides.items() if v is not None}
-  if "depth" in overrides:  # re-derive the family's width unless given explicitly
-    base.pop("hidden_size"), base.pop("num_heads")
-  return MMDiTConfig.from_dict({**base, **overrides})
-
-
-def block_segments(config: MMDiTConfig) -> list[tuple[int, int, bool]]:
-  """Runs [start, stop) of consecutive blocks 0..d-2 with equal structure, and whether dual.
-
-  The last block (context stream pre-only) is never part of a run.
-  """
-  segs: list[tuple[int, int, bool]] = []
-  for i in range(config.depth - 1):
-    dual = i in config.dual_attention_layers
-    if segs and segs[-1][2] == dual and segs[-1][1] == i:
-      segs[-1] = (segs[-1][0], i + 1, dual)
-    else:
-      segs.append((i, i + 1, dual))
-  return segs
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,8 +190,21 @@ class MMDiT(nn.Module):
   dtype: compute dtype (bfloat16 on accelerators); parameters stay float32.
   remat: one of REMAT_POLICIES ('none', 'full', 'dots', 'dots_no_batch').
   scan_layers: scan over runs of identical blocks (faster compiles at large depth). The
-    parameter layout changes (see module docstring); results are identical.
+    parameter layout changes (see below); results are identical.
   attention_impl: 'xla' (float32 softmax, any backend), 'cudnn' or 'auto'.
+
+  Parameter tree (unscanned layout; kernels are [in..., out...]):
+    pos_embed [1, M*M, h]      fixed table (gradient stopped), centre-cropped per input
+    x_embedder/proj            kernel [p, p, C, h]      (the 2x2 stride-2 patch conv)
+    t_embedder/mlp_0, mlp_2    y_embedder/mlp_0, mlp_2   context_embedder
+    joint_blocks_{i}/{context_block,x_block}/
+        adaLN_modulation       kernel [h, n*h]  (n = 6; 2 for the last context block; 9 dual)
+        attn/qkv               kernel [h, 3, H, 64]      attn/ln_q, ln_k (qk-norm)  attn/proj [H, 64, h]
+        attn2/...              (MMDiT-X dual-attention layers, x_block only)
+        mlp/fc1, mlp/fc2
+    final_layer/adaLN_modulation, final_layer/linear
+  With ``scan_layers`` runs of equal blocks are stacked under ``scan_blocks_{start}_{stop}``
+  (leading 'layers' axis); ``stack_block_params`` / ``unstack_block_params`` convert.
   """
   config: MMDiTConfig
   dtype: Dtype = jnp.float32
@@ -487,9 +375,3 @@ def unstack_block_params(params: dict, config: MMDiTConfig) -> dict:
     for j, i in enumerate(range(start, stop)):
       out[f"joint_blocks_{i}"] = jax.tree.map(lambda a: a[j], stacked)
   return out
-
-
-def iter_blocks(config: MMDiTConfig) -> Iterator[tuple[int, bool, bool]]:
-  """(index, dual, context_pre_only) for every joint block."""
-  for i in range(config.depth):
-    yield i, i in config.dual_attention_layers, i == config.depth - 1
