@@ -47,6 +47,11 @@ class FolderSource:
   """Images under ``image_dir`` listed in a JSONL file: {"file", "caption"[, "caption2"][, "id"]}."""
 
   def __init__(self, image_dir: str, captions_jsonl: str):
+    if not os.path.isdir(image_dir):
+      raise FileNotFoundError(f"image folder {image_dir} does not exist (--images)")
+    if not os.path.isfile(captions_jsonl):
+      raise FileNotFoundError(f"captions file {captions_jsonl} does not exist: --captions takes a JSONL "
+                              f"file of {{\"file\": ..., \"caption\": ...}} lines")
     self.image_dir = image_dir
     self.rows = []
     with open(captions_jsonl) as f:
@@ -380,6 +385,10 @@ def main(argv=None, *, image_encoder: ImageEncoder | None = None,
   p.add_argument("--text_encoders", help="directory for SD3TextConditioner.from_pretrained")
   p.add_argument("--no_t5", action="store_true")
   p.add_argument("--t5_length", type=int, default=77)
+  p.add_argument("--clip_length", type=int, default=77, help="CLIP tokens (77 as SD3)")
+  p.add_argument("--project_clip_l", action="store_true",
+                 help="store CLIP-L's projected pooled vector (as diffusers) instead of the reference's "
+                      "un-projected one; identical when its text_projection is the identity (SD3)")
   p.add_argument("--dtype", default="float32", help="encoder compute dtype")
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--chunk_size", type=int, default=1000)
@@ -410,10 +419,10 @@ def main(argv=None, *, image_encoder: ImageEncoder | None = None,
   if text_encoder is None:
     if not args.text_encoders:
       p.error("give --text_encoders DIR")
-    import jax.numpy as jnp
     from sd3_jax import text_conditioning
-    text_encoder = text_conditioning.SD3TextConditioner.from_pretrained(
-        args.text_encoders, dtype=jnp.dtype(args.dtype), use_t5=not args.no_t5, t5_length=args.t5_length).encode
+    text_encoder = text_conditioning.load_conditioner(
+        args.text_encoders, dtype=args.dtype, use_t5=not args.no_t5, t5_length=args.t5_length,
+        clip_length=args.clip_length, project_clip_l=args.project_clip_l).encode
   if args.process_index is None or args.process_count is None:
     import jax
     args.process_index = jax.process_index() if args.process_index is None else args.process_index
@@ -421,7 +430,8 @@ def main(argv=None, *, image_encoder: ImageEncoder | None = None,
   buckets = aspect_buckets(args.resolution, args.bucket_multiple, args.max_aspect) if args.buckets else None
   metadata = {"source": f"tfds:{args.tfds}/{args.split}" if args.tfds else f"folder:{args.captions}",
               "vae": "identity" if args.identity_vae else args.vae, "latent_sample": args.latent_sample,
-              "text_encoders": args.text_encoders, "caption_mixing": "50/50 by (seed, id)"}
+              "text_encoders": args.text_encoders, "caption_mixing": "50/50 by (seed, id)",
+              "clip_l_pooled": "projected" if args.project_clip_l else "un-projected (reference)"}
   result = build(source, args.out, image_encoder=image_encoder, text_encoder=text_encoder,
                  resolution=args.resolution, buckets=buckets, batch_size=args.batch_size,
                  chunk_size=args.chunk_size, records_per_shard=args.records_per_shard, seed=args.seed,

@@ -80,10 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Periodic sample grids from the EMA weights into WORKDIR/samples/ (sd3_jax.sample);
   # every=0: off. text_encoders / vae: our converted checkpoints (see README);
-  # pixel_space: the model's output is the image itself (no VAE).
+  # pixel_space: the model's output is the image itself (no VAE); project_clip_l: CLIP-L's
+  # projected pooled vector (diffusers) instead of the reference's un-projected one.
   c.sample = ml_collections.ConfigDict(dict(
       every=0, prompts=("a photo of a cat",), num_per_prompt=1, num_steps=28, cfg_scale=7.0,
-      shift=3.0, seed=0, text_encoders="", vae="", pixel_space=False, t5_length=77, clip_length=77))
+      shift=3.0, seed=0, text_encoders="", vae="", pixel_space=False, t5_length=77, clip_length=77,
+      project_clip_l=False))
 
   # Mesh: -1 means all remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

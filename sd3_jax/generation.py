@@ -97,6 +97,20 @@ def make_grid(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
   return grid
 
 
+def check_conditioning(model, context, pooled) -> None:
+  """The text encoders' output widths must be the model's: context [N, L, context_dim] and
+  pooled [N, pooled_dim]. Otherwise the model would fail deep inside a matmul."""
+  config = getattr(model, "config", None)
+  if config is None or not hasattr(config, "context_dim"):
+    return  # a stand-in model without an MMDiTConfig
+  got = (context.shape[-1], pooled.shape[-1])
+  want = (config.context_dim, config.pooled_dim)
+  if got != want:
+    raise ValueError(f"the text encoders give context width {got[0]} and pooled width {got[1]}, but the "
+                     f"model expects {want[0]} and {want[1]}: use the text encoders the model was "
+                     f"trained with (for SD3: CLIP-L 768 + CLIP-G 1280 pooled, T5-XXL 4096 context)")
+
+
 def generate(model, params, conditioner, prompts: Sequence[str], *, latent_shape: Sequence[int],
              decoder: Optional[Callable] = None, num_per_prompt: int = 1, num_steps: int = 28,
              shift: float = 3.0, cfg_scale: float = 7.0, slg: Optional[sampling.SkipLayerGuidance] = None,
@@ -113,6 +127,7 @@ def generate(model, params, conditioner, prompts: Sequence[str], *, latent_shape
     raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
   cond = as_conditioner(conditioner)
   context, pooled = cond.encode(list(prompts))
+  check_conditioning(model, context, pooled)
   context = jnp.repeat(jnp.asarray(context), num_per_prompt, axis=0)
   pooled = jnp.repeat(jnp.asarray(pooled), num_per_prompt, axis=0)
   neg = cond.encode_empty() if cfg_scale != 1.0 else (None, None)

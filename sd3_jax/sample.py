@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--t5_length", type=int, default=77, help="T5 tokens (77 as the reference; diffusers 256)")
   p.add_argument("--clip_length", type=int, default=77, help="CLIP tokens (77 as SD3; 12 for the demo)")
   p.add_argument("--no_t5", dest="t5", action="store_false", help="zeros instead of T5 (as the reference)")
+  p.add_argument("--project_clip_l", action="store_true",
+                 help="use CLIP-L's projected pooled vector (as diffusers) instead of the reference's "
+                      "un-projected one; they agree only when its text_projection is the identity, as "
+                      "in the released SD3 weights. Use what the model was trained with.")
   dec = p.add_mutually_exclusive_group()
   dec.add_argument("--vae", help="our converted SD3 VAE checkpoint (decodes the latents)")
   dec.add_argument("--pixel_space", action="store_true",
@@ -146,7 +150,8 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
   latent_shape = _latent_shape(args, parser, model, config, decoder)
   if conditioner is None:
     conditioner = text_conditioning.load_conditioner(args.text_encoders, dtype=compute_dtype, t5_length=args.t5_length,
-                                   use_t5=args.t5, clip_length=args.clip_length)
+                                                     use_t5=args.t5, clip_length=args.clip_length,
+                                                     project_clip_l=args.project_clip_l)
   slg = None
   if args.slg:
     bad = [i for i in args.slg_layers if not 0 <= i < model.config.depth]

@@ -1,30 +1,7 @@
-"""SD3 text conditioning (the paper, section 5.2.1; README "Text encoders"): tokenization rules and the three-encoder conditioner.
-
-  tokenize_clip(tokenizer, prompts, pad_id)   [B, 77] ids: BOS, text (truncated to 75), EOS, pad
-                                              (``length`` other than 77 for small demo models)
-  tokenize_t5(tokenizer, prompts, length)     [B, length] ids: text (truncated), EOS (1), pad (0)
-  SD3TextConditioner                          CLIP-L + CLIP-G (+ optional T5) modules, params and
-                                              tokenizers; encode(prompts) -> (context, pooled)
-
-Padding follows the reference (sd3.5 reference code, ``other_impls.py``), whatever pad token the
-tokenizer files declare: CLIP-L pads with its EOS (49407), CLIP-G with id 0 ("!"), T5 with 0.
-T5 gets no attention mask (pad tokens are encoded and attended to). Tokenizers are
-transformers tokenizers loaded from LOCAL directories (the released ``tokenizer/``,
-``tokenizer_2/``, ``tokenizer_3/`` of a diffusers SD3 pipeline); any callable with the
-transformers call signature works.
-
-Outputs (``flow.assemble_conditioning``): context [B, 77 + t5_length, context_dim] = CLIP-L
-penultimate hidden (no final LN) | CLIP-G penultimate hidden | zeros, then the T5 tokens;
-pooled [B, D_l + D_g] = CLIP-L pooled (un-projected) | CLIP-G pooled (projected). Without T5 its
-tokens are zeros, as the reference. The CFG negative is the encoded empty prompt
-(``encode_empty``), not zeros (zeros are the TRAINING dropout, flow.drop_text_conditioning).
-
-``SD3TextConditioner.from_pretrained(DIR)`` reads the diffusers pipeline layout::
-
-  DIR/text_encoder/    CLIP-L    our checkpoint (sd3_jax.clip_text) or a transformers directory
-  DIR/text_encoder_2/  CLIP-G    (converted in memory when not ours)
-  DIR/text_encoder_3/  T5-XXL    optional (our sd3_jax.t5_encoder or transformers)
-  DIR/tokenizer/, DIR/tokenizer_2/, DIR/tokenizer_3/   tokenizer files
+"""SD3 text conditioning: the reference's tokenization rules (``tokenize_clip``, ``tokenize_t5``)
+and the three-encoder conditioner (``SD3TextConditioner``: prompts -> (context, pooled)), read
+from the diffusers pipeline layout (``from_pretrained`` / ``load_conditioner``). The rules and
+the layout are in the README ("Text encoders, VAE and sampling").
 """
 from __future__ import annotations
 
@@ -257,11 +234,12 @@ class SD3TextConditioner:
 
 
 def load_conditioner(path: str, *, dtype: str = "float32", t5_length: int = 77, use_t5: bool = True,
-                     clip_length: int = 77):
+                     clip_length: int = 77, project_clip_l: bool = False):
   """SD3 text conditioning (CLIP-L, CLIP-G and, when present, T5) from the diffusers pipeline
-  layout in ``path`` (text_encoder*/ as our converted checkpoints, tokenizer*/ files); see
-  ``text_conditioning.SD3TextConditioner.from_pretrained``. ``t5_length``: 77 T5 tokens as the
-  reference (diffusers samples with 256); with ``clip_length`` (77 as SD3; the embedded demo uses 12)
-  it must give the context length the model expects."""
-  return SD3TextConditioner.from_pretrained(path, dtype=jnp.dtype(dtype), use_t5=use_t5,
-                                                              t5_length=t5_length, clip_length=clip_length)
+  layout in ``path`` (text_encoder*/ as our converted checkpoints or transformers directories,
+  tokenizer*/ files); see ``SD3TextConditioner.from_pretrained``. ``t5_length``: 77 T5 tokens as
+  the reference (diffusers samples with 256); with ``clip_length`` (77 as SD3; the embedded demo
+  uses 12) it must give the context length the model expects. ``project_clip_l``: CLIP-L's
+  projected pooled vector (diffusers) instead of the reference's un-projected one."""
+  return SD3TextConditioner.from_pretrained(path, dtype=jnp.dtype(dtype), use_t5=use_t5, t5_length=t5_length,
+                                            clip_length=clip_length, project_clip_l=project_clip_l)

@@ -353,7 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   s = config.sample
   if s.every > 0:
     conditioner = text_conditioning.load_conditioner(s.text_encoders, t5_length=s.t5_length,
-                                                     clip_length=s.clip_length)
+                                                     clip_length=s.clip_length, project_clip_l=s.project_clip_l)
     decoder = None if s.pixel_space else generation.load_decoder(s.vae)
 
   acc = None

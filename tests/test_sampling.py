@@ -309,6 +309,32 @@ def test_cli_errors_that_need_the_model(workdir, capsys):
     assert message in capsys.readouterr().err
 
 
+def _cli(*argv):
+  return subprocess.run([sys.executable, "-m", "sd3_jax.sample", *argv], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_cli_expected_failures_are_one_line(workdir, tmp_path):
+  """Text encoders whose widths are not the model's, and a missing checkpoint: one line on
+  stderr that names the problem and the fix, exit code 2, no traceback."""
+  from sd3_jax.demo import run as demo
+  enc = str(tmp_path / "enc")
+  demo.make_text_encoders(enc, ["a red circle", "a blue square"], clip_l_dim=16, clip_g_dim=16, t5_dim=48)
+  vae_cfg = vae.VAEConfig(latent_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+  vae_model = vae.AutoencoderKL(vae_cfg)
+  pretrained.save_pretrained(str(tmp_path / "vae"), vae.init_params(vae_model, jax.random.key(0)), vae_cfg)
+  r = _cli("--workdir", workdir, "--vae", str(tmp_path / "vae"), "--text_encoders", enc, "--prompt", "p",
+           "--num_steps", "1", "--clip_length", "12", "--t5_length", "12")
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+  assert "text encoders give context width 48 and pooled width 32" in lines[-1]
+  assert "use the text encoders the model was trained with" in lines[-1]
+  r = _cli("--checkpoint", str(tmp_path / "nothing"), "--vae", str(tmp_path / "vae"), "--text_encoders", enc,
+           "--prompt", "p")
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+  assert str(tmp_path / "nothing") in r.stderr.strip().splitlines()[-1]
+
+
 def test_cli_help():
   r = subprocess.run([sys.executable, "-m", "sd3_jax.sample", "--help"], cwd=REPO, capture_output=True,
                      text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))

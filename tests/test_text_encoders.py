@@ -347,6 +347,31 @@ def pipeline_dir(tokenizers, tmp_path_factory):
   return d, (torch_l, torch_g, torch_t5_)
 
 
+def test_project_clip_l_is_diffusers_pooled_vector(tokenizers, pipeline_dir, tmp_path):
+  """diffusers' encode_prompt pools CLIP-L's *projected* output, the reference its un-projected
+  one: equal only for an identity text_projection (released SD3). With a random projection,
+  project_clip_l=True reproduces diffusers and the default does not."""
+  from diffusers import StableDiffusion3Pipeline
+  d, (_, torch_g, torch_t5_) = pipeline_dir
+  _, (tok_l, tok_g, tok_t5) = tokenizers
+  torch_l = torch_clip(CLIP_L_HF, seed=13)  # random projection
+  for n in os.listdir(d):
+    if n != "text_encoder" and not n.startswith("clip_l"):
+      os.symlink(d / n, tmp_path / n)
+  torch_l.save_pretrained(tmp_path / "text_encoder")
+  pipe = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, text_encoder=torch_l,
+                                  tokenizer=tok_l, text_encoder_2=torch_g, tokenizer_2=tok_g,
+                                  text_encoder_3=torch_t5_, tokenizer_3=tok_t5)
+  with torch.no_grad():
+    _, _, ref_pool, _ = pipe.encode_prompt(PROMPTS, None, None, device=torch.device("cpu"),
+                                           do_classifier_free_guidance=False, max_sequence_length=20)
+  _, projected = tc.load_conditioner(str(tmp_path), t5_length=20, project_clip_l=True).encode(PROMPTS)
+  _, reference = tc.load_conditioner(str(tmp_path), t5_length=20).encode(PROMPTS)
+  assert rel_err(projected, ref_pool) < 1e-5
+  assert rel_err(reference[:, :32], ref_pool[:, :32]) > 1e-2  # CLIP-L's part differs
+  np.testing.assert_allclose(reference[:, 32:], projected[:, 32:], rtol=1e-6)  # CLIP-G's does not
+
+
 def test_conditioner_matches_diffusers(tokenizers, pipeline_dir):
   from diffusers import StableDiffusion3Pipeline
   d, (torch_l, torch_g, torch_t5_) = pipeline_dir

@@ -1,0 +1,34 @@
+"""Every command's expected failures: one line on stderr naming the problem, exit code 2, no
+traceback (a traceback means a bug). The sample command's own cases are in test_sampling.py."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module, *argv, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, capture_output=True, text=True,
+                        timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.parametrize("module,argv,prog,message", [
+    ("sd3_jax.main", ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", "{tmp}/run",
+                      "--config.data.source=records", "--config.data.path={tmp}/no_such_data"],
+     "sd3-train", "no_such_data"),
+    ("sd3_jax.main", ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", "{tmp}/run",
+                      "--config.data.source=lmdb"], "sd3-train", "config.data.source must be"),
+    ("sd3_jax.build_dataset", ["--images", "{tmp}/no_images", "--captions", "{tmp}/no_captions.jsonl",
+                               "--out", "{tmp}/out", "--identity_vae", "--text_encoders", "{tmp}/enc"],
+     "sd3-build-dataset", "no_images does not exist (--images)"),
+    ("sd3_jax.demo", ["--workdir", "{tmp}/demo", "--config", "{tmp}/no_config.py"], "sd3-demo", "no_config.py"),
+    ("tools.convert_weights", ["--src", "{tmp}/no_ckpt", "--dst", "{tmp}/out", "--to", "jax"], "", "no_ckpt"),
+])
+def test_expected_failures_are_one_line(tmp_path, module, argv, prog, message):
+  r = _run(module, *[a.format(tmp=tmp_path) for a in argv], cwd=tmp_path)
+  assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"{prog}: error: " if prog else "error: ") and message in last, last
