@@ -1,32 +1,7 @@
-"""Orbax checkpoints: train state + grain iterator position + config, async, keep N, exact resume.
-
-Layout (one directory per committed step, written by orbax.checkpoint.CheckpointManager):
-
-  <directory>/<step>/state/                 the state pytree (OCDBT/tensorstore, sharded writes)
-                   /data/process_<i>-of-<n>.json   grain iterator position of each process
-                   /config/                 the experiment config (JSON)
-                   /_CHECKPOINT_METADATA, commit_success.txt
-
-Saves are asynchronous: ``save`` returns once the arrays are copied off the devices (and the
-iterator position is read), the write continues in the background, and the next ``save`` (or
-``wait_until_finished`` / ``close``) waits for it. A step is written to
-``<step>.orbax-checkpoint-tmp`` and renamed when complete, then marked by
-``commit_success.txt``; only committed steps are listed, restored or counted for keep-N, so a
-crash during a save never costs the previous checkpoint (leftover tmp directories are removed
-when the next Checkpointer opens the directory).
-
-Restore goes straight into the target shardings given by an abstract state (a pytree of
-``jax.ShapeDtypeStruct`` with ``sharding``, e.g. from ``jax.eval_shape`` plus the trainer's
-shardings), so nothing is materialised on one device and the mesh may differ from the one
-that saved (resharding on load). Dtypes may differ too (values are cast).
-
-Multi-host: every process constructs the Checkpointer on the same directory (a shared file
-system or gs://) and calls save/restore with the same arguments at the same steps; orbax
-synchronises the processes and each writes / reads only its own shards. Hence every leaf of
-the state must be a *global* jax.Array, including scalars such as the step (use
-``jax.device_put(jnp.asarray(step), NamedSharding(mesh, P()))``, not a Python/NumPy number or
-a process-local array). Each process saves and restores its own iterator position, so resume
-needs the same process count and the same per-process data pipeline.
+"""Orbax checkpoints of a training run: train state + grain iterator position + config, async,
+atomic, keep-N, restored straight into the current shardings (``Checkpointer``), and read-only
+access to a run's weights for sampling, evaluation and export (``load_workdir``). The on-disk
+layout and the guarantees are in the README ("Metrics, MFU and checkpoints").
 """
 from __future__ import annotations
 
@@ -78,7 +53,14 @@ def _listing(names, limit: int = 8) -> str:
 
 
 class Checkpointer:
-  """Keeps the last ``max_to_keep`` checkpoints of {state, data iterator, config} in directory."""
+  """Keeps the last ``max_to_keep`` checkpoints of {state, data iterator, config} in directory.
+
+  Multi-host: every process constructs it on the same directory (a shared file system or
+  gs://) and calls save/restore with the same arguments at the same steps; each writes and
+  reads only its own shards. So every leaf of the state must be a *global* jax.Array, scalars
+  such as the step included (``jax.device_put(jnp.asarray(step), NamedSharding(mesh, P()))``).
+  Each process saves its own iterator position: resume needs the same process count.
+  """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
     path = str(directory)

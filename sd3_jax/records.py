@@ -1,36 +1,8 @@
-"""The latent-record format: what a dataset of precomputed SD3 inputs looks like on disk, its
-writer (``RecordWriter``) and its readers (``RecordSource``, and ``SyntheticSource`` with the same
-element spec). The grain iterators over these sources are in ``input_pipeline``.
-
-Training never runs the VAE or the text encoders: a dataset builder encodes each image once and
-stores the MM-DiT's inputs.
-
-Record format (version 1)
--------------------------
-A dataset is one directory holding ``<prefix>-%05d-of-%05d.array_record`` shards (ArrayRecord,
-``group_size:1`` for random access, zstd-compressed by default) plus ``dataset_info.json``.
-Each ArrayRecord record is one example, serialized with safetensors (``safetensors.numpy.save``
-bytes; any safetensors reader in any language can parse it):
-
-  tensor    shape              dtype                       meaning
-  latent    [h, w, 16]         float16 | bfloat16 | float32  VAE latent, ALREADY normalized:
-                                                           (vae_mean - 0.0609) * 1.5305 (= x0)
-  context   [L, 4096]          float16 (recommended) | bf16 | f32  assembled text tokens,
-                                                           77 CLIP (L|G|zeros) + T5 (README)
-  pooled    [2048]             float16 (recommended) | bf16 | f32  CLIP-L pooled | CLIP-G pooled
-  __metadata__ (strings)       format = "sd3_jax.latent_record/1", id (required, unique),
-                               caption and any other str -> str entries
-
-All records of a dataset share one element spec (one aspect bucket per directory). Non-finite
-values are rejected at write time (T5-XXL is known to overflow in float16).
-``dataset_info.json``:
-  {"format": "sd3_jax.latent_records", "version": 1, "num_records": N, "compression": "zstd:3",
-   "element_spec": {"latent": {"shape": [h, w, 16], "dtype": "float16"}, "context": ..., "pooled": ...},
-   "shards": [{"file": "<prefix>-00000-of-00004.array_record", "num_records": n0}, ...],
-   "metadata": {free-form, from the builder: encoders, resolution, caption source, ...}}
-``RecordWriter`` writes shards under hidden temporary names and renames them, then writes the
-info, only when it is closed without error: a crash never leaves a partial file under a final
-name, and a directory without ``dataset_info.json`` is refused by ``RecordSource``.
+"""The latent-record format: a dataset of precomputed SD3 inputs on disk (ArrayRecord shards of
+safetensors-serialized examples plus ``dataset_info.json``), its writer ``RecordWriter`` and its
+readers ``RecordSource`` and ``SyntheticSource`` (random examples of the same element spec).
+The format, its guarantees and an example are in the README ("Training data"); the grain
+iterators over these sources are in ``input_pipeline``.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def test_tiny_config_fits_v5p_topology():
   r = _aot("--topology=v5p:2x2x2", "--config.mesh.fsdp=4", "--config.mesh.tensor=2")
   assert r["num_devices"] == 8 and r["device_kind"].startswith("TPU v5")
   assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
-  assert r["hbm_bytes_per_device"] == 95 * 1024 ** 3
+  assert r["hbm_bytes_per_device"] == 95 * 1024 ** 3  # v5p: 95 GiB HBM per chip (Google Cloud's v5p page)
   assert 0 < r["peak_bytes_per_device"] < r["hbm_bytes_per_device"] and r["fits"] is True
   assert r["compiled_flops_per_device"] > 0
 

@@ -191,6 +191,13 @@ def test_installed_package_works_from_another_directory(installed):
       assert importlib.util.find_spec("tools") is None
       from sd3_jax.demo import config
       assert config.get_config().model.in_channels == 3
+      # an experiment config of the repository, by path, from elsewhere, sys.path untouched
+      import sys
+      from sd3_jax.config import load_config_file
+      before = list(sys.path)
+      c = load_config_file({os.path.join(REPO, "configs", "tiny.py")!r}, overrides={{"total_steps": 7}})
+      assert c.total_steps == 7 and c.model.hidden_size == 64 and sys.path == before
+      assert "configs" not in sys.modules
       """)
   # Small random encoders (our checkpoints) -> transformers directories with the installed
   # sd3-convert, then a conditioner from those directories equals one from ours.

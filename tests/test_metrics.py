@@ -12,6 +12,10 @@ import pytest
 from sd3_jax import metrics as Mt
 
 def test_peak_flops_table():
+  # How device_kind strings (as jax reports them on each chip) map to the dense bf16 peaks of
+  # the vendors' spec sheets: Google Cloud's TPU v4 / v5e / v5p / v6e system-architecture pages
+  # (275 / 197 / 459 / 918 TFLOP/s) and NVIDIA's H100 SXM / PCIe, H200 and A100 datasheets
+  # (989 / 756 / 989 / 312, the "with sparsity" figures halved).
   cases = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
            "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
            "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,

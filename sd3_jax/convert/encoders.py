@@ -1,5 +1,8 @@
-"""Text encoders (transformers directories) and the VAE (diffusers AutoencoderKL directories)
-<-> our checkpoints, on top of the detection and directory helpers of ``formats``."""
+"""Text encoders and the VAE <-> our checkpoints, on top of the detection and directory helpers
+of ``formats``: a text encoder (CLIP-L, CLIP-G, T5; ``text_keys``) is read from or written to a
+transformers model directory (config.json + model.safetensors or shards with an index), e.g.
+text_encoder{,_2,_3}/ of a diffusers pipeline; the VAE (``vae_keys``; small, converted in memory)
+from or to a diffusers AutoencoderKL directory, e.g. vae/."""
 from __future__ import annotations
 
 import json

@@ -7,16 +7,7 @@ MM-DiT:
   diffusers  a SD3Transformer2DModel directory: config.json + diffusion_pytorch_model.safetensors
              or shards with diffusion_pytorch_model.safetensors.index.json; a pipeline
              directory with transformer/ is accepted as a source.
-VAE and text encoders: ``encoders.py`` (same detection and helpers).
-VAE (vae_keys.py; small, so converted in memory):
-  jax        our directory, format sd3_jax.vae.
-  diffusers  an AutoencoderKL directory (config.json with _class_name AutoencoderKL +
-             diffusion_pytorch_model.safetensors), e.g. vae/ of a diffusers SD3 pipeline.
-Text encoders (CLIP-L, CLIP-G, T5; text_keys.py):
-  jax            our directory, format sd3_jax.clip_text / sd3_jax.t5_encoder.
-  transformers   a transformers model directory (config.json of a CLIP text model, a CLIPModel
-                 or a T5 encoder + model.safetensors, or shards + model.safetensors.index.json),
-                 e.g. text_encoder/, text_encoder_2/, text_encoder_3/ of a diffusers pipeline.
+VAE and text encoders: ``encoders.py``, with the same detection and directory helpers.
 
 A ``Source`` validates every tensor name and shape against the inferred configuration on
 opening and then hands out ORIGINAL-layout tensors by original key (``read_original``); the

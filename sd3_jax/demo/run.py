@@ -1,31 +1,7 @@
-r"""The embedded demo: from generated images and captions to a trained text-to-image model.
-
-  bash launch/demo.sh [WORKDIR]            # creates .venv if missing, then runs this module
-  python -m sd3_jax.demo --workdir DIR [--steps N] [--config FILE]   # or: sd3-demo ...
-
-Everything is generated here, nothing is downloaded. Into WORKDIR:
-
-  text_encoders/   tokenizers trained on the demo's captions (a CLIP BPE learned with the
-                   ``tokenizers`` library, a word-level T5 unigram model) and RANDOMLY
-                   initialised small CLIP-L, CLIP-G and T5 encoders of the real architectures,
-                   in the diffusers pipeline layout that ``SD3TextConditioner.from_pretrained``
-                   and ``python -m sd3_jax.sample --text_encoders`` read. Real runs point at
-                   converted CLIP/T5/VAE weights instead (README, "Text encoders,
-                   VAE and sampling").
-  data/train, data/val   records built by ``sd3_jax.build_dataset`` from 32x32 scenes of two
-                   coloured shapes ("a red circle above a blue square", ``sd3_jax.demo.scenes``):
-                   train over 408 caption combinations, val over 24 held-out ones. The image
-                   itself in [-1, 1] is the "latent" (pixel space; a random VAE could not
-                   reconstruct anything).
-  checkpoints/, metrics.jsonl   the real trainer (``train.train_and_evaluate``, ``sd3_jax/demo/config.py``)
-  loss.png         training loss and validation loss against steps
-  samples_heldout.png   a row of samples per held-out prompt, with the prompt written beside it
-  summary.json     val_loss, sample_accuracy for the held-out prompts (the ``scenes`` checker
-                   reads colours, shapes and the relation back from each sample) and the
-                   chance level: the same images scored against shuffled held-out captions.
-
-Each stage is skipped when its output is complete, so rerunning resumes (training resumes
-from its last checkpoint).
+r"""The embedded demo end to end (``sd3-demo``, ``bash launch/demo.sh``): tokenizers and small
+random text encoders, records of generated scenes, the real trainer, then held-out prompts
+sampled and scored by the scenes checker into summary.json. Every stage resumes. What it writes
+and what it reaches are in the README ("The embedded demo").
 """
 from __future__ import annotations
 

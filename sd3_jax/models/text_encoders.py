@@ -1,36 +1,6 @@
-"""SD3's text encoders (the paper, section 5.2.1), inference only: CLIP-L/14, OpenCLIP bigG/14, T5-v1.1-XXL.
-
-Numerically the transformers models ``CLIPTextModelWithProjection`` and ``T5EncoderModel``
-(transformers 5.24; parity tests in tests/test_text_encoders.py):
-
-  CLIPTextEncoder(config)(input_ids [B, L]) -> CLIPTextOutput
-      hidden     [B, L, D]  residual stream after ``config.hidden_layer`` (transformers'
-                            ``hidden_states[hidden_layer]``; default -2 = penultimate layer),
-                            WITHOUT the final LayerNorm: SD3's sequence features.
-      pooled     [B, D]     final-LN state at the EOS position (``pooler_output``): SD3's CLIP-L
-                            pooled vector (un-projected).
-      projected  [B, P]     ``text_projection(pooled)`` (``text_embeds``): SD3's CLIP-G pooled.
-  T5Encoder(config)(input_ids [B, L]) -> [B, L, d_model]   last hidden state (after the final
-                            RMS norm); no attention mask (SD3 attends to pad tokens).
-
-Parameters are float32; ``dtype`` is the compute dtype of the matmuls. The residual stream,
-norms, softmax and T5's position bias stay float32 (T5-XXL overflows in float16; bfloat16
-compute is fine). Parameter trees (kernels [in..., out...];
-sd3_jax/convert/text_keys.py maps them to the transformers names):
-
-  CLIP  embeddings/{token_embedding, position_embedding}/embedding
-        layers_{i}/{layer_norm1, layer_norm2}/{scale, bias}
-        layers_{i}/self_attn/{q_proj, k_proj, v_proj}/{kernel [D, H, Dh], bias [H, Dh]}
-        layers_{i}/self_attn/out_proj/{kernel [H, Dh, D], bias [D]}
-        layers_{i}/mlp/{fc1, fc2}/{kernel, bias}
-        final_layer_norm/{scale, bias}, text_projection/kernel [D, P]
-  T5    shared/embedding [V, D]; relative_attention_bias/embedding [buckets, H] (shared by all
-        layers; transformers keeps it in block 0)
-        blocks_{i}/attn_norm/scale, blocks_{i}/attn/{q, k, v}/kernel [D, H, Dkv],
-        blocks_{i}/attn/o/kernel [H, Dkv, D]
-        blocks_{i}/ffn_norm/scale, blocks_{i}/ffn/{wi_0, wi_1 (gated) | wi, wo}/kernel
-        final_layer_norm/scale
-"""
+"""SD3's text encoders (the paper, section 5.2.1), inference only: the CLIP-L/14 and OpenCLIP
+bigG/14 text transformers (``CLIPTextEncoder``), the presets of all three encoders with T5-v1.1-XXL
+(``models/t5.py``), and building / initialising any of them from its config."""
 from __future__ import annotations
 
 import dataclasses
@@ -207,7 +177,39 @@ class CLIPEncoderLayer(nn.Module):
 
 class CLIPTextEncoder(nn.Module):
   """CLIP text transformer + projection: input_ids [B, L] (L <= max_position_embeddings) ->
-  CLIPTextOutput (module docstring). Outputs are float32."""
+  CLIPTextOutput (below). Outputs are float32.
+
+  Numerically the transformers models ``CLIPTextModelWithProjection`` and ``T5EncoderModel``
+  (transformers 5.24; parity tests in tests/test_text_encoders.py):
+
+    CLIPTextEncoder(config)(input_ids [B, L]) -> CLIPTextOutput
+        hidden     [B, L, D]  residual stream after ``config.hidden_layer`` (transformers'
+                              ``hidden_states[hidden_layer]``; default -2 = penultimate layer),
+                              WITHOUT the final LayerNorm: SD3's sequence features.
+        pooled     [B, D]     final-LN state at the EOS position (``pooler_output``): SD3's CLIP-L
+                              pooled vector (un-projected).
+        projected  [B, P]     ``text_projection(pooled)`` (``text_embeds``): SD3's CLIP-G pooled.
+    T5Encoder(config)(input_ids [B, L]) -> [B, L, d_model]   last hidden state (after the final
+                              RMS norm); no attention mask (SD3 attends to pad tokens).
+
+  Parameters are float32; ``dtype`` is the compute dtype of the matmuls. The residual stream,
+  norms, softmax and T5's position bias stay float32 (T5-XXL overflows in float16; bfloat16
+  compute is fine). Parameter trees (kernels [in..., out...];
+  sd3_jax/convert/text_keys.py maps them to the transformers names):
+
+    CLIP  embeddings/{token_embedding, position_embedding}/embedding
+          layers_{i}/{layer_norm1, layer_norm2}/{scale, bias}
+          layers_{i}/self_attn/{q_proj, k_proj, v_proj}/{kernel [D, H, Dh], bias [H, Dh]}
+          layers_{i}/self_attn/out_proj/{kernel [H, Dh, D], bias [D]}
+          layers_{i}/mlp/{fc1, fc2}/{kernel, bias}
+          final_layer_norm/{scale, bias}, text_projection/kernel [D, P]
+    T5    shared/embedding [V, D]; relative_attention_bias/embedding [buckets, H] (shared by all
+          layers; transformers keeps it in block 0)
+          blocks_{i}/attn_norm/scale, blocks_{i}/attn/{q, k, v}/kernel [D, H, Dkv],
+          blocks_{i}/attn/o/kernel [H, Dkv, D]
+          blocks_{i}/ffn_norm/scale, blocks_{i}/ffn/{wi_0, wi_1 (gated) | wi, wo}/kernel
+          final_layer_norm/scale
+  """
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
 

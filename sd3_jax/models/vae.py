@@ -4,31 +4,6 @@
 use_post_quant_conv=False`` (the LDM encoder/decoder with ch_mult, GroupNorm(eps 1e-6), SiLU and
 a mid block with one single-head attention). Images are [B,H,W,3] in [-1, 1]; latents are
 [B,H/8,W/8,16] for the SD3 preset.
-
-The SD3 latent normalisation lives in ONE place, ``latents_from_images`` / ``images_from_latents``:
-
-  encode:  z = (sample - shift_factor) * scaling_factor     sample = mean + exp(logvar/2) * eps
-  decode:  images = decoder(z / scaling_factor + shift_factor)
-
-with shift 0.0609 and scale 1.5305 for SD3 (``VAEConfig``). ``encode`` / ``decode`` are the raw
-(unnormalised) encoder and decoder, as diffusers' ``encode(x).latent_dist`` and ``decode(z)``.
-
-Parameter tree (kernels [kh, kw, in, out] / [in, out]; GroupNorm scale, bias):
-  encoder/conv_in
-  encoder/down_blocks_{i}/resnets_{j}/{norm1, conv1, norm2, conv2, conv_shortcut (in != out)}
-  encoder/down_blocks_{i}/downsamplers_0/conv               (all but the last level)
-  {encoder,decoder}/mid_block/{resnets_0, attentions_0/{group_norm, to_q, to_k, to_v, to_out_0},
-                               resnets_1}
-  encoder/conv_norm_out, encoder/conv_out                     (2 * latent_channels: mean, logvar)
-  decoder/conv_in
-  decoder/up_blocks_{i}/resnets_{j} (j < layers_per_block + 1), up_blocks_{i}/upsamplers_0/conv
-  decoder/conv_norm_out, decoder/conv_out
-up_blocks_0 is the deepest level (channels reversed), as in diffusers; the original LDM file
-numbers it decoder.up.{n-1} (tools/convert_weights/vae_keys.py maps both).
-
-Logical axis names: conv and linear kernels (None, None, 'vae_in', 'vae_out') / ('vae_in',
-'vae_out'), biases and norm parameters ('vae_out',). They are not in sharding.LOGICAL_RULES, so
-the (small, frozen) VAE is replicated unless a rule is added there.
 """
 from __future__ import annotations
 
@@ -374,6 +349,31 @@ class AutoencoderKL(nn.Module):
 
   Call a method with ``model.apply({'params': params}, x, method=model.encode)`` (or
   ``method='latents_from_images'`` ...). ``__call__`` reconstructs images (used by init).
+
+  The SD3 latent normalisation lives in ONE place, ``latents_from_images`` / ``images_from_latents``:
+
+    encode:  z = (sample - shift_factor) * scaling_factor     sample = mean + exp(logvar/2) * eps
+    decode:  images = decoder(z / scaling_factor + shift_factor)
+
+  with shift 0.0609 and scale 1.5305 for SD3 (``VAEConfig``). ``encode`` / ``decode`` are the raw
+  (unnormalised) encoder and decoder, as diffusers' ``encode(x).latent_dist`` and ``decode(z)``.
+
+  Parameter tree (kernels [kh, kw, in, out] / [in, out]; GroupNorm scale, bias):
+    encoder/conv_in
+    encoder/down_blocks_{i}/resnets_{j}/{norm1, conv1, norm2, conv2, conv_shortcut (in != out)}
+    encoder/down_blocks_{i}/downsamplers_0/conv               (all but the last level)
+    {encoder,decoder}/mid_block/{resnets_0, attentions_0/{group_norm, to_q, to_k, to_v, to_out_0},
+                                 resnets_1}
+    encoder/conv_norm_out, encoder/conv_out                     (2 * latent_channels: mean, logvar)
+    decoder/conv_in
+    decoder/up_blocks_{i}/resnets_{j} (j < layers_per_block + 1), up_blocks_{i}/upsamplers_0/conv
+    decoder/conv_norm_out, decoder/conv_out
+  up_blocks_0 is the deepest level (channels reversed), as in diffusers; the original LDM file
+  numbers it decoder.up.{n-1} (sd3_jax/convert/vae_keys.py maps both).
+
+  Logical axis names: conv and linear kernels (None, None, 'vae_in', 'vae_out') / ('vae_in',
+  'vae_out'), biases and norm parameters ('vae_out',). They are not in sharding.LOGICAL_RULES, so
+  the (small, frozen) VAE is replicated unless a rule is added there.
   """
   config: VAEConfig
   dtype: Dtype = jnp.float32
