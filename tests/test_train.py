@@ -84,7 +84,8 @@ def test_production_step_scanned_remat_bf16_matches_plain_float32():
   """The step pods run (scanned blocks, full remat, bf16 compute, FSDP over 8 devices) against
   the plain one (unscanned, no remat, float32, one device) from the same parameters."""
   from sd3_jax.models import mmdit
-  base = {"model.depth": 4, "model.hidden_size": 64, "model.num_heads": 4, "optimizer.eps": 1e-3}
+  base = {"model.depth": 4, "model.hidden_size": 64, "model.num_heads": 4, "optimizer.eps": 1e-3,
+          "optimizer.warmup_steps": 0}
   prod = _config(**base, scan_layers=True, remat="full", dtype="bfloat16")
   ref = _config(**base)
   batches = _batches(ref, 3)
@@ -114,11 +115,14 @@ def test_production_step_scanned_remat_bf16_matches_plain_float32():
                        mmdit.unstack_block_params(jax.device_get(p_state.params), cfg))
   r_model, r_tx = train.make_model(ref), train.make_optimizer(ref)
   _, r_sh = train.state_shardings(r_model, r_tx, mesh1)
-  r_state = jax.device_put(train.TrainState(step=jnp.zeros((), jnp.int32), params=plain,
-                                            opt_state=r_tx.init(plain), ema_params=plain), r_sh)
-  stacked = mmdit.stack_block_params(plain, cfg)
-  p_state = jax.device_put(train.TrainState(step=jnp.zeros((), jnp.int32), params=stacked,
-                                            opt_state=p_tx.init(stacked), ema_params=stacked), p_sh)
+  copy = lambda tree: jax.tree.map(np.array, tree)  # distinct buffers: the step donates the state
+
+  def state(tx, params, shardings):
+    return jax.device_put(train.TrainState(step=jnp.zeros((), jnp.int32), params=copy(params),
+                                           opt_state=copy(tx.init(params)), ema_params=copy(params)), shardings)
+
+  r_state = state(r_tx, plain, r_sh)
+  p_state = state(p_tx, mmdit.stack_block_params(plain, cfg), p_sh)
   r_state, r_losses = steps(ref, mesh1, r_state, r_sh)
   p_state, p_losses = steps(prod, mesh8, p_state, p_sh)
   assert np.all(np.isfinite(p_losses))
@@ -127,9 +131,9 @@ def test_production_step_scanned_remat_bf16_matches_plain_float32():
   got = mmdit.unstack_block_params(jax.device_get(p_state.params), cfg)
   moved = 0
   for a, b, a0 in zip(jax.tree.leaves(got), jax.tree.leaves(jax.device_get(r_state.params)), jax.tree.leaves(plain)):
-    # three updates of at most ~lr each; bf16 gradient noise changes them by a few percent
-    np.testing.assert_allclose(a, b, atol=2e-4)
-    moved += int(np.abs(b - a0).max() > 1e-4)
+    # three updates of at most ~lr (1e-3) each; bf16 gradient noise changes them by a few percent
+    np.testing.assert_allclose(a, b, atol=3e-4)
+    moved += int(np.abs(b - a0).max() > 1e-5)
   assert moved > len(jax.tree.leaves(plain)) // 2  # the comparison is not of untouched leaves
 
 
