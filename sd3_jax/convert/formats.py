@@ -36,7 +36,8 @@ from sd3_jax import fileutil, pretrained
 from sd3_jax.models.mmdit import MMDiTConfig
 from sd3_jax.convert import mmdit_keys as K
 from sd3_jax.convert import text_keys as TK
-from sd3_jax.convert.safetensors_io import SafetensorsReader, SafetensorsWriter, as_numpy, plan_shards
+from sd3_jax.convert.safetensors_io import (SafetensorsReader, SafetensorsWriter, as_numpy, check_float_dtypes,
+                                            plan_shards)
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -126,6 +127,7 @@ class Source:
     self.format, self.config, self.description = fmt, config, description
     self.entries = K.entries(config, fmt)
     pretrained.check_shapes(shapes, {e.name: e.shape for e in self.entries}, description)
+    check_float_dtypes(dtypes, description)
     self._dtypes, self._read = dict(dtypes), read
     self.by_orig: dict[str, list[K.Entry]] = {}
     for e in self.entries:
