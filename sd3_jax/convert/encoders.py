@@ -9,6 +9,7 @@ import numpy as np
 
 from sd3_jax import pretrained
 from sd3_jax.convert import text_keys as TK
+from sd3_jax.convert.safetensors_io import check_float_dtypes
 from sd3_jax.convert.formats import (DEFAULT_MAX_SHARD_BYTES, DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS,
                                      TRANSFORMERS_INDEX, TRANSFORMERS_WEIGHTS, check_dst,
                                      detect_format, group_reader, is_diffusers_dir,
@@ -97,7 +98,12 @@ def convert_vae(src, dst, to: str, *, dtype=None, overwrite: bool = False,
     if fmt != "diffusers":
       raise ValueError(f"{src} is already an sd3_jax checkpoint; a VAE converts to 'diffusers'")
     config_json = read_json(os.path.join(path, "config.json"), "a diffusers config")
+    try:  # validate the config before reading any tensor
+      vae_keys.VAEConfig.from_diffusers_config(config_json)
+    except ValueError as e:
+      raise ValueError(f"{path}/config.json: {e}") from None
     where = open_weights_dir(path, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX, f"diffusers VAE {path}")
+    check_float_dtypes({k: r.dtype(k) for k, r in where.items()}, f"diffusers VAE {path}")
     state_dict = {k: r.read(k) for k, r in where.items()}
     config, params = vae_keys.diffusers_state_dict_to_vae_params(state_dict, config_json, dtype=dtype)
     pretrained.save_pretrained(dst, params, config, overwrite=overwrite)

@@ -29,6 +29,7 @@ import numpy as np
 from flax import linen as nn
 
 from sd3_jax.models import layers as L
+from sd3_jax.models.config_check import check_config
 
 Dtype = Any
 
@@ -75,6 +76,10 @@ class MMDiTConfig:
   pos_embed_scale: float = 1.0
 
   def __post_init__(self):
+    check_config(self, positive=("depth", "hidden_size", "num_heads", "patch_size", "in_channels",
+                                 "out_channels", "pooled_dim", "context_dim", "pos_embed_max_size",
+                                 "mlp_ratio", "pos_embed_base_size"),
+                 non_negative=("dual_attention_layers",), positive_real=("pos_embed_scale",))
     object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
     if self.hidden_size is None:
       object.__setattr__(self, "hidden_size", 64 * self.depth)
