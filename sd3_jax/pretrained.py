@@ -4,7 +4,8 @@ A checkpoint is a directory::
 
   DIR/sd3_jax_config.json   {"format": FORMAT, "format_version": 1,
                              "layout": "unscanned", "param_dtype": "bfloat16" | ... | "mixed",
-                             "config": <the model's config>.to_dict()}
+                             "config": <the model's config>.to_dict(),
+                             "checksums": {"<leaf name>": "sha256:<hex>", ...}}
   DIR/params/               an orbax PyTree checkpoint (OCDBT) of the parameter tree, numpy
                             leaves stored in their own dtype (kernels [in..., out...]).
 
@@ -16,7 +17,9 @@ FORMAT names the model (``FORMATS``, extensible with ``register_format``):
   sd3_jax.t5_encoder   models/t5.py T5Encoder (T5EncoderConfig), built by models/text_encoders.py
   sd3_jax.vae          models/vae.py AutoencoderKL (VAEConfig)
 
-``load_pretrained(DIR)`` returns ``(module, params)`` for any of them.
+``load_pretrained(DIR)`` returns ``(module, params)`` for any of them. Loading checks every
+leaf against its checksum (``sd3_jax.integrity``; ``verify=False`` skips it); checkpoints
+written before checksums existed load with a warning in the log.
 
 ``params/`` is a plain orbax checkpoint: ``ocp.PyTreeCheckpointer().restore(DIR/'params')``
 gives the nested dict. Nothing else is stored (no optimizer state; the trainer's own
@@ -34,6 +37,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import logging
 import os
 from typing import Any, Callable, Mapping
 
@@ -42,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sd3_jax import fileutil
+from sd3_jax import fileutil, integrity
 from sd3_jax.models import mmdit
 
 CONFIG_FILE = "sd3_jax_config.json"
@@ -50,6 +54,7 @@ PARAMS_DIR = "params"
 FORMAT = "sd3_jax.mmdit"  # the MM-DiT's format name (the default of read_config)
 FORMAT_VERSION = 1
 _MAX_LOADS_IN_FLIGHT = 2
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +261,23 @@ def _read_meta(path) -> tuple[ModelFormat, dict, str]:
     raise ValueError(f"{cfg_path}: layout {meta.get('layout')!r} is not supported (only 'unscanned')")
   if not isinstance(meta.get("config"), dict):
     raise ValueError(f"{cfg_path} has no \"config\" object")
+  sums = meta.get("checksums")
+  if sums is not None and (not isinstance(sums, dict) or not all(
+      isinstance(v, str) and v.startswith(integrity.ALGORITHM + ":") for v in sums.values())):
+    raise ValueError(f"{cfg_path}: \"checksums\" must map parameter names to "
+                     f"\"{integrity.ALGORITHM}:<hex>\" strings")
   return FORMATS[name], meta, cfg_path
+
+
+def read_checksums(path) -> dict[str, str]:
+  """Per-leaf checksums recorded in the metadata; {} (and a warning in the log) for a checkpoint
+  written before checksums existed."""
+  _, meta, cfg_path = _read_meta(path)
+  if meta.get("checksums") is None:
+    log.warning("%s has no parameter checksums (written by an older sd3_jax); its integrity is "
+                "not verified", cfg_path)
+    return {}
+  return meta["checksums"]
 
 
 def read_config(path, expected_format: str | None = FORMAT):
@@ -284,11 +305,15 @@ def stored_params(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(tree).items()}
 
 
-def load_params(path, groups: list[str] | None = None) -> dict:
+def load_params(path, groups: list[str] | None = None, *, verify: bool = True,
+                checksums: Mapping[str, str] | None = None) -> dict:
   """Restores the top-level groups (e.g. 'joint_blocks_3', 'pos_embed'; all when None) as a
   nested dict of numpy arrays in their stored dtypes. Reading one group at a time keeps the
-  memory to that group."""
+  memory to that group. verify: check every leaf read against its checksum (``checksums``, read
+  from the metadata when None; callers reading many groups pass ``read_checksums`` once)."""
   path = _require_checkpoint(path)
+  if verify and checksums is None:
+    checksums = read_checksums(path)
   ocp = _ocp()
   stored = stored_params(path)
   tree = unflatten({k: 0 for k in stored})
@@ -298,13 +323,20 @@ def load_params(path, groups: list[str] | None = None) -> dict:
       raise KeyError(f"{path} has no parameter groups {unknown}; it has {sorted(tree)}")
     tree = {g: tree[g] for g in groups}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ocp.PyTreeCheckpointer().restore(
-      os.path.join(path, PARAMS_DIR),
-      args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=groups is not None))
+  try:
+    out = ocp.PyTreeCheckpointer().restore(
+        os.path.join(path, PARAMS_DIR),
+        args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=groups is not None))
+  except (ValueError, RuntimeError, OSError) as e:  # tensorstore: undecodable chunk, short file
+    raise ValueError(f"{path}: cannot read parameter group(s) {groups or sorted(tree)}: the data in "
+                     f"{PARAMS_DIR}/ is damaged or incomplete ({' '.join(str(e).split())[:300]})") from None
+  if verify and checksums:
+    integrity.check_checksums(flatten(out), checksums, f"checkpoint {path}")
+  return out
 
 
 def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = False,
-                    shardings=None, **model_kwargs):
+                    shardings=None, verify: bool = True, **model_kwargs):
   """Loads a checkpoint directory of any format: returns ``(model, params)``.
 
   Args:
@@ -316,6 +348,8 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_la
       model with ``scan_layers=True``.
     shardings: None (default device), one ``jax.sharding.Sharding`` for every leaf, or a tree
       of shardings with the structure of the returned params.
+    verify: check every leaf against the checksum written with it (an error names a damaged
+      leaf); False skips the hashing (about 1 s per GB on one core).
     **model_kwargs: other module options (MMDiT: remat, attention_impl; AutoencoderKL:
       attention_impl).
 
@@ -330,7 +364,9 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_la
     raise ValueError(f"scan_layers is only supported for MM-DiT checkpoints; {path} holds a "
                      f"{fmt.description}")
   stored = stored_params(path)
+  integrity.check_stored_grid(config, stored, path)
   check_shapes({k: v[0] for k, v in stored.items()}, expected_shapes(config), f"checkpoint {path}")
+  sums = read_checksums(path) if verify else None
 
   def place(name, tree):
     if param_dtype is not None:
@@ -347,12 +383,12 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_la
   if scan_layers:
     for start, stop, _ in mmdit.block_segments(config):
       names = [f"joint_blocks_{i}" for i in range(start, stop)]
-      blocks = load_params(path, names)
+      blocks = load_params(path, names, verify=verify, checksums=sums)
       stacked = jax.tree.map(lambda *xs: np.stack(xs), *[blocks.pop(n) for n in names])
       params[f"scan_blocks_{start}_{stop}"] = place(f"scan_blocks_{start}_{stop}", stacked)
       groups = [g for g in groups if g not in names]
   for g in groups:
-    params[g] = place(g, load_params(path, [g])[g])
+    params[g] = place(g, load_params(path, [g], verify=verify, checksums=sums)[g])
   if fmt.name == FORMAT:
     model_kwargs["scan_layers"] = scan_layers
   return fmt.build(config, dtype=dtype, **model_kwargs), params
@@ -412,16 +448,23 @@ def write_checkpoint(path, config, leaves: Mapping[str, Any], *, overwrite: bool
       raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
     if not os.path.isdir(path) or (os.listdir(path) and not is_checkpoint(path)):
       raise FileExistsError(f"refusing to overwrite {path}: it is not an sd3_jax checkpoint")
+  sums: dict[str, str] = {}  # each leaf is hashed as it is written (no second pass)
+  hashed = {k: LazyArray(v.shape, v.dtype, integrity.recording(
+      sums, k, v.load if isinstance(v, LazyArray) else (lambda v=v: v))) for k, v in leaves.items()}
   with fileutil.atomic_directory(path) as tmp:
+    ocp = _ocp()
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_handler_registry())
+    ocp.Checkpointer(handler).save(
+        os.path.join(tmp, PARAMS_DIR),
+        args=ocp.args.PyTreeSave(unflatten(hashed)))
+    if set(sums) != set(leaves):
+      raise RuntimeError(f"checksums missing for {sorted(set(leaves) - set(sums))[:5]}")
     meta = {"format": fmt.name, "format_version": FORMAT_VERSION, "layout": "unscanned",
-            "param_dtype": _dtype_name(v.dtype for v in leaves.values()), "config": config.to_dict()}
+            "param_dtype": _dtype_name(v.dtype for v in leaves.values()), "config": config.to_dict(),
+            "checksums": dict(sorted(sums.items()))}
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2)
       f.write("\n")
-    ocp = _ocp()
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_handler_registry())
-    ocp.Checkpointer(handler).save(os.path.join(tmp, PARAMS_DIR),
-                                   args=ocp.args.PyTreeSave(unflatten(dict(leaves))))
 
 
 def save_pretrained(path, params: Mapping, config, *, dtype=None, overwrite: bool = False) -> None:

@@ -16,7 +16,7 @@ from sd3_jax.convert.formats import (DEFAULT_MAX_SHARD_BYTES, DIFFUSERS_INDEX, D
                                      open_weights_dir, read_json, write_weights_dir)
 
 
-def open_text_source(path) -> TK.TextSource:
+def open_text_source(path, verify: bool = True) -> TK.TextSource:
   """A text encoder as a TextSource: our checkpoint (sd3_jax.clip_text / t5_encoder) or a
   transformers directory (names, shapes and the config validated on opening)."""
   fmt, path = detect_format(path)
@@ -26,7 +26,7 @@ def open_text_source(path) -> TK.TextSource:
       raise ValueError(f"{path} holds a {pretrained.read_format(path).description}, not a text encoder")
     stored = pretrained.stored_params(path)
     return TK.TextSource(config, ours_shapes={k: v[0] for k, v in stored.items()},
-                         ours_dtypes={k: v[1] for k, v in stored.items()}, read_ours=group_reader(path),
+                         ours_dtypes={k: v[1] for k, v in stored.items()}, read_ours=group_reader(path, verify),
                          description=f"sd3_jax checkpoint {path}")
   if fmt != "transformers":
     raise ValueError(f"{path} is a {fmt} MM-DiT checkpoint, not a text encoder")
@@ -88,7 +88,7 @@ TEXT_WRITERS = {"jax": write_text_jax, "transformers": write_text_transformers}
 
 
 def convert_vae(src, dst, to: str, *, dtype=None, overwrite: bool = False,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True):
   """diffusers AutoencoderKL directory -> our sd3_jax.vae checkpoint ('jax'), or back
   ('diffusers'). Returns the VAEConfig."""
   from sd3_jax.convert import vae_keys  # imports the VAE model only when needed
@@ -113,7 +113,7 @@ def convert_vae(src, dst, to: str, *, dtype=None, overwrite: bool = False,
   if fmt != "jax":
     raise ValueError(f"{src} is already a diffusers VAE; a VAE converts to 'jax'")
   config = pretrained.read_config(path, expected_format="sd3_jax.vae")
-  state_dict = vae_keys.vae_params_to_diffusers_state_dict(pretrained.load_params(path), config)
+  state_dict = vae_keys.vae_params_to_diffusers_state_dict(pretrained.load_params(path, verify=verify), config)
   if dtype is not None:
     state_dict = {k: v.astype(dtype) for k, v in state_dict.items()}
   dst = os.fspath(dst).rstrip("/")

@@ -32,7 +32,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from sd3_jax import fileutil, pretrained
+from sd3_jax import fileutil, integrity, pretrained
 from sd3_jax.models.mmdit import MMDiTConfig
 from sd3_jax.convert import mmdit_keys as K
 from sd3_jax.convert import text_keys as TK
@@ -223,8 +223,10 @@ def open_diffusers(path, *, num_heads: int | None = None, head_dim: int | None =
                 lambda k: where[k].read(k), desc)
 
 
-def group_reader(path) -> Callable[[str], np.ndarray]:
-  """Reads flat parameter names from our checkpoint, holding one top-level group at a time."""
+def group_reader(path, verify: bool = True) -> Callable[[str], np.ndarray]:
+  """Reads flat parameter names from our checkpoint, holding one top-level group at a time;
+  verify: check each group against the checksums written with it."""
+  sums = pretrained.read_checksums(path) if verify else None
   cache: dict = {"group": None, "leaves": {}}
   lock = threading.Lock()
 
@@ -233,26 +235,30 @@ def group_reader(path) -> Callable[[str], np.ndarray]:
     with lock:  # one top-level group (e.g. one joint block) in memory at a time
       if cache["group"] != group:
         cache["leaves"] = {}
-        cache["leaves"] = pretrained.flatten(pretrained.load_params(path, [group]))
+        cache["leaves"] = pretrained.flatten(pretrained.load_params(path, [group], verify=verify,
+                                                                    checksums=sums))
         cache["group"] = group
       return cache["leaves"][name]
 
   return read
 
 
-def open_jax(path) -> Source:
+def open_jax(path, verify: bool = True) -> Source:
   config = pretrained.read_config(path)
   stored = pretrained.stored_params(path)
-  read = group_reader(path)
+  integrity.check_stored_grid(config, stored, path)
+  read = group_reader(path, verify)
   return Source("jax", config, {k: v[0] for k, v in stored.items()},
                 {k: v[1] for k, v in stored.items()}, read, f"sd3_jax checkpoint {path}")
 
 
-def open_source(path, *, num_heads: int | None = None, head_dim: int | None = None) -> Source:
+def open_source(path, *, num_heads: int | None = None, head_dim: int | None = None,
+                verify: bool = True) -> Source:
   """Opens any of the three formats (detected automatically) and validates it.
 
   num_heads / head_dim: only needed for original files without qk-norm (and without our
-  metadata) whose head dim is not 64; checked against the checkpoint otherwise."""
+  metadata) whose head dim is not 64; checked against the checkpoint otherwise. verify: our
+  format only, check every leaf read against its checksum."""
   fmt, path = detect_format(path)
   if fmt == "jax":
     cfg = pretrained.read_config(path)
@@ -260,7 +266,7 @@ def open_source(path, *, num_heads: int | None = None, head_dim: int | None = No
         head_dim is not None and head_dim != cfg.head_dim):
       raise ValueError(f"num_heads={num_heads} / head_dim={head_dim} conflict with {path} "
                        f"(num_heads={cfg.num_heads}, head_dim={cfg.head_dim})")
-    return open_jax(path)
+    return open_jax(path, verify)
   opener = open_sd3 if fmt == "sd3" else open_diffusers
   return opener(path, num_heads=num_heads, head_dim=head_dim)
 
