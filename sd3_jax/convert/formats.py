@@ -55,7 +55,7 @@ def read_json(path: str, what: str) -> dict:
   try:
     with open(path) as f:
       d = json.load(f)
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from None
   if not isinstance(d, dict):
     raise ValueError(f"{path}: expected a JSON object ({what})")
@@ -183,6 +183,8 @@ def open_sd3(path, *, num_heads: int | None = None, head_dim: int | None = None)
       hints = json.loads(reader.metadata[SD3_METADATA_KEY])
     except json.JSONDecodeError as e:
       raise ValueError(f"{desc}: bad {SD3_METADATA_KEY} metadata: {e}") from None
+    if not isinstance(hints, dict):
+      raise ValueError(f"{desc}: {SD3_METADATA_KEY} metadata must be a JSON object, got {str(hints)[:100]}")
   shapes = {k: reader.shape(v) for k, v in names.items()}
   config = K.infer_config(shapes, "sd3", num_heads=num_heads, head_dim=head_dim, hints=hints, source=desc)
   return Source("sd3", config, shapes, {k: reader.dtype(v) for k, v in names.items()},
@@ -193,8 +195,11 @@ def open_weights_dir(path: str, single: str, index_name: str, desc: str) -> dict
   """Tensor name -> reader for a huggingface weights directory (one file, or shards + index)."""
   index = os.path.join(path, index_name)
   if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = read_json(index, "a safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and v and os.path.basename(v) == v for v in weight_map.values()):
+      raise ValueError(f"{index}: \"weight_map\" must map tensor names to shard file names in "
+                       f"{path}, got {str(weight_map)[:200]}")
     readers = {fn: SafetensorsReader(os.path.join(path, fn)) for fn in sorted(set(weight_map.values()))}
     where = {}
     for fn, r in readers.items():
@@ -213,8 +218,8 @@ def open_weights_dir(path: str, single: str, index_name: str, desc: str) -> dict
 
 def open_diffusers(path, *, num_heads: int | None = None, head_dim: int | None = None) -> Source:
   desc = f"diffusers model {path}"
-  with open(os.path.join(path, "config.json")) as f:
-    hints = K.hints_from_diffusers_config(json.load(f), f"{path}/config.json")
+  cfg_path = os.path.join(path, "config.json")
+  hints = K.hints_from_diffusers_config(read_json(cfg_path, "a diffusers config"), cfg_path)
   where = open_weights_dir(path, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX, desc)
   shapes = {k: r.shape(k) for k, r in where.items()}
   config = K.infer_config(shapes, "diffusers", num_heads=num_heads, head_dim=head_dim, hints=hints,
