@@ -349,7 +349,8 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_la
     shardings: None (default device), one ``jax.sharding.Sharding`` for every leaf, or a tree
       of shardings with the structure of the returned params.
     verify: check every leaf against the checksum written with it (an error names a damaged
-      leaf); False skips the hashing (about 1 s per GB on one core).
+      leaf); False skips the hashing (SHA-256: 0.42 GiB/s per core measured on a 2-core CPU
+      machine; the leaves of a group are hashed on up to 8 threads).
     **model_kwargs: other module options (MMDiT: remat, attention_impl; AutoencoderKL:
       attention_impl).
 
