@@ -296,7 +296,10 @@ def _check_finite(step: int, values: dict, checkpointer, explain=None) -> None:
   if bad:
     last = checkpointer.latest_step()
     where = f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was written"
-    inputs_bad, cause = explain() if explain is not None else (False, "")
+    try:
+      inputs_bad, cause = explain() if explain is not None else (False, "")
+    except Exception as e:  # the divergence is the error to report
+      inputs_bad, cause = False, f"the inputs could not be re-read ({type(e).__name__}: {e})"
     advice = ("Remove or rebuild those records, then resume from the checkpoint." if inputs_bad else
               "Lower optimizer.learning_rate, raise optimizer.warmup_steps, enable qk-norm or use "
               "float32 compute, then resume from the checkpoint.")
