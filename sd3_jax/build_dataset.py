@@ -43,8 +43,18 @@ TextEncoderFn = Callable[[Sequence[str]], tuple[Any, Any]]  # prompts -> (contex
 
 # ----------------------------------------------------------------------------- sources
 
+class OutsideImageDirError(PermissionError):
+  """A captions row names a file that resolves outside --images (``..``, an absolute path or a
+  symlink pointing out); such examples are skipped and counted like unreadable images."""
+
+
 class FolderSource:
-  """Images under ``image_dir`` listed in a JSONL file: {"file", "caption"[, "caption2"][, "id"]}."""
+  """Images under ``image_dir`` listed in a JSONL file: {"file", "caption"[, "caption2"][, "id"]}.
+
+  A malformed line is an error naming the file and line; so is a repeated id (or file, when ids
+  are not given), naming both lines. A ``file`` that resolves outside ``image_dir`` (symlinks
+  included) is never opened: reading it raises ``OutsideImageDirError`` (the builder skips it).
+  """
 
   def __init__(self, image_dir: str, captions_jsonl: str):
     if not os.path.isdir(image_dir):
@@ -53,18 +63,39 @@ class FolderSource:
       raise FileNotFoundError(f"captions file {captions_jsonl} does not exist: --captions takes a JSONL "
                               f"file of {{\"file\": ..., \"caption\": ...}} lines")
     self.image_dir = image_dir
+    self._root = os.path.realpath(image_dir)
     self.rows = []
+    first_line: dict[str, int] = {}
     with open(captions_jsonl) as f:
       for n, line in enumerate(f, 1):
         if not line.strip():
           continue
-        row = json.loads(line)
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{captions_jsonl}:{n}: not a JSON object ({e})") from None
+        if not isinstance(row, dict):
+          raise ValueError(f"{captions_jsonl}:{n}: expected a JSON object, got {type(row).__name__}")
         if not isinstance(row.get("file"), str) or not isinstance(row.get("caption"), str):
           raise ValueError(f"{captions_jsonl}:{n}: need string 'file' and 'caption', got {row!r}")
+        for k in ("caption2", "id"):
+          if row.get(k) is not None and not isinstance(row[k], str):
+            raise ValueError(f"{captions_jsonl}:{n}: {k!r} must be a string, got {row[k]!r}")
+        eid = str(row.get("id", row["file"]))
+        if eid in first_line:
+          what = "id" if "id" in row else "file"
+          raise ValueError(f"{captions_jsonl}:{n}: duplicate {what} {eid!r} (first on line "
+                           f"{first_line[eid]}); every example needs a unique id")
+        first_line[eid] = n
         self.rows.append(row)
-    ids = [str(r.get("id", r["file"])) for r in self.rows]
-    if len(set(ids)) != len(ids):
-      raise ValueError(f"{captions_jsonl}: duplicate ids/files")
+    outside = sum(not self._inside(r["file"]) for r in self.rows)
+    if outside:
+      warnings.warn(f"{captions_jsonl}: {outside} file(s) resolve outside {image_dir}; they are "
+                    "skipped and counted with the unreadable images")
+
+  def _inside(self, file: str) -> bool:
+    real = os.path.realpath(os.path.join(self._root, file))
+    return os.path.commonpath([real, self._root]) == self._root and real != self._root
 
   def __len__(self) -> int:
     return len(self.rows)
@@ -73,7 +104,9 @@ class FolderSource:
     """{'id', 'caption', 'caption2' (or None), 'image': PIL RGB image} (raises if unreadable)."""
     from PIL import Image
     row = self.rows[i]
-    with open(os.path.join(self.image_dir, row["file"]), "rb") as f:
+    if not self._inside(row["file"]):
+      raise OutsideImageDirError(f"{row['file']!r} resolves outside the image folder {self.image_dir}")
+    with open(os.path.join(self._root, row["file"]), "rb") as f:
       img = Image.open(io.BytesIO(f.read()))
       img.load()
     return {"id": str(row.get("id", row["file"])), "caption": row["caption"],

@@ -100,16 +100,36 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, process_in
     raise ValueError(f"seed must be in [0, 2^32), got {seed}")
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
-  ds = grain.MapDataset.source(source)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)  # epoch e uses seed + e (grain reseeds per epoch)
-  ds = ds[: (n // global_batch_size) * global_batch_size].repeat(num_epochs)
-  ds = ds.map(_ToArrays(_dtype(dtype))).batch(b, drop_remainder=True)  # host batch m: rows [m b, (m+1) b)
-  ds = ds[process_index::process_count]  # global batch j = host batches j P .. j P + P - 1
+  ds = _train_order(grain.MapDataset.source(source), _ToArrays(_dtype(dtype)), global_batch_size, b, seed,
+                    shuffle, num_epochs, process_index, process_count)
   it = ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it)
+
+
+def _train_order(ds: grain.MapDataset, transform, global_batch_size: int, b: int, seed: int, shuffle: bool,
+                 num_epochs: int | None, process_index: int, process_count: int) -> grain.MapDataset:
+  """The training order (``make_train_iterator``): shuffled epochs of whole global batches."""
+  n = len(ds)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)  # epoch e uses seed + e (grain reseeds per epoch)
+  ds = ds[: (n // global_batch_size) * global_batch_size].repeat(num_epochs)
+  if transform is not None:
+    ds = ds.map(transform)
+  ds = ds.batch(b, drop_remainder=True)  # host batch m: rows [m b, (m+1) b)
+  return ds[process_index::process_count]  # global batch j = host batches j P .. j P + P - 1
+
+
+def train_batch_indices(num_records: int, step: int, *, global_batch_size: int, seed: int,
+                        process_index: int, process_count: int, shuffle: bool = True) -> np.ndarray:
+  """Source indices of this process's rows of the ``step``-th batch (0-based) that
+  ``make_train_iterator`` yields with the same arguments: the records to re-read when that batch
+  needs inspecting (e.g. after a non-finite loss)."""
+  b = _check_batching(global_batch_size, process_index, process_count)
+  ds = _train_order(grain.MapDataset.range(num_records), None, global_batch_size, b, seed, shuffle, None,
+                    process_index, process_count)
+  return np.asarray(ds[step], np.int64)
 
 
 def make_eval_iterator(source, *, global_batch_size: int, process_index: int, process_count: int,

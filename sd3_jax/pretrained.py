@@ -1,7 +1,8 @@
 """Our checkpoint format for every model (MM-DiT, CLIP, T5, VAE): ``save_pretrained`` /
 ``load_pretrained``, the format registry, and streamed writes (``LazyArray`` leaves are produced
-a couple at a time while orbax writes, so exporting an 8B model never holds it whole). The
-directory layout is in the README ("Converting checkpoints").
+a couple at a time while orbax writes, so exporting an 8B model never holds it whole). Every
+leaf's checksum is stored and checked on load (``sd3_jax.integrity``; ``verify=False`` skips it).
+The directory layout is in the README ("Converting checkpoints").
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import logging
 import os
 from typing import Any, Callable, Mapping
 
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sd3_jax import fileutil
+from sd3_jax import fileutil, integrity
 from sd3_jax.models import mmdit
 
 CONFIG_FILE = "sd3_jax_config.json"
@@ -26,6 +28,7 @@ PARAMS_DIR = "params"
 FORMAT = "sd3_jax.mmdit"  # the MM-DiT's format name (the default of read_config)
 FORMAT_VERSION = 1
 _MAX_LOADS_IN_FLIGHT = 2
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +236,23 @@ def _read_meta(path) -> tuple[ModelFormat, dict, str]:
     raise ValueError(f"{cfg_path}: layout {meta.get('layout')!r} is not supported (only 'unscanned')")
   if not isinstance(meta.get("config"), dict):
     raise ValueError(f"{cfg_path} has no \"config\" object")
+  sums = meta.get("checksums")
+  if sums is not None and (not isinstance(sums, dict) or not all(
+      isinstance(v, str) and v.startswith(integrity.ALGORITHM + ":") for v in sums.values())):
+    raise ValueError(f"{cfg_path}: \"checksums\" must map parameter names to "
+                     f"\"{integrity.ALGORITHM}:<hex>\" strings")
   return FORMATS[name], meta, cfg_path
+
+
+def read_checksums(path) -> dict[str, str]:
+  """Per-leaf checksums recorded in the metadata; {} (and a warning in the log) for a checkpoint
+  written before checksums existed."""
+  _, meta, cfg_path = _read_meta(path)
+  if meta.get("checksums") is None:
+    log.warning("%s has no parameter checksums (written by an older sd3_jax); its integrity is "
+                "not verified", cfg_path)
+    return {}
+  return meta["checksums"]
 
 
 def read_config(path, expected_format: str | None = FORMAT):
@@ -261,11 +280,15 @@ def stored_params(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(tree).items()}
 
 
-def load_params(path, groups: list[str] | None = None) -> dict:
+def load_params(path, groups: list[str] | None = None, *, verify: bool = True,
+                checksums: Mapping[str, str] | None = None) -> dict:
   """Restores the top-level groups (e.g. 'joint_blocks_3', 'pos_embed'; all when None) as a
   nested dict of numpy arrays in their stored dtypes. Reading one group at a time keeps the
-  memory to that group."""
+  memory to that group. verify: check every leaf read against its checksum (``checksums``, read
+  from the metadata when None; callers reading many groups pass ``read_checksums`` once)."""
   path = _require_checkpoint(path)
+  if verify and checksums is None:
+    checksums = read_checksums(path)
   ocp = _ocp()
   stored = stored_params(path)
   tree = unflatten({k: 0 for k in stored})
@@ -275,13 +298,20 @@ def load_params(path, groups: list[str] | None = None) -> dict:
       raise KeyError(f"{path} has no parameter groups {unknown}; it has {sorted(tree)}")
     tree = {g: tree[g] for g in groups}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ocp.PyTreeCheckpointer().restore(
-      os.path.join(path, PARAMS_DIR),
-      args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=groups is not None))
+  try:
+    out = ocp.PyTreeCheckpointer().restore(
+        os.path.join(path, PARAMS_DIR),
+        args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=groups is not None))
+  except (ValueError, RuntimeError, OSError) as e:  # tensorstore: undecodable chunk, short file
+    raise ValueError(f"{path}: cannot read parameter group(s) {groups or sorted(tree)}: the data in "
+                     f"{PARAMS_DIR}/ is damaged or incomplete ({' '.join(str(e).split())[:300]})") from None
+  if verify and checksums:
+    integrity.check_checksums(flatten(out), checksums, f"checkpoint {path}")
+  return out
 
 
 def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = False,
-                    shardings=None, **model_kwargs):
+                    shardings=None, verify: bool = True, **model_kwargs):
   """Loads a checkpoint directory of any format: returns ``(model, params)``.
 
   Args:
@@ -293,6 +323,9 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_la
       model with ``scan_layers=True``.
     shardings: None (default device), one ``jax.sharding.Sharding`` for every leaf, or a tree
       of shardings with the structure of the returned params.
+    verify: check every leaf against the checksum written with it (an error names a damaged
+      leaf); False skips the hashing (SHA-256: 0.42 GiB/s per core measured on a 2-core CPU
+      machine; the leaves of a group are hashed on up to 8 threads).
     **model_kwargs: other module options (MMDiT: remat, attention_impl; AutoencoderKL:
       attention_impl).
 
@@ -307,7 +340,9 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_la
     raise ValueError(f"scan_layers is only supported for MM-DiT checkpoints; {path} holds a "
                      f"{fmt.description}")
   stored = stored_params(path)
+  integrity.check_stored_grid(config, stored, path)
   check_shapes({k: v[0] for k, v in stored.items()}, expected_shapes(config), f"checkpoint {path}")
+  sums = read_checksums(path) if verify else None
 
   def place(name, tree):
     if param_dtype is not None:
@@ -324,12 +359,12 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_la
   if scan_layers:
     for start, stop, _ in mmdit.block_segments(config):
       names = [f"joint_blocks_{i}" for i in range(start, stop)]
-      blocks = load_params(path, names)
+      blocks = load_params(path, names, verify=verify, checksums=sums)
       stacked = jax.tree.map(lambda *xs: np.stack(xs), *[blocks.pop(n) for n in names])
       params[f"scan_blocks_{start}_{stop}"] = place(f"scan_blocks_{start}_{stop}", stacked)
       groups = [g for g in groups if g not in names]
   for g in groups:
-    params[g] = place(g, load_params(path, [g])[g])
+    params[g] = place(g, load_params(path, [g], verify=verify, checksums=sums)[g])
   if fmt.name == FORMAT:
     model_kwargs["scan_layers"] = scan_layers
   return fmt.build(config, dtype=dtype, **model_kwargs), params
@@ -389,16 +424,23 @@ def write_checkpoint(path, config, leaves: Mapping[str, Any], *, overwrite: bool
       raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
     if not os.path.isdir(path) or (os.listdir(path) and not is_checkpoint(path)):
       raise FileExistsError(f"refusing to overwrite {path}: it is not an sd3_jax checkpoint")
+  sums: dict[str, str] = {}  # each leaf is hashed as it is written (no second pass)
+  hashed = {k: LazyArray(v.shape, v.dtype, integrity.recording(
+      sums, k, v.load if isinstance(v, LazyArray) else (lambda v=v: v))) for k, v in leaves.items()}
   with fileutil.atomic_directory(path) as tmp:
+    ocp = _ocp()
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_handler_registry())
+    ocp.Checkpointer(handler).save(
+        os.path.join(tmp, PARAMS_DIR),
+        args=ocp.args.PyTreeSave(unflatten(hashed)))
+    if set(sums) != set(leaves):
+      raise RuntimeError(f"checksums missing for {sorted(set(leaves) - set(sums))[:5]}")
     meta = {"format": fmt.name, "format_version": FORMAT_VERSION, "layout": "unscanned",
-            "param_dtype": _dtype_name(v.dtype for v in leaves.values()), "config": config.to_dict()}
+            "param_dtype": _dtype_name(v.dtype for v in leaves.values()), "config": config.to_dict(),
+            "checksums": dict(sorted(sums.items()))}
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2)
       f.write("\n")
-    ocp = _ocp()
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_handler_registry())
-    ocp.Checkpointer(handler).save(os.path.join(tmp, PARAMS_DIR),
-                                   args=ocp.args.PyTreeSave(unflatten(dict(leaves))))
 
 
 def save_pretrained(path, params: Mapping, config, *, dtype=None, overwrite: bool = False) -> None:

@@ -1,8 +1,9 @@
 """The latent-record format: a dataset of precomputed SD3 inputs on disk (ArrayRecord shards of
 safetensors-serialized examples plus ``dataset_info.json``), its writer ``RecordWriter`` and its
 readers ``RecordSource`` and ``SyntheticSource`` (random examples of the same element spec).
-The format, its guarantees and an example are in the README ("Training data"); the grain
-iterators over these sources are in ``input_pipeline``.
+Non-finite values are refused when written and when read, whoever wrote the record; ids are
+unique within a writer. The format, its guarantees and an example are in the README ("Training
+data"); the grain iterators over these sources are in ``input_pipeline``.
 """
 from __future__ import annotations
 
@@ -84,6 +85,20 @@ def encode_record(latent: np.ndarray, context: np.ndarray, pooled: np.ndarray,
   return safetensors.numpy.save(arrays, metadata={"format": RECORD_FORMAT, **metadata})
 
 
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
+                  np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
+def all_finite(a: np.ndarray) -> bool:
+  """No NaN/Inf. The record dtypes are tested on the bits (all exponent bits set): ~5x faster
+  than np.isfinite on float16, which matters on the input pipeline's path."""
+  a = np.asarray(a)
+  if a.dtype not in _EXPONENT_BITS:
+    return bool(np.isfinite(a).all())
+  uint, mask = _EXPONENT_BITS[a.dtype]
+  return not np.any((a.view(uint) & mask) == mask)
+
+
 def decode_record(data: bytes) -> Example:
   """Parses ``encode_record`` bytes; raises RecordError saying what is wrong."""
   try:
@@ -107,6 +122,10 @@ def decode_record(data: bytes) -> Example:
     _check_arrays(arrays)
   except ValueError as e:
     raise RecordError(str(e)) from e
+  for name, a in arrays.items():  # written by anything, not only encode_record
+    if not all_finite(a):
+      raise RecordError(f"{name} of record {metadata.get('id')!r} holds "
+                        f"{int(np.size(a) - np.isfinite(a).sum())} NaN/Inf value(s)")
   return Example(metadata=metadata, **arrays)
 
 
@@ -157,6 +176,7 @@ class RecordWriter:
     self._counts: list[int] = []  # records per shard
     self._writer = None
     self._spec: ElementSpec | None = None
+    self._ids: dict[str, int] = {}  # id -> index of the record that has it (ids are unique)
     self._closed = False
 
   @property
@@ -169,6 +189,9 @@ class RecordWriter:
     if self._closed:
       raise ValueError("RecordWriter is closed")
     data = encode_record(latent, context, pooled, metadata)
+    if metadata["id"] in self._ids:
+      raise ValueError(f"duplicate record id {metadata['id']!r}: record {self._ids[metadata['id']]} "
+                       f"of {self.directory} already has it (ids must be unique)")
     spec = {"latent": (np.shape(latent), np.asarray(latent).dtype),
             "context": (np.shape(context), np.asarray(context).dtype),
             "pooled": (np.shape(pooled), np.asarray(pooled).dtype)}
@@ -183,6 +206,7 @@ class RecordWriter:
       self._temps.append(path)
       self._counts.append(0)
     self._writer.write(data)
+    self._ids[metadata["id"]] = self.num_written
     self._counts[-1] += 1
     if self._counts[-1] == self._per_shard:
       self._writer.close()

@@ -21,7 +21,7 @@ from flax import linen as nn
 from flax import struct
 
 from sd3_jax import checkpoint as ckpt_lib
-from sd3_jax import flow, generation
+from sd3_jax import config_checks, divergence, flow, generation
 from sd3_jax import input_pipeline, records
 from sd3_jax import metrics as metrics_lib
 from sd3_jax import sharding, text_conditioning
@@ -289,19 +289,44 @@ def run_validation(config, val_fn, params, val_source, mesh) -> dict[str, float]
 # The loop
 
 
-def _check_finite(step: int, values: dict, checkpointer) -> None:
+def _check_finite(step: int, values: dict, checkpointer, explain=None) -> None:
+  """Raises TrainingDivergedError on NaN/Inf; ``explain()`` -> (inputs_bad, sentence) re-reads the
+  recent batches (divergence.explain) only then, to say whether the inputs or the training diverged."""
   bad = {k: v for k, v in values.items() if not np.isfinite(v)}
   if bad:
     last = checkpointer.latest_step()
     where = f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was written"
-    raise TrainingDivergedError(
-        f"non-finite training values at step {step}: {bad}; stopping ({where}). Lower "
-        "optimizer.learning_rate, raise optimizer.warmup_steps, enable qk-norm or use float32 "
-        "compute, then resume from the checkpoint.")
+    try:
+      inputs_bad, cause = explain() if explain is not None else (False, "")
+    except Exception as e:  # the divergence is the error to report
+      inputs_bad, cause = False, f"the inputs could not be re-read ({type(e).__name__}: {e})"
+    advice = ("Remove or rebuild those records, then resume from the checkpoint." if inputs_bad else
+              "Lower optimizer.learning_rate, raise optimizer.warmup_steps, enable qk-norm or use "
+              "float32 compute, then resume from the checkpoint.")
+    raise TrainingDivergedError(f"non-finite training values at step {step}: {bad}; "
+                                f"{cause + '; ' if cause else ''}stopping ({where}). {advice}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train (resuming from workdir/checkpoints if present); returns the last logged metrics."""
+  """Train (resuming from workdir/checkpoints if present); returns the last logged metrics.
+
+  Config values that cannot run are refused first (config_checks). On any error the async
+  checkpointer and the input pipeline's workers are shut down before it propagates, so a clean
+  error is not followed by a second traceback from their threads at interpreter exit."""
+  config_checks.check_runnable(config.to_dict())
+  closers: list = []
+  try:
+    return _train_and_evaluate(config, workdir, closers)
+  except BaseException:
+    for close in reversed(closers):
+      try:
+        close()
+      except Exception as e:  # the first error is the one to report
+        log.warning("while shutting down after an error: %s: %s", type(e).__name__, e)
+    raise
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers: list) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   model = make_model(config)
@@ -315,14 +340,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        max_to_keep=config.keep_checkpoints,
                                        async_save=config.async_checkpointing)
+  closers.append(checkpointer.close)
   sharding.batch_size_per_process(config.global_batch_size, mesh)  # validates divisibility
   if config.global_batch_size % config.grad_accum_steps:
     raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by "
                      f"grad_accum_steps {config.grad_accum_steps}")
+  train_source = make_source(config, "train")
   train_iter = input_pipeline.make_train_iterator(
-      make_source(config, "train"), global_batch_size=config.global_batch_size, seed=config.seed,
+      train_source, global_batch_size=config.global_batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       shuffle=config.data.shuffle, worker_count=config.data.worker_count)
+  closers.append(train_iter.close)
+  explain = lambda done: lambda: divergence.explain(  # noqa: E731  (only called on NaN/Inf)
+      train_source, range(max(start_step, done - config.log_every), done),
+      global_batch_size=config.global_batch_size, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), shuffle=config.data.shuffle)
 
   latest = checkpointer.latest_step()
   if latest is not None:
@@ -371,7 +403,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       values = acc.compute()  # waits for the step
       values.update({k: v for k, v in timer.tick(done).items() if v is not None})
       values["param_norm"] = float(jax.device_get(out["param_norm"]))
-      _check_finite(done, {k: values[k] for k in ("loss", "grad_norm", "param_norm")}, checkpointer)
+      _check_finite(done, {k: values[k] for k in ("loss", "grad_norm", "param_norm")}, checkpointer,
+                    explain(done))
       writer.write_scalars(done, values)
       if primary:
         print(metrics_lib.format_progress(done, config.total_steps, values), flush=True)
@@ -395,7 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # too, not only the loss computed before the update.
         _check_finite(done, {"loss": float(jax.device_get(out["loss"])),
                              "grad_norm": float(jax.device_get(out["grad_norm"])),
-                             "param_norm": float(jax.device_get(out["param_norm"]))}, checkpointer)
+                             "param_norm": float(jax.device_get(out["param_norm"]))}, checkpointer,
+                      explain(done))
         checkpointer.save(done, state, data_iterator=train_iter, config=config.to_dict())
   checkpointer.wait_until_finished()
   checkpointer.close()

@@ -258,6 +258,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 3, out
   assert "non-finite training values" in out and "last good checkpoint" in out
+  # The inputs (synthetic, finite) were re-read: it is the training that diverged.
+  assert "the TRAINING diverged" in out and "are all finite" in out
   steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
   assert steps and steps[-1] >= 4
   # Every kept checkpoint restores to finite parameters.

@@ -9,7 +9,7 @@ Command: ``sd3-convert`` (= ``python -m tools.convert_weights`` = ``python -m sd
 Python API:
 
   convert(src, dst, to, dtype=None, num_heads=None, head_dim=None, max_shard_size="10GB",
-          overwrite=False)
+          overwrite=False, verify=True)
       -> MMDiTConfig | VAEConfig | CLIPTextConfig | T5EncoderConfig   file/directory conversion,
                                           streamed tensor by tensor (the small VAE in memory)
   detect_model(path) -> (kind, format, path)   kind 'mmdit' | 'vae' | 'clip_text' | 't5_encoder'
@@ -47,7 +47,7 @@ TARGETS = ("jax", "diffusers", "sd3", "transformers")
 
 def convert(src, dst, to: str, *, dtype=None, num_heads: int | None = None,
             head_dim: int | None = None, max_shard_size: str | int = "10GB",
-            overwrite: bool = False):
+            overwrite: bool = False, verify: bool = True):
   """Converts the checkpoint at ``src`` (model and format detected) to format ``to`` at ``dst``.
 
   to: MM-DiT 'jax' | 'diffusers' | 'sd3'; VAE 'jax' | 'diffusers'; text encoder 'jax' |
@@ -58,6 +58,7 @@ def convert(src, dst, to: str, *, dtype=None, num_heads: int | None = None,
   num_heads / head_dim: MM-DiT only, for original files without qk-norm (nor our metadata)
     whose head dim is not 64; checked against the checkpoint otherwise.
   max_shard_size: diffusers/transformers output shard size ('10GB' like diffusers; '500MB', ...).
+  verify: a source in our format is checked leaf by leaf against its checksums.
   Returns the model configuration.
   """
   if to not in TARGETS:
@@ -69,7 +70,8 @@ def convert(src, dst, to: str, *, dtype=None, num_heads: int | None = None,
     max_shard = parse_size(max_shard_size)
     if num_heads is not None or head_dim is not None:
       raise ValueError("num_heads / head_dim apply to MM-DiT checkpoints only")
-    return convert_vae(src, dst, to, dtype=dtype, overwrite=overwrite, max_shard_bytes=max_shard)
+    return convert_vae(src, dst, to, dtype=dtype, overwrite=overwrite, max_shard_bytes=max_shard,
+                       verify=verify)
   if kind in ("clip_text", "t5_encoder"):
     target = "transformers" if to == "diffusers" else to
     if target not in TEXT_WRITERS:
@@ -79,7 +81,7 @@ def convert(src, dst, to: str, *, dtype=None, num_heads: int | None = None,
       raise ValueError("num_heads / head_dim apply to MM-DiT checkpoints only; a text encoder's "
                        "config says its heads")
     kwargs = {"max_shard_bytes": parse_size(max_shard_size)} if target == "transformers" else {}
-    text_source = open_text_source(src)
+    text_source = open_text_source(src, verify)
     TEXT_WRITERS[target](text_source, dst, dtype=dtype, overwrite=overwrite, **kwargs)
     return text_source.config
   if kind != "mmdit":
@@ -87,7 +89,7 @@ def convert(src, dst, to: str, *, dtype=None, num_heads: int | None = None,
   if to not in WRITERS:
     raise ValueError(f"{src} is an MM-DiT; it converts to {sorted(WRITERS)}, not {to!r}")
   kwargs = {"max_shard_bytes": parse_size(max_shard_size)} if to == "diffusers" else {}
-  source = open_source(src, num_heads=num_heads, head_dim=head_dim)
+  source = open_source(src, num_heads=num_heads, head_dim=head_dim, verify=verify)
   WRITERS[to](source, dst, dtype=dtype, overwrite=overwrite, **kwargs)
   return source.config
 

@@ -93,13 +93,17 @@ def main(argv=None) -> int:
                  help="diffusers/transformers output: shard above this size, with an index file "
                       "(default 10GB)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+  p.add_argument("--no-verify", dest="verify", action="store_false",
+                 help="jax sources: skip checking every parameter against the checksum written with "
+                      "it (faster; a damaged leaf is then converted as it is)")
   args = p.parse_args(argv)
 
   from sd3_jax.convert import convert  # heavy imports after argument parsing
   t0 = time.time()
   try:
     cfg = convert(args.src, args.dst, args.to, dtype=args.dtype, num_heads=args.num_heads,
-                  head_dim=args.head_dim, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                  head_dim=args.head_dim, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                  verify=args.verify)
   except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -12,13 +12,14 @@ import numpy as np
 
 from sd3_jax import pretrained
 from sd3_jax.convert import text_keys as TK
+from sd3_jax.convert.safetensors_io import check_float_dtypes
 from sd3_jax.convert.formats import (DEFAULT_MAX_SHARD_BYTES, DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS,
                                      TRANSFORMERS_INDEX, TRANSFORMERS_WEIGHTS, check_dst,
                                      detect_format, group_reader, is_diffusers_dir,
                                      open_weights_dir, read_json, write_weights_dir)
 
 
-def open_text_source(path) -> TK.TextSource:
+def open_text_source(path, verify: bool = True) -> TK.TextSource:
   """A text encoder as a TextSource: our checkpoint (sd3_jax.clip_text / t5_encoder) or a
   transformers directory (names, shapes and the config validated on opening)."""
   fmt, path = detect_format(path)
@@ -28,7 +29,7 @@ def open_text_source(path) -> TK.TextSource:
       raise ValueError(f"{path} holds a {pretrained.read_format(path).description}, not a text encoder")
     stored = pretrained.stored_params(path)
     return TK.TextSource(config, ours_shapes={k: v[0] for k, v in stored.items()},
-                         ours_dtypes={k: v[1] for k, v in stored.items()}, read_ours=group_reader(path),
+                         ours_dtypes={k: v[1] for k, v in stored.items()}, read_ours=group_reader(path, verify),
                          description=f"sd3_jax checkpoint {path}")
   if fmt != "transformers":
     raise ValueError(f"{path} is a {fmt} MM-DiT checkpoint, not a text encoder")
@@ -90,7 +91,7 @@ TEXT_WRITERS = {"jax": write_text_jax, "transformers": write_text_transformers}
 
 
 def convert_vae(src, dst, to: str, *, dtype=None, overwrite: bool = False,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True):
   """diffusers AutoencoderKL directory -> our sd3_jax.vae checkpoint ('jax'), or back
   ('diffusers'). Returns the VAEConfig."""
   from sd3_jax.convert import vae_keys  # imports the VAE model only when needed
@@ -100,7 +101,12 @@ def convert_vae(src, dst, to: str, *, dtype=None, overwrite: bool = False,
     if fmt != "diffusers":
       raise ValueError(f"{src} is already an sd3_jax checkpoint; a VAE converts to 'diffusers'")
     config_json = read_json(os.path.join(path, "config.json"), "a diffusers config")
+    try:  # validate the config before reading any tensor
+      vae_keys.VAEConfig.from_diffusers_config(config_json)
+    except ValueError as e:
+      raise ValueError(f"{path}/config.json: {e}") from None
     where = open_weights_dir(path, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX, f"diffusers VAE {path}")
+    check_float_dtypes({k: r.dtype(k) for k, r in where.items()}, f"diffusers VAE {path}")
     state_dict = {k: r.read(k) for k, r in where.items()}
     config, params = vae_keys.diffusers_state_dict_to_vae_params(state_dict, config_json, dtype=dtype)
     pretrained.save_pretrained(dst, params, config, overwrite=overwrite)
@@ -110,7 +116,7 @@ def convert_vae(src, dst, to: str, *, dtype=None, overwrite: bool = False,
   if fmt != "jax":
     raise ValueError(f"{src} is already a diffusers VAE; a VAE converts to 'jax'")
   config = pretrained.read_config(path, expected_format="sd3_jax.vae")
-  state_dict = vae_keys.vae_params_to_diffusers_state_dict(pretrained.load_params(path), config)
+  state_dict = vae_keys.vae_params_to_diffusers_state_dict(pretrained.load_params(path, verify=verify), config)
   if dtype is not None:
     state_dict = {k: v.astype(dtype) for k, v in state_dict.items()}
   dst = os.fspath(dst).rstrip("/")

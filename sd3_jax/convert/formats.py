@@ -23,11 +23,12 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from sd3_jax import fileutil, pretrained
+from sd3_jax import fileutil, integrity, pretrained
 from sd3_jax.models.mmdit import MMDiTConfig
 from sd3_jax.convert import mmdit_keys as K
 from sd3_jax.convert import text_keys as TK
-from sd3_jax.convert.safetensors_io import SafetensorsReader, SafetensorsWriter, as_numpy, plan_shards
+from sd3_jax.convert.safetensors_io import (SafetensorsReader, SafetensorsWriter, as_numpy, check_float_dtypes,
+                                            plan_shards)
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -45,7 +46,7 @@ def read_json(path: str, what: str) -> dict:
   try:
     with open(path) as f:
       d = json.load(f)
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from None
   if not isinstance(d, dict):
     raise ValueError(f"{path}: expected a JSON object ({what})")
@@ -117,6 +118,7 @@ class Source:
     self.format, self.config, self.description = fmt, config, description
     self.entries = K.entries(config, fmt)
     pretrained.check_shapes(shapes, {e.name: e.shape for e in self.entries}, description)
+    check_float_dtypes(dtypes, description)
     self._dtypes, self._read = dict(dtypes), read
     self.by_orig: dict[str, list[K.Entry]] = {}
     for e in self.entries:
@@ -172,6 +174,8 @@ def open_sd3(path, *, num_heads: int | None = None, head_dim: int | None = None)
       hints = json.loads(reader.metadata[SD3_METADATA_KEY])
     except json.JSONDecodeError as e:
       raise ValueError(f"{desc}: bad {SD3_METADATA_KEY} metadata: {e}") from None
+    if not isinstance(hints, dict):
+      raise ValueError(f"{desc}: {SD3_METADATA_KEY} metadata must be a JSON object, got {str(hints)[:100]}")
   shapes = {k: reader.shape(v) for k, v in names.items()}
   config = K.infer_config(shapes, "sd3", num_heads=num_heads, head_dim=head_dim, hints=hints, source=desc)
   return Source("sd3", config, shapes, {k: reader.dtype(v) for k, v in names.items()},
@@ -182,8 +186,11 @@ def open_weights_dir(path: str, single: str, index_name: str, desc: str) -> dict
   """Tensor name -> reader for a huggingface weights directory (one file, or shards + index)."""
   index = os.path.join(path, index_name)
   if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = read_json(index, "a safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and v and os.path.basename(v) == v for v in weight_map.values()):
+      raise ValueError(f"{index}: \"weight_map\" must map tensor names to shard file names in "
+                       f"{path}, got {str(weight_map)[:200]}")
     readers = {fn: SafetensorsReader(os.path.join(path, fn)) for fn in sorted(set(weight_map.values()))}
     where = {}
     for fn, r in readers.items():
@@ -202,8 +209,8 @@ def open_weights_dir(path: str, single: str, index_name: str, desc: str) -> dict
 
 def open_diffusers(path, *, num_heads: int | None = None, head_dim: int | None = None) -> Source:
   desc = f"diffusers model {path}"
-  with open(os.path.join(path, "config.json")) as f:
-    hints = K.hints_from_diffusers_config(json.load(f), f"{path}/config.json")
+  cfg_path = os.path.join(path, "config.json")
+  hints = K.hints_from_diffusers_config(read_json(cfg_path, "a diffusers config"), cfg_path)
   where = open_weights_dir(path, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX, desc)
   shapes = {k: r.shape(k) for k, r in where.items()}
   config = K.infer_config(shapes, "diffusers", num_heads=num_heads, head_dim=head_dim, hints=hints,
@@ -212,8 +219,10 @@ def open_diffusers(path, *, num_heads: int | None = None, head_dim: int | None =
                 lambda k: where[k].read(k), desc)
 
 
-def group_reader(path) -> Callable[[str], np.ndarray]:
-  """Reads flat parameter names from our checkpoint, holding one top-level group at a time."""
+def group_reader(path, verify: bool = True) -> Callable[[str], np.ndarray]:
+  """Reads flat parameter names from our checkpoint, holding one top-level group at a time;
+  verify: check each group against the checksums written with it."""
+  sums = pretrained.read_checksums(path) if verify else None
   cache: dict = {"group": None, "leaves": {}}
   lock = threading.Lock()
 
@@ -222,26 +231,30 @@ def group_reader(path) -> Callable[[str], np.ndarray]:
     with lock:  # one top-level group (e.g. one joint block) in memory at a time
       if cache["group"] != group:
         cache["leaves"] = {}
-        cache["leaves"] = pretrained.flatten(pretrained.load_params(path, [group]))
+        cache["leaves"] = pretrained.flatten(pretrained.load_params(path, [group], verify=verify,
+                                                                    checksums=sums))
         cache["group"] = group
       return cache["leaves"][name]
 
   return read
 
 
-def open_jax(path) -> Source:
+def open_jax(path, verify: bool = True) -> Source:
   config = pretrained.read_config(path)
   stored = pretrained.stored_params(path)
-  read = group_reader(path)
+  integrity.check_stored_grid(config, stored, path)
+  read = group_reader(path, verify)
   return Source("jax", config, {k: v[0] for k, v in stored.items()},
                 {k: v[1] for k, v in stored.items()}, read, f"sd3_jax checkpoint {path}")
 
 
-def open_source(path, *, num_heads: int | None = None, head_dim: int | None = None) -> Source:
+def open_source(path, *, num_heads: int | None = None, head_dim: int | None = None,
+                verify: bool = True) -> Source:
   """Opens any of the three formats (detected automatically) and validates it.
 
   num_heads / head_dim: only needed for original files without qk-norm (and without our
-  metadata) whose head dim is not 64; checked against the checkpoint otherwise."""
+  metadata) whose head dim is not 64; checked against the checkpoint otherwise. verify: our
+  format only, check every leaf read against its checksum."""
   fmt, path = detect_format(path)
   if fmt == "jax":
     cfg = pretrained.read_config(path)
@@ -249,7 +262,7 @@ def open_source(path, *, num_heads: int | None = None, head_dim: int | None = No
         head_dim is not None and head_dim != cfg.head_dim):
       raise ValueError(f"num_heads={num_heads} / head_dim={head_dim} conflict with {path} "
                        f"(num_heads={cfg.num_heads}, head_dim={cfg.head_dim})")
-    return open_jax(path)
+    return open_jax(path, verify)
   opener = open_sd3 if fmt == "sd3" else open_diffusers
   return opener(path, num_heads=num_heads, head_dim=head_dim)
 

@@ -408,6 +408,16 @@ def hints_from_diffusers_config(cfg: Mapping, source: str) -> dict:
                in_channels="in_channels", out_channels="out_channels",
                joint_attention_dim="context_dim", pooled_projection_dim="pooled_dim",
                pos_embed_max_size="pos_embed_max_size")
+  for k in (*names, "attention_head_dim", "caption_projection_dim", "sample_size"):
+    v = cfg.get(k)
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+      raise ValueError(f"{source}: {k} must be a positive integer, got {v!r}")
+  dual = cfg.get("dual_attention_layers")
+  if dual is not None and (not isinstance(dual, (list, tuple))
+                           or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in dual)):
+    raise ValueError(f"{source}: dual_attention_layers must be a list of block indices, got {dual!r}")
+  if not isinstance(cfg.get("_sd3_jax") or {}, dict):
+    raise ValueError(f"{source}: _sd3_jax must be an object, got {cfg.get('_sd3_jax')!r}")
   for k, ours in names.items():
     if cfg.get(k) is not None:
       hints[ours] = cfg[k]

@@ -13,12 +13,14 @@ a JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__meta
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+import safetensors
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -28,7 +30,114 @@ _DTYPES = {
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit (MAX_HEADER_SIZE)
+
+
+class HeaderError(ValueError):
+  """A malformed safetensors header; the message names the file, the tensor and the problem."""
+
+
+def _no_duplicates(pairs):
+  out = {}
+  for k, v in pairs:
+    if k in out:
+      raise HeaderError(f"tensor {k!r}: the name appears twice in the header (a second entry would silently "
+                        "replace the first)")
+    out[k] = v
+  return out
+
+
+def read_header(path: str) -> tuple[object, int]:
+  """(parsed JSON header, offset of the data section). The 8-byte length is checked against the
+  file size and a bound before the header is read; duplicate names are refused while parsing."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    raw = f.read(8)
+    if len(raw) != 8:
+      raise HeaderError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > _MAX_HEADER or 8 + n > size:
+      raise HeaderError(f"{path} is not a safetensors file or is truncated: its header claims "
+                        f"{n} bytes, the file has {size - 8} after the length field (limit {_MAX_HEADER})")
+    text = f.read(n)
+  try:
+    return json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates), 8 + n
+  except HeaderError as e:
+    raise HeaderError(f"{path}: {e}") from None
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise HeaderError(f"{path} is not a safetensors file: the header is not JSON ({e})") from None
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_header(path: str, header, data_size: int
+                    ) -> tuple[dict[str, str], dict[str, tuple[np.dtype, tuple[int, ...], int, int]]]:
+  """Checks a parsed header as the safetensors format defines it and returns (metadata,
+  {name: (dtype, shape, begin, end)}).
+
+  Every entry is an object with a known dtype, a shape of non-negative ints and two int
+  data_offsets inside the data section, whose length is dtype size x prod(shape); the entries
+  do not overlap and cover the data section exactly; ``__metadata__`` maps str to str. The
+  safetensors library then checks the file as well (``safe_open``), so anything it refuses is
+  refused here too; our own checks come first because they name the tensor.
+  """
+  def bad(name, what):
+    return HeaderError(f"{path}: tensor {name!r}: {what}")
+
+  if not isinstance(header, dict):
+    raise HeaderError(f"{path} is not a safetensors file: the header is a JSON "
+                      f"{type(header).__name__}, not an object")
+  metadata = header.get("__metadata__", {})
+  if metadata is None:
+    metadata = {}
+  if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    raise HeaderError(f"{path}: __metadata__ must map strings to strings, got {str(metadata)[:200]}")
+  entries = {}
+  for name, e in header.items():
+    if name == "__metadata__":
+      continue
+    if not isinstance(e, dict):
+      raise bad(name, f"the entry is a {type(e).__name__}, not an object with dtype, shape and data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in e]
+    if missing:
+      raise bad(name, f"the entry has no {' / '.join(missing)}")
+    code, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(code, str) or code not in _DTYPES:
+      raise bad(name, f"unsupported dtype {code!r} (known: {sorted(_DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+      raise bad(name, f"shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]):
+      raise bad(name, f"data_offsets {offsets!r} are not two integers 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_size:
+      raise bad(name, f"data_offsets [{begin}, {end}] run past the end of the data section "
+                      f"({data_size} bytes): the file is truncated or the header lies")
+    dt = _DTYPES[code]
+    nbytes = math.prod(shape) * dt.itemsize
+    if end - begin != nbytes:
+      raise bad(name, f"data_offsets [{begin}, {end}] hold {end - begin} bytes, but {code} {shape} "
+                      f"needs {nbytes}")
+    entries[name] = (dt, tuple(shape), begin, end)
+  pos, prev = 0, None
+  for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+    if begin < pos:
+      raise bad(name, f"data_offsets [{begin}, {end}] overlap tensor {prev!r} (which ends at {pos})")
+    if begin > pos:
+      raise bad(name, f"data_offsets [{begin}, {end}] leave bytes {pos}..{begin} of the data "
+                      "section unused (entries must cover it exactly)")
+    pos, prev = end, name
+  if pos != data_size:
+    raise HeaderError(f"{path}: the tensors cover {pos} bytes of the {data_size}-byte data section "
+                      f"(last tensor {prev!r}); the file has trailing data or the header lies")
+  try:
+    with safetensors.safe_open(path, "numpy"):
+      pass
+  except Exception as e:  # safetensors_rust.SafetensorError
+    raise HeaderError(f"{path}: rejected by the safetensors library: {e}") from None
+  return dict(metadata), entries
 
 
 def dtype_code(dtype) -> str:
@@ -39,32 +148,16 @@ def dtype_code(dtype) -> str:
 
 
 class SafetensorsReader:
-  """Header of one .safetensors file plus on-demand reads of single tensors."""
+  """Header of one .safetensors file plus on-demand reads of single tensors.
+
+  The header is validated completely on opening (``validate_header``), before anything it
+  describes is used: a reader exists only for a file that holds every byte its header promises.
+  """
 
   def __init__(self, path: str | os.PathLike):
     self.path = os.fspath(path)
-    with open(self.path, "rb") as f:
-      raw = f.read(8)
-      if len(raw) != 8:
-        raise ValueError(f"{self.path} is not a safetensors file (shorter than 8 bytes)")
-      (n,) = struct.unpack("<Q", raw)
-      if n > _MAX_HEADER:
-        raise ValueError(f"{self.path} is not a safetensors file (header size {n})")
-      try:
-        header = json.loads(f.read(n))
-      except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{self.path} is not a safetensors file: bad header ({e})") from None
-    self._data_start = 8 + n
-    self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-    self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-    for name, e in header.items():
-      if e["dtype"] not in _DTYPES:
-        raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
-      begin, end = e["data_offsets"]
-      dt, shape = _DTYPES[e["dtype"]], tuple(int(s) for s in e["shape"])
-      if end - begin != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
-        raise ValueError(f"{self.path}: tensor {name!r} data size does not match {shape} {dt}")
-      self._entries[name] = (dt, shape, begin, end)
+    header, self._data_start = read_header(self.path)
+    self.metadata, self._entries = validate_header(self.path, header, os.path.getsize(self.path) - self._data_start)
 
   def keys(self) -> list[str]:
     return list(self._entries)
@@ -190,3 +283,16 @@ def as_numpy(x) -> np.ndarray:
       return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return x.numpy()
   return np.asarray(x)
+
+
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def check_float_dtypes(dtypes: Mapping[str, object], what: str) -> None:
+  """Model weights are floating point: a tensor stored (or relabelled) as an integer or bool
+  dtype would be converted bit for bit into nonsense, so it is refused, naming the tensor."""
+  floats = {_DTYPES[c] for c in _FLOAT_CODES}
+  for name, dt in dtypes.items():
+    if np.dtype(dt) not in floats:
+      raise ValueError(f"{what}: tensor {name!r} has dtype {np.dtype(dt)}, but model weights are "
+                       f"floating point ({', '.join(_FLOAT_CODES)}); the file is damaged or mislabelled")

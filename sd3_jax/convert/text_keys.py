@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from sd3_jax.convert.safetensors_io import as_numpy
+from sd3_jax.convert.safetensors_io import as_numpy, check_float_dtypes
 from sd3_jax.models.text_encoders import CLIPTextConfig, T5EncoderConfig
 
 CLIP_PREFIX = "text_model."
@@ -235,6 +235,7 @@ class TextSource:
     else:
       check_shapes(ours_shapes, {e.ours: e.ours_shape for e in self.entries}, description)
       self._dtypes = {e.ours: np.dtype(ours_dtypes[e.ours]) for e in self.entries}
+    check_float_dtypes(self._dtypes, description)
     self._read_hf, self._read_ours = read_hf, read_ours
 
   def dtype(self, ours: str) -> np.dtype:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
+from sd3_jax.models.config_check import check_config
+
 
 @dataclasses.dataclass(frozen=True)
 class MMDiTConfig:
@@ -47,6 +49,10 @@ class MMDiTConfig:
   sample_size: int | None = None
 
   def __post_init__(self):
+    check_config(self, positive=("depth", "hidden_size", "num_heads", "patch_size", "in_channels",
+                                 "out_channels", "pooled_dim", "context_dim", "pos_embed_max_size",
+                                 "mlp_ratio", "pos_embed_base_size", "sample_size"),
+                 non_negative=("dual_attention_layers",), positive_real=("pos_embed_scale",))
     object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
     if self.hidden_size is None:
       object.__setattr__(self, "hidden_size", 64 * self.depth)

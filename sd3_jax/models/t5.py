@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from sd3_jax.models.config_check import check_config
 from sd3_jax.models.layers import (ACTIVATIONS, Dense, Embed, T5LayerNorm, dataclass_from_dict, hf_get,
                                    masked_attention)
 
@@ -40,6 +41,9 @@ class T5EncoderConfig:
   feed_forward_proj: str = "gated-gelu"
 
   def __post_init__(self):
+    check_config(self, positive=("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                                 "relative_attention_num_buckets", "relative_attention_max_distance"),
+                 positive_real=("layer_norm_epsilon",))
     self.activation  # validates feed_forward_proj
 
   @property

@@ -13,6 +13,7 @@ from flax import linen as nn
 
 from sd3_jax.models.layers import (ACTIVATIONS, Dense, Embed, LayerNorm, dataclass_from_dict, hf_get,
                                    masked_attention)
+from sd3_jax.models.config_check import check_config
 from sd3_jax.models.t5 import T5Encoder, T5EncoderConfig
 
 Dtype = Any
@@ -49,6 +50,10 @@ class CLIPTextConfig:
   hidden_layer: int = -2
 
   def __post_init__(self):
+    check_config(self, positive=("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                 "max_position_embeddings", "projection_dim"),
+                 non_negative=("eos_token_id", "bos_token_id", "pad_token_id"),
+                 positive_real=("layer_norm_eps",))
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"unsupported CLIP hidden_act {self.hidden_act!r}; known: {sorted(ACTIVATIONS)}")
     if self.hidden_size % self.num_heads:

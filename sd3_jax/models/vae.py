@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sd3_jax.models import layers as L
+from sd3_jax.models.config_check import check_config
 
 Dtype = Any
 
@@ -45,6 +46,8 @@ class VAEConfig:
   shift_factor: float = 0.0609
 
   def __post_init__(self):
+    check_config(self, positive=("in_channels", "out_channels", "latent_channels", "block_out_channels",
+                                 "layers_per_block", "norm_num_groups"))
     object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
     if not self.block_out_channels:
       raise ValueError("block_out_channels must name at least one level")
@@ -91,6 +94,12 @@ class VAEConfig:
     if cls_name != "AutoencoderKL":
       raise ValueError(f"diffusers VAE config: _class_name is {cls_name!r}, expected 'AutoencoderKL'")
     c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith("_")}}
+    for k in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "force_upcast"):
+      if not isinstance(c[k], bool):
+        raise ValueError(f"diffusers VAE config: {k} must be true or false, got {c[k]!r}")
+    for k in ("block_out_channels", "down_block_types", "up_block_types"):
+      if isinstance(c[k], (str, bytes)) or not isinstance(c[k], (list, tuple)):
+        raise ValueError(f"diffusers VAE config: {k} must be a list, got {c[k]!r}")
     problems = []
     for k in ("use_quant_conv", "use_post_quant_conv"):
       if c[k]:
@@ -111,12 +120,12 @@ class VAEConfig:
                         "scaling_factor/shift_factor)")
     if problems:
       raise ValueError("unsupported diffusers AutoencoderKL config:\n  " + "\n  ".join(problems))
-    return cls(in_channels=int(c["in_channels"]), out_channels=int(c["out_channels"]),
-               latent_channels=int(c["latent_channels"]),
-               block_out_channels=tuple(c["block_out_channels"]),
-               layers_per_block=int(c["layers_per_block"]), norm_num_groups=int(c["norm_num_groups"]),
-               scaling_factor=float(c["scaling_factor"]),
-               shift_factor=float(c["shift_factor"] or 0.0))  # diffusers: None means no shift
+    # No int()/float() casts: "3" or 3.5 in a config.json is an error (check_config names it).
+    return cls(in_channels=c["in_channels"], out_channels=c["out_channels"],
+               latent_channels=c["latent_channels"], block_out_channels=tuple(c["block_out_channels"]),
+               layers_per_block=c["layers_per_block"], norm_num_groups=c["norm_num_groups"],
+               scaling_factor=c["scaling_factor"],
+               shift_factor=0.0 if c["shift_factor"] is None else c["shift_factor"])  # None: no shift
 
 
 # diffusers.AutoencoderKL.__init__ defaults (0.42), used for keys a config.json leaves out.
