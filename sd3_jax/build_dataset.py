@@ -395,7 +395,7 @@ def build(source, out_dir: str, *, image_encoder: ImageEncoder, text_encoder: Te
 
 def main(argv=None, *, image_encoder: ImageEncoder | None = None,
          text_encoder: TextEncoderFn | None = None) -> dict:
-  p = argparse.ArgumentParser(prog="python -m sd3_jax.build_dataset", description=__doc__,
+  p = argparse.ArgumentParser(prog="sd3-build-dataset", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True)
   p.add_argument("--images", help="image folder (with --captions JSONL)")

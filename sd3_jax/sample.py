@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m sd3_jax.sample", description=__doc__.split("\n\n")[0],
+  p = argparse.ArgumentParser(prog="sd3-sample", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="training workdir (reads WORKDIR/checkpoints)")

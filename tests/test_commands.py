@@ -32,3 +32,11 @@ def test_expected_failures_are_one_line(tmp_path, module, argv, prog, message):
   assert "Traceback" not in r.stderr, r.stderr[-3000:]
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith(f"{prog}: error: " if prog else "error: ") and message in last, last
+
+
+@pytest.mark.parametrize("module,flag", [("sd3_jax.main", "--workdir"), ("sd3_jax.sample", "--text_encoders"),
+                                         ("sd3_jax.build_dataset", "--captions"), ("sd3_jax.demo", "--steps"),
+                                         ("sd3_jax.convert", "--src"), ("tools.convert_weights", "--src")])
+def test_help(module, flag):
+  r = _run(module, "--help")
+  assert r.returncode == 0 and flag in r.stdout, r.stderr[-3000:]

@@ -22,6 +22,27 @@ from sd3_jax.demo import scenes as scene_lib
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
+EPILOG = """\
+  bash launch/demo.sh [WORKDIR]            # creates .venv if missing, then runs this command
+  sd3-demo --workdir DIR [--steps N] [--config FILE]   # = python -m sd3_jax.demo
+
+Everything is generated here, nothing is downloaded. Into WORKDIR:
+
+  text_encoders/   tokenizers trained on the demo's captions and RANDOMLY initialised small
+                   CLIP-L, CLIP-G and T5 encoders of the real architectures, in the diffusers
+                   pipeline layout that sd3-sample --text_encoders reads
+  data/train, data/val   records of 32x32 scenes of two coloured shapes ("a red circle above
+                   a blue square"): train over 408 caption combinations, val over 24 held-out
+                   ones; the image in [-1, 1] is the "latent" (pixel space)
+  checkpoints/, metrics.jsonl   the real trainer with sd3_jax/demo/config.py
+  loss.png         training and validation loss against steps
+  samples_heldout.png   a row of samples per held-out prompt, the prompt beside it
+  summary.json     val_loss, sample_accuracy on the held-out prompts (the scenes checker reads
+                   colours, shapes and the relation back) and the chance level (the same
+                   images scored against shuffled held-out captions)
+
+Each stage is skipped when its output is complete, so rerunning resumes.
+"""
 CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5's vocabulary
 
@@ -380,8 +401,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(prog="python -m sd3_jax.demo", description=__doc__.split("\n\n")[0],
-                              epilog=__doc__.split("\n\n", 1)[1], formatter_class=_HelpFormatter)
+  p = argparse.ArgumentParser(prog="sd3-demo", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                              formatter_class=_HelpFormatter)
   p.add_argument("--workdir", default="workdirs/demo", help="where everything is written")
   p.add_argument("--config", default=DEFAULT_CONFIG, help="trainer config")
   p.add_argument("--steps", type=int, help="training steps (none: the config's total_steps)")
