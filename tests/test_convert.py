@@ -357,7 +357,8 @@ def test_sources_read_each_tensor_once(tmp_path, monkeypatch):
   pretrained.save_pretrained(tmp_path / "jx", params, cfg)
   groups = []
   real = pretrained.load_params
-  monkeypatch.setattr(pretrained, "load_params", lambda p, g=None: groups.append(tuple(g)) or real(p, g))
+  monkeypatch.setattr(pretrained, "load_params",
+                      lambda p, g=None, **kw: groups.append(tuple(g)) or real(p, g, **kw))
   convert(tmp_path / "jx", tmp_path / "m.safetensors", "sd3")
   assert sorted(groups) == sorted((g,) for g in params)  # one top-level group at a time, once each
   monkeypatch.setattr(pretrained, "load_params", real)

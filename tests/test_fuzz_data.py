@@ -231,13 +231,17 @@ def test_trainer_clean_errors_have_one_line_and_no_second_traceback(tmp_path, mo
   assert "sd3-train: error: config.total_steps must be >= 1, got -1" in p.stderr
   assert not any(s in p.stderr for s in SECOND_TRACEBACKS), p.stderr[-2000:]
   assert not os.path.exists(tmp_path / "w1" / "checkpoints")  # refused before anything was made
-  # A dataset of the tiny config's spec with a NaN in record 3: the first batch reads it.
-  d = _write_dataset(str(tmp_path / "ds"), 16, bad=(3, "latent", np.nan), shape=(8, 8, 4), ctx=(8, 32),
+  # A dataset of the tiny config's spec with a NaN in record 12: the second batch reads it, while
+  # the async save of step 1 may still be running (without the shutdown this printed a stream of
+  # "Event loop is closed" tracebacks after the error line).
+  d = _write_dataset(str(tmp_path / "ds"), 16, bad=(12, "latent", np.nan), shape=(8, 8, 4), ctx=(8, 32),
                      pooled=32, per_shard=8, monkeypatch=monkeypatch)
   p = _train(tmp_path / "w2", "--config.data.source=records", f"--config.data.path={d}",
-             "--config.data.shuffle=False", "--config.val.every=0", "--config.total_steps=4")
+             "--config.data.shuffle=False", "--config.val.every=0", "--config.total_steps=4",
+             "--config.checkpoint_every=1")
   assert p.returncode == 2, p.stderr[-3000:]
   err = [ln for ln in p.stderr.splitlines() if "sd3-train: error:" in ln]
-  assert len(err) == 1 and "data-00000-of-00002.array_record: record 3 (global index 3)" in err[0], p.stderr[-3000:]
-  assert "latent of record 'ex3' holds 1 NaN/Inf" in err[0]
+  assert len(err) == 1 and "data-00001-of-00002.array_record: record 4 (global index 12)" in err[0], p.stderr[-3000:]
+  assert "latent of record 'ex12' holds 1 NaN/Inf" in err[0]
   assert not any(s in p.stderr for s in SECOND_TRACEBACKS), p.stderr[-3000:]
+  assert os.listdir(tmp_path / "w2" / "checkpoints") == ["1"]  # the save in flight was finished
