@@ -85,7 +85,7 @@ def _lse_terms(theta: np.ndarray, features: Sequence[np.ndarray]) -> tuple[np.nd
   return log_pred, jac
 
 
-def _minimise(features, log_y, starts, bounds, delta, keep: int = 3) -> tuple[np.ndarray, list[np.ndarray]]:
+def _minimise(features, log_y, starts, bounds, delta, keep: int = 1) -> tuple[np.ndarray, list[np.ndarray]]:
   """The best L-BFGS-B solution over ``starts`` of the summed Huber loss of log residuals, and
   the ``keep`` best starting points (to warm-start bootstrap refits)."""
   def objective(theta):
@@ -113,6 +113,8 @@ def _minimise(features, log_y, starts, bounds, delta, keep: int = 3) -> tuple[np
 def _bootstrap(fit_once: Callable[[np.ndarray], np.ndarray], n: int, groups, num_bootstrap: int,
                seed: int) -> np.ndarray:
   """Parameter vectors refitted on ``num_bootstrap`` resamples (of points, or of whole groups)."""
+  if num_bootstrap < 0:
+    raise ValueError(f"num_bootstrap must be >= 0, got {num_bootstrap}")
   rng = np.random.default_rng(seed)
   if groups is None:
     members = [np.array([i]) for i in range(n)]
@@ -125,7 +127,10 @@ def _bootstrap(fit_once: Callable[[np.ndarray], np.ndarray], n: int, groups, num
   for _ in range(num_bootstrap):
     pick = rng.integers(len(members), size=len(members))
     out.append(fit_once(np.concatenate([members[j] for j in pick])))
-  return np.array(out)
+  if not out:
+    return np.empty((0, 0))
+  out = np.array(out)
+  return out[np.isfinite(out).all(axis=1)]  # resamples too degenerate to fit are dropped
 
 
 def _intervals(names: Sequence[str], samples: np.ndarray) -> dict[str, tuple[float, float]]:
@@ -199,7 +204,6 @@ def fit_power_law(compute, loss, *, num_bootstrap: int = 200, seed: int = 0,
 
   params = to_params(theta)
   samples = _bootstrap(fit_once, len(c), groups, num_bootstrap, seed)
-  samples = samples[np.isfinite(samples).all(axis=1)]
   ci = _intervals(("e", "a", "alpha"), samples) if len(samples) else {}
   fit = PowerLawFit(e=float(params[0]), a=float(params[1]), alpha=float(params[2]), ci=ci, r2_log=0.0,
                     num_points=len(c), num_bootstrap=num_bootstrap)
@@ -271,7 +275,6 @@ def fit_parametric(n, d, loss, *, num_bootstrap: int = 200, seed: int = 0, huber
 
   params = to_params(theta)
   samples = _bootstrap(fit_once, len(n_), groups, num_bootstrap, seed)
-  samples = samples[np.isfinite(samples).all(axis=1)]
   ci = _intervals(("e", "a", "b", "alpha", "beta"), samples) if len(samples) else {}
   fit = ParametricFit(e=float(params[0]), a=float(params[1]), b=float(params[2]), alpha=float(params[3]),
                       beta=float(params[4]), ci=ci, r2_log=0.0, num_points=len(n_), num_bootstrap=num_bootstrap)
