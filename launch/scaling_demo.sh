@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy scaling study end to end on this machine (configs/scaling/toy.py): the embedded demo's
-# coloured-shapes data and random text encoders, a depth family d = 2..5 at width 16 d plus the
+# coloured-shapes data and random text encoders, a depth family d = 1..4 at width 16 d plus the
 # timestep-sampler comparison (7 runs, each a training workdir), held-out sample accuracy of every
 # run, then fits and plots. Every stage skips finished work, so a rerun resumes.
 # Writes WORKDIR/sweep/<run>/, WORKDIR/analysis/{runs.csv,scaling.json,*.png}.

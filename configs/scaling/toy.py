@@ -1,9 +1,9 @@
 r"""The toy scaling study on the embedded demo's coloured shapes (``bash launch/scaling_demo.sh``).
 
 A CPU-sized depth family with the paper's shape rule at a quarter of its width: hidden 16 d,
-d heads (head dim 16), d = 2, 3, 4, 5 (82k to 1.1M parameters), patch 4 on 32x32x3 pixels
+d heads (head dim 16), d = 1, 2, 3, 4 (15k to 0.59M parameters), patch 4 on 32x32x3 pixels
 (64 image tokens + 24 text tokens), batch 16, 400 steps each; and the paper's timestep-sampler
-comparison at equal compute: d = 3 for 400 steps with logit-normal(0, 1), uniform, CosMap and
+comparison at equal compute: d = 2 for 400 steps with logit-normal(0, 1), uniform, CosMap and
 mode(1.29) t. Every run logs the validation loss 4 times (a curve, not a point). Sized to run
 while the 2-core machine was shared (see the README); `--set` or a copy scales it up.
 
@@ -32,8 +32,8 @@ def get_config(data_dir: str = "workdirs/scaling_demo/data"):
   s.width_per_depth = 16
   s.val_points = 4
   s.grids = [
-      dict(name="scaling", depths=(2, 3, 4, 5), lengths=(400,)),
-      dict(name="samplers", depths=(3,), lengths=(400,),
+      dict(name="scaling", depths=(1, 2, 3, 4), lengths=(400,)),
+      dict(name="samplers", depths=(2,), lengths=(400,),
            axes={"flow.sampler": ("logit_normal", "uniform", "cosmap", "mode")}),
   ]
   return s
