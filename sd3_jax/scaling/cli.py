@@ -29,7 +29,8 @@ def _run(args) -> None:
     runs = sweep_lib.plan(sweep)
     for run in runs:
       if not args.only or run.name in args.only:
-        print(sweep_lib.command_line(sweep, run, os.path.abspath(args.sweep_dir)))
+        remote = "://" in args.sweep_dir  # gs://... as the trainer takes it; local paths made absolute
+        print(sweep_lib.command_line(sweep, run, args.sweep_dir if remote else os.path.abspath(args.sweep_dir)))
     return
   trained = runner.run_sweep(sweep, args.sweep_dir, only=args.only)
   print(f"trained {len(trained)} run(s) into {args.sweep_dir}: {', '.join(trained) or 'all were finished'}")

@@ -92,6 +92,7 @@ def load_sweep(path: str, overrides: Mapping[str, Any] | None = None) -> ml_coll
   if not os.path.isabs(base):
     beside = os.path.join(os.path.dirname(os.path.abspath(path)), base)
     sweep.base_config = os.path.abspath(beside if os.path.isfile(beside) else base)
+  sweep.base_config = os.path.normpath(sweep.base_config)
   if not os.path.isfile(sweep.base_config):
     raise FileNotFoundError(f"the sweep's base_config {base!r} does not exist (looked beside {path} and in "
                             f"{os.getcwd()})")
@@ -209,8 +210,8 @@ def _flag_value(value: Any) -> str:
 def command_line(sweep: ml_collections.ConfigDict, run: Run, sweep_dir: str,
                  python: str = "python") -> str:
   """The ``python -m sd3_jax.main ...`` line that trains ``run`` (for a pod scheduler or SLURM)."""
-  parts = [python, "-m", "sd3_jax.main", "--config", sweep.base_config, "--workdir",
-           os.path.join(sweep_dir, run.name)]
+  workdir = f"{sweep_dir.rstrip('/')}/{run.name}" if "://" in sweep_dir else os.path.join(sweep_dir, run.name)
+  parts = [python, "-m", "sd3_jax.main", "--config", sweep.base_config, "--workdir", workdir]
   parts += [f"--config.{k}={_flag_value(v)}" for k, v in run.overrides.items()]
   return " ".join(shlex.quote(p) for p in parts)
 
