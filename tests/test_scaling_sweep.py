@@ -107,6 +107,7 @@ def test_missing_sweep_file_is_one_line_and_exit_2(tmp_path, capsys):
 
 def _scaling(args, **kw):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one CPU device (conftest's 8 fake devices only slow these runs)
   return subprocess.Popen([sys.executable, "-m", "sd3_jax.scaling", *args], env=env, cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 

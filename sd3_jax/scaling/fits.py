@@ -33,7 +33,9 @@ CI_LEVEL = 0.95
 # Input checks
 
 
-def _as_positive(name: str, values, n: int | None = None) -> np.ndarray:
+def positive_array(name: str, values, n: int | None = None) -> np.ndarray:
+  """``values`` as a 1-D float64 array of finite positive numbers (of length ``n`` if given), or a
+  ValueError that names ``name`` and the offending entry."""
   x = np.asarray(values, dtype=np.float64)
   if x.ndim != 1:
     raise ValueError(f"{name} must be a 1-D sequence of numbers, got shape {x.shape}")
@@ -184,8 +186,8 @@ def _power_law_theta(x, log_y, delta, extra_starts=(), grid=True):
 def fit_power_law(compute, loss, *, num_bootstrap: int = 200, seed: int = 0,
                   huber_delta: float = HUBER_DELTA, groups=None) -> PowerLawFit:
   """Fits L(C) = E + A C^-alpha to (compute, loss) pairs; see the module docstring."""
-  c = _as_positive("compute", compute)
-  y = _as_positive("loss", loss, len(c))
+  c = positive_array("compute", compute)
+  y = positive_array("loss", loss, len(c))
   _check_count("L(C) = E + A C^-alpha", len(c), 3)
   if len(np.unique(c)) < 2:
     raise ValueError("compute must take at least two different values to fit an exponent")
@@ -252,9 +254,9 @@ def _parametric_theta(xn, xd, log_y, delta, extra_starts=(), grid=True):
 def fit_parametric(n, d, loss, *, num_bootstrap: int = 200, seed: int = 0, huber_delta: float = HUBER_DELTA,
                    groups=None) -> ParametricFit:
   """Fits L(N, D) = E + A / N^alpha + B / D^beta (N parameters, D data seen, e.g. images)."""
-  n_ = _as_positive("n", n)
-  d_ = _as_positive("d", d, len(n_))
-  y = _as_positive("loss", loss, len(n_))
+  n_ = positive_array("n", n)
+  d_ = positive_array("d", d, len(n_))
+  y = positive_array("loss", loss, len(n_))
   _check_count("L(N, D) = E + A/N^alpha + B/D^beta", len(n_), 5)
   for name, v in (("n", n_), ("d", d_)):
     if len(np.unique(v)) < 2:

@@ -13,14 +13,14 @@ import dataclasses
 
 import numpy as np
 
-from sd3_jax.scaling.fits import CI_LEVEL, _as_positive
+from sd3_jax.scaling.fits import CI_LEVEL, positive_array
 
 
 def frontier(compute, loss) -> np.ndarray:
   """Indices (in increasing compute) of the points whose loss is below that of every point with
   less or equal compute: the lower envelope of loss-vs-compute curves."""
-  c = _as_positive("compute", compute)
-  y = _as_positive("loss", loss, len(c))
+  c = positive_array("compute", compute)
+  y = positive_array("loss", loss, len(c))
   order = np.lexsort((y, c))
   keep, best = [], np.inf
   for i in order:
@@ -67,9 +67,9 @@ def fit_isoflop(budget, n, loss, *, num_bootstrap: int = 200, seed: int = 0) -> 
 
   Needs at least two budgets with three or more distinct sizes each whose parabola has a
   minimum (an upward-opening fit)."""
-  c = _as_positive("budget", budget)
-  n_ = _as_positive("n", n, len(c))
-  y = _as_positive("loss", loss, len(c))
+  c = positive_array("budget", budget)
+  n_ = positive_array("n", n, len(c))
+  y = positive_array("loss", loss, len(c))
   budgets = sorted(set(c.tolist()))
   log_n, log_y = np.log(n_), np.log(y)
   found = _vertices(c, log_n, log_y, budgets)
