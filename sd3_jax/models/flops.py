@@ -96,6 +96,20 @@ def train_step_flops(config: MMDiTConfig, latent_h: int, latent_w: int, context_
   return 3 * batch_size * mmdit_forward_flops(config, latent_h, latent_w, context_len)
 
 
+def approx_train_flops(num_params: int, num_tokens: int) -> int:
+  """The 6ND rule of thumb for a whole run (Kaplan et al. 2020): 6 x parameters x tokens seen.
+
+  For the MM-DiT a "token" is one position of the joint sequence (image patches + text
+  tokens). The rule ignores attention and counts every parameter for every token, although each
+  token only passes through its own stream's weights, so it can be far from ``train_step_flops``
+  x steps at small widths and short sequences; it is reported beside the exact count, never
+  instead of it.
+  """
+  if num_params < 0 or num_tokens < 0:
+    raise ValueError(f"parameters ({num_params}) and tokens ({num_tokens}) must be >= 0")
+  return 6 * int(num_params) * int(num_tokens)
+
+
 def _dot_general_flops(eqn) -> int:
   (lc, _), (lb, _) = eqn.params["dimension_numbers"]
   lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape

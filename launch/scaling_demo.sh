@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The toy scaling study end to end on this machine (configs/scaling/toy.py): the embedded demo's
+# coloured-shapes data and random text encoders, a depth family d = 1..4 at width 16 d plus the
+# timestep-sampler comparison (7 runs, each a training workdir), held-out sample accuracy of every
+# run, then fits and plots. Every stage skips finished work, so a rerun resumes.
+# Writes WORKDIR/sweep/<run>/, WORKDIR/analysis/{runs.csv,scaling.json,*.png}.
+# Usage: bash launch/scaling_demo.sh [WORKDIR]      (PYTHON=/path/to/python skips the .venv set-up)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+workdir="${1:-workdirs/scaling_demo}"
+py="${PYTHON:-}"
+if [ -z "$py" ]; then
+  bash launch/setup_venv.sh
+  py=.venv/bin/python
+fi
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+"$py" -m sd3_jax.scaling toy_data --workdir "$workdir"
+"$py" -m sd3_jax.scaling run "configs/scaling/toy.py:$workdir/data" --sweep_dir "$workdir/sweep"
+"$py" -m sd3_jax.scaling score "$workdir/sweep" --text_encoders "$workdir/text_encoders" \
+    --samples_per_prompt 4 --sampling_steps 20
+"$py" -m sd3_jax.scaling analyze "$workdir/sweep" --out "$workdir/analysis" --holdout largest
+echo "wrote $workdir/analysis (runs.csv, scaling.json, plots)"

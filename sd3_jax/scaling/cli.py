@@ -1,0 +1,124 @@
+r"""Scaling-law studies from the command line (``python -m sd3_jax.scaling`` or ``sd3-scaling``).
+
+  run SWEEP[:ARG] --sweep_dir DIR [--print_commands] [--only NAME ...] [--set KEY=VALUE ...]
+      train every run of a sweep file here, one after another (finished runs are skipped, a
+      killed sweep resumes), or print one `python -m sd3_jax.main ...` line per run
+  analyze RUN_OR_SWEEP_DIR ... --out DIR [--loss val/loss | --levels interior | --levels 0.143,0.286]
+          [--holdout largest | --holdout NAME,NAME] [--where KEY=VALUE ...] [--num_bootstrap N]
+      runs.csv, scaling.json (fits with bootstrap 95% intervals) and plots
+  toy_data --workdir DIR      the toy study's text encoders and coloured-shapes records
+  score RUN_OR_SWEEP_DIR ... --text_encoders DIR
+      held-out sample accuracy of each run (the demo's shapes checker), RUN/sample_eval.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from typing import Sequence
+
+from sd3_jax import command
+
+
+def _run(args) -> None:
+  from sd3_jax.scaling import runner, sweep as sweep_lib
+  overrides = dict(sweep_lib.parse_assignment(a) for a in args.set)
+  sweep = sweep_lib.load_sweep(args.sweep, overrides)
+  if args.print_commands:
+    runs = sweep_lib.plan(sweep)
+    for run in runs:
+      if not args.only or run.name in args.only:
+        remote = "://" in args.sweep_dir  # gs://... as the trainer takes it; local paths made absolute
+        print(sweep_lib.command_line(sweep, run, args.sweep_dir if remote else os.path.abspath(args.sweep_dir)))
+    return
+  trained = runner.run_sweep(sweep, args.sweep_dir, only=args.only)
+  print(f"trained {len(trained)} run(s) into {args.sweep_dir}: {', '.join(trained) or 'all were finished'}")
+
+
+def _analyze(args) -> None:
+  from sd3_jax.scaling import analysis
+  where = dict(_parse_where(w) for w in args.where)
+  result = analysis.analyze(args.dirs, args.out, loss=args.loss, levels=args.levels, holdout=args.holdout,
+                            where=where, num_bootstrap=args.num_bootstrap, seed=args.seed,
+                            param_count=args.params, plots=not args.no_plots)
+  print(json.dumps(analysis.headline(result), indent=1))
+  print(f"wrote {os.path.join(args.out, 'runs.csv')}, {os.path.join(args.out, 'scaling.json')}"
+        + ("" if args.no_plots else " and plots"))
+
+
+def _parse_where(text: str):
+  from sd3_jax.scaling import sweep as sweep_lib
+  return sweep_lib.parse_assignment(text)
+
+
+def _toy_data(args) -> None:
+  from sd3_jax.scaling import toy
+  print(json.dumps(toy.prepare_data(args.workdir, num_train=args.num_train, num_val=args.num_val), indent=1))
+
+
+def _score(args) -> None:
+  from sd3_jax.scaling import analysis, toy
+  for run_dir in analysis.find_runs(args.dirs):
+    r = toy.score_run(run_dir, args.text_encoders, samples_per_prompt=args.samples_per_prompt,
+                      sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale)
+    print(f"{os.path.basename(run_dir)}: sample accuracy {r['sample_accuracy']:.3f}, parts {r['part_accuracy']:.3f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m sd3_jax.scaling", description=__doc__.split("\n\n")[0],
+                              epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+
+  r = sub.add_parser("run", help="train (or print the commands of) every run of a sweep")
+  r.add_argument("sweep", help="sweep file (configs/scaling/*.py), optionally PATH:ARG for get_config(ARG)")
+  r.add_argument("--sweep_dir", required=True, help="one training workdir per run goes under it")
+  r.add_argument("--print_commands", action="store_true", help="print one `python -m sd3_jax.main` line per run")
+  r.add_argument("--only", nargs="+", default=[], help="only these run names")
+  r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key")
+  r.set_defaults(fn=_run)
+
+  a = sub.add_parser("analyze", help="runs.csv, scaling.json and plots from finished or running runs")
+  a.add_argument("dirs", nargs="+", help="run directories or directories holding runs")
+  a.add_argument("--out", required=True, help="output directory")
+  a.add_argument("--loss", default="val/loss", help="the logged key to fit (default val/loss)")
+  a.add_argument("--levels", help="fit the mean of these logged t levels instead: 'interior' (0 < t < 1) "
+                                  "or a comma list such as 0.143,0.286")
+  a.add_argument("--holdout", help="'largest' (the deepest model) or comma-separated run names, left out of "
+                                   "the fits and predicted")
+  a.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                 help="fit only runs whose config has KEY=VALUE (default: each varied key at its most common value)")
+  a.add_argument("--params", default="non_embedding", choices=("non_embedding", "total"),
+                 help="N of the fits: joint-block parameters, or all but the positional table")
+  a.add_argument("--num_bootstrap", type=int, default=200, help="bootstrap resamples per fit")
+  a.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+  a.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
+  a.set_defaults(fn=_analyze)
+
+  t = sub.add_parser("toy_data", help="the toy study's text encoders and records (the demo's data)")
+  t.add_argument("--workdir", required=True)
+  t.add_argument("--num_train", type=int, default=20_000)
+  t.add_argument("--num_val", type=int, default=512)
+  t.set_defaults(fn=_toy_data)
+
+  s = sub.add_parser("score", help="held-out sample accuracy of runs (the demo's shapes checker)")
+  s.add_argument("dirs", nargs="+", help="run directories or directories holding runs")
+  s.add_argument("--text_encoders", required=True, help="the toy data's text_encoders directory")
+  s.add_argument("--samples_per_prompt", type=int, default=8)
+  s.add_argument("--sampling_steps", type=int, default=28)
+  s.add_argument("--cfg_scale", type=float, default=3.0)
+  s.set_defaults(fn=_score)
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+  logging.getLogger("matplotlib").setLevel(logging.WARNING)
+  args.fn(args)
+
+
+def entry_point() -> None:
+  """Console entry point (``sd3-scaling``): expected errors end in one line and exit code 2."""
+  command.run(main, "sd3-scaling")

@@ -1,0 +1,171 @@
+"""The study's figures (PNG, matplotlib, no display needed).
+
+* ``loss_vs_compute.png``: validation loss against training compute, log-log, one curve per run
+  coloured by depth, the frontier points and the fitted L(C) (the paper's Fig. 8 style);
+* ``loss_vs_steps.png``: validation loss against steps per run;
+* ``isoflop.png``: final loss against N per budget with each parabola (isoFLOP sweeps only);
+* ``holdout.png``: held-out runs, measured against predicted by L(N, D);
+* ``loss_vs_accuracy.png``: final loss against held-out sample accuracy (scored runs only).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _colors(runs):
+  plt = _plt()
+  depths = sorted({r["depth"] for r in runs})
+  cmap = plt.get_cmap("viridis")
+  return {d: cmap(i / max(len(depths) - 1, 1)) for i, d in enumerate(depths)}
+
+
+def _label(run, result):
+  axes = {k: v for k, v in next(x for x in result["runs"] if x["name"] == run["name"])["axes"].items()}
+  extra = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in axes.items())
+  return f"{run['name']}" + (f" ({extra})" if extra else "")
+
+
+def loss_vs_compute(runs, result, path, law=None) -> None:
+  plt = _plt()
+  colors = _colors(runs)
+  fit_names, held = set(result["fit_runs"]), set(result["holdout_runs"])
+  fig, ax = plt.subplots(figsize=(7, 4.8), dpi=110)
+  for r in runs:
+    c = [p["compute"] for p in r["points"]]
+    y = [p["loss"] for p in r["points"]]
+    style = "o-" if r["name"] in fit_names else ("s--" if r["name"] in held else "x:")
+    ax.plot(c, y, style, color=colors[r["depth"]], ms=4, lw=1.2, alpha=1.0 if r["name"] in fit_names | held else 0.5,
+            label=f"d={r['depth']}" + (" (held out)" if r["name"] in held else "")
+            + ("" if r["name"] in fit_names | held else f" {r['name']}"))
+  front = result["frontier"]["points"]
+  if front:
+    ax.plot([p["compute"] for p in front], [p["loss"] for p in front], "k*", ms=9, label="frontier (fitted)")
+  if law is not None:
+    all_c = [p["compute"] for r in runs for p in r["points"]]
+    grid = np.logspace(np.log10(min(all_c)), np.log10(max(all_c)), 100)
+    ax.plot(grid, law.predict(grid), "k-", lw=1.5, alpha=0.7,
+            label=f"L = {law.e:.3g} + {law.a:.3g} C^-{law.alpha:.3g} (R² log {law.r2_log:.3f})")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("training compute (FLOPs, exact train-step count x steps)")
+  ax.set_ylabel(f"validation loss ({result['loss']})")
+  ax.grid(alpha=0.3, which="both")
+  handles, labels = ax.get_legend_handles_labels()
+  seen = dict(zip(labels, handles))
+  ax.legend(seen.values(), seen.keys(), fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def loss_vs_steps(runs, result, path) -> None:
+  plt = _plt()
+  colors = _colors(runs)
+  fig, ax = plt.subplots(figsize=(7, 4.8), dpi=110)
+  for r in runs:
+    ax.plot([p["step"] for p in r["points"]], [p["loss"] for p in r["points"]], "o-", ms=3,
+            color=colors[r["depth"]], label=_label(r, result))
+  ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_ylabel(f"validation loss ({result['loss']})")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def isoflop_plot(runs, result, path, param_count) -> None:
+  plt = _plt()
+  fit = result["isoflop"]["fit"]
+  fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+  budgets = sorted({r["budget"] for r in runs if r["budget"]})
+  cmap = plt.get_cmap("plasma")
+  for i, b in enumerate(budgets):
+    members = sorted((r for r in runs if r["budget"] == b), key=lambda r: r["params"][param_count])
+    n = [r["params"][param_count] for r in members]
+    color = cmap(i / max(len(budgets) - 1, 1))
+    ax.plot(n, [r["points"][-1]["loss"] for r in members], "o", color=color, label=f"C = {b:.2g}")
+    prof = next((p for p in fit["profiles"] if p["budget"] == b), None)
+    if prof:
+      x = np.linspace(np.log(min(n)), np.log(max(n)), 50)
+      ax.plot(np.exp(x), np.exp(np.polyval(prof["coeffs"], x)), "-", color=color)
+      ax.plot([prof["n_opt"]], [prof["loss_opt"]], "k+", ms=10)
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel(f"parameters ({param_count})")
+  ax.set_ylabel("final validation loss")
+  ax.set_title(f"isoFLOP profiles; N_opt ~ C^{fit['a']:.2f}")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def holdout_plot(result, path) -> None:
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+  for h in result["holdout"]:
+    pts = [p for p in h["points"] if p["predicted"] is not None]
+    ax.plot([p["step"] for p in h["points"]], [p["measured"] for p in h["points"]], "o-", label=f"{h['run']} measured")
+    if pts:
+      ax.plot([p["step"] for p in pts], [p["predicted"] for p in pts], "s--",
+              label=f"{h['run']} predicted by L(N, D) (mean |err| {h['parametric_mean_abs_rel_error']:.1%})")
+  ax.set_xlabel("step")
+  ax.set_ylabel(f"validation loss ({result['loss']})")
+  ax.set_title("held-out run: predicted from the smaller runs")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def accuracy_plot(runs, result, path) -> None:
+  plt = _plt()
+  colors = _colors(runs)
+  fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+  for r in runs:
+    if r["sample_accuracy"] is None:
+      continue
+    ax.plot(r["points"][-1]["loss"], r["part_accuracy"], "o", color=colors[r["depth"]], ms=7)
+    ax.annotate(r["name"], (r["points"][-1]["loss"], r["part_accuracy"]), fontsize=6, xytext=(3, 3),
+                textcoords="offset points")
+  s = result["spearman"]
+  rho = s["part_accuracy"]["rho"] if s else None
+  ax.set_xlabel(f"final validation loss ({result['loss']})")
+  ax.set_ylabel("held-out sample accuracy, mean over parts")
+  ax.set_title("lower loss, better samples?" + (f"  Spearman rho = {rho:.2f}" if rho is not None else ""))
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def write_all(runs: Sequence[dict], result: dict, out: str, *, law=None,
+              param_count: str = "non_embedding") -> list[str]:
+  """Every figure that applies to this study; returns their paths."""
+  paths = [os.path.join(out, "loss_vs_compute.png"), os.path.join(out, "loss_vs_steps.png")]
+  loss_vs_compute(runs, result, paths[0], law)
+  loss_vs_steps(runs, result, paths[1])
+  if result.get("isoflop") and result["isoflop"]["fit"]:
+    paths.append(os.path.join(out, "isoflop.png"))
+    isoflop_plot(runs, result, paths[-1], param_count)
+  if result.get("holdout"):
+    paths.append(os.path.join(out, "holdout.png"))
+    holdout_plot(result, paths[-1])
+  if any(r["sample_accuracy"] is not None for r in runs):
+    paths.append(os.path.join(out, "loss_vs_accuracy.png"))
+    accuracy_plot(runs, result, paths[-1])
+  return paths

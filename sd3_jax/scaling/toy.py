@@ -1,0 +1,89 @@
+"""The toy study's data and its sample-quality score, built from the embedded demo's own parts.
+
+``prepare_data`` writes the demo's random text encoders and coloured-shapes records
+(``sd3_jax.demo.run``: train scenes over 408 caption combinations, validation scenes over the 24
+held-out ones). ``score_run`` samples the held-out prompts from a run's EMA weights and reads them
+back with the demo's checker (``sd3_jax.demo.scenes``), standing in for GenEval: it writes
+``RUN/sample_eval.json``, which ``analyze`` joins to the run's validation loss.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from sd3_jax import fileutil
+from sd3_jax.demo import config as demo_config
+from sd3_jax.demo import run as demo
+from sd3_jax.demo import scenes as scene_lib
+
+log = logging.getLogger(__name__)
+
+SAMPLE_FILE = "sample_eval.json"
+
+
+def prepare_data(workdir: str, *, num_train: int = 20_000, num_val: int = 512, num_heldout: int = 24,
+                 seed: int = 0) -> dict[str, str]:
+  """Text encoders and train/val records under ``workdir`` (skipped when present); returns
+  their paths {text_encoders, train, val}."""
+  from sd3_jax import text_conditioning
+
+  workdir = os.path.abspath(workdir)
+  train_scenes, heldout = scene_lib.split_scenes(num_heldout, seed=seed)
+  text_dir = os.path.join(workdir, "text_encoders")
+  if not os.path.isdir(text_dir):
+    demo.make_text_encoders(text_dir, [s.caption for s in scene_lib.all_scenes()], clip_l_dim=demo_config.CLIP_L_DIM,
+                            clip_g_dim=demo_config.CLIP_G_DIM, t5_dim=demo_config.T5_DIM, seed=seed)
+  conditioner = text_conditioning.SD3TextConditioner.from_pretrained(
+      text_dir, clip_length=demo_config.CLIP_TOKENS, t5_length=demo_config.T5_TOKENS)
+  size = demo_config.IMAGE_SIZE
+  paths = {"text_encoders": text_dir, "train": os.path.join(workdir, "data", "train"),
+           "val": os.path.join(workdir, "data", "val")}
+  demo.build_records(demo.SceneSource(train_scenes, num_train, size=size, seed=seed, name="train"),
+                     paths["train"], conditioner, resolution=size)
+  demo.build_records(demo.SceneSource(heldout, num_val, size=size, seed=seed + 1, name="val"),
+                     paths["val"], conditioner, resolution=size)
+  return paths
+
+
+def score_run(run_dir: str, text_encoders: str, *, num_heldout: int = 24, samples_per_prompt: int = 8,
+              sampling_steps: int = 28, cfg_scale: float = 3.0, seed: int = 0) -> dict:
+  """Held-out sample accuracy of a run's last checkpoint (EMA weights), written to
+  ``RUN/sample_eval.json``; an existing file for the same checkpoint step is reused."""
+  from sd3_jax import checkpoint, generation, text_conditioning
+
+  path = os.path.join(run_dir, SAMPLE_FILE)
+  steps = checkpoint.committed_steps(os.path.join(os.path.abspath(run_dir), "checkpoints"))
+  if not steps:
+    raise FileNotFoundError(f"{run_dir} has no committed checkpoint to sample from")
+  if os.path.exists(path):
+    found = _read(path)
+    if found.get("step") == steps[-1]:
+      return found
+  model, params, config, step = checkpoint.load_workdir(run_dir, use_ema=True)
+  _, heldout = scene_lib.split_scenes(num_heldout, seed=seed)
+  clip_tokens = config["text"]["clip_tokens"]
+  conditioner = text_conditioning.SD3TextConditioner.from_pretrained(
+      text_encoders, clip_length=clip_tokens, t5_length=config["data"]["context_len"] - clip_tokens)
+  size = config["data"]["latent_size"]
+  images = generation.generate(model, params, conditioner, [s.caption for s in heldout],
+                               latent_shape=(size, size, config["data"]["latent_channels"]),
+                               num_per_prompt=samples_per_prompt, num_steps=sampling_steps,
+                               shift=config["flow"]["shift"], cfg_scale=cfg_scale, seed=seed)
+  scenes = [s for s in heldout for _ in range(samples_per_prompt)]
+  acc = scene_lib.accuracy(list(images), scenes)
+  parts = [acc[k] for k in ("colors", "shape1", "shape2", "relation")]
+  result = {"step": step, "sample_accuracy": acc["all"], "part_accuracy": float(np.mean(parts)),
+            "parts": acc, "chance": demo.chance_accuracy(list(images), scenes, seed=seed),
+            "num_prompts": len(heldout), "samples_per_prompt": samples_per_prompt,
+            "sampler": {"steps": sampling_steps, "cfg_scale": cfg_scale, "weights": "ema"}}
+  fileutil.atomic_json(path, result, indent=1)
+  log.info("%s: sample accuracy %.3f (parts %.3f)", run_dir, result["sample_accuracy"], result["part_accuracy"])
+  return result
+
+
+def _read(path: str) -> dict:
+  import json
+  with open(path) as f:
+    return json.load(f)

@@ -1,0 +1,180 @@
+"""Scaling sweeps end to end: plan, --print_commands, run, a kill mid-sweep and the rerun that
+resumes it, then analyze (sd3_jax.scaling.sweep / runner / analysis / cli).
+
+The mini sweep is the tiny CPU config (synthetic latents) at width 16 d for d = 1, 2 and two
+lengths: 4 runs of seconds each.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sd3_jax import config as config_lib
+from sd3_jax.models import flops, mmdit
+from sd3_jax.scaling import analysis, cli, runner
+from sd3_jax.scaling import sweep as sweep_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+SWEEP = '''
+from sd3_jax.scaling.sweep import dotted, sweep_config
+
+
+def get_config(long_steps="200"):
+  s = sweep_config()
+  s.name = "mini"
+  s.base_config = {tiny!r}
+  s.base_overrides = dotted({{"global_batch_size": 4, "log_every": 2, "keep_checkpoints": 2,
+                             "optimizer.warmup_steps": 2, "data.num_synthetic": 64,
+                             "val.num_examples": 8, "val.batch_size": 8}})
+  s.width_per_depth = 16
+  s.val_points = 2
+  s.grids = [dict(name="mini", depths=(1, 2), lengths=(4, int(long_steps)))]
+  return s
+'''
+
+
+@pytest.fixture
+def sweep_file(tmp_path):
+  path = tmp_path / "mini_sweep.py"
+  path.write_text(SWEEP.format(tiny=TINY))
+  return str(path)
+
+
+def test_plan_names_steps_and_compute(sweep_file):
+  sweep = sweep_lib.load_sweep(sweep_file)
+  runs = sweep_lib.plan(sweep)
+  assert [r.name for r in runs] == ["d1_s4", "d1_s200", "d2_s4", "d2_s200"]
+  r = runs[3]
+  assert r.overrides["model.hidden_size"] == 32 and r.overrides["model.num_heads"] == 2
+  assert r.overrides["val.every"] == 100 and r.overrides["checkpoint_every"] == 100
+  cfg = sweep_lib.run_config(sweep, r)
+  mcfg = mmdit.config_from_preset(**cfg.model)
+  assert r.compute.flops == 200 * flops.train_step_flops(mcfg, 8, 8, 8, 4)
+  assert r.params["total"] == mmdit.count_params(mcfg)
+  # An isoFLOP grid derives each depth's steps from its FLOPs per step; an axis equal to the
+  # base config's value changes nothing and is left out of the name (grids share that run).
+  sweep.grids = [dict(name="iso", depths=(1, 2), budgets=(1e9,), axes={"flow.sampler": ("logit_normal", "uniform")})]
+  runs = sweep_lib.plan(sweep)
+  assert [r.name for r in runs] == ["d1_C1e9", "d1_C1e9_sampler-uniform", "d2_C1e9", "d2_C1e9_sampler-uniform"]
+  assert runs[2].steps == round(1e9 / runs[2].compute.flops_per_step) and runs[2].budget == 1e9
+  assert runs[0].steps > runs[2].steps  # the smaller model trains longer on the same budget
+  assert "flow.sampler" not in runs[0].overrides and runs[1].overrides["flow.sampler"] == "uniform"
+
+
+@pytest.mark.parametrize("grid, message", [
+    (dict(name="g", depths=(1,), lengths=(4,), budgets=(1e9,)), "exactly one of lengths"),
+    (dict(name="g", depths=(1,), lengths=(4,), axes={"model.depth": (1, 2)}), "set by the sweep itself"),
+    (dict(name="g", depths=(1,), lengths=(4,), axes={"flow.nonsense": (1,)}), "flow.nonsense"),
+    (dict(name="g", lengths=(4,)), "lists no depths"),
+])
+def test_bad_sweeps_name_the_problem(sweep_file, grid, message):
+  sweep = sweep_lib.load_sweep(sweep_file)
+  sweep.grids = [grid]
+  with pytest.raises(ValueError, match=message):
+    sweep_lib.plan(sweep)
+
+
+def test_print_commands_reproduce_each_run_config(sweep_file, tmp_path, capsys):
+  cli.main(["run", sweep_file, "--sweep_dir", str(tmp_path / "s"), "--print_commands"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  sweep = sweep_lib.load_sweep(sweep_file)
+  runs = sweep_lib.plan(sweep)
+  assert len(lines) == len(runs)
+  for line, run in zip(lines, runs):
+    words = line.split()
+    assert words[:5] == ["python", "-m", "sd3_jax.main", "--config", TINY]
+    assert words[5:7] == ["--workdir", str(tmp_path / "s" / run.name)]
+    overrides = dict(sweep_lib.parse_assignment(w[len("--config."):]) for w in words[7:])
+    assert config_lib.load_config_file(TINY, overrides=overrides).to_dict() == sweep_lib.run_config(sweep, run).to_dict()
+  assert not (tmp_path / "s").exists()  # printing trains nothing
+
+
+def test_missing_sweep_file_is_one_line_and_exit_2(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    from sd3_jax import command
+    command.run(cli.main, "sd3-scaling", ["run", str(tmp_path / "nope.py"), "--sweep_dir", str(tmp_path)])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("sd3-scaling: error: no sweep file") and "\n" not in err
+
+
+def _scaling(args, **kw):
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one CPU device (conftest's 8 fake devices only slow these runs)
+  return subprocess.Popen([sys.executable, "-m", "sd3_jax.scaling", *args], env=env, cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sweep_runs_resumes_after_a_kill_and_analyzes(sweep_file, tmp_path):
+  sweep_dir = str(tmp_path / "sweep")
+  # 1. Start the sweep and kill it in the middle of its second run (d1_s200, between the
+  #    checkpoint at step 100 and the end).
+  proc = _scaling(["run", sweep_file, "--sweep_dir", sweep_dir], start_new_session=True)
+  ckpt = os.path.join(sweep_dir, "d1_s200", "checkpoints")
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if 100 in runner.checkpoint.committed_steps(ckpt):
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, "the sweep ended before it could be killed:\n" + proc.stdout.read()
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert runner.is_finished(os.path.join(sweep_dir, "d1_s4"), 4)
+  assert not runner.is_finished(os.path.join(sweep_dir, "d1_s200"), 200), "killed too late to test a resume"
+  assert not os.path.exists(os.path.join(sweep_dir, "d2_s4"))
+
+  # 2. Rerun: the finished run is skipped, the killed one resumes, the rest run.
+  proc = _scaling(["run", sweep_file, "--sweep_dir", sweep_dir])
+  out, _ = proc.communicate(timeout=900)
+  assert proc.returncode == 0, out
+  assert "d1_s4: finished, skipped" in out
+  assert "trained 3 run(s)" in out
+  assert "resumed from step 100" in out
+  for name, steps in (("d1_s4", 4), ("d1_s200", 200), ("d2_s4", 4), ("d2_s200", 200)):
+    assert runner.is_finished(os.path.join(sweep_dir, name), steps), name
+  rows = [json.loads(l) for l in open(os.path.join(sweep_dir, "d1_s200", "metrics.jsonl"))]
+  val_steps = [r["step"] for r in rows if "val/loss" in r]
+  assert val_steps == [100, 200]  # the resumed run's file equals an uninterrupted one's
+  plan = json.load(open(os.path.join(sweep_dir, runner.SWEEP_FILE)))
+  assert [r["name"] for r in plan["runs"]] == ["d1_s4", "d1_s200", "d2_s4", "d2_s200"]
+
+  # 3. Analyze: one CSV row per validation point, compute from the config, fits recorded.
+  out_dir = str(tmp_path / "analysis")
+  result = analysis.analyze([sweep_dir], out_dir, num_bootstrap=5, holdout="d2_s200")
+  import csv
+  table = list(csv.DictReader(open(os.path.join(out_dir, "runs.csv"))))
+  assert [(t["run"], int(t["step"])) for t in table] == [
+      ("d1_s200", 100), ("d1_s200", 200), ("d1_s4", 2), ("d1_s4", 4), ("d2_s200", 100), ("d2_s200", 200),
+      ("d2_s4", 2), ("d2_s4", 4)]
+  d2 = sweep_lib.plan(sweep_lib.load_sweep(sweep_file))[3]
+  row = table[5]
+  assert int(row["params_total"]) == d2.params["total"] and int(row["images_seen"]) == 800
+  assert float(row["compute"]) == pytest.approx(d2.compute.flops)
+  assert float(row["fit_loss"]) == pytest.approx(float(row["val_loss"]))
+  assert "val/loss_t0.000" in row and "val/loss_t1.000" in row
+  saved = json.load(open(os.path.join(out_dir, "scaling.json")))
+  assert saved["holdout_runs"] == ["d2_s200"] and "d2_s200" not in saved["fit_runs"]
+  assert saved["parametric"]["fit"] is not None and set(saved["parametric"]["fit"]["ci"]) == {"e", "a", "b", "alpha", "beta"}
+  held = result["holdout"][0]
+  for p in held["points"]:
+    assert p["rel_error"] == pytest.approx((p["predicted"] - p["measured"]) / p["measured"])
+  assert held["parametric_mean_abs_rel_error"] == pytest.approx(np.mean([abs(p["rel_error"]) for p in held["points"]]))
+  for png in ("loss_vs_compute.png", "loss_vs_steps.png", "holdout.png"):
+    assert os.path.getsize(os.path.join(out_dir, png)) > 1000, png
+  # The interior levels as the loss to fit: the mean of the logged 0 < t < 1 levels.
+  interior = analysis.analyze([sweep_dir], str(tmp_path / "interior"), levels="interior", num_bootstrap=0,
+                              plots=False)
+  first = [json.loads(l) for l in open(os.path.join(sweep_dir, "d1_s200", "metrics.jsonl")) if "val/loss" in l][0]
+  levels = [v for k, v in first.items() if k.startswith("val/loss_t") and 0 < float(k[len("val/loss_t"):]) < 1]
+  assert interior["runs"][0]["name"] == "d1_s200"
+  table = list(csv.DictReader(open(os.path.join(tmp_path, "interior", "runs.csv"))))
+  assert float(table[0]["fit_loss"]) == pytest.approx(np.mean(levels))
+  with pytest.raises(ValueError, match="no validation level t=0.5"):
+    analysis.analyze([sweep_dir], str(tmp_path / "bad"), levels="0.5", plots=False)
