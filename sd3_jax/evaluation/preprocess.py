@@ -108,16 +108,20 @@ def _pass(x: jax.Array, m: jax.Array, spec: str) -> jax.Array:
   return jnp.clip(jnp.right_shift(acc, PRECISION_BITS), 0, 255)
 
 
-@jax.jit
-def _resize_crop_normalize(images, rows, cols, mean, std):
-  """images uint8 [B, H, W, 3]; rows [B, C, H], cols [B, C, W] int32 -> float32 [B, C, C, 3]."""
+def resize_crop_normalize(images, rows, cols, mean, std):
+  """images uint8 [B, H, W, 3]; rows [C, H] and cols [C, W] int32 (``resize_crop_matrices``),
+  or [B, C, H] / [B, C, W] per image -> float32 [B, C, C, 3]. Traceable (use inside jit)."""
   x = images.astype(jnp.int32)
-  x = _pass(x, cols, "bhwc,bow->bhoc")  # horizontal first, as Pillow
-  x = _pass(x, rows, "bhwc,boh->bowc")
+  per_image = rows.ndim == 3
+  x = _pass(x, cols, "bhwc,bow->bhoc" if per_image else "bhwc,ow->bhoc")  # horizontal first, as Pillow
+  x = _pass(x, rows, "bhwc,boh->bowc" if per_image else "bhwc,oh->bowc")
   return (x.astype(jnp.float32) * jnp.float32(1 / 255) - mean) / std
 
 
-def _check_uint8(images, what: str):
+_resize_crop_normalize = jax.jit(resize_crop_normalize)
+
+
+def check_uint8(images, what: str):
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"{what} must be uint8 RGB images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}; "
                      "convert float images with sd3_jax.generation.to_uint8")
@@ -127,11 +131,9 @@ def preprocess(images, *, size: int = 224, crop_size: int = 224, crop_rounding: 
                mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD) -> jax.Array:
   """uint8 [B, H, W, 3] (numpy or jax, any size) -> CLIP pixel values float32 [B, crop, crop, 3]
   (channels last), computed on device. See the module docstring."""
-  _check_uint8(images, "images")
-  b, h, w, _ = images.shape
-  rows, cols = resize_crop_matrices(h, w, size=size, crop_size=crop_size, crop_rounding=crop_rounding)
-  rows = jnp.broadcast_to(jnp.asarray(rows), (b,) + rows.shape)
-  cols = jnp.broadcast_to(jnp.asarray(cols), (b,) + cols.shape)
+  check_uint8(images, "images")
+  rows, cols = resize_crop_matrices(images.shape[1], images.shape[2], size=size, crop_size=crop_size,
+                                    crop_rounding=crop_rounding)
   return _resize_crop_normalize(jnp.asarray(images), rows, cols, jnp.asarray(mean, jnp.float32),
                                 jnp.asarray(std, jnp.float32))
 
@@ -152,7 +154,7 @@ def preprocess_list(images: Sequence[np.ndarray], *, size: int = 224, crop_size:
   if not images:
     raise ValueError("no images")
   for i, im in enumerate(images):
-    _check_uint8(np.asarray(im)[None], f"image {i}")
+    check_uint8(np.asarray(im)[None], f"image {i}")
   hp = bucket(max(im.shape[0] for im in images), multiple)
   wp = bucket(max(im.shape[1] for im in images), multiple)
   batch = np.zeros((len(images), hp, wp, 3), np.uint8)
