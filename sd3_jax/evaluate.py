@@ -20,7 +20,7 @@ import argparse
 import json
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,8 +76,18 @@ def add_generator_args(p: argparse.ArgumentParser) -> None:
                  help="compute dtype (default: the run's; float32 on CPU, bfloat16 on accelerators)")
 
 
-def load_generator(args, parser, conditioner=None, decoder=None):
-  """(model, params, conditioner, decoder, latent_shape, mesh) from the generator flags."""
+class Generator(NamedTuple):
+  model: Any
+  params: Any
+  conditioner: Any
+  decoder: Any
+  latent_shape: tuple
+  mesh: Any
+  step: Optional[int]  # the checkpoint step of --workdir (None for --checkpoint)
+
+
+def load_generator(args, parser, conditioner=None, decoder=None) -> Generator:
+  """The MM-DiT, text conditioning, decoder, latent shape and mesh from the generator flags."""
   if args.checkpoint and (args.step is not None or not args.ema):
     parser.error("--step and --no_ema apply to --workdir only")
   if conditioner is None and not args.text_encoders:
@@ -86,7 +96,7 @@ def load_generator(args, parser, conditioner=None, decoder=None):
     parser.error("give --vae DIR for latent models, or --pixel_space for models that output images")
   mesh = sharding.make_mesh(*args.mesh)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-  config = None
+  config, step = None, None
   if args.workdir:
     model, params, config, step = ckpt_lib.load_workdir(args.workdir, args.step, use_ema=args.ema, mesh=mesh,
                                                         dtype=args.dtype)
@@ -112,7 +122,7 @@ def load_generator(args, parser, conditioner=None, decoder=None):
   if conditioner is None:
     conditioner = text_conditioning.load_conditioner(args.text_encoders, dtype=dtype, t5_length=args.t5_length,
                                                      use_t5=args.t5, clip_length=args.clip_length)
-  return model, params, conditioner, decoder, (*hw, model.config.in_channels), mesh
+  return Generator(model, params, conditioner, decoder, (*hw, model.config.in_channels), mesh, step)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -171,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
   init_distributed(args, parser)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   prompts = read_prompts(args.prompts)
-  model, params, conditioner, decoder, latent_shape, mesh = load_generator(args, parser, conditioner, decoder)
+  model, params, conditioner, decoder, latent_shape, mesh, step = load_generator(args, parser, conditioner, decoder)
   kw = dict(mesh=mesh, batch_size=args.clip_batch_size)
   clip = clip_metrics.CLIPFeatures.from_pretrained(args.clip, **kw)
   fid_clip = clip if not args.fid_clip else clip_metrics.CLIPFeatures.from_pretrained(args.fid_clip, **kw)
@@ -181,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
                         decoder=decoder, num_steps=args.num_steps, cfg_scale=args.cfg_scale, shift=args.shift,
                         seed=args.seed, mesh=mesh, progress=True)
   report = dict(result.metrics, settings=dict(
-      source=os.path.abspath(args.workdir or args.checkpoint), step=args.step, ema=args.ema, prompts=args.prompts,
+      source=os.path.abspath(args.workdir or args.checkpoint), step=step, ema=args.ema if args.workdir else None, prompts=args.prompts,
       num_steps=args.num_steps, cfg_scale=args.cfg_scale, shift=args.shift, seed=args.seed,
       batch_size=args.batch_size, image_size=list(result.grid_images.shape[1:3]),
       clip=clip.description, fid_clip=fid_clip.description,

@@ -41,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
   init_distributed(args, parser)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   metadata = geneval.read_metadata(args.metadata)
-  model, params, conditioner, decoder, latent_shape, mesh = load_generator(args, parser, conditioner, decoder)
+  model, params, conditioner, decoder, latent_shape, mesh, _ = load_generator(args, parser, conditioner, decoder)
   n = geneval.export(model, params, conditioner, metadata, args.outdir, latent_shape=latent_shape,
                      num_per_prompt=args.num_per_prompt, prompts_per_batch=args.prompts_per_batch,
                      decoder=decoder, num_steps=args.num_steps, cfg_scale=args.cfg_scale, shift=args.shift,

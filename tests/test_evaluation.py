@@ -287,6 +287,7 @@ def test_reference_stats_evaluate_and_geneval_commands(workdir, clip_dirs, tmp_p
   assert saved == json.loads(json.dumps(report))
   assert 0 <= saved["clip_score"] <= 100 and saved["num_images"] == 5 and saved["fid_clip"] > 0
   assert saved["settings"]["image_size"] == [8, 8] and saved["settings"]["num_steps"] == 2
+  assert saved["settings"]["step"] == 2 and saved["settings"]["ema"] is True
   sample = stats.load_stats(str(out / "sample_stats.npz"))
   assert saved["fid_clip"] == pytest.approx(stats.frechet_distance(sample["mu"], sample["sigma"], r["mu"], r["sigma"]),
                                             rel=1e-9)

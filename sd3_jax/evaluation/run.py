@@ -73,6 +73,7 @@ def evaluate(model, params, conditioner, prompts: Sequence[str], *, clip: CLIPFe
   ``on_batch(start, images, prompts)`` is called on every process with each generated batch
   (e.g. to write the images). ``fid_clip`` (default ``clip``) gives the FID features."""
   items = expand_prompts(prompts, num_images)
+  clip.tokenize(items[:1])  # no tokenizer: fail before sampling anything
   fid_clip = fid_clip or clip
   if reference is not None:
     check_reference(reference, fid_clip)
