@@ -121,6 +121,8 @@ class CLIPFeatures:
     return jax.make_array_from_callback(x.shape, sharding.batch_sharding(self.mesh, x.ndim), lambda i: x[i])
 
   def _batches(self, n: int):
+    if n == 0:
+      raise ValueError("no images")
     for start in range(0, n, self.batch_size):
       yield start, min(start + self.batch_size, n)
 
