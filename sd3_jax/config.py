@@ -87,6 +87,17 @@ def base_config() -> ml_collections.ConfigDict:
       shift=3.0, seed=0, text_encoders="", vae="", pixel_space=False, t5_length=77, clip_length=77,
       project_clip_l=False))
 
+  # Periodic evaluation (sd3_jax/evaluation) from the EMA weights: CLIP score and FID on CLIP
+  # features of samples of `prompts`, logged as eval/clip_score and eval/fid_clip in
+  # metrics.jsonl; every=0: off. Sampling uses config.sample's text_encoders / vae /
+  # pixel_space / t5_length / clip_length. clip: our converted CLIP model (CLIP score; the
+  # paper: CLIP-L/14); fid_clip: '' = clip (clean-fid: ViT-B/32); reference_stats: .npz from
+  # sd3_jax.reference_stats computed with fid_clip ('' = no FID); num_images: 0 = one per prompt.
+  c.eval = ml_collections.ConfigDict(dict(
+      every=0, prompts=("a photo of a cat", "a red bus parked on a street"), num_images=0, batch_size=8,
+      num_steps=28, cfg_scale=7.0, shift=3.0, seed=0, clip="", fid_clip="", reference_stats="",
+      clip_batch_size=64))
+
   # Mesh: -1 means all remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   # Peak FLOP/s per device for MFU; 0 = look up the device kind (None on CPU -> MFU null).

@@ -1,8 +1,9 @@
-"""Our checkpoint format for every model (MM-DiT, CLIP, T5, VAE): ``save_pretrained`` /
-``load_pretrained``, the format registry, and streamed writes (``LazyArray`` leaves are produced
-a couple at a time while orbax writes, so exporting an 8B model never holds it whole). Every
-leaf's checksum is stored and checked on load (``sd3_jax.integrity``; ``verify=False`` skips it).
-The directory layout is in the README ("Converting checkpoints").
+"""Our checkpoint format for every model (MM-DiT, CLIP text / vision / two-tower, T5, VAE):
+``save_pretrained`` / ``load_pretrained``, the format registry, and streamed writes
+(``LazyArray`` leaves are produced a couple at a time while orbax writes, so exporting an 8B
+model never holds it whole). Every leaf's checksum is stored and checked on load
+(``sd3_jax.integrity``; ``verify=False`` skips it). The directory layout is in the README
+("Converting checkpoints").
 """
 from __future__ import annotations
 
@@ -84,6 +85,10 @@ register_format(ModelFormat("sd3_jax.t5_encoder", "sd3_jax.models.text_encoders"
                             "T5Encoder", "T5 encoder", config_module="sd3_jax.models.t5"))
 register_format(ModelFormat("sd3_jax.vae", "sd3_jax.models.vae", "VAEConfig", "AutoencoderKL",
                             "autoencoder (VAE)"))
+register_format(ModelFormat("sd3_jax.clip_vision", "sd3_jax.models.clip_vision", "CLIPVisionConfig",
+                            "CLIPVisionEncoder", "CLIP image tower"))
+register_format(ModelFormat("sd3_jax.clip", "sd3_jax.models.clip_vision", "CLIPConfig", "CLIPModel",
+                            "CLIP model (image and text towers)"))
 
 
 def format_of_config(config) -> ModelFormat:
@@ -329,8 +334,8 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_la
     **model_kwargs: other module options (MMDiT: remat, attention_impl; AutoencoderKL:
       attention_impl).
 
-  The module is ``MMDiT``, ``CLIPTextEncoder``, ``T5Encoder`` or ``AutoencoderKL`` as the
-  checkpoint's format says (``read_format``). Parameters are read one top-level group (one
+  The module is ``MMDiT``, ``CLIPTextEncoder``, ``T5Encoder``, ``AutoencoderKL``,
+  ``CLIPVisionEncoder`` or ``CLIPModel`` as the checkpoint's format says (``read_format``). Parameters are read one top-level group (one
   block, or one run of blocks when scanned) at a time and placed on device before the next is
   read, so host memory holds only that group besides the result.
   """
@@ -395,7 +400,7 @@ def _streaming_handler_registry():
           raise ValueError(f"lazy leaf produced {arr.dtype}{list(arr.shape)}, "
                            f"declared {value.dtype}{list(value.shape)}")
         t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
-        await t.write(np.ascontiguousarray(arr))
+        await t.write(np.ascontiguousarray(arr).reshape(arr.shape))  # 0-d stays 0-d
         del arr
 
   if not hasattr(ocp.type_handlers.NumpyHandler, "_open_and_write"):
@@ -445,7 +450,8 @@ def write_checkpoint(path, config, leaves: Mapping[str, Any], *, overwrite: bool
 
 def save_pretrained(path, params: Mapping, config, *, dtype=None, overwrite: bool = False) -> None:
   """Saves parameters (jax or numpy arrays; an MM-DiT's may be in the scanned layout) with
-  their config (MMDiTConfig, CLIPTextConfig, T5EncoderConfig or VAEConfig).
+  their config (MMDiTConfig, CLIPTextConfig, T5EncoderConfig, VAEConfig, CLIPVisionConfig or
+  CLIPConfig).
 
   ``dtype`` casts every leaf (e.g. jnp.bfloat16 for a compact export); None keeps each leaf's
   dtype. Leaves are copied to host one at a time while writing. Single-process only: every

@@ -25,6 +25,7 @@ from sd3_jax import config_checks, divergence, flow, generation
 from sd3_jax import input_pipeline, records
 from sd3_jax import metrics as metrics_lib
 from sd3_jax import sharding, text_conditioning
+from sd3_jax.evaluation import run as eval_run
 from sd3_jax.models import flops, mmdit
 
 log = logging.getLogger(__name__)
@@ -382,11 +383,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
   val_source = make_source(config, "val") if config.val.every > 0 else None
   val_fn = make_validation_fn(model, mesh) if val_source is not None else None
 
-  s = config.sample
-  if s.every > 0:
+  s, e = config.sample, config.eval
+  if s.every > 0 or e.every > 0:
     conditioner = text_conditioning.load_conditioner(s.text_encoders, t5_length=s.t5_length,
                                                      clip_length=s.clip_length, project_clip_l=s.project_clip_l)
     decoder = None if s.pixel_space else generation.load_decoder(s.vae)
+  evaluator = eval_run.PeriodicEvaluator.from_settings(e.to_dict(), mesh) if e.every > 0 else None
 
   acc = None
   last: dict[str, Any] = {}
@@ -423,6 +425,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
             latent_shape=(d.latent_size, d.latent_size, d.latent_channels), decoder=decoder,
             num_per_prompt=s.num_per_prompt, num_steps=s.num_steps, cfg_scale=s.cfg_scale,
             shift=s.shift, seed=s.seed, mesh=mesh)
+      if evaluator is not None and (done % e.every == 0 or is_last):
+        values = evaluator(model, state.ema_params, conditioner, decoder=decoder,
+                           latent_shape=(d.latent_size, d.latent_size, d.latent_channels))
+        writer.write_scalars(done, values)
+        last.update(values)
       if done % config.checkpoint_every == 0 or is_last:
         # The state about to be saved comes from this step's update: check its parameters
         # too, not only the loss computed before the update.

@@ -296,7 +296,7 @@ def test_save_load_pretrained_text_formats(tmp_path):
     for k, v in pretrained.flatten(params).items():
       assert np.array_equal(np.asarray(flat[k]), v.astype(jnp.bfloat16).astype(np.float32)), k
   assert [f for f in pretrained.FORMATS] == ["sd3_jax.mmdit", "sd3_jax.clip_text", "sd3_jax.t5_encoder",
-                                              "sd3_jax.vae"]
+                                              "sd3_jax.vae", "sd3_jax.clip_vision", "sd3_jax.clip"]
 
 
 # ---------------------------------------------------------------------------------------------

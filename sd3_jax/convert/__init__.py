@@ -3,6 +3,9 @@
   MM-DiT          our JAX format <-> diffusers <-> original SD3 single file
   VAE             our JAX format <-> diffusers AutoencoderKL directory
   text encoders   our JAX format <-> transformers directories (CLIP-L, OpenCLIP bigG, T5)
+  CLIP models     our JAX format <-> transformers CLIPModel / CLIPVisionModelWithProjection
+                  directories (for CLIP score and FID on CLIP features; the tokenizer files of
+                  a CLIPModel directory are copied along, into DST/tokenizer/)
 
 Command: ``sd3-convert`` (= ``python -m tools.convert_weights`` = ``python -m sd3_jax.convert``)
 ``--src SRC --dst DST --to {jax,diffusers,sd3,transformers}`` (``cli.py``; see ``--help``).
@@ -10,9 +13,11 @@ Python API:
 
   convert(src, dst, to, dtype=None, num_heads=None, head_dim=None, max_shard_size="10GB",
           overwrite=False, verify=True)
-      -> MMDiTConfig | VAEConfig | CLIPTextConfig | T5EncoderConfig   file/directory conversion,
-                                          streamed tensor by tensor (the small VAE in memory)
+      -> MMDiTConfig | VAEConfig | CLIPTextConfig | T5EncoderConfig | CLIPConfig | CLIPVisionConfig
+                                          file/directory conversion, streamed tensor by tensor
+                                          (the small VAE in memory)
   detect_model(path) -> (kind, format, path)   kind 'mmdit' | 'vae' | 'clip_text' | 't5_encoder'
+                                          | 'clip' | 'clip_vision'
   open_source(path) -> Source             detect + validate an MM-DiT checkpoint (``.config``)
   open_text_source(path) -> TextSource    the same for a text encoder
   state_dict_to_params(state_dict)        in-memory diffusers/original state dict (numpy or
@@ -35,7 +40,7 @@ import numpy as np
 from sd3_jax import pretrained
 from sd3_jax.models.mmdit import MMDiTConfig
 from sd3_jax.convert import mmdit_keys, text_keys
-from sd3_jax.convert.encoders import TEXT_WRITERS, convert_vae, open_text_source
+from sd3_jax.convert.encoders import TEXT_WRITERS, convert_vae, copy_tokenizer, open_text_source
 from sd3_jax.convert.formats import (WRITERS, Source, detect_format, detect_model, iter_native, open_source,
                                      source_from_params, source_from_state_dict)
 from sd3_jax.convert.safetensors_io import parse_size
@@ -72,17 +77,19 @@ def convert(src, dst, to: str, *, dtype=None, num_heads: int | None = None,
       raise ValueError("num_heads / head_dim apply to MM-DiT checkpoints only")
     return convert_vae(src, dst, to, dtype=dtype, overwrite=overwrite, max_shard_bytes=max_shard,
                        verify=verify)
-  if kind in ("clip_text", "t5_encoder"):
+  if kind in ("clip_text", "t5_encoder", "clip", "clip_vision"):
     target = "transformers" if to == "diffusers" else to
     if target not in TEXT_WRITERS:
-      raise ValueError(f"{src} is a text encoder ({kind}); it converts to 'jax' or 'transformers', "
-                       f"not {to!r}")
+      raise ValueError(f"{src} is a transformers model ({kind}); it converts to 'jax' or "
+                       f"'transformers', not {to!r}")
     if num_heads is not None or head_dim is not None:
-      raise ValueError("num_heads / head_dim apply to MM-DiT checkpoints only; a text encoder's "
-                       "config says its heads")
+      raise ValueError("num_heads / head_dim apply to MM-DiT checkpoints only; a transformers "
+                       "model's config says its heads")
     kwargs = {"max_shard_bytes": parse_size(max_shard_size)} if target == "transformers" else {}
     text_source = open_text_source(src, verify)
     TEXT_WRITERS[target](text_source, dst, dtype=dtype, overwrite=overwrite, **kwargs)
+    if kind == "clip":
+      copy_tokenizer(detect_model(src)[2], dst, target)
     return text_source.config
   if kind != "mmdit":
     raise ValueError(f"{src} holds a {kind} checkpoint, which this tool does not convert")

@@ -27,9 +27,13 @@ source formats (model and format detected automatically):
                 T5EncoderModel) + model.safetensors or shards + model.safetensors.index.json,
                 e.g. text_encoder/ (CLIP-L), text_encoder_2/ (CLIP-G), text_encoder_3/ (T5) of a
                 diffusers SD3 pipeline. A bare CLIPTextModel gets an identity text_projection.
+  CLIP models (evaluation: CLIP score, FID on CLIP features)
+  transformers  a CLIPModel (model_type clip; both towers; its tokenizer files are copied to
+                DST/tokenizer/) or CLIPVisionModelWithProjection (clip_vision_model) directory,
+                e.g. openai/clip-vit-large-patch14 or openai/clip-vit-base-patch32
 
 targets: an MM-DiT converts to jax, diffusers or sd3; a VAE to jax or diffusers; a text encoder
-to jax or transformers (--to diffusers is accepted for it and writes the same transformers
+or CLIP model to jax or transformers (--to diffusers is accepted for it and writes the same transformers
 directory).
 
 The MM-DiT configuration is inferred from tensor names and shapes; a VAE's or a text encoder's
@@ -59,6 +63,11 @@ def describe(cfg) -> str:
   if name == "CLIPTextConfig":
     return (f"CLIP text encoder: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}, "
             f"{cfg.hidden_act}, projection {cfg.projection_dim}, vocab {cfg.vocab_size}")
+  if name == "CLIPVisionConfig":
+    return (f"CLIP image tower: {cfg.num_layers} layers, hidden {cfg.hidden_size}, patch {cfg.patch_size}, "
+            f"image {cfg.image_size}, {cfg.hidden_act}, projection {cfg.projection_dim}")
+  if name == "CLIPConfig":
+    return (f"CLIP model: image tower {describe(cfg.vision)}; text tower {describe(cfg.text)}")
   if name == "VAEConfig":
     return (f"VAE: latent channels {cfg.latent_channels}, blocks {list(cfg.block_out_channels)}, "
             f"scale {cfg.scaling_factor}, shift {cfg.shift_factor}")

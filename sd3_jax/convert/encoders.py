@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -19,14 +20,22 @@ from sd3_jax.convert.formats import (DEFAULT_MAX_SHARD_BYTES, DIFFUSERS_INDEX, D
                                      open_weights_dir, read_json, write_weights_dir)
 
 
+TEXT_AND_CLIP_CONFIGS = (TK.CLIPTextConfig, TK.T5EncoderConfig, TK.CLIPVisionConfig, TK.CLIPConfig)
+# The tokenizer files of a transformers CLIP directory (hub CLIPModel repositories ship them).
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+
 def open_text_source(path, verify: bool = True) -> TK.TextSource:
-  """A text encoder as a TextSource: our checkpoint (sd3_jax.clip_text / t5_encoder) or a
-  transformers directory (names, shapes and the config validated on opening)."""
+  """A text encoder or CLIP model as a TextSource: our checkpoint (sd3_jax.clip_text /
+  t5_encoder / clip / clip_vision) or a transformers directory (names, shapes and the config
+  validated on opening)."""
   fmt, path = detect_format(path)
   if fmt == "jax":
     config = pretrained.read_config(path, expected_format=None)
-    if not isinstance(config, (TK.CLIPTextConfig, TK.T5EncoderConfig)):
-      raise ValueError(f"{path} holds a {pretrained.read_format(path).description}, not a text encoder")
+    if not isinstance(config, TEXT_AND_CLIP_CONFIGS):
+      raise ValueError(f"{path} holds a {pretrained.read_format(path).description}, not a text encoder "
+                       "or CLIP model")
     stored = pretrained.stored_params(path)
     return TK.TextSource(config, ours_shapes={k: v[0] for k, v in stored.items()},
                          ours_dtypes={k: v[1] for k, v in stored.items()}, read_ours=group_reader(path, verify),
@@ -84,6 +93,22 @@ def write_text_transformers(source: TK.TextSource, dst, *, dtype=None, overwrite
 
 
 TEXT_WRITERS = {"jax": write_text_jax, "transformers": write_text_transformers}
+
+
+def copy_tokenizer(src, dst, target: str) -> bool:
+  """Copies a CLIP tokenizer along with a converted CLIPModel: from a transformers directory's
+  top level into our checkpoint's ``tokenizer/`` (where ``sd3_jax.evaluation.load_clip`` looks),
+  and back. Returns whether there was one."""
+  src, dst = os.fspath(src), os.fspath(dst)
+  from_dir = src if target == "jax" else os.path.join(src, "tokenizer")
+  to_dir = os.path.join(dst, "tokenizer") if target == "jax" else dst
+  names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(from_dir, n))]
+  if not names:
+    return False
+  os.makedirs(to_dir, exist_ok=True)
+  for n in names:
+    shutil.copyfile(os.path.join(from_dir, n), os.path.join(to_dir, n))
+  return True
 
 
 # ---------------------------------------------------------------------------------------------

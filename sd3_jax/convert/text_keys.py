@@ -1,5 +1,6 @@
-"""Key tables and tensor transforms between transformers' text encoders and ours
-(sd3_jax/models/text_encoders.py), plus model detection from a transformers config.json.
+"""Key tables and tensor transforms between transformers' text encoders and CLIP models and
+ours (sd3_jax/models/text_encoders.py, sd3_jax/models/clip_vision.py), plus model detection
+from a transformers config.json.
 
   transformers (torch)                                      ours
   CLIP  [text_model.]embeddings.{token,position}_embedding.weight   embeddings/..._embedding/embedding
@@ -21,11 +22,20 @@
         encoder.block.N.layer.1.DenseReluDense.{wi_0,wi_1,wi,wo}.weight   blocks_N/ffn/{...}/kernel
         encoder.block.N.layer.1.layer_norm.weight                    blocks_N/ffn_norm/scale
         encoder.final_layer_norm.weight                              final_layer_norm/scale
+  CLIP image tower (CLIPVisionModelWithProjection; in a CLIPModel too, ours under vision_model/)
+        vision_model.embeddings.class_embedding                      class_embedding
+        vision_model.embeddings.patch_embedding.weight [D, 3, P, P] -> [P, P, 3, D]
+                                                                     patch_embedding/kernel
+        vision_model.embeddings.position_embedding.weight            position_embedding/embedding
+        vision_model.{pre_layrnorm,post_layernorm}.{weight,bias}     {pre_layrnorm,post_layernorm}/...
+        vision_model.encoder.layers.N.*                              layers_N/* (as the text tower)
+        visual_projection.weight [P, D] -> [D, P]                    visual_projection/kernel
+  CLIPModel  the text tower (ours under text_model/), the image tower, logit_scale -> logit_scale
 
 Every tensor maps to exactly one tensor by a transpose and/or reshape, so conversions are
 bit-exact and run one tensor at a time (``to_ours`` / ``to_hf``). Tensors of the other half of
-a model (CLIP's vision tower, T5's decoder and lm_head) and non-persistent buffers
-(position_ids) are ignored; anything else unknown is reported.
+a model (a CLIPModel's vision tower when only its text tower is read, T5's decoder and lm_head)
+and non-persistent buffers (position_ids) are ignored; anything else unknown is reported.
 """
 from __future__ import annotations
 
@@ -36,16 +46,21 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from sd3_jax.convert.safetensors_io import as_numpy, check_float_dtypes
+from sd3_jax.models.clip_vision import CLIPConfig, CLIPVisionConfig
 from sd3_jax.models.text_encoders import CLIPTextConfig, T5EncoderConfig
 
 CLIP_PREFIX = "text_model."
+VISION_PREFIX = "vision_model."
 # Tensors of a transformers checkpoint that are not part of the text encoder.
 _CLIP_IGNORED = re.compile(
     r"^(vision_model\.|visual_projection\.|logit_scale$|(text_model\.)?embeddings\.position_ids$)")
 _T5_IGNORED = re.compile(r"^(decoder\.|lm_head\.)")
+_CLIP_MODEL_IGNORED = re.compile(r"^(text_model\.|vision_model\.)embeddings\.position_ids$")
 T5_EMBED_KEYS = ("shared.weight", "encoder.embed_tokens.weight")
 
-CLIP_ARCHITECTURES = ("CLIPTextModelWithProjection", "CLIPTextModel", "CLIPModel")
+CLIP_ARCHITECTURES = ("CLIPTextModelWithProjection", "CLIPTextModel")
+CLIP_VISION_ARCHITECTURES = ("CLIPVisionModelWithProjection",)
+CLIP_MODEL_ARCHITECTURES = ("CLIPModel",)
 T5_ARCHITECTURES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model")
 
 
@@ -62,34 +77,68 @@ def _linear(hf, ours, n_in, n_out):
   return Entry(hf, ours, "linear", (n_in, n_out), (n_out, n_in))
 
 
-def clip_entries(c: CLIPTextConfig) -> list[Entry]:
+def clip_layer_entries(hp: str, op: str, d: int, h: int, dh: int, f: int) -> list[Entry]:
+  """One CLIP transformer layer (text or vision tower): transformers prefix ``hp``
+  ('...encoder.layers.N.'), ours ``op`` ('.../layers_N/')."""
+  es = []
+  for n in ("q", "k", "v"):
+    es.append(Entry(f"{hp}self_attn.{n}_proj.weight", f"{op}self_attn/{n}_proj/kernel", "heads_in",
+                    (d, h, dh), (h * dh, d)))
+    es.append(Entry(f"{hp}self_attn.{n}_proj.bias", f"{op}self_attn/{n}_proj/bias", "bias_heads",
+                    (h, dh), (h * dh,)))
+  es.append(Entry(f"{hp}self_attn.out_proj.weight", f"{op}self_attn/out_proj/kernel", "heads_out",
+                  (h, dh, d), (d, h * dh)))
+  es.append(Entry(f"{hp}self_attn.out_proj.bias", f"{op}self_attn/out_proj/bias", "copy", (d,), (d,)))
+  for n in ("layer_norm1", "layer_norm2"):
+    es.append(Entry(f"{hp}{n}.weight", f"{op}{n}/scale", "copy", (d,), (d,)))
+    es.append(Entry(f"{hp}{n}.bias", f"{op}{n}/bias", "copy", (d,), (d,)))
+  es.append(_linear(f"{hp}mlp.fc1.weight", f"{op}mlp/fc1/kernel", d, f))
+  es.append(Entry(f"{hp}mlp.fc1.bias", f"{op}mlp/fc1/bias", "copy", (f,), (f,)))
+  es.append(_linear(f"{hp}mlp.fc2.weight", f"{op}mlp/fc2/kernel", f, d))
+  es.append(Entry(f"{hp}mlp.fc2.bias", f"{op}mlp/fc2/bias", "copy", (d,), (d,)))
+  return es
+
+
+def _norm(hf: str, ours: str, d: int) -> list[Entry]:
+  return [Entry(f"{hf}.weight", f"{ours}/scale", "copy", (d,), (d,)),
+          Entry(f"{hf}.bias", f"{ours}/bias", "copy", (d,), (d,))]
+
+
+def clip_entries(c: CLIPTextConfig, ours_prefix: str = "") -> list[Entry]:
   d, h, dh, f = c.hidden_size, c.num_heads, c.head_dim, c.intermediate_size
-  p = CLIP_PREFIX
-  es = [Entry(p + "embeddings.token_embedding.weight", "embeddings/token_embedding/embedding", "copy",
+  p, o = CLIP_PREFIX, ours_prefix
+  es = [Entry(p + "embeddings.token_embedding.weight", o + "embeddings/token_embedding/embedding", "copy",
               (c.vocab_size, d), (c.vocab_size, d)),
-        Entry(p + "embeddings.position_embedding.weight", "embeddings/position_embedding/embedding", "copy",
+        Entry(p + "embeddings.position_embedding.weight", o + "embeddings/position_embedding/embedding", "copy",
               (c.max_position_embeddings, d), (c.max_position_embeddings, d))]
   for i in range(c.num_layers):
-    hp, op = f"{p}encoder.layers.{i}.", f"layers_{i}/"
-    for n in ("q", "k", "v"):
-      es.append(Entry(f"{hp}self_attn.{n}_proj.weight", f"{op}self_attn/{n}_proj/kernel", "heads_in",
-                      (d, h, dh), (h * dh, d)))
-      es.append(Entry(f"{hp}self_attn.{n}_proj.bias", f"{op}self_attn/{n}_proj/bias", "bias_heads",
-                      (h, dh), (h * dh,)))
-    es.append(Entry(f"{hp}self_attn.out_proj.weight", f"{op}self_attn/out_proj/kernel", "heads_out",
-                    (h, dh, d), (d, h * dh)))
-    es.append(Entry(f"{hp}self_attn.out_proj.bias", f"{op}self_attn/out_proj/bias", "copy", (d,), (d,)))
-    for n in ("layer_norm1", "layer_norm2"):
-      es.append(Entry(f"{hp}{n}.weight", f"{op}{n}/scale", "copy", (d,), (d,)))
-      es.append(Entry(f"{hp}{n}.bias", f"{op}{n}/bias", "copy", (d,), (d,)))
-    es.append(_linear(f"{hp}mlp.fc1.weight", f"{op}mlp/fc1/kernel", d, f))
-    es.append(Entry(f"{hp}mlp.fc1.bias", f"{op}mlp/fc1/bias", "copy", (f,), (f,)))
-    es.append(_linear(f"{hp}mlp.fc2.weight", f"{op}mlp/fc2/kernel", f, d))
-    es.append(Entry(f"{hp}mlp.fc2.bias", f"{op}mlp/fc2/bias", "copy", (d,), (d,)))
-  es.append(Entry(p + "final_layer_norm.weight", "final_layer_norm/scale", "copy", (d,), (d,)))
-  es.append(Entry(p + "final_layer_norm.bias", "final_layer_norm/bias", "copy", (d,), (d,)))
-  es.append(_linear("text_projection.weight", "text_projection/kernel", d, c.projection_dim))
+    es += clip_layer_entries(f"{p}encoder.layers.{i}.", f"{o}layers_{i}/", d, h, dh, f)
+  es += _norm(p + "final_layer_norm", o + "final_layer_norm", d)
+  es.append(_linear("text_projection.weight", o + "text_projection/kernel", d, c.projection_dim))
   return es
+
+
+def clip_vision_entries(c: CLIPVisionConfig, ours_prefix: str = "") -> list[Entry]:
+  """CLIPVisionModelWithProjection (models/clip_vision.py CLIPVisionEncoder)."""
+  d, h, dh, f, p = c.hidden_size, c.num_heads, c.head_dim, c.intermediate_size, c.patch_size
+  v, o = VISION_PREFIX, ours_prefix
+  es = [Entry(v + "embeddings.class_embedding", o + "class_embedding", "copy", (d,), (d,)),
+        Entry(v + "embeddings.patch_embedding.weight", o + "patch_embedding/kernel", "conv",
+              (p, p, c.num_channels, d), (d, c.num_channels, p, p)),
+        Entry(v + "embeddings.position_embedding.weight", o + "position_embedding/embedding", "copy",
+              (c.num_positions, d), (c.num_positions, d))]
+  es += _norm(v + "pre_layrnorm", o + "pre_layrnorm", d)
+  for i in range(c.num_layers):
+    es += clip_layer_entries(f"{v}encoder.layers.{i}.", f"{o}layers_{i}/", d, h, dh, f)
+  es += _norm(v + "post_layernorm", o + "post_layernorm", d)
+  es.append(_linear("visual_projection.weight", o + "visual_projection/kernel", d, c.projection_dim))
+  return es
+
+
+def clip_model_entries(c: CLIPConfig) -> list[Entry]:
+  """CLIPModel (models/clip_vision.py CLIPModel): both towers and logit_scale."""
+  return (clip_entries(c.text, "text_model/") + clip_vision_entries(c.vision, "vision_model/")
+          + [Entry("logit_scale", "logit_scale", "copy", (), ())])
 
 
 def t5_entries(c: T5EncoderConfig) -> list[Entry]:
@@ -117,6 +166,10 @@ def t5_entries(c: T5EncoderConfig) -> list[Entry]:
 def entries(config) -> list[Entry]:
   if isinstance(config, CLIPTextConfig):
     return clip_entries(config)
+  if isinstance(config, CLIPVisionConfig):
+    return clip_vision_entries(config)
+  if isinstance(config, CLIPConfig):
+    return clip_model_entries(config)
   if isinstance(config, T5EncoderConfig):
     return t5_entries(config)
   raise TypeError(f"not a text encoder config: {type(config).__name__}")
@@ -125,6 +178,8 @@ def entries(config) -> list[Entry]:
 def to_ours(e: Entry, x: np.ndarray) -> np.ndarray:
   if e.op in ("copy", "bias_heads"):
     return x.reshape(e.ours_shape)
+  if e.op == "conv":  # torch Conv2d [out, in, kh, kw] -> [kh, kw, in, out]
+    return x.transpose(2, 3, 1, 0)
   if e.op in ("linear", "heads_in", "heads_out"):
     return x.T.reshape(e.ours_shape)  # [out, in] -> [in, out] -> split heads
   raise ValueError(f"unknown op {e.op}")
@@ -135,6 +190,8 @@ def to_hf(e: Entry, x: np.ndarray) -> np.ndarray:
     return x.reshape(e.hf_shape)
   if e.op == "linear":
     return x.T
+  if e.op == "conv":
+    return x.transpose(3, 2, 0, 1)
   if e.op == "heads_in":   # [D, H, Dh] -> [D, H*Dh] -> [H*Dh, D]
     return x.reshape(x.shape[0], -1).T
   if e.op == "heads_out":  # [H, Dh, D] -> [H*Dh, D] -> [D, H*Dh]
@@ -147,10 +204,15 @@ def to_hf(e: Entry, x: np.ndarray) -> np.ndarray:
 
 
 def model_kind(hf_config: Mapping) -> str | None:
-  """'clip_text' or 't5_encoder' for a transformers config.json we can convert, else None."""
+  """'clip_text', 't5_encoder', 'clip' (both towers) or 'clip_vision' for a transformers
+  config.json we can convert, else None."""
   archs = tuple(hf_config.get("architectures") or ())
   mt = hf_config.get("model_type")
-  if mt in ("clip_text_model", "clip") or any(a in CLIP_ARCHITECTURES for a in archs):
+  if mt == "clip" or any(a in CLIP_MODEL_ARCHITECTURES for a in archs):
+    return "clip"
+  if mt == "clip_vision_model" or any(a in CLIP_VISION_ARCHITECTURES for a in archs):
+    return "clip_vision"
+  if mt == "clip_text_model" or any(a in CLIP_ARCHITECTURES for a in archs):
     return "clip_text"
   if mt == "t5" or any(a in T5_ARCHITECTURES for a in archs):
     return "t5_encoder"
@@ -164,11 +226,16 @@ def config_from_hf(hf_config: Mapping, source: str = "config.json"):
       return CLIPTextConfig.from_hf_config(hf_config)
     if kind == "t5_encoder":
       return T5EncoderConfig.from_hf_config(hf_config)
+    if kind == "clip":
+      return CLIPConfig.from_hf_config(hf_config)
+    if kind == "clip_vision":
+      return CLIPVisionConfig.from_hf_config(hf_config)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{source}: {e}") from None
   raise ValueError(f"{source}: not a text encoder we convert (model_type {hf_config.get('model_type')!r}, "
                    f"architectures {hf_config.get('architectures')}); expected a CLIP text model "
-                   f"({', '.join(CLIP_ARCHITECTURES)}) or a T5 encoder ({', '.join(T5_ARCHITECTURES)})")
+                   f"({', '.join(CLIP_ARCHITECTURES)}), a T5 encoder ({', '.join(T5_ARCHITECTURES)}), "
+                   f"a CLIP image tower ({', '.join(CLIP_VISION_ARCHITECTURES)}) or a CLIPModel")
 
 
 def has_projection(hf_config: Mapping) -> bool:
@@ -185,6 +252,13 @@ def canonical_names(keys: Iterable[str], config) -> tuple[dict[str, str], list[s
   the other is checked equal by ``TextSource``). Unknown keys are kept so that validation
   reports them as unexpected."""
   out, ignored = {}, []
+  if isinstance(config, (CLIPConfig, CLIPVisionConfig)):  # stored under their full names
+    for k in keys:
+      if _CLIP_MODEL_IGNORED.match(k):
+        ignored.append(k)
+      else:
+        out[k] = k
+    return out, ignored
   is_clip = isinstance(config, CLIPTextConfig)
   for k in keys:
     if (_CLIP_IGNORED if is_clip else _T5_IGNORED).match(k):
@@ -291,6 +365,11 @@ def source_from_hf_tensors(config, shapes: Mapping[str, tuple], dtypes: Mapping[
                     description=description)
 
 
+def _contiguous(a: np.ndarray) -> np.ndarray:
+  """np.ascontiguousarray, keeping 0-d arrays (CLIP's logit_scale) 0-d."""
+  return np.ascontiguousarray(a).reshape(a.shape)
+
+
 def state_dict_to_params(state_dict: Mapping, hf_config: Mapping, *, dtype=None):
   """In-memory transformers state dict (torch or numpy) + its config dict -> (config, params).
 
@@ -304,7 +383,7 @@ def state_dict_to_params(state_dict: Mapping, hf_config: Mapping, *, dtype=None)
   flat = {}
   for e in src.entries:
     a = src.read_ours(e.ours)
-    flat[e.ours] = np.ascontiguousarray(a.astype(dtype or a.dtype, copy=False))
+    flat[e.ours] = _contiguous(a.astype(dtype or a.dtype, copy=False))
   return config, pretrained.unflatten(flat)
 
 
@@ -319,5 +398,5 @@ def params_to_state_dict(params: Mapping, config, *, dtype=None) -> dict[str, np
   out = {}
   for e in src.entries:
     a = src.read_hf(e.hf)
-    out[e.hf] = np.ascontiguousarray(a.astype(dtype or a.dtype, copy=False))
+    out[e.hf] = _contiguous(a.astype(dtype or a.dtype, copy=False))
   return out

@@ -142,8 +142,11 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
+  """CLIP self-attention; ``causal`` for the text tower, bidirectional for the vision tower
+  (models/clip_vision.py), which reuses these layers with its own config."""
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, y: jax.Array) -> jax.Array:  # [B, L, D] -> [B, L, D]
@@ -151,7 +154,7 @@ class CLIPAttention(nn.Module):
     h, dh = c.num_heads, c.head_dim
     q, k, v = (Dense((h, dh), ("embed", "heads", "kv"), dtype=self.dtype, name=f"{n}_proj")(y)
                for n in ("q", "k", "v"))  # each [B, L, H, Dh]
-    o = masked_attention(q, k, v, scale=dh ** -0.5, causal=True)
+    o = masked_attention(q, k, v, scale=dh ** -0.5, causal=self.causal)
     return Dense(c.hidden_size, ("heads", "kv", "embed"), n_in=2, dtype=self.dtype, name="out_proj")(o)
 
 
@@ -170,12 +173,13 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # x [B, L, D]: float32 residual stream
     c = self.config
     y = LayerNorm(c.layer_norm_eps, name="layer_norm1")(x).astype(self.dtype)
-    x = x + CLIPAttention(c, self.dtype, name="self_attn")(y).astype(jnp.float32)
+    x = x + CLIPAttention(c, self.dtype, self.causal, name="self_attn")(y).astype(jnp.float32)
     y = LayerNorm(c.layer_norm_eps, name="layer_norm2")(x).astype(self.dtype)
     return x + CLIPMLP(c, self.dtype, name="mlp")(y).astype(jnp.float32)
 
