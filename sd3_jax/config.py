@@ -39,9 +39,15 @@ def base_config() -> ml_collections.ConfigDict:
   # --config.model.qk_norm=True (see model_config above).
   c.model = model_config("sd3-medium")
   c.dtype = "bfloat16"             # compute dtype; parameters and optimizer state are float32
-  c.remat = "full"                 # 'none' | 'full' | 'dots' | 'dots_no_batch'
+  c.remat = "full"                 # a policy of sd3_jax/models/remat.py: 'none' | 'full' | 'dots' |
+                                   # 'save_attn' | 'save_qkv_attn' | ... (README "Performance")
   c.scan_layers = True             # scan over runs of identical blocks (fast compiles at depth)
-  c.attention_impl = "xla"         # 'xla' (float32 softmax) | 'cudnn' (fused, GPU) | 'auto'
+  # 'auto' (splash on TPU, cuDNN on GPU in bf16/fp16, XLA elsewhere) | 'xla' (float32 softmax) |
+  # 'splash' (Pallas TPU kernel) | 'splash_interpret' (the kernel on CPU, slow) | 'cudnn' (GPU).
+  c.attention_impl = "auto"
+  # Splash tile sizes along the joint sequence; 0 = by length (512 at 256^2, 256 at 1024^2).
+  c.attention_block_q = 0
+  c.attention_block_kv = 0
 
   c.seed = 0
   c.total_steps = 500_000
@@ -69,10 +75,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.text = ml_collections.ConfigDict(dict(clip_l_dim=768, clip_g_dim=1280, clip_tokens=77))
 
   # Data: 'synthetic' (random, same element spec) or 'records' (the sd3_jax.records format).
+  # worker_count: grain worker processes; -1 = by the host's cores (0 below 8 cores,
+  # input_pipeline.resolve_worker_count); a resume needs the same count. prefetch: global
+  # batches assembled and sent to the devices ahead of the step (0 = none).
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", path="", val_path="", latent_size=32, latent_channels=16,
-      context_len=154, context_dim=4096, pooled_dim=2048, num_synthetic=100_000, worker_count=0,
-      shuffle=True))
+      context_len=154, context_dim=4096, pooled_dim=2048, num_synthetic=100_000, worker_count=-1,
+      shuffle=True, prefetch=2))
 
   # Validation loss the paper's way (fixed t levels, fixed noise, fixed examples).
   c.val = ml_collections.ConfigDict(dict(every=10_000, num_examples=512, batch_size=64, levels=8,

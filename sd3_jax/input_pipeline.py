@@ -14,11 +14,14 @@ number of steps and every example counts exactly once.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from sd3_jax.records import DTYPES_BY_NAME, TENSORS, ElementSpec, Example
 
@@ -70,6 +73,26 @@ def _check_batching(global_batch_size: int, process_index: int, process_count: i
                      f"process_count {process_count}: every process feeds "
                      f"global_batch_size // process_count examples per step")
   return global_batch_size // process_count
+
+
+def resolve_worker_count(requested: int, cpu_count: int | None = None,
+                         flags_parsed: bool | None = None) -> int:
+  """grain worker processes for ``requested`` (-1 = auto: a quarter of the host's cores, at
+  most 16, none below 8 cores). Worker processes need absl flags parsed (the sd3-train
+  command runs under absl.app.run); without them auto falls back to reading in threads."""
+  if requested >= 0:
+    return requested
+  if requested != -1:
+    raise ValueError(f"data.worker_count must be >= 0 or -1 (auto), got {requested}")
+  cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+  n = 0 if cores < 8 else min(cores // 4, 16)
+  parsed = flags.FLAGS.is_parsed() if flags_parsed is None else flags_parsed
+  if n and not parsed:
+    logging.getLogger(__name__).info(
+        "data.worker_count=-1: absl flags are not parsed, so grain cannot start worker "
+        "processes; reading in threads instead (run under absl.app.run for %d workers)", n)
+    return 0
+  return n
 
 
 def make_train_iterator(source, *, global_batch_size: int, seed: int, process_index: int,

@@ -22,11 +22,11 @@ from flax import struct
 
 from sd3_jax import checkpoint as ckpt_lib
 from sd3_jax import config_checks, divergence, flow, generation
-from sd3_jax import input_pipeline, records
+from sd3_jax import input_pipeline, prefetch, records
 from sd3_jax import metrics as metrics_lib
 from sd3_jax import sharding, text_conditioning
 from sd3_jax.evaluation import run as eval_run
-from sd3_jax.models import flops, mmdit
+from sd3_jax.models import attention, flops, mmdit
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,14 @@ class TrainState:
 # Model, optimizer, state
 
 
-def make_model(config: ml_collections.ConfigDict) -> mmdit.MMDiT:
+def make_model(config: ml_collections.ConfigDict, platform: str | None = None) -> mmdit.MMDiT:
+  """The MM-DiT of ``config`` with attention_impl resolved for ``platform`` (default: that of
+  jax.devices(); tools.aot_compile passes 'tpu' for compile-only topologies)."""
+  impl = attention.resolve_impl(config.attention_impl, platform or jax.devices()[0].platform,
+                                config.dtype)
   return mmdit.MMDiT(mmdit.config_from_preset(**config.model), dtype=jnp.dtype(config.dtype), remat=config.remat,
-                     scan_layers=config.scan_layers, attention_impl=config.attention_impl)
+                     scan_layers=config.scan_layers, attention_impl=impl,
+                     attention_blocks=attention.SplashBlocks(config.attention_block_q, config.attention_block_kv))
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -184,7 +189,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: mmdit.M
   if n == 1:
     (loss_sum, per_example), grads = grad_fn(state.params, model, ex)
   else:
-    micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), ex)
+    # Microbatch i = rows i, i+n, i+2n, ...: every device's batch shard holds its share of
+    # every microbatch, so splitting moves no data between devices.
+    micro = jax.tree.map(lambda x: nn.with_logical_constraint(
+        x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1),
+        (None, "act_batch") + (None,) * (x.ndim - 1)), ex)
 
     def body(acc, mb):
       (l, pe), g = grad_fn(state.params, model, mb)
@@ -192,16 +201,17 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: mmdit.M
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grads, (sums, per_example) = jax.lax.scan(body, zeros, micro)
-    loss_sum, per_example = jnp.sum(sums), per_example.reshape(-1)
+    loss_sum, per_example = jnp.sum(sums), per_example.swapaxes(0, 1).reshape(-1)
   grads = jax.tree.map(lambda g: g / n_examples, grads)
   loss = loss_sum / n_examples
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   step = state.step + 1
-  do_ema = (step % opts.ema_every) == 0
-  decay = jnp.where(do_ema, opts.ema_decay, 1.0)
-  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  # Only the steps that update the EMA read and rewrite it (lax.cond, not a blend every step).
+  ema = jax.lax.cond((step % opts.ema_every) == 0,
+                     lambda e, p: jax.tree.map(lambda a, b: opts.ema_decay * a + (1.0 - opts.ema_decay) * b, e, p),
+                     lambda e, p: e, state.ema_params, params)
   new_state = state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema)
   out = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(params),
              metrics=metrics_lib.TrainMetrics.single_from_model_output(
@@ -275,7 +285,7 @@ def run_validation(config, val_fn, params, val_source, mesh) -> dict[str, float]
   levels = flow.val_t_levels(config.val.levels)
   it = input_pipeline.make_eval_iterator(
       val_source, global_batch_size=config.val.batch_size, max_examples=config.val.num_examples,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(), dtype=None)
   sums, count = 0.0, 0.0
   for local in it:
     ids = local.pop("example_id")
@@ -347,10 +357,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
     raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by "
                      f"grad_accum_steps {config.grad_accum_steps}")
   train_source = make_source(config, "train")
+  # Batches stay in the records' dtype (float16) on the host; the step casts them on device.
   train_iter = input_pipeline.make_train_iterator(
       train_source, global_batch_size=config.global_batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      shuffle=config.data.shuffle, worker_count=config.data.worker_count)
+      shuffle=config.data.shuffle, dtype=None,
+      worker_count=input_pipeline.resolve_worker_count(config.data.worker_count))
   closers.append(train_iter.close)
   explain = lambda done: lambda: divergence.explain(  # noqa: E731  (only called on NaN/Inf)
       train_source, range(max(start_step, done - config.log_every), done),
@@ -390,10 +402,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
     decoder = None if s.pixel_space else generation.load_decoder(s.vae)
   evaluator = eval_run.PeriodicEvaluator.from_settings(e.to_dict(), mesh) if e.every > 0 else None
 
+  to_device = functools.partial(sharding.make_global_batch, mesh=mesh)
+  batches = (prefetch.Prefetcher(train_iter, to_device, config.data.prefetch) if config.data.prefetch
+             else map(to_device, train_iter))
+  data_position = batches if config.data.prefetch else train_iter  # what checkpoints save
+  if config.data.prefetch:
+    closers.append(batches.close)
   acc = None
   last: dict[str, Any] = {}
   for step in range(start_step, config.total_steps):
-    batch = sharding.make_global_batch(next(train_iter), mesh)
+    batch = next(batches)
     state, out = step_fn(state, batch, step_rng)
     acc = out["metrics"] if acc is None else acc.merge(out["metrics"])
     done = step + 1
@@ -437,7 +455,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
                              "grad_norm": float(jax.device_get(out["grad_norm"])),
                              "param_norm": float(jax.device_get(out["param_norm"]))}, checkpointer,
                       explain(done))
-        checkpointer.save(done, state, data_iterator=train_iter, config=config.to_dict())
+        checkpointer.save(done, state, data_iterator=data_position, config=config.to_dict())
+  if config.data.prefetch:
+    batches.close()
   checkpointer.wait_until_finished()
   checkpointer.close()
   writer.close()

@@ -29,3 +29,17 @@ def test_too_large_batch_does_not_fit_v5e():
   # 16 GiB of HBM per v5e chip: 4M latent examples of 8x8x4 (plus context) cannot fit on 4 chips.
   r = _aot("--topology=v5e:2x2", "--config.global_batch_size=2097152")
   assert r["fits"] is False and r["peak_bytes_per_device"] > r["hbm_bytes_per_device"]
+
+
+def test_remat_policies_report_memory_and_recomputation_and_pick():
+  r = _aot("--topology=v5p:2x2x1", "--config.mesh.fsdp=4", "--remat_policies=none,full",
+           "--pick_remat")
+  rows = {row["remat"]: row for row in r["policies"]}
+  assert set(rows) == {"none", "full"}
+  assert all(row["attention_impl"] == "splash" and row["fits"] for row in rows.values())
+  assert all(row["kernel_calls_per_step"] > 0 for row in rows.values())  # the Pallas kernel ran
+  # Without remat the compiled matmuls are the model's (loops counted per layer); full remat
+  # reruns every block's forward matmuls in the backward pass: about 4/3 of them.
+  assert 0.9 < rows["none"]["recompute_ratio"] < 1.1
+  assert 1.2 < rows["full"]["recompute_ratio"] < 1.4
+  assert r["picked_remat"] == "none"

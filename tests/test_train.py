@@ -173,6 +173,49 @@ def test_gradient_accumulation_matches_full_batch():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-5)
 
 
+def _compiled_step_hlo(c, mesh):
+  model, tx, opts = train.make_model(c), train.make_optimizer(c), train.step_options(c)
+  abstract, shardings = train.state_shardings(model, tx, mesh)
+  shapes = train.batch_shapes(c)
+  batch = {k: jax.ShapeDtypeStruct(s, jnp.float16, sharding=sharding.batch_sharding(mesh, len(s)))
+           for k, s in shapes.items()}
+  rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                             sharding=sharding.replicated(mesh))
+  schedule = train.learning_rate_schedule(c.optimizer, c.total_steps)
+  step = train.make_train_step(model, tx, opts, schedule, mesh, shardings, shapes)
+  return step.lower(abstract, batch, rng).compile().as_text()
+
+
+def test_gradient_accumulation_moves_no_batch_between_devices():
+  """Each microbatch keeps the batch sharding: the accumulated step has no all-to-all or
+  collective-permute (a reshard of the batch) that the plain step lacks."""
+  mesh = _mesh((2, 4, 1))
+  count = lambda hlo: {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(")
+                       for op in ("all-to-all", "collective-permute")}
+  plain = count(_compiled_step_hlo(_config(global_batch_size=32), mesh))
+  accum = count(_compiled_step_hlo(_config(global_batch_size=32, grad_accum_steps=4), mesh))
+  for op in plain:
+    assert accum[op] <= plain[op], (op, accum, plain)
+
+
+def test_ema_changes_only_on_its_steps():
+  c = _config(**{"ema.every": 2, "ema.decay": 0.9})
+  mesh = _mesh((1, 8, 1))
+  model, tx, opts = train.make_model(c), train.make_optimizer(c), train.step_options(c)
+  _, shardings = train.state_shardings(model, tx, mesh)
+  state = train.create_sharded_state(model, tx, mesh, jax.random.key(c.seed), shardings)
+  init = jax.tree.map(np.asarray, state.ema_params)
+  batches = _batches(c, 2)
+  schedule = train.learning_rate_schedule(c.optimizer, c.total_steps)
+  step = train.make_train_step(model, tx, opts, schedule, mesh, shardings, train.batch_shapes(c))
+  state, _ = step(state, sharding.make_global_batch(batches[0], mesh), jax.random.key(1))
+  for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(init)):
+    np.testing.assert_array_equal(np.asarray(a), b)  # step 1: untouched
+  state, _ = step(state, sharding.make_global_batch(batches[1], mesh), jax.random.key(1))
+  for e, p, e0 in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params), jax.tree.leaves(init)):
+    np.testing.assert_allclose(np.asarray(e), 0.9 * e0 + 0.1 * np.asarray(p), rtol=1e-6, atol=1e-7)
+
+
 def test_pos_embed_is_frozen_and_ema_moves():
   c = _config(**{"ema.every": 1})
   mesh = _mesh((1, 8, 1))

@@ -11,6 +11,13 @@ figure comes from its message and `fits` is false. ``--json`` prints one JSON ob
 `hbm_bytes_per_device` and `fits`. ``--find_max_batch`` also searches the largest global batch
 (a multiple of the batch shards) whose step fits, and reports it per chip (4-6 compiles).
 Any topology name libtpu accepts works: v4:2x2x1, v5e:16x16, v5p:4x4x4, v5p:8x8x8, v6e:16x16, ...
+
+Recomputation: `hlo_matmul_flops_per_device` counts the compiled program's matmuls with every
+scanned layer counted once per layer (``tools.hlo_flops``); `recompute_ratio` is that times
+the chips over the model FLOPs of the same matmuls (1.0 = no recomputation; attention inside a
+Pallas kernel is left out of both sides). ``--remat_policies=none,save_attn,full`` compiles
+each policy and reports each; ``--pick_remat`` compiles every policy (or those listed) and picks
+the one with the least recomputation that fits (ties: least memory).
 """
 from __future__ import annotations
 
@@ -31,14 +38,20 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sd3_jax.models import flops, mmdit  # noqa: E402
+from sd3_jax.models import remat as remat_lib  # noqa: E402
 from sd3_jax import sharding  # noqa: E402
 from sd3_jax import train  # noqa: E402
+from tools import hlo_flops  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:8x8x8", "TPU topology name, e.g. v5p:8x8x8 or v6e:16x16.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 _FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Search the largest global batch that fits.")
+_POLICIES = flags.DEFINE_list("remat_policies", [], "Compile each of these remat policies "
+                              f"({', '.join(remat_lib.POLICIES)}) and report each.")
+_PICK = flags.DEFINE_bool("pick_remat", False, "Pick the policy with the least recomputation that "
+                          "fits (among --remat_policies, default all).")
 flags.mark_flags_as_required(["config"])
 
 GiB = 1024 ** 3
@@ -75,10 +88,12 @@ def topology_devices(name: str, num_slices: int = 1):
 def compile_step(config, devices):
   """Lower and compile the real train step for ``devices`` -> (compiled, mesh, abstract args)."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-  model, tx, opts = train.make_model(config), train.make_optimizer(config), train.step_options(config)
+  model = train.make_model(config, platform=devices[0].platform)
+  tx, opts = train.make_optimizer(config), train.step_options(config)
   abstract_state, shardings = train.state_shardings(model, tx, mesh)
   shapes = train.batch_shapes(config)
-  batch = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding.batch_sharding(mesh, len(s)))
+  # Batches arrive in the records' stored dtype (float16) and are cast inside the step.
+  batch = {k: jax.ShapeDtypeStruct(s, jnp.float16, sharding=sharding.batch_sharding(mesh, len(s)))
            for k, s in shapes.items()}
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                              sharding=sharding.replicated(mesh))
@@ -118,13 +133,20 @@ def analyse(config, devices) -> dict:
   d = config.data
   kind = devices[0].device_kind
   hbm = hbm_bytes(kind)
+  mcfg = mmdit.config_from_preset(**config.model)
+  model_flops = flops.train_step_flops(mcfg, d.latent_size, d.latent_size, d.context_len,
+                                       config.global_batch_size)
+  impl = train.make_model(config, platform=devices[0].platform).attention_impl
+  # Attention inside a kernel is invisible in the HLO: compare like with like.
+  attn = 3 * config.global_batch_size * flops.mmdit_forward_flops_breakdown(
+      mcfg, d.latent_size, d.latent_size, d.context_len)["attention"]
+  attn += 3 * config.global_batch_size * _attn2_core_flops(mcfg, d.latent_size)
+  visible = model_flops - (attn if impl.startswith("splash") or impl == "cudnn" else 0)
   r = {"topology": _TOPOLOGY.value, "device_kind": kind, "num_devices": len(devices),
        "global_batch_size": config.global_batch_size,
        "batch_per_device": config.global_batch_size / len(devices),
-       "hbm_bytes_per_device": hbm,
-       "model_flops_per_step": flops.train_step_flops(
-           mmdit.config_from_preset(**config.model), d.latent_size, d.latent_size, d.context_len,
-           config.global_batch_size)}
+       "hbm_bytes_per_device": hbm, "remat": config.remat, "attention_impl": impl,
+       "model_flops_per_step": model_flops}
   try:
     compiled, mesh, abstract_args = compile_step(config, devices)
   except jax.errors.JaxRuntimeError as e:
@@ -159,7 +181,43 @@ def analyse(config, devices) -> dict:
       "fits": None if hbm is None else peak <= hbm,
       "compiled_flops_per_device": float(ca.get("flops", float("nan"))) if ca else None,
   })
+  counted = hlo_flops.matmul_flops(compiled.as_text())
+  r.update({"hlo_matmul_flops_per_device": counted["flops"],
+            "kernel_calls_per_step": counted["custom_calls"],
+            "recompute_ratio": counted["flops"] * len(devices) / visible,
+            "unknown_trip_counts": counted["unknown_trip_counts"]})
   return r
+
+
+def _attn2_core_flops(mcfg, latent_size: int) -> int:
+  """Forward FLOPs per example of the MMDiT-X image-only attention core (QK^T and AV)."""
+  n = (latent_size // mcfg.patch_size) ** 2
+  return 4 * n * n * mcfg.hidden_size * len(mcfg.dual_attention_layers)
+
+
+def compare_policies(config, devices, names) -> list[dict]:
+  """analyse() for each remat policy in ``names`` (one compile each)."""
+  rows = []
+  for name in names:
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.remat = name
+    r = analyse(c, devices)
+    peak = r["peak_bytes_per_device"]
+    ratio = r.get("recompute_ratio")
+    print(f"  remat {name:22s} peak {'?' if peak is None else f'{peak / GiB:.2f}'} GiB, "
+          f"recompute {'?' if ratio is None else f'{ratio:.3f}'}x, "
+          f"{'fits' if r['fits'] else 'does not fit'}", file=sys.stderr, flush=True)
+    rows.append(r)
+  return rows
+
+
+def pick_remat(rows: list[dict]) -> str | None:
+  """The fitting policy with the least recomputation (then the least memory); None if none fits."""
+  fitting = [r for r in rows if r["fits"] and r.get("recompute_ratio") is not None]
+  if not fitting:
+    return None
+  return min(fitting, key=lambda r: (round(r["recompute_ratio"], 3), r["peak_bytes_per_device"]))["remat"]
 
 
 def find_max_batch(config, devices, first: dict, max_compiles: int = 7) -> dict:
@@ -221,6 +279,28 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   devices = topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
+  names = _POLICIES.value or (list(remat_lib.POLICIES) if _PICK.value else [])
+  unknown = [n for n in names if n not in remat_lib.POLICIES]
+  if unknown:
+    raise app.UsageError(f"unknown remat policies {unknown}; known: {list(remat_lib.POLICIES)}")
+  if names:
+    rows = compare_policies(_CONFIG.value, devices, names)
+    out = {"policies": rows}
+    if _PICK.value:
+      out["picked_remat"] = pick_remat(rows)
+    if _JSON.value:
+      print(json.dumps(out))
+      return
+    print(f"topology {_TOPOLOGY.value}, global batch {_CONFIG.value.global_batch_size}")
+    print(f"  {'remat':22s} {'peak GiB/chip':>14s} {'recompute':>10s} fits")
+    for r in rows:
+      peak = r["peak_bytes_per_device"]
+      ratio = r.get("recompute_ratio")
+      print(f"  {r['remat']:22s} {'?' if peak is None else f'{peak / GiB:14.2f}'} "
+            f"{'?' if ratio is None else f'{ratio:9.3f}x'} {r['fits']}")
+    if _PICK.value:
+      print(f"picked remat: {out['picked_remat']}")
+    return
   r = analyse(_CONFIG.value, devices)
   if _FIND_MAX.value:
     found = find_max_batch(_CONFIG.value, devices, r)
@@ -246,6 +326,9 @@ def main(argv):
   else:
     print(f"  compiled FLOPs per chip per step {r['compiled_flops_per_device']:.4g} (XLA counts a "
           f"scanned loop body once); model FLOPs per step {r['model_flops_per_step']:.4g}")
+    print(f"  matmul FLOPs per chip, loops unrolled {r['hlo_matmul_flops_per_device']:.4g}: "
+          f"recompute ratio {r['recompute_ratio']:.3f} (remat {r['remat']}, attention "
+          f"{r['attention_impl']})")
   if _FIND_MAX.value:
     over = r["smallest_global_batch_seen_not_to_fit"]
     print(f"  largest global batch that fits: {r['max_global_batch_that_fits']} "

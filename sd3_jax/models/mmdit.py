@@ -14,19 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from sd3_jax.models import attention as A
 from sd3_jax.models import layers as L
 # The configuration API lives beside the model and is part of its namespace (mmdit.get_config).
 from sd3_jax.models.mmdit_config import (PRESETS, MMDiTConfig, block_segments, config_for_depth,  # noqa: F401
                                          config_from_preset, get_config, iter_blocks)
+from sd3_jax.models import remat as R
 
 Dtype = Any
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+REMAT_POLICIES = R.POLICIES  # name -> jax.checkpoint policy (models/remat.py)
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,7 +64,7 @@ class AttentionProjections(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.qk_norm:
       q, k = self.ln_q(q), self.ln_k(k)
-    return q, k, v
+    return R.tag(q, R.QKV), R.tag(k, R.QKV), R.tag(v, R.QKV)
 
   def out(self, a_BxLxHxDh):
     return self.proj(a_BxLxHxDh)
@@ -84,6 +80,7 @@ class StreamBlock(nn.Module):
   dual: bool = False
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
+  attention_blocks: A.SplashBlocks = A.SplashBlocks()
 
   def setup(self):
     n_mods = 2 if self.pre_only else (9 if self.dual else 6)
@@ -113,9 +110,10 @@ class StreamBlock(nn.Module):
     if self.dual:
       shift2, scale2, gate2 = mods[6:9]
       q2, k2, v2 = self.attn2.qkv_heads(L.modulate(x_norm, shift2, scale2))
-      a2 = L.dot_product_attention(q2, k2, v2, self.attention_impl)
+      a2 = R.tag(A.attention(q2, k2, v2, self.attention_impl, self.attention_blocks), R.ATTN_OUT)
       x = x + gate2[:, None] * self.attn2.out(a2)
-    x = x + gate_mlp[:, None] * self.mlp(L.modulate(L.layer_norm(x), shift_mlp, scale_mlp))
+    mlp_in = R.tag(L.modulate(L.layer_norm(x), shift_mlp, scale_mlp), R.MLP_IN)
+    x = x + gate_mlp[:, None] * self.mlp(mlp_in)
     return nn.with_logical_constraint(x, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_EMBED))
 
 
@@ -146,20 +144,23 @@ class JointBlock(nn.Module):
   dual: bool = False
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
+  attention_blocks: A.SplashBlocks = A.SplashBlocks()
 
   @nn.compact
   def __call__(self, carry, c_BxD):
     ctx, x = carry
     kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio,
-              qk_norm=self.qk_norm, dtype=self.dtype, attention_impl=self.attention_impl)
+              qk_norm=self.qk_norm, dtype=self.dtype, attention_impl=self.attention_impl,
+              attention_blocks=self.attention_blocks)
     context_block = StreamBlock(pre_only=self.context_pre_only, name="context_block", **kw)
     x_block = StreamBlock(dual=self.dual, name="x_block", **kw)
     (cq, ck, cv), c_saved = context_block.pre_attention(ctx, c_BxD)
     (xq, xk, xv), x_saved = x_block.pre_attention(x, c_BxD)
     n_ctx = ctx.shape[1]
     # Reference order: context tokens first, then image tokens.
-    a = L.dot_product_attention(jnp.concatenate([cq, xq], 1), jnp.concatenate([ck, xk], 1),
-                                jnp.concatenate([cv, xv], 1), self.attention_impl)
+    a = A.attention(jnp.concatenate([cq, xq], 1), jnp.concatenate([ck, xk], 1),
+                    jnp.concatenate([cv, xv], 1), self.attention_impl, self.attention_blocks)
+    a = R.tag(a, R.ATTN_OUT)
     if not self.context_pre_only:
       ctx = context_block.post_attention(a[:, :n_ctx], c_saved)
     x = x_block.post_attention(a[:, n_ctx:], x_saved)
@@ -188,10 +189,11 @@ class MMDiT(nn.Module):
   """The MM-DiT. Runtime options (not part of the checkpoint):
 
   dtype: compute dtype (bfloat16 on accelerators); parameters stay float32.
-  remat: one of REMAT_POLICIES ('none', 'full', 'dots', 'dots_no_batch').
+  remat: a policy name of models/remat.py ('none', 'full', 'dots', 'save_attn', ...).
   scan_layers: scan over runs of identical blocks (faster compiles at large depth). The
     parameter layout changes (see below); results are identical.
-  attention_impl: 'xla' (float32 softmax, any backend), 'cudnn' or 'auto'.
+  attention_impl: 'xla' (float32 softmax, any backend), 'splash' (TPU), 'splash_interpret',
+    'cudnn' (GPU) or 'auto' (models/attention.py); attention_blocks: splash tile sizes.
 
   Parameter tree (unscanned layout; kernels are [in..., out...]):
     pos_embed [1, M*M, h]      fixed table (gradient stopped), centre-cropped per input
@@ -211,6 +213,7 @@ class MMDiT(nn.Module):
   remat: str = "none"
   scan_layers: bool = False
   attention_impl: str = "xla"
+  attention_blocks: A.SplashBlocks = A.SplashBlocks()
 
   def _check_inputs(self, x, t, pooled, context):
     cfg = self.config
@@ -229,14 +232,13 @@ class MMDiT(nn.Module):
 
   def _block(self, i: int, dual: bool, pre_only: bool, name: str):
     cfg = self.config
-    cls = JointBlock
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+    cls, pol = JointBlock, R.policy(self.remat)
     if self.remat != "none":
-      cls = nn.remat(cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+      cls = nn.remat(cls, policy=pol, prevent_cse=not self.scan_layers)
     return cls, dict(hidden=cfg.hidden_size, heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
                      qk_norm=cfg.qk_norm, context_pre_only=pre_only, dual=dual, dtype=self.dtype,
-                     attention_impl=self.attention_impl, name=name)
+                     attention_impl=self.attention_impl, attention_blocks=self.attention_blocks,
+                     name=name)
 
   @nn.compact
   def __call__(self, x, t, pooled, context, *, skip_layers: tuple[int, ...] = ()):
