@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from sd3_jax import checkpoint as ckpt_lib
 from sd3_jax import command, fileutil, generation, sampling, sharding, text_conditioning
 from sd3_jax.evaluation import clip_metrics, run, stats
+from sd3_jax.evaluation.preprocess import CROP_ROUNDING
 from sd3_jax.models import mmdit
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "tools.convert_weights --to jax) for the CLIP score; the paper uses CLIP-L/14")
   p.add_argument("--fid_clip", help="CLIP model for FID features (default: --clip); clean-fid uses ViT-B/32")
   p.add_argument("--reference_stats", help=".npz from sd3_jax.reference_stats (FID is skipped without it)")
+  p.add_argument("--crop_rounding", choices=CROP_ROUNDING, default="round",
+                 help="centre crop of the FID features: 'round' = torchvision's (clean-fid), 'floor' = "
+                      "transformers' (must match the reference statistics)")
   p.add_argument("--clip_batch_size", type=int, default=64)
   p.add_argument("--out", default="eval", help="output directory: eval.json, samples.png")
   p.add_argument("--save_stats", action="store_true", help="also write OUT/sample_stats.npz (the samples' statistics)")
@@ -182,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   prompts = read_prompts(args.prompts)
   model, params, conditioner, decoder, latent_shape, mesh, step = load_generator(args, parser, conditioner, decoder)
-  kw = dict(mesh=mesh, batch_size=args.clip_batch_size)
+  kw = dict(mesh=mesh, batch_size=args.clip_batch_size, crop_rounding=args.crop_rounding)
   clip = clip_metrics.CLIPFeatures.from_pretrained(args.clip, **kw)
   fid_clip = clip if not args.fid_clip else clip_metrics.CLIPFeatures.from_pretrained(args.fid_clip, **kw)
   reference = stats.load_stats(args.reference_stats) if args.reference_stats else None
