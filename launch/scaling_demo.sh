@@ -3,7 +3,7 @@
 # coloured-shapes data and random text encoders, a depth family d = 1..4 at width 16 d plus the
 # timestep-sampler comparison (7 runs, each a training workdir), held-out sample accuracy of every
 # run, then fits and plots. Every stage skips finished work, so a rerun resumes.
-# Writes WORKDIR/sweep/<run>/, WORKDIR/analysis/{runs.csv,scaling.json,*.png}.
+# Writes WORKDIR/sweep/<run>/, WORKDIR/analysis{_all,}/{runs.csv,scaling.json,*.png}.
 # Usage: bash launch/scaling_demo.sh [WORKDIR]      (PYTHON=/path/to/python skips the .venv set-up)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,5 +18,6 @@ export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 "$py" -m sd3_jax.scaling run "configs/scaling/toy.py:$workdir/data" --sweep_dir "$workdir/sweep"
 "$py" -m sd3_jax.scaling score "$workdir/sweep" --text_encoders "$workdir/text_encoders" \
     --samples_per_prompt 4 --sampling_steps 20
+"$py" -m sd3_jax.scaling analyze "$workdir/sweep" --out "$workdir/analysis_all"
 "$py" -m sd3_jax.scaling analyze "$workdir/sweep" --out "$workdir/analysis" --holdout largest
-echo "wrote $workdir/analysis (runs.csv, scaling.json, plots)"
+echo "wrote $workdir/analysis_all (all runs) and $workdir/analysis (d = 4 held out): runs.csv, scaling.json, plots"
