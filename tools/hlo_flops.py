@@ -23,6 +23,7 @@ import numpy as np
 _SHAPE = r"[a-z]+[0-9]*\[[0-9,]*\]"
 _HEADER = re.compile(r"^(ENTRY )?%(\S+) \((.*)\) -> .* \{$")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|" + _SHAPE + r")\S* ([a-z\-]+)\((.*)$")
+_START = re.compile(r"^\s+(ROOT )?%")
 _PARAM = re.compile(r"(\S+?): (" + _SHAPE + ")")
 _CALLS = re.compile(r"\b(calls|body|condition|to_apply)=%([\w.\-]+)")
 _KERNEL_TARGETS = ('"tpu_custom_call"', "cudnn", "triton")  # Pallas/Mosaic, cuDNN, Triton
@@ -41,11 +42,13 @@ def _split_computations(text: str) -> dict[str, tuple[bool, str, list[str]]]:
     if m:
       name, entry, header, lines = m.group(2), bool(m.group(1)), m.group(3), []
       continue
-    if name is not None and line.startswith("}"):
+    if name is not None and line.rstrip() == "}":
       comps[name] = (entry, header, lines)
       name = None
-    elif name is not None:
+    elif name is not None and (_START.match(line) or not lines):
       lines.append(line)
+    elif name is not None:  # a continuation (kernel configs span several lines)
+      lines[-1] += " " + line
   return comps
 
 
