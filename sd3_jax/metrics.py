@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
+from etils import epath
 
 # --------------------------------------------------------------------------------------------
 # Peak FLOP/s per chip
@@ -150,35 +151,46 @@ def _json_safe(value: Any) -> Any:
   return value
 
 
+def is_local(path) -> bool:
+  """Whether ``path`` is on the local file system (not a URL such as gs://bucket/run)."""
+  return "://" not in str(path)
+
+
 class MetricWriter:
   """Writes scalars to ``workdir/metrics.jsonl`` and, if tensorboard is installed, to
   TensorBoard event files in ``workdir/tensorboard``. Only the primary process writes.
 
-  Each ``write_scalars(step, scalars)`` appends one JSON object ``{"step", "wall_time",
-  **scalars}`` and flushes; non-finite floats are written as ``null``. Resuming appends to the
-  same file. ``resume_step``: drop lines with step > resume_step (logged by a preempted run
-  after its last checkpoint; they will be logged again) and tell TensorBoard to purge them.
-  A torn last line (process killed mid-write) is dropped at start-up.
+  ``workdir`` is a local path or a URL that etils.epath opens (gs://bucket/run, s3://...).
+  Each ``write_scalars(step, scalars)`` adds one JSON object ``{"step", "wall_time",
+  **scalars}``; non-finite floats are written as ``null``. On a local file system the line is
+  appended and flushed. Object stores cannot append, so there the whole file is rewritten
+  (one object upload, atomic) on every write: a few MB over a long run at the usual
+  log_every, and always a complete, readable file. Resuming continues the same file.
+  ``resume_step``: drop lines with step > resume_step (logged by a preempted run after its
+  last checkpoint; they will be logged again) and tell TensorBoard to purge them. A torn last
+  line (process killed mid-write) is dropped at start-up.
   """
 
-  def __init__(self, workdir: str, *, is_primary: Optional[bool] = None, tensorboard: bool = True,
+  def __init__(self, workdir, *, is_primary: Optional[bool] = None, tensorboard: bool = True,
                resume_step: Optional[int] = None):
     self.is_primary = jax.process_index() == 0 if is_primary is None else bool(is_primary)
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._file = self._tb = None
+    workdir = epath.Path(workdir)
+    self.path = workdir / "metrics.jsonl"
+    self._append = is_local(workdir)
+    self._file = self._tb = self._lines = None
     if not self.is_primary:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._repair(resume_step)
-    self._file = open(self.path, "a", encoding="utf-8")
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._lines = self._repair(resume_step)
+    if self._append:
+      self._file = self.path.open("a", encoding="utf-8")
     if tensorboard:
-      self._tb = _TensorBoardWriter.create(os.path.join(workdir, "tensorboard"), resume_step)
+      self._tb = _TensorBoardWriter.create(str(workdir / "tensorboard"), resume_step)
 
-  def _repair(self, resume_step: Optional[int]):
-    if not os.path.exists(self.path):
-      return
-    with open(self.path, encoding="utf-8") as f:
-      old = f.read()
+  def _repair(self, resume_step: Optional[int]) -> list[str]:
+    if not self.path.exists():
+      return []
+    old = self.path.read_text(encoding="utf-8")
     keep = []
     for line in old.split("\n"):
       try:
@@ -191,10 +203,13 @@ class MetricWriter:
         keep.append(line)
     new = "".join(line + "\n" for line in keep)
     if new != old:
-      tmp = self.path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write(new)
-      os.replace(tmp, self.path)
+      if self._append:  # write aside and rename: never a moment without the file
+        tmp = self.path.parent / (self.path.name + ".tmp")
+        tmp.write_text(new, encoding="utf-8")
+        tmp.replace(self.path)
+      else:  # an object upload replaces the object atomically
+        self.path.write_text(new, encoding="utf-8")
+    return keep
 
   @property
   def tensorboard_enabled(self) -> bool:
@@ -203,15 +218,19 @@ class MetricWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     if not self.is_primary:
       return
-    if self._file is None:
+    if self._lines is None:
       raise RuntimeError("MetricWriter is closed")
     values = {str(k): _scalar(v) for k, v in scalars.items()}
     if "step" in values or "wall_time" in values:
       raise ValueError("'step' and 'wall_time' are reserved metric names")
     record = {"step": int(step), "wall_time": time.time(), **values}
     line = json.dumps({k: _json_safe(v) for k, v in record.items()}, allow_nan=False)
-    self._file.write(line + "\n")
-    self._file.flush()
+    self._lines.append(line)
+    if self._file is not None:
+      self._file.write(line + "\n")
+      self._file.flush()
+    else:
+      self.path.write_text("".join(x + "\n" for x in self._lines), encoding="utf-8")
     if self._tb is not None:
       numeric = {k: float(v) for k, v in values.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -227,6 +246,7 @@ class MetricWriter:
     if self._file is not None:
       self._file.close()
       self._file = None
+    self._lines = None
     if self._tb is not None:
       self._tb.close()
       self._tb = None

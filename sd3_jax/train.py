@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from typing import Any
 
 import jax
@@ -18,13 +17,14 @@ import ml_collections
 import numpy as np
 import optax
 from flax import linen as nn
+from etils import epath
 from flax import struct
 
 from sd3_jax import checkpoint as ckpt_lib
 from sd3_jax import flow, generation
 from sd3_jax import input_pipeline, records
 from sd3_jax import metrics as metrics_lib
-from sd3_jax import sharding, text_conditioning
+from sd3_jax import preemption, sharding, startup_checks, text_conditioning
 from sd3_jax.models import flops, mmdit
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,8 @@ def make_train_step(model, tx, opts: StepOptions, schedule, mesh, shardings, bat
 
 
 def make_source(config: ml_collections.ConfigDict, split: str = "train"):
+  """The record source of 'train' or 'val'. Validation never falls back to the training records:
+  it reads data.val_path, or the last data.val_holdout training records (then not trained on)."""
   d = config.data
   if d.source == "synthetic":
     n = d.num_synthetic if split == "train" else config.val.num_examples
@@ -246,13 +248,50 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
         num_records=n, latent_shape=(d.latent_size, d.latent_size, d.latent_channels),
         context_len=d.context_len, context_dim=d.context_dim, pooled_dim=d.pooled_dim,
         seed=config.seed + (0 if split == "train" else 1))
-  if d.source == "records":
-    path = d.path if split == "train" else (d.val_path or d.path)
-    if not path:
-      raise ValueError("config.data.source='records' needs config.data.path (a directory of "
-                       "*.array_record shards written by sd3_jax.records.RecordWriter)")
-    return records.RecordSource(path)
-  raise ValueError(f"config.data.source must be 'synthetic' or 'records', got {d.source!r}")
+  if d.source != "records":
+    raise ValueError(f"config.data.source must be 'synthetic' or 'records', got {d.source!r}")
+  if not d.path:
+    raise ValueError("config.data.source='records' needs config.data.path (a directory of "
+                     "*.array_record shards written by sd3_jax.records.RecordWriter)")
+  holdout = int(d.val_holdout)
+  if holdout < 0 or (holdout and d.val_path):
+    raise ValueError(f"config.data.val_holdout={holdout} with val_path={d.val_path!r}: give either "
+                     "val_path (separate validation records) or val_holdout=N > 0 (the last N "
+                     "training records), not both")
+  if split == "val" and not d.val_path and not holdout:
+    raise ValueError("validation needs records of its own: set config.data.val_path=DIR, or "
+                     "config.data.val_holdout=N to hold out the last N records of data.path (they "
+                     "are then excluded from training), or config.val.every=0 to skip validation")
+  if split == "val" and d.val_path:
+    return records.RecordSource(d.val_path)
+  source = records.RecordSource(d.path)
+  if holdout >= len(source):
+    raise ValueError(f"config.data.val_holdout={holdout} leaves no training records in {d.path} "
+                     f"({len(source)} records)")
+  if not holdout:
+    return source
+  cut = len(source) - holdout
+  return records.SliceSource(source, 0, cut) if split == "train" else records.SliceSource(source, cut, len(source))
+
+
+def check_config_and_data(config: ml_collections.ConfigDict, mesh, sources: dict) -> None:
+  """Fail fast, before anything compiles: model vs data shapes, batching vs the mesh, and every
+  record source's dataset_info.json vs the config (startup_checks)."""
+  d, m = config.data, mmdit.config_from_preset(**config.model)
+  hw = (d.latent_size, d.latent_size)
+  startup_checks.check_model_and_data_config(
+      latent_hw=hw, latent_channels=d.latent_channels, context_dim=d.context_dim,
+      pooled_dim=d.pooled_dim, model_in_channels=m.in_channels, model_context_dim=m.context_dim,
+      model_pooled_dim=m.pooled_dim, patch_size=m.patch_size, pos_embed_max_size=m.pos_embed_max_size)
+  startup_checks.check_batching(
+      global_batch_size=config.global_batch_size, grad_accum_steps=config.grad_accum_steps,
+      batch_shards=mesh.shape["data"] * mesh.shape["fsdp"], process_count=jax.process_count())
+  for split, source in sources.items():
+    if source is not None and getattr(source, "directory", None) is not None:
+      startup_checks.check_element_spec(
+          source.element_spec, where=f"{source.directory}/{records.INFO_FILE} ({split})",
+          latent_hw=hw, latent_channels=d.latent_channels, context_len=d.context_len,
+          context_dim=d.context_dim, pooled_dim=d.pooled_dim)
 
 
 def make_validation_fn(model, mesh):
@@ -300,9 +339,22 @@ def _check_finite(step: int, values: dict, checkpointer) -> None:
         "compute, then resume from the checkpoint.")
 
 
+def _sample_conditioner(s: ml_collections.ConfigDict):
+  """The fixed prompts' encodings, computed once: the text encoders (a T5-XXL among them) are
+  loaded, used and dropped here, not held for the whole run."""
+  encoders = text_conditioning.load_conditioner(s.text_encoders, t5_length=s.t5_length,
+                                                clip_length=s.clip_length)
+  return generation.encode_once(encoders, list(s.prompts), with_empty=s.cfg_scale != 1.0)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train (resuming from workdir/checkpoints if present); returns the last logged metrics."""
-  os.makedirs(workdir, exist_ok=True)
+  """Train (resuming from workdir/checkpoints if present); returns the last logged metrics.
+
+  Raises preemption.Preempted after saving the current step when told to stop (SIGTERM), and
+  TrainingDivergedError on NaN/Inf; in-flight checkpoint saves are waited for in every case.
+  """
+  workdir = epath.Path(workdir)  # a local path or a URL such as gs://bucket/run
+  workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   model = make_model(config)
   tx = make_optimizer(config)
@@ -310,17 +362,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   primary = jax.process_index() == 0
   if primary:
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+  train_source = make_source(config, "train")
+  val_source = make_source(config, "val") if config.val.every > 0 else None
+  check_config_and_data(config, mesh, {"train": train_source, "val": val_source})
 
   abstract, shardings = state_shardings(model, tx, mesh)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       max_to_keep=config.keep_checkpoints,
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), max_to_keep=config.keep_checkpoints,
                                        async_save=config.async_checkpointing)
-  sharding.batch_size_per_process(config.global_batch_size, mesh)  # validates divisibility
-  if config.global_batch_size % config.grad_accum_steps:
-    raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by "
-                     f"grad_accum_steps {config.grad_accum_steps}")
   train_iter = input_pipeline.make_train_iterator(
-      make_source(config, "train"), global_batch_size=config.global_batch_size, seed=config.seed,
+      train_source, global_batch_size=config.global_batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       shuffle=config.data.shuffle, worker_count=config.data.worker_count)
 
@@ -335,69 +385,86 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   d = config.data
   schedule = learning_rate_schedule(config.optimizer, config.total_steps)
   step_fn = make_train_step(model, tx, opts, schedule, mesh, shardings, batch_shapes(config))
-  step_rng = jax.random.key(config.seed + 1)
+  # Placed once where the step wants it: a single-device key would be copied to every device
+  # at every step (test_startup_checks' transfer-guard test).
+  step_rng = jax.device_put(jax.random.key(config.seed + 1), sharding.replicated(mesh))
 
   mcfg = mmdit.config_from_preset(**config.model)
   flops_per_step = flops.train_step_flops(mcfg, d.latent_size, d.latent_size, d.context_len,
-                                                config.global_batch_size)
+                                          config.global_batch_size)
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
                                            override=config.peak_flops_per_device or None)
   timer = metrics_lib.StepTimer(flops_per_step=flops_per_step, images_per_step=config.global_batch_size,
                                 num_devices=jax.device_count(), peak_flops_per_device=peak)
   # A resumed run drops what a killed run logged after its checkpoint (it is logged again).
   writer = metrics_lib.MetricWriter(workdir, is_primary=primary, resume_step=start_step)
-
-  val_source = make_source(config, "val") if config.val.every > 0 else None
   val_fn = make_validation_fn(model, mesh) if val_source is not None else None
 
   s = config.sample
   if s.every > 0:
-    conditioner = text_conditioning.load_conditioner(s.text_encoders, t5_length=s.t5_length,
-                                                     clip_length=s.clip_length)
+    conditioner = _sample_conditioner(s)
     decoder = None if s.pixel_space else generation.load_decoder(s.vae)
 
+  def save(done: int, out: dict) -> None:
+    # The state about to be saved comes from this step's update: check its parameters too,
+    # not only the loss computed before the update.
+    _check_finite(done, {k: float(jax.device_get(out[k])) for k in ("loss", "grad_norm", "param_norm")},
+                  checkpointer)
+    checkpointer.save(done, state, data_iterator=train_iter, config=config.to_dict(), force=True)
+
+  watcher = preemption.PreemptionWatcher(checkpointer.reached_preemption)
   acc = None
   last: dict[str, Any] = {}
-  for step in range(start_step, config.total_steps):
-    batch = sharding.make_global_batch(next(train_iter), mesh)
-    state, out = step_fn(state, batch, step_rng)
-    acc = out["metrics"] if acc is None else acc.merge(out["metrics"])
-    done = step + 1
-    if step == start_step:  # start the clock after the compiling step
-      jax.block_until_ready(out["loss"])
-      timer.tick(done)
-    is_last = done == config.total_steps
-    if done % config.log_every == 0 or is_last:
-      values = acc.compute()  # waits for the step
-      values.update({k: v for k, v in timer.tick(done).items() if v is not None})
-      values["param_norm"] = float(jax.device_get(out["param_norm"]))
-      _check_finite(done, {k: values[k] for k in ("loss", "grad_norm", "param_norm")}, checkpointer)
-      writer.write_scalars(done, values)
-      if primary:
-        print(metrics_lib.format_progress(done, config.total_steps, values), flush=True)
-      last = dict(values, step=done)
-      acc = None
-    with timer.paused():
-      if val_fn is not None and (done % config.val.every == 0 or is_last):
-        params = state.ema_params if config.val.use_ema else state.params
-        val = run_validation(config, val_fn, params, val_source, mesh)
-        writer.write_scalars(done, val)
-        last.update(val)
-      if s.every > 0 and (done % s.every == 0 or is_last):
-        generation.write_sample_grid(
-            model, state.ema_params, conditioner, list(s.prompts),
-            os.path.join(workdir, "samples", f"step_{done:08d}.png"),
-            latent_shape=(d.latent_size, d.latent_size, d.latent_channels), decoder=decoder,
-            num_per_prompt=s.num_per_prompt, num_steps=s.num_steps, cfg_scale=s.cfg_scale,
-            shift=s.shift, seed=s.seed, mesh=mesh)
-      if done % config.checkpoint_every == 0 or is_last:
-        # The state about to be saved comes from this step's update: check its parameters
-        # too, not only the loss computed before the update.
-        _check_finite(done, {"loss": float(jax.device_get(out["loss"])),
-                             "grad_norm": float(jax.device_get(out["grad_norm"])),
-                             "param_norm": float(jax.device_get(out["param_norm"]))}, checkpointer)
-        checkpointer.save(done, state, data_iterator=train_iter, config=config.to_dict())
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  writer.close()
+  try:
+    for step in range(start_step, config.total_steps):
+      done = step + 1
+      is_last = done == config.total_steps
+      is_log = done % config.log_every == 0 or is_last
+      steady = not (step == start_step or is_log or done % config.checkpoint_every == 0
+                    or (val_fn is not None and done % config.val.every == 0)
+                    or (s.every > 0 and done % s.every == 0))
+      with jax.transfer_guard(config.transfer_guard if steady else "allow"):
+        batch = sharding.make_global_batch(next(train_iter), mesh)
+        state, out = step_fn(state, batch, step_rng)
+        acc = out["metrics"] if acc is None else acc.merge(out["metrics"])
+        stop = watcher.should_stop(done)
+      if step == start_step:  # start the clock after the compiling step
+        jax.block_until_ready(out["loss"])
+        timer.tick(done)
+      if is_log:
+        values = acc.compute()  # waits for the step
+        values.update({k: v for k, v in timer.tick(done).items() if v is not None})
+        values["param_norm"] = float(jax.device_get(out["param_norm"]))
+        _check_finite(done, {k: values[k] for k in ("loss", "grad_norm", "param_norm")}, checkpointer)
+        writer.write_scalars(done, values)
+        if primary:
+          print(metrics_lib.format_progress(done, config.total_steps, values), flush=True)
+        last = dict(values, step=done)
+        acc = None
+      if stop:  # preempted: save this step now, wait until it is committed, and stop
+        if checkpointer.latest_step() != done:
+          save(done, out)
+        checkpointer.wait_until_finished()
+        writer.flush()
+        raise preemption.Preempted(done)
+      with timer.paused():
+        if val_fn is not None and (done % config.val.every == 0 or is_last):
+          params = state.ema_params if config.val.use_ema else state.params
+          val = run_validation(config, val_fn, params, val_source, mesh)
+          writer.write_scalars(done, val)
+          last.update(val)
+        if s.every > 0 and (done % s.every == 0 or is_last):
+          generation.write_sample_grid(
+              model, state.ema_params, conditioner, list(s.prompts),
+              str(workdir / "samples" / f"step_{done:08d}.png"),
+              latent_shape=(d.latent_size, d.latent_size, d.latent_channels), decoder=decoder,
+              num_per_prompt=s.num_per_prompt, num_steps=s.num_steps, cfg_scale=s.cfg_scale,
+              shift=s.shift, seed=s.seed, mesh=mesh)
+        if done % config.checkpoint_every == 0 or is_last:
+          save(done, out)
+  finally:  # also on errors (NaN stop, preemption, bugs): never leave a save half written
+    watcher.close()
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    writer.close()
   return last
