@@ -17,6 +17,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -259,14 +261,19 @@ class MetricWriter:
 
 
 class _TensorBoardWriter:
-  """Scalar summaries through tensorboard's own EventFileWriter and protos (no TensorFlow)."""
+  """Scalar summaries through tensorboard's own EventFileWriter and protos (no TensorFlow).
+
+  A URL logdir (an object store: no appends) is staged in a local temporary directory whose
+  event files are uploaded whole after every write, like metrics.jsonl."""
 
   def __init__(self, logdir: str, resume_step: Optional[int]):
     # Imported here: tensorboard is an optional extra (ImportError -> JSONL only).
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-    self._writer = EventFileWriter(logdir)
+    self._remote = None if is_local(logdir) else epath.Path(logdir)
+    self._local = logdir if self._remote is None else tempfile.mkdtemp(prefix="sd3_jax_tensorboard_")
+    self._writer = EventFileWriter(self._local)
     if resume_step is not None:  # a START at step s makes TensorBoard drop earlier events >= s
       self._writer.add_event(event_pb2.Event(
           wall_time=time.time(), step=int(resume_step) + 1,
@@ -279,17 +286,29 @@ class _TensorBoardWriter:
     except ImportError:
       return None  # the optional `tensorboard` extra is not installed: JSONL only
 
+  def _upload(self):
+    if self._remote is None:
+      return
+    self._remote.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(self._local):
+      with open(os.path.join(self._local, name), "rb") as f:  # the local staging copy
+        (self._remote / name).write_bytes(f.read())
+
   def write(self, step: int, wall_time: float, scalars: Mapping[str, float]):
     values = [self._summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
     self._writer.add_event(self._event_pb2.Event(
         wall_time=wall_time, step=step, summary=self._summary_pb2.Summary(value=values)))
-    self._writer.flush()
+    self.flush()
 
   def flush(self):
     self._writer.flush()
+    self._upload()
 
   def close(self):
     self._writer.close()
+    self._upload()
+    if self._remote is not None:
+      shutil.rmtree(self._local, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +347,9 @@ class StepTimer:
     finally:
       self._paused_total += self._clock() - start
 
-  def tick(self, step: int) -> dict[str, Optional[float]]:
+  def tick(self, step: int, flops: Optional[float] = None) -> dict[str, Optional[float]]:
+    """``flops``: the model FLOPs of the steps since the last tick when they differ from step
+    to step (aspect buckets); default flops_per_step per step."""
     now = self._clock()
     last, self._last = self._last, (step, now)
     paused, self._paused_total = self._paused_total, 0.0
@@ -336,7 +357,7 @@ class StepTimer:
       return {}
     steps = step - last[0]
     elapsed = max(now - last[1] - paused, 1e-9)
-    flops_per_sec = self.flops_per_step * steps / elapsed
+    flops_per_sec = (self.flops_per_step * steps if flops is None else float(flops)) / elapsed
     peak = self.peak_flops_per_device
     return {
         "step_time": elapsed / steps,
