@@ -84,7 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
       # Records only: validation reads val_path; or, when val_holdout=N > 0 (and no val_path),
       # the last N records of `path`, which training then never sees. With neither, a run
       # with validation is refused (it never falls back to the training records).
-      val_holdout=0))
+      val_holdout=0,
+      # Mixed aspect ratios: latent (h, w) of every bucket, e.g. ((32, 32), (24, 40), (40, 24));
+      # () = one square bucket of latent_size. Records: bucket (h, w) is the subdirectory
+      # "<h*f>x<w*f>" (f = bucket_pixels_per_latent: 8 for SD3's VAE, 1 in pixel space) of path
+      # and val_path, as `sd3_jax.build_dataset --buckets` writes them.
+      buckets=(), bucket_pixels_per_latent=8))
 
   # Validation loss the paper's way (fixed t levels, fixed noise, fixed examples).
   c.val = ml_collections.ConfigDict(dict(every=10_000, num_examples=512, batch_size=64, levels=8,

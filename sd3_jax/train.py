@@ -21,10 +21,10 @@ from etils import epath
 from flax import struct
 
 from sd3_jax import checkpoint as ckpt_lib
-from sd3_jax import flow, generation
+from sd3_jax import buckets, flow, generation, init_from
 from sd3_jax import input_pipeline, records
 from sd3_jax import metrics as metrics_lib
-from sd3_jax import preemption, sharding, startup_checks, text_conditioning
+from sd3_jax import preemption, sharding, startup_checks, text_conditioning, validation
 from sd3_jax.models import flops, mmdit
 
 log = logging.getLogger(__name__)
@@ -209,10 +209,17 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: mmdit.M
   return new_state, out
 
 
-def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
-  """Global shapes of one training batch."""
+def latent_sizes(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+  """The latent (h, w) of every aspect bucket (data.buckets), or the one square latent_size."""
+  d = config.data
+  return [tuple(int(x) for x in hw) for hw in d.buckets] or [(d.latent_size, d.latent_size)]
+
+
+def batch_shapes(config: ml_collections.ConfigDict, latent_hw=None) -> dict[str, tuple[int, ...]]:
+  """Global shapes of one training batch (of the bucket with latent size ``latent_hw``)."""
   d, b = config.data, config.global_batch_size
-  return {"latent": (b, d.latent_size, d.latent_size, d.latent_channels),
+  h, w = latent_hw or latent_sizes(config)[0]
+  return {"latent": (b, h, w, d.latent_channels),
           "context": (b, d.context_len, d.context_dim), "pooled": (b, d.pooled_dim)}
 
 
@@ -238,16 +245,19 @@ def make_train_step(model, tx, opts: StepOptions, schedule, mesh, shardings, bat
 # Data and validation
 
 
-def make_source(config: ml_collections.ConfigDict, split: str = "train"):
-  """The record source of 'train' or 'val'. Validation never falls back to the training records:
-  it reads data.val_path, or the last data.val_holdout training records (then not trained on)."""
+def make_source(config: ml_collections.ConfigDict, split: str = "train", latent_hw=None):
+  """The record source of 'train' or 'val' (of the aspect bucket ``latent_hw``: the
+  subdirectory buckets.bucket_dir of data.path / data.val_path). Validation never falls back to
+  the training records: it reads data.val_path, or the last data.val_holdout training records
+  (then not trained on)."""
   d = config.data
+  hw = tuple(latent_hw or latent_sizes(config)[0])
   if d.source == "synthetic":
     n = d.num_synthetic if split == "train" else config.val.num_examples
     return records.SyntheticSource(
-        num_records=n, latent_shape=(d.latent_size, d.latent_size, d.latent_channels),
+        num_records=n, latent_shape=(*hw, d.latent_channels),
         context_len=d.context_len, context_dim=d.context_dim, pooled_dim=d.pooled_dim,
-        seed=config.seed + (0 if split == "train" else 1))
+        seed=config.seed + (0 if split == "train" else 1) + 2 * latent_sizes(config).index(hw))
   if d.source != "records":
     raise ValueError(f"config.data.source must be 'synthetic' or 'records', got {d.source!r}")
   if not d.path:
@@ -262,9 +272,11 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
     raise ValueError("validation needs records of its own: set config.data.val_path=DIR, or "
                      "config.data.val_holdout=N to hold out the last N records of data.path (they "
                      "are then excluded from training), or config.val.every=0 to skip validation")
+  sub = (lambda root: str(epath.Path(root) / buckets.bucket_dir(hw, d.bucket_pixels_per_latent))
+         ) if d.buckets else str
   if split == "val" and d.val_path:
-    return records.RecordSource(d.val_path)
-  source = records.RecordSource(d.path)
+    return records.RecordSource(sub(d.val_path))
+  source = records.RecordSource(sub(d.path))
   if holdout >= len(source):
     raise ValueError(f"config.data.val_holdout={holdout} leaves no training records in {d.path} "
                      f"({len(source)} records)")
@@ -276,52 +288,27 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
 
 def check_config_and_data(config: ml_collections.ConfigDict, mesh, sources: dict) -> None:
   """Fail fast, before anything compiles: model vs data shapes, batching vs the mesh, and every
-  record source's dataset_info.json vs the config (startup_checks)."""
+  record source's dataset_info.json vs the config (startup_checks). ``sources``: split ->
+  {latent (h, w): source} or None."""
   d, m = config.data, mmdit.config_from_preset(**config.model)
-  hw = (d.latent_size, d.latent_size)
-  startup_checks.check_model_and_data_config(
-      latent_hw=hw, latent_channels=d.latent_channels, context_dim=d.context_dim,
-      pooled_dim=d.pooled_dim, model_in_channels=m.in_channels, model_context_dim=m.context_dim,
-      model_pooled_dim=m.pooled_dim, patch_size=m.patch_size, pos_embed_max_size=m.pos_embed_max_size)
+  size_key = "config.data.buckets" if d.buckets else "config.data.latent_size"
+  for hw in latent_sizes(config):
+    if config.init_from:  # its positional grid and leaves first: the most specific messages
+      init_from.check(config.init_from, m, hw)
+    startup_checks.check_model_and_data_config(
+        latent_hw=hw, latent_channels=d.latent_channels, context_dim=d.context_dim,
+        pooled_dim=d.pooled_dim, model_in_channels=m.in_channels, model_context_dim=m.context_dim,
+        model_pooled_dim=m.pooled_dim, patch_size=m.patch_size, pos_embed_max_size=m.pos_embed_max_size)
+    for split, source in sources.items():
+      source = source and source.get(hw)
+      if source is not None and getattr(source, "directory", None) is not None:
+        startup_checks.check_element_spec(
+            source.element_spec, where=f"{source.directory}/{records.INFO_FILE} ({split})",
+            latent_hw=hw, latent_channels=d.latent_channels, context_len=d.context_len,
+            context_dim=d.context_dim, pooled_dim=d.pooled_dim, size_key=size_key)
   startup_checks.check_batching(
       global_batch_size=config.global_batch_size, grad_accum_steps=config.grad_accum_steps,
       batch_shards=mesh.shape["data"] * mesh.shape["fsdp"], process_count=jax.process_count())
-  for split, source in sources.items():
-    if source is not None and getattr(source, "directory", None) is not None:
-      startup_checks.check_element_spec(
-          source.element_spec, where=f"{source.directory}/{records.INFO_FILE} ({split})",
-          latent_hw=hw, latent_channels=d.latent_channels, context_len=d.context_len,
-          context_dim=d.context_dim, pooled_dim=d.pooled_dim)
-
-
-def make_validation_fn(model, mesh):
-  """Jitted per-level validation loss sums (and example count) of one global batch."""
-  rep = sharding.replicated(mesh)
-
-  def fn(params, batch, levels):
-    with sharding.logical_axes(mesh):
-      velocity = lambda z, t: model.apply({"params": params}, z, t, batch["pooled"], batch["context"])
-      return flow.validation_loss_sums(velocity, batch["latent"].astype(jnp.float32), batch["noise"],
-                                       levels, mask=batch["mask"])
-
-  return jax.jit(fn, out_shardings=(rep, rep))
-
-
-def run_validation(config, val_fn, params, val_source, mesh) -> dict[str, float]:
-  """Mean RF loss per fixed t level over the fixed validation examples with fixed noise
-  (the paper, section 5.1): comparable across runs, model sizes, batch sizes and restarts."""
-  levels = flow.val_t_levels(config.val.levels)
-  it = input_pipeline.make_eval_iterator(
-      val_source, global_batch_size=config.val.batch_size, max_examples=config.val.num_examples,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  sums, count = 0.0, 0.0
-  for local in it:
-    ids = local.pop("example_id")
-    local["mask"] = local["mask"].astype(np.float32)
-    local["noise"] = np.asarray(flow.fixed_validation_noise(config.val.seed, ids, local["latent"].shape[1:]))
-    s, c = val_fn(params, sharding.make_global_batch(local, mesh), levels)
-    sums, count = sums + np.asarray(jax.device_get(s), np.float64), count + float(jax.device_get(c))
-  return flow.summarize_validation(sums / max(count, 1.0), levels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,17 +349,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   primary = jax.process_index() == 0
   if primary:
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
-  train_source = make_source(config, "train")
-  val_source = make_source(config, "val") if config.val.every > 0 else None
-  check_config_and_data(config, mesh, {"train": train_source, "val": val_source})
+  shapes = latent_sizes(config)  # one per aspect bucket; each compiles its own step once
+  names = [buckets.bucket_name(hw) for hw in shapes]
+  train_sources = {hw: make_source(config, "train", hw) for hw in shapes}
+  val_sources = {hw: make_source(config, "val", hw) for hw in shapes} if config.val.every > 0 else None
+  check_config_and_data(config, mesh, {"train": train_sources, "val": val_sources})
 
   abstract, shardings = state_shardings(model, tx, mesh)
   checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), max_to_keep=config.keep_checkpoints,
                                        async_save=config.async_checkpointing)
-  train_iter = input_pipeline.make_train_iterator(
-      train_source, global_batch_size=config.global_batch_size, seed=config.seed,
+  iterators = [input_pipeline.make_train_iterator(
+      train_sources[hw], global_batch_size=config.global_batch_size, seed=config.seed + i,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      shuffle=config.data.shuffle, worker_count=config.data.worker_count)
+      shuffle=config.data.shuffle, worker_count=config.data.worker_count) for i, hw in enumerate(shapes)]
+  # Buckets: every global batch from one bucket, drawn in proportion to size from (seed, step).
+  train_iter = (buckets.BucketedIterator(iterators, [len(train_sources[hw]) for hw in shapes], config.seed)
+                if config.data.buckets else iterators[0])
 
   latest = checkpointer.latest_step()
   if latest is not None:
@@ -380,25 +372,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.info("resumed from step %d", latest)
   else:
     state = create_sharded_state(model, tx, mesh, jax.random.key(config.seed), shardings)
+    if config.init_from:  # fine-tuning: the checkpoint's weights, EMA equal to them, fresh optimizer
+      params = init_from.load(config.init_from, scan_layers=model.scan_layers, shardings=shardings.params)
+      state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+      log.info("initialised the parameters from %s", config.init_from)
   start_step = int(jax.device_get(state.step))
 
   d = config.data
   schedule = learning_rate_schedule(config.optimizer, config.total_steps)
   step_fn = make_train_step(model, tx, opts, schedule, mesh, shardings, batch_shapes(config))
-  # Placed once where the step wants it: a single-device key would be copied to every device
-  # at every step (test_startup_checks' transfer-guard test).
-  step_rng = jax.device_put(jax.random.key(config.seed + 1), sharding.replicated(mesh))
+  # Made once where the step wants it (replicated; a jit, so it is a global array on every
+  # host): a single-device key would be copied to every device at every step.
+  step_rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=sharding.replicated(mesh))()
 
   mcfg = mmdit.config_from_preset(**config.model)
-  flops_per_step = flops.train_step_flops(mcfg, d.latent_size, d.latent_size, d.context_len,
-                                          config.global_batch_size)
+  bucket_flops = [flops.train_step_flops(mcfg, h, w, d.context_len, config.global_batch_size)
+                  for h, w in shapes]  # MFU counts the FLOPs of the buckets that actually ran
+  if primary and len(shapes) > 1:
+    log.info("aspect buckets (latent hxw: records, model FLOPs per step): %s", ", ".join(
+        f"{n}: {len(train_sources[hw])}, {f:.4g}" for n, hw, f in zip(names, shapes, bucket_flops)))
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
                                            override=config.peak_flops_per_device or None)
-  timer = metrics_lib.StepTimer(flops_per_step=flops_per_step, images_per_step=config.global_batch_size,
+  timer = metrics_lib.StepTimer(flops_per_step=bucket_flops[0], images_per_step=config.global_batch_size,
                                 num_devices=jax.device_count(), peak_flops_per_device=peak)
   # A resumed run drops what a killed run logged after its checkpoint (it is logged again).
   writer = metrics_lib.MetricWriter(workdir, is_primary=primary, resume_step=start_step)
-  val_fn = make_validation_fn(model, mesh) if val_source is not None else None
+  val_fn = validation.make_validation_fn(model, mesh) if val_sources is not None else None
 
   s = config.sample
   if s.every > 0:
@@ -413,27 +412,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.save(done, state, data_iterator=train_iter, config=config.to_dict(), force=True)
 
   watcher = preemption.PreemptionWatcher(checkpointer.reached_preemption)
-  acc = None
+  acc, window_flops, bucket_steps, compiled = None, 0.0, [0] * len(shapes), set()
   last: dict[str, Any] = {}
   try:
     for step in range(start_step, config.total_steps):
       done = step + 1
       is_last = done == config.total_steps
       is_log = done % config.log_every == 0 or is_last
-      steady = not (step == start_step or is_log or done % config.checkpoint_every == 0
+      b = buckets.bucket_of_step(train_iter.sizes, config.seed, step) if config.data.buckets else 0
+      steady = not (b not in compiled or is_log or done % config.checkpoint_every == 0
                     or (val_fn is not None and done % config.val.every == 0)
                     or (s.every > 0 and done % s.every == 0))
       with jax.transfer_guard(config.transfer_guard if steady else "allow"):
-        batch = sharding.make_global_batch(next(train_iter), mesh)
+        item = next(train_iter)
+        batch = sharding.make_global_batch(item[1] if config.data.buckets else item, mesh)
         state, out = step_fn(state, batch, step_rng)
         acc = out["metrics"] if acc is None else acc.merge(out["metrics"])
         stop = watcher.should_stop(done)
+      window_flops, compiled = window_flops + bucket_flops[b], compiled | {b}
+      bucket_steps[b] += 1
       if step == start_step:  # start the clock after the compiling step
         jax.block_until_ready(out["loss"])
         timer.tick(done)
+        window_flops = 0.0
       if is_log:
         values = acc.compute()  # waits for the step
-        values.update({k: v for k, v in timer.tick(done).items() if v is not None})
+        values.update({k: v for k, v in timer.tick(done, flops=window_flops).items() if v is not None})
+        if len(shapes) > 1:
+          values.update({f"bucket_steps/{n}": c for n, c in zip(names, bucket_steps)})
+        window_flops, bucket_steps = 0.0, [0] * len(shapes)
         values["param_norm"] = float(jax.device_get(out["param_norm"]))
         _check_finite(done, {k: values[k] for k in ("loss", "grad_norm", "param_norm")}, checkpointer)
         writer.write_scalars(done, values)
@@ -450,14 +457,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       with timer.paused():
         if val_fn is not None and (done % config.val.every == 0 or is_last):
           params = state.ema_params if config.val.use_ema else state.params
-          val = run_validation(config, val_fn, params, val_source, mesh)
+          val = validation.evaluate(
+              val_fn, params, {n: val_sources[hw] for n, hw in zip(names, shapes)}, mesh,
+              num_levels=config.val.levels, seed=config.val.seed, batch_size=config.val.batch_size,
+              num_examples=config.val.num_examples)
           writer.write_scalars(done, val)
           last.update(val)
         if s.every > 0 and (done % s.every == 0 or is_last):
           generation.write_sample_grid(
               model, state.ema_params, conditioner, list(s.prompts),
               str(workdir / "samples" / f"step_{done:08d}.png"),
-              latent_shape=(d.latent_size, d.latent_size, d.latent_channels), decoder=decoder,
+              latent_shape=(*shapes[0], d.latent_channels), decoder=decoder,
               num_per_prompt=s.num_per_prompt, num_steps=s.num_steps, cfg_scale=s.cfg_scale,
               shift=s.shift, seed=s.seed, mesh=mesh)
         if done % config.checkpoint_every == 0 or is_last:

@@ -11,6 +11,8 @@ figure comes from its message and `fits` is false. ``--json`` prints one JSON ob
 `hbm_bytes_per_device` and `fits`. ``--find_max_batch`` also searches the largest global batch
 (a multiple of the batch shards) whose step fits, and reports it per chip (4-6 compiles).
 Any topology name libtpu accepts works: v4:2x2x1, v5e:16x16, v5p:4x4x4, v5p:8x8x8, v6e:16x16, ...
+With aspect buckets (config.data.buckets) every bucket's step is compiled; the figures shown
+are the largest bucket's, `fits` holds only if all fit, and `buckets` (--json) has each one.
 """
 from __future__ import annotations
 
@@ -72,12 +74,13 @@ def topology_devices(name: str, num_slices: int = 1):
   return topo.devices
 
 
-def compile_step(config, devices):
-  """Lower and compile the real train step for ``devices`` -> (compiled, mesh, abstract args)."""
+def compile_step(config, devices, latent_hw=None):
+  """Lower and compile the real train step for ``devices`` (for the aspect bucket of latent size
+  ``latent_hw``; default the first) -> (compiled, mesh, abstract args)."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
   model, tx, opts = train.make_model(config), train.make_optimizer(config), train.step_options(config)
   abstract_state, shardings = train.state_shardings(model, tx, mesh)
-  shapes = train.batch_shapes(config)
+  shapes = train.batch_shapes(config, latent_hw)
   batch = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding.batch_sharding(mesh, len(s)))
            for k, s in shapes.items()}
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
@@ -115,6 +118,20 @@ def _bytes_per_device(abstract_tree) -> int:
 
 
 def analyse(config, devices) -> dict:
+  """Every aspect bucket of the config compiled (config.data.buckets; one bucket without). One
+  bucket: its figures. Several: the figures of the bucket with the largest peak (or one that
+  does not fit), ``fits`` only when all fit, and each bucket's own under ``buckets``."""
+  sizes = train.latent_sizes(config)
+  results = {f"{h}x{w}": analyse_bucket(config, devices, (h, w)) for h, w in sizes}
+  if len(results) == 1:
+    return next(iter(results.values()))
+  worst = max(results.values(), key=lambda r: (r["fits"] is False, r["peak_bytes_per_device"] or 0))
+  fits = [r["fits"] for r in results.values()]
+  return dict(worst, fits=False if False in fits else (None if None in fits else True),
+              buckets={k: dict(r, latent_hw=list(hw)) for (k, r), hw in zip(results.items(), sizes)})
+
+
+def analyse_bucket(config, devices, latent_hw) -> dict:
   d = config.data
   kind = devices[0].device_kind
   hbm = hbm_bytes(kind)
@@ -123,10 +140,10 @@ def analyse(config, devices) -> dict:
        "batch_per_device": config.global_batch_size / len(devices),
        "hbm_bytes_per_device": hbm,
        "model_flops_per_step": flops.train_step_flops(
-           mmdit.config_from_preset(**config.model), d.latent_size, d.latent_size, d.context_len,
+           mmdit.config_from_preset(**config.model), latent_hw[0], latent_hw[1], d.context_len,
            config.global_batch_size)}
   try:
-    compiled, mesh, abstract_args = compile_step(config, devices)
+    compiled, mesh, abstract_args = compile_step(config, devices, latent_hw)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -246,6 +263,10 @@ def main(argv):
   else:
     print(f"  compiled FLOPs per chip per step {r['compiled_flops_per_device']:.4g} (XLA counts a "
           f"scanned loop body once); model FLOPs per step {r['model_flops_per_step']:.4g}")
+  for name, b in r.get("buckets", {}).items():
+    peak = "unknown" if b["peak_bytes_per_device"] is None else f"{b['peak_bytes_per_device'] / GiB:.2f} GiB"
+    print(f"  bucket {name:9s} peak {peak} per chip, fits {b['fits']}, model FLOPs per step "
+          f"{b['model_flops_per_step']:.4g}")
   if _FIND_MAX.value:
     over = r["smallest_global_batch_seen_not_to_fit"]
     print(f"  largest global batch that fits: {r['max_global_batch_that_fits']} "
