@@ -11,6 +11,7 @@ Exit codes: 0 done; 2 bad config, data or paths (one line on stderr); 3 NaN/Inf 
 or parameters (the last good checkpoint is kept); 42 preempted: SIGTERM (or, multi-host, jax's
 preemption sync point) made the run save a checkpoint of the current step and wait until it was
 committed; rerun the same command to resume exactly.
+
 Multi-host: on TPU pods / SLURM pass --multihost (jax.distributed auto-detects the cluster);
 elsewhere give --coordinator_address, --num_processes and --process_id.
 """
