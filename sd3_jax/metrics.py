@@ -338,9 +338,12 @@ class StepTimer:
     self._clock = clock
     self._last: Optional[tuple[int, float]] = None
     self._paused_total = 0.0
+    self._excluded_steps = 0
 
   @contextlib.contextmanager
-  def paused(self):
+  def paused(self, steps: int = 0):
+    """Excludes the time inside (and ``steps`` steps, e.g. one that compiles) from the averages."""
+    self._excluded_steps += steps
     start = self._clock()
     try:
       yield
@@ -353,9 +356,10 @@ class StepTimer:
     now = self._clock()
     last, self._last = self._last, (step, now)
     paused, self._paused_total = self._paused_total, 0.0
-    if last is None or step <= last[0]:
+    excluded, self._excluded_steps = self._excluded_steps, 0
+    if last is None or step - last[0] - excluded <= 0:
       return {}
-    steps = step - last[0]
+    steps = step - last[0] - excluded
     elapsed = max(now - last[1] - paused, 1e-9)
     flops_per_sec = (self.flops_per_step * steps if flops is None else float(flops)) / elapsed
     peak = self.peak_flops_per_device

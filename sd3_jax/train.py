@@ -6,6 +6,7 @@ train_step -> metrics / async checkpoints / validation loss) is described in the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -423,13 +424,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       steady = not (b not in compiled or is_log or done % config.checkpoint_every == 0
                     or (val_fn is not None and done % config.val.every == 0)
                     or (s.every > 0 and done % s.every == 0))
-      with jax.transfer_guard(config.transfer_guard if steady else "allow"):
+      compiles = b not in compiled and step != start_step  # a new bucket shape: not timed
+      if compiles:
+        jax.block_until_ready(state.step)
+      with timer.paused(steps=1) if compiles else contextlib.nullcontext(), \
+           jax.transfer_guard(config.transfer_guard if steady else "allow"):
         item = next(train_iter)
         batch = sharding.make_global_batch(item[1] if config.data.buckets else item, mesh)
         state, out = step_fn(state, batch, step_rng)
         acc = out["metrics"] if acc is None else acc.merge(out["metrics"])
         stop = watcher.should_stop(done)
-      window_flops, compiled = window_flops + bucket_flops[b], compiled | {b}
+        if compiles:
+          jax.block_until_ready(out["loss"])
+      window_flops += 0.0 if compiles else bucket_flops[b]
+      compiled.add(b)
       bucket_steps[b] += 1
       if step == start_step:  # start the clock after the compiling step
         jax.block_until_ready(out["loss"])

@@ -34,6 +34,16 @@ def test_step_timer_uses_the_flops_that_ran():
   assert r["tflops_per_sec"] == pytest.approx(1.5) and r["tflops_per_sec_per_device"] == pytest.approx(0.75)
 
 
+def test_step_timer_leaves_out_a_compiling_step():
+  t = iter([0.0, 1.0, 101.0, 102.0])  # the step in between compiles a new bucket shape: 100 s
+  timer = metrics.StepTimer(flops_per_step=1e12, images_per_step=8, num_devices=1, clock=lambda: next(t))
+  timer.tick(0)
+  with timer.paused(steps=1):
+    pass
+  r = timer.tick(3, flops=2e12)  # two timed steps in 102 - 100 = 2 s
+  assert r["step_time"] == pytest.approx(1.0) and r["tflops_per_sec"] == pytest.approx(1.0)
+
+
 def _write_buckets(root, counts):
   for (h, w), n in zip(SHAPES, counts):
     src = records.SyntheticSource(n, (h, w, 4), 8, 32, 32, seed=h)
