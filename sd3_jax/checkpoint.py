@@ -217,7 +217,9 @@ def load_workdir(workdir: str, step: Optional[int] = None, *, use_ema: bool = Tr
   import ml_collections
   from flax import linen as nn
 
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")  # orbax takes absolute paths only
+  workdir = str(workdir)
+  root = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))  # orbax: absolute paths
+  ckpt_dir = root / "checkpoints"
   steps = committed_steps(ckpt_dir)
   if not steps:
     raise FileNotFoundError(f"no committed checkpoint in {ckpt_dir}")
@@ -225,10 +227,10 @@ def load_workdir(workdir: str, step: Optional[int] = None, *, use_ema: bool = Tr
     step = steps[-1]
   elif step not in steps:
     raise FileNotFoundError(f"no committed checkpoint for step {step} in {ckpt_dir}; available: {steps}")
-  step_dir = os.path.join(ckpt_dir, str(step))
-  if not os.path.exists(os.path.join(step_dir, CONFIG)):
+  step_dir = ckpt_dir / str(step)
+  if not (step_dir / CONFIG).exists():
     raise FileNotFoundError(f"{step_dir} has no config item (saved without config=...); cannot rebuild the model")
-  config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, CONFIG))
+  config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / CONFIG)
   cfg = ml_collections.ConfigDict(config)
   model = mmdit.MMDiT(mmdit.config_from_preset(**cfg.model), dtype=jnp.dtype(dtype or cfg.dtype),
                       scan_layers=cfg.scan_layers, attention_impl=cfg.attention_impl)
@@ -239,7 +241,7 @@ def load_workdir(workdir: str, step: Optional[int] = None, *, use_ema: bool = Tr
       lambda a, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=a.shape, dtype=a.dtype),
       shapes, sharding.logical_to_mesh_shardings(sharding.logical_specs(mmdit.abstract_params(model)), mesh))
   out = ocp.PyTreeCheckpointer().restore(
-      os.path.join(step_dir, STATE),
+      step_dir / STATE,
       args=ocp.args.PyTreeRestore(item={name: shapes}, restore_args={name: restore_args},
                                   partial_restore=True))
   return model, out[name], config, step

@@ -58,6 +58,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 2000
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  # Start a new run from one of our converted MM-DiT checkpoints (tools.convert_weights --to jax,
+  # sd3_jax.pretrained): its weights and positional table, a fresh optimizer. Ignored once the
+  # run has a checkpoint of its own (a restart resumes that).
+  c.init_from = ""
+  # jax.transfer_guard level ('allow' | 'log' | 'disallow') around the steady-state steps of the
+  # loop (neither logging nor checkpoint/validation/sample steps): 'disallow' proves that a step
+  # makes no implicit host<->device transfers (the tests do).
+  c.transfer_guard = "allow"
 
   # AdamW (the paper's appendix: lr 1e-4, 1000 warm-up steps). Weight decay applies to kernels only.
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -81,7 +89,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", path="", val_path="", latent_size=32, latent_channels=16,
       context_len=154, context_dim=4096, pooled_dim=2048, num_synthetic=100_000, worker_count=-1,
-      shuffle=True, prefetch=2))
+      shuffle=True, prefetch=2,
+      # Records only: validation reads val_path; or, when val_holdout=N > 0 (and no val_path),
+      # the last N records of `path`, which training then never sees. With neither, a run
+      # with validation is refused (it never falls back to the training records).
+      val_holdout=0,
+      # Mixed aspect ratios: latent (h, w) of every bucket, e.g. ((32, 32), (24, 40), (40, 24));
+      # () = one square bucket of latent_size. Records: bucket (h, w) is the subdirectory
+      # "<h*f>x<w*f>" (f = bucket_pixels_per_latent: 8 for SD3's VAE, 1 in pixel space) of path
+      # and val_path, as `sd3_jax.build_dataset --buckets` writes them.
+      buckets=(), bucket_pixels_per_latent=8))
 
   # Validation loss the paper's way (fixed t levels, fixed noise, fixed examples).
   c.val = ml_collections.ConfigDict(dict(every=10_000, num_examples=512, batch_size=64, levels=8,

@@ -4,19 +4,22 @@ evaluation all go through ``generate`` / ``write_sample_grid``.
 
   as_conditioner       anything with encode(prompts) -> (context, pooled) and encode_empty(),
                        or a plain function prompts -> (context, pooled) (negative = f([""])).
+  encode_once          a conditioner's outputs for fixed prompts, kept as host arrays, so the
+                       text encoders can be freed (the trainer's periodic grids).
   VAEDecoder           latents -> images in [-1, 1] with our SD3 autoencoder; load_decoder.
   generate             prompts -> uint8 images [N, h, w, 3] via sampling.sample and a decoder.
   write_sample_grid    generate + one PNG grid (a row per prompt when num_per_prompt > 1).
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from sd3_jax import sampling
 
@@ -44,6 +47,38 @@ def as_conditioner(obj):
   if callable(obj):
     return _FunctionConditioner(obj)
   raise TypeError(f"a conditioner needs encode()/encode_empty() or must be callable, got {type(obj).__name__}")
+
+
+class FixedConditioner:
+  """The encodings of a fixed list of prompts (and of the empty prompt), held as host numpy
+  arrays: a conditioner for exactly those prompts that needs no text encoder."""
+
+  def __init__(self, prompts: Sequence[str], context, pooled, empty=None):
+    self.prompts = tuple(prompts)
+    self.context, self.pooled = np.asarray(context), np.asarray(pooled)
+    self.empty = None if empty is None else tuple(np.asarray(x) for x in empty)
+
+  def encode(self, prompts):
+    if tuple(prompts) != self.prompts:
+      raise ValueError(f"this conditioner holds the encodings of {list(self.prompts)} only, "
+                       f"not of {list(prompts)}")
+    return self.context, self.pooled
+
+  def encode_empty(self):
+    if self.empty is None:
+      raise ValueError("the empty prompt was not encoded (encode_once(..., with_empty=True))")
+    return self.empty
+
+
+def encode_once(conditioner, prompts: Sequence[str], *, with_empty: bool = True) -> FixedConditioner:
+  """Encodes ``prompts`` (and the empty prompt, the CFG negative) once; the result keeps no
+  reference to ``conditioner``, so dropping it frees the text encoders."""
+  cond = as_conditioner(conditioner)
+  context, pooled = cond.encode(list(prompts))
+  empty = cond.encode_empty() if with_empty else None
+  to_host = lambda x: np.asarray(jax.device_get(x))
+  return FixedConditioner(prompts, to_host(context), to_host(pooled),
+                          None if empty is None else tuple(to_host(x) for x in empty))
 
 
 class VAEDecoder:
@@ -158,7 +193,10 @@ def write_sample_grid(model, params, conditioner, prompts: Sequence[str], out_pa
   if cols is None:
     cols = num_per_prompt if num_per_prompt > 1 else math.ceil(math.sqrt(len(images)))
   grid = make_grid(images, cols)
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    Image.fromarray(grid).save(out_path)
+  if jax.process_index() == 0:  # through etils.epath: the workdir may be gs://...
+    path = epath.Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
   return grid

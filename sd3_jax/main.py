@@ -5,6 +5,13 @@ r"""Train an MM-DiT with rectified flow (the ``sd3-train`` command).
   python -m sd3_jax.main ...   # the same
 
 Restarting the same command resumes from the latest checkpoint in WORKDIR/checkpoints.
+WORKDIR may be a URL such as gs://bucket/run (etils.epath).
+
+Exit codes: 0 done; 2 bad config, data or paths (one line on stderr); 3 NaN/Inf loss, gradient
+or parameters (the last good checkpoint is kept); 42 preempted: SIGTERM (or, multi-host, jax's
+preemption sync point) made the run save a checkpoint of the current step and wait until it was
+committed; rerun the same command to resume exactly.
+
 Multi-host: on TPU pods / SLURM pass --multihost (jax.distributed auto-detects the cluster);
 elsewhere give --coordinator_address, --num_processes and --process_id.
 """
@@ -45,8 +52,13 @@ def main(argv):
 
   from sd3_jax import train  # after jax.distributed, which must come before any computation
 
+  from sd3_jax import preemption
+
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
   except train.TrainingDivergedError as e:
     logging.error("%s", e)
     sys.exit(3)

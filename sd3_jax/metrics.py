@@ -17,6 +17,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
+from etils import epath
 
 # --------------------------------------------------------------------------------------------
 # Peak FLOP/s per chip
@@ -150,35 +153,46 @@ def _json_safe(value: Any) -> Any:
   return value
 
 
+def is_local(path) -> bool:
+  """Whether ``path`` is on the local file system (not a URL such as gs://bucket/run)."""
+  return "://" not in str(path)
+
+
 class MetricWriter:
   """Writes scalars to ``workdir/metrics.jsonl`` and, if tensorboard is installed, to
   TensorBoard event files in ``workdir/tensorboard``. Only the primary process writes.
 
-  Each ``write_scalars(step, scalars)`` appends one JSON object ``{"step", "wall_time",
-  **scalars}`` and flushes; non-finite floats are written as ``null``. Resuming appends to the
-  same file. ``resume_step``: drop lines with step > resume_step (logged by a preempted run
-  after its last checkpoint; they will be logged again) and tell TensorBoard to purge them.
-  A torn last line (process killed mid-write) is dropped at start-up.
+  ``workdir`` is a local path or a URL that etils.epath opens (gs://bucket/run, s3://...).
+  Each ``write_scalars(step, scalars)`` adds one JSON object ``{"step", "wall_time",
+  **scalars}``; non-finite floats are written as ``null``. On a local file system the line is
+  appended and flushed. Object stores cannot append, so there the whole file is rewritten
+  (one object upload, atomic) on every write: a few MB over a long run at the usual
+  log_every, and always a complete, readable file. Resuming continues the same file.
+  ``resume_step``: drop lines with step > resume_step (logged by a preempted run after its
+  last checkpoint; they will be logged again) and tell TensorBoard to purge them. A torn last
+  line (process killed mid-write) is dropped at start-up.
   """
 
-  def __init__(self, workdir: str, *, is_primary: Optional[bool] = None, tensorboard: bool = True,
+  def __init__(self, workdir, *, is_primary: Optional[bool] = None, tensorboard: bool = True,
                resume_step: Optional[int] = None):
     self.is_primary = jax.process_index() == 0 if is_primary is None else bool(is_primary)
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._file = self._tb = None
+    workdir = epath.Path(workdir)
+    self.path = workdir / "metrics.jsonl"
+    self._append = is_local(workdir)
+    self._file = self._tb = self._lines = None
     if not self.is_primary:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._repair(resume_step)
-    self._file = open(self.path, "a", encoding="utf-8")
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._lines = self._repair(resume_step)
+    if self._append:
+      self._file = self.path.open("a", encoding="utf-8")
     if tensorboard:
-      self._tb = _TensorBoardWriter.create(os.path.join(workdir, "tensorboard"), resume_step)
+      self._tb = _TensorBoardWriter.create(str(workdir / "tensorboard"), resume_step)
 
-  def _repair(self, resume_step: Optional[int]):
-    if not os.path.exists(self.path):
-      return
-    with open(self.path, encoding="utf-8") as f:
-      old = f.read()
+  def _repair(self, resume_step: Optional[int]) -> list[str]:
+    if not self.path.exists():
+      return []
+    old = self.path.read_text(encoding="utf-8")
     keep = []
     for line in old.split("\n"):
       try:
@@ -191,10 +205,13 @@ class MetricWriter:
         keep.append(line)
     new = "".join(line + "\n" for line in keep)
     if new != old:
-      tmp = self.path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write(new)
-      os.replace(tmp, self.path)
+      if self._append:  # write aside and rename: never a moment without the file
+        tmp = self.path.parent / (self.path.name + ".tmp")
+        tmp.write_text(new, encoding="utf-8")
+        tmp.replace(self.path)
+      else:  # an object upload replaces the object atomically
+        self.path.write_text(new, encoding="utf-8")
+    return keep
 
   @property
   def tensorboard_enabled(self) -> bool:
@@ -203,15 +220,19 @@ class MetricWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     if not self.is_primary:
       return
-    if self._file is None:
+    if self._lines is None:
       raise RuntimeError("MetricWriter is closed")
     values = {str(k): _scalar(v) for k, v in scalars.items()}
     if "step" in values or "wall_time" in values:
       raise ValueError("'step' and 'wall_time' are reserved metric names")
     record = {"step": int(step), "wall_time": time.time(), **values}
     line = json.dumps({k: _json_safe(v) for k, v in record.items()}, allow_nan=False)
-    self._file.write(line + "\n")
-    self._file.flush()
+    self._lines.append(line)
+    if self._file is not None:
+      self._file.write(line + "\n")
+      self._file.flush()
+    else:
+      self.path.write_text("".join(x + "\n" for x in self._lines), encoding="utf-8")
     if self._tb is not None:
       numeric = {k: float(v) for k, v in values.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -227,6 +248,7 @@ class MetricWriter:
     if self._file is not None:
       self._file.close()
       self._file = None
+    self._lines = None
     if self._tb is not None:
       self._tb.close()
       self._tb = None
@@ -239,14 +261,19 @@ class MetricWriter:
 
 
 class _TensorBoardWriter:
-  """Scalar summaries through tensorboard's own EventFileWriter and protos (no TensorFlow)."""
+  """Scalar summaries through tensorboard's own EventFileWriter and protos (no TensorFlow).
+
+  A URL logdir (an object store: no appends) is staged in a local temporary directory whose
+  event files are uploaded whole after every write, like metrics.jsonl."""
 
   def __init__(self, logdir: str, resume_step: Optional[int]):
     # Imported here: tensorboard is an optional extra (ImportError -> JSONL only).
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-    self._writer = EventFileWriter(logdir)
+    self._remote = None if is_local(logdir) else epath.Path(logdir)
+    self._local = logdir if self._remote is None else tempfile.mkdtemp(prefix="sd3_jax_tensorboard_")
+    self._writer = EventFileWriter(self._local)
     if resume_step is not None:  # a START at step s makes TensorBoard drop earlier events >= s
       self._writer.add_event(event_pb2.Event(
           wall_time=time.time(), step=int(resume_step) + 1,
@@ -259,17 +286,29 @@ class _TensorBoardWriter:
     except ImportError:
       return None  # the optional `tensorboard` extra is not installed: JSONL only
 
+  def _upload(self):
+    if self._remote is None:
+      return
+    self._remote.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(self._local):
+      with open(os.path.join(self._local, name), "rb") as f:  # the local staging copy
+        (self._remote / name).write_bytes(f.read())
+
   def write(self, step: int, wall_time: float, scalars: Mapping[str, float]):
     values = [self._summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
     self._writer.add_event(self._event_pb2.Event(
         wall_time=wall_time, step=step, summary=self._summary_pb2.Summary(value=values)))
-    self._writer.flush()
+    self.flush()
 
   def flush(self):
     self._writer.flush()
+    self._upload()
 
   def close(self):
     self._writer.close()
+    self._upload()
+    if self._remote is not None:
+      shutil.rmtree(self._local, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,24 +338,30 @@ class StepTimer:
     self._clock = clock
     self._last: Optional[tuple[int, float]] = None
     self._paused_total = 0.0
+    self._excluded_steps = 0
 
   @contextlib.contextmanager
-  def paused(self):
+  def paused(self, steps: int = 0):
+    """Excludes the time inside (and ``steps`` steps, e.g. one that compiles) from the averages."""
+    self._excluded_steps += steps
     start = self._clock()
     try:
       yield
     finally:
       self._paused_total += self._clock() - start
 
-  def tick(self, step: int) -> dict[str, Optional[float]]:
+  def tick(self, step: int, flops: Optional[float] = None) -> dict[str, Optional[float]]:
+    """``flops``: the model FLOPs of the steps since the last tick when they differ from step
+    to step (aspect buckets); default flops_per_step per step."""
     now = self._clock()
     last, self._last = self._last, (step, now)
     paused, self._paused_total = self._paused_total, 0.0
-    if last is None or step <= last[0]:
+    excluded, self._excluded_steps = self._excluded_steps, 0
+    if last is None or step - last[0] - excluded <= 0:
       return {}
-    steps = step - last[0]
+    steps = step - last[0] - excluded
     elapsed = max(now - last[1] - paused, 1e-9)
-    flops_per_sec = self.flops_per_step * steps / elapsed
+    flops_per_sec = (self.flops_per_step * steps if flops is None else float(flops)) / elapsed
     peak = self.peak_flops_per_device
     return {
         "step_time": elapsed / steps,

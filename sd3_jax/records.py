@@ -413,3 +413,27 @@ class SyntheticSource:
 
   def __repr__(self) -> str:
     return f"SyntheticSource({self._n}, {_spec_to_json(self.element_spec)}, seed={self._seed})"
+
+
+class SliceSource:
+  """Records [start, stop) of another source, renumbered from 0: a held-out validation slice of
+  a training set, or the training set without it (config.data.val_holdout)."""
+
+  def __init__(self, source, start: int, stop: int):
+    if not 0 <= start < stop <= len(source):
+      raise ValueError(f"slice [{start}, {stop}) is empty or outside {source!r} ({len(source)} records)")
+    self._source, self._start, self._stop = source, int(start), int(stop)
+    self.element_spec: ElementSpec = source.element_spec
+    self.directory = getattr(source, "directory", None)
+
+  def __len__(self) -> int:
+    return self._stop - self._start
+
+  def __getitem__(self, index: int) -> Example:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} out of range [0, {len(self)})")
+    return self._source[self._start + index]
+
+  def __repr__(self) -> str:
+    return f"SliceSource({self._source!r}, [{self._start}, {self._stop}))"

@@ -9,6 +9,7 @@ The batch is split over ('data', 'fsdp').
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -16,6 +17,8 @@ import numpy as np
 from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -76,7 +79,10 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
   shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
   try:
     dev_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-  except (ValueError, NotImplementedError, AssertionError):
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    log.warning("device mesh %s over %d %s devices: cannot follow the physical topology (%s: %s); "
+                "using the device list order, so collectives may take slower links",
+                dict(zip(MESH_AXES, shape)), len(devices), devices[0].platform, type(e).__name__, e)
     dev_array = np.asarray(devices).reshape(shape)
   return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 

@@ -6,10 +6,10 @@ train_step -> metrics / async checkpoints / validation loss) is described in the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
-import os
 from typing import Any
 
 import jax
@@ -18,14 +18,17 @@ import ml_collections
 import numpy as np
 import optax
 from flax import linen as nn
+from etils import epath
 from flax import struct
 
 from sd3_jax import checkpoint as ckpt_lib
-from sd3_jax import config_checks, divergence, flow, generation
-from sd3_jax import input_pipeline, prefetch, records
+from sd3_jax import buckets, config_checks, divergence, flow, generation, init_from
+from sd3_jax import input_pipeline, prefetch
 from sd3_jax import metrics as metrics_lib
-from sd3_jax import sharding, text_conditioning
+from sd3_jax import preemption, sharding, text_conditioning, validation
 from sd3_jax.evaluation import run as eval_run
+# The data side of the trainer, part of its namespace (train.make_source, train.batch_shapes, ...).
+from sd3_jax.train_data import batch_shapes, check_config_and_data, latent_sizes, make_source  # noqa: F401
 from sd3_jax.models import attention, flops, mmdit
 
 log = logging.getLogger(__name__)
@@ -220,13 +223,6 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model: mmdit.M
   return new_state, out
 
 
-def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
-  """Global shapes of one training batch."""
-  d, b = config.data, config.global_batch_size
-  return {"latent": (b, d.latent_size, d.latent_size, d.latent_channels),
-          "context": (b, d.context_len, d.context_dim), "pooled": (b, d.pooled_dim)}
-
-
 def make_train_step(model, tx, opts: StepOptions, schedule, mesh, shardings, batch_shapes: dict):
   """The jitted step with explicit in/out shardings and the state donated.
 
@@ -243,57 +239,6 @@ def make_train_step(model, tx, opts: StepOptions, schedule, mesh, shardings, bat
   out_sh = rep  # scalars and small metric accumulators, replicated
   return jax.jit(fn, in_shardings=(shardings, batch_sh, rep), out_shardings=(shardings, out_sh),
                  donate_argnums=(0,))
-
-
-# --------------------------------------------------------------------------------------------
-# Data and validation
-
-
-def make_source(config: ml_collections.ConfigDict, split: str = "train"):
-  d = config.data
-  if d.source == "synthetic":
-    n = d.num_synthetic if split == "train" else config.val.num_examples
-    return records.SyntheticSource(
-        num_records=n, latent_shape=(d.latent_size, d.latent_size, d.latent_channels),
-        context_len=d.context_len, context_dim=d.context_dim, pooled_dim=d.pooled_dim,
-        seed=config.seed + (0 if split == "train" else 1))
-  if d.source == "records":
-    path = d.path if split == "train" else (d.val_path or d.path)
-    if not path:
-      raise ValueError("config.data.source='records' needs config.data.path (a directory of "
-                       "*.array_record shards written by sd3_jax.records.RecordWriter)")
-    return records.RecordSource(path)
-  raise ValueError(f"config.data.source must be 'synthetic' or 'records', got {d.source!r}")
-
-
-def make_validation_fn(model, mesh):
-  """Jitted per-level validation loss sums (and example count) of one global batch."""
-  rep = sharding.replicated(mesh)
-
-  def fn(params, batch, levels):
-    with sharding.logical_axes(mesh):
-      velocity = lambda z, t: model.apply({"params": params}, z, t, batch["pooled"], batch["context"])
-      return flow.validation_loss_sums(velocity, batch["latent"].astype(jnp.float32), batch["noise"],
-                                       levels, mask=batch["mask"])
-
-  return jax.jit(fn, out_shardings=(rep, rep))
-
-
-def run_validation(config, val_fn, params, val_source, mesh) -> dict[str, float]:
-  """Mean RF loss per fixed t level over the fixed validation examples with fixed noise
-  (the paper, section 5.1): comparable across runs, model sizes, batch sizes and restarts."""
-  levels = flow.val_t_levels(config.val.levels)
-  it = input_pipeline.make_eval_iterator(
-      val_source, global_batch_size=config.val.batch_size, max_examples=config.val.num_examples,
-      process_index=jax.process_index(), process_count=jax.process_count(), dtype=None)
-  sums, count = 0.0, 0.0
-  for local in it:
-    ids = local.pop("example_id")
-    local["mask"] = local["mask"].astype(np.float32)
-    local["noise"] = np.asarray(flow.fixed_validation_noise(config.val.seed, ids, local["latent"].shape[1:]))
-    s, c = val_fn(params, sharding.make_global_batch(local, mesh), levels)
-    sums, count = sums + np.asarray(jax.device_get(s), np.float64), count + float(jax.device_get(c))
-  return flow.summarize_validation(sums / max(count, 1.0), levels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,10 +263,20 @@ def _check_finite(step: int, values: dict, checkpointer, explain=None) -> None:
                                 f"{cause + '; ' if cause else ''}stopping ({where}). {advice}")
 
 
+def _sample_conditioner(s: ml_collections.ConfigDict):
+  """The fixed prompts' encodings, computed once: the text encoders (a T5-XXL among them) are
+  loaded, used and dropped here, not held for the whole run."""
+  encoders = text_conditioning.load_conditioner(s.text_encoders, t5_length=s.t5_length,
+                                                clip_length=s.clip_length, project_clip_l=s.project_clip_l)
+  return generation.encode_once(encoders, list(s.prompts), with_empty=s.cfg_scale != 1.0)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train (resuming from workdir/checkpoints if present); returns the last logged metrics.
 
-  Config values that cannot run are refused first (config_checks). On any error the async
+  Config values that cannot run are refused first (config_checks). Raises preemption.Preempted
+  after saving the current step when told to stop (SIGTERM), and TrainingDivergedError on
+  NaN/Inf; in-flight checkpoint saves are waited for in every case. On any error the async
   checkpointer and the input pipeline's workers are shut down before it propagates, so a clean
   error is not followed by a second traceback from their threads at interpreter exit."""
   config_checks.check_runnable(config.to_dict())
@@ -338,7 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers: list) -> dict[str, Any]:
-  os.makedirs(workdir, exist_ok=True)
+  workdir = epath.Path(workdir)  # a local path or a URL such as gs://bucket/run
+  workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   model = make_model(config)
   tx = make_optimizer(config)
@@ -346,28 +302,37 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
   primary = jax.process_index() == 0
   if primary:
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+  shapes = latent_sizes(config)  # one per aspect bucket; each compiles its own step once
+  names = [buckets.bucket_name(hw) for hw in shapes]
+  train_sources = {hw: make_source(config, "train", hw) for hw in shapes}
+  val_sources = {hw: make_source(config, "val", hw) for hw in shapes} if config.val.every > 0 else None
+  check_config_and_data(config, mesh, {"train": train_sources, "val": val_sources})
 
   abstract, shardings = state_shardings(model, tx, mesh)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       max_to_keep=config.keep_checkpoints,
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), max_to_keep=config.keep_checkpoints,
                                        async_save=config.async_checkpointing)
   closers.append(checkpointer.close)
-  sharding.batch_size_per_process(config.global_batch_size, mesh)  # validates divisibility
-  if config.global_batch_size % config.grad_accum_steps:
-    raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by "
-                     f"grad_accum_steps {config.grad_accum_steps}")
-  train_source = make_source(config, "train")
   # Batches stay in the records' dtype (float16) on the host; the step casts them on device.
-  train_iter = input_pipeline.make_train_iterator(
-      train_source, global_batch_size=config.global_batch_size, seed=config.seed,
+  iterators = [input_pipeline.make_train_iterator(
+      train_sources[hw], global_batch_size=config.global_batch_size, seed=config.seed + i,
       process_index=jax.process_index(), process_count=jax.process_count(),
       shuffle=config.data.shuffle, dtype=None,
       worker_count=input_pipeline.resolve_worker_count(config.data.worker_count))
-  closers.append(train_iter.close)
-  explain = lambda done: lambda: divergence.explain(  # noqa: E731  (only called on NaN/Inf)
-      train_source, range(max(start_step, done - config.log_every), done),
-      global_batch_size=config.global_batch_size, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), shuffle=config.data.shuffle)
+      for i, hw in enumerate(shapes)]
+  closers.extend(it.close for it in iterators)
+  # Buckets: every global batch from one bucket, drawn in proportion to size from (seed, step).
+  train_iter = (buckets.BucketedIterator(iterators, [len(train_sources[hw]) for hw in shapes], config.seed)
+                if config.data.buckets else iterators[0])
+
+  def explain(done: int):
+    """On NaN/Inf only: re-read the recent batches and say whether the inputs diverged (one
+    bucket; with several, the diagnosis is left out)."""
+    if config.data.buckets:
+      return None
+    return lambda: divergence.explain(
+        train_sources[shapes[0]], range(max(start_step, done - config.log_every), done),
+        global_batch_size=config.global_batch_size, seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), shuffle=config.data.shuffle)
 
   latest = checkpointer.latest_step()
   if latest is not None:
@@ -375,90 +340,138 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
     log.info("resumed from step %d", latest)
   else:
     state = create_sharded_state(model, tx, mesh, jax.random.key(config.seed), shardings)
+    if config.init_from:  # fine-tuning: the checkpoint's weights, EMA equal to them, fresh optimizer
+      params = init_from.load(config.init_from, scan_layers=model.scan_layers, shardings=shardings.params)
+      state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+      log.info("initialised the parameters from %s", config.init_from)
   start_step = int(jax.device_get(state.step))
 
   d = config.data
   schedule = learning_rate_schedule(config.optimizer, config.total_steps)
   step_fn = make_train_step(model, tx, opts, schedule, mesh, shardings, batch_shapes(config))
-  step_rng = jax.random.key(config.seed + 1)
+  # Made once where the step wants it (replicated; a jit, so it is a global array on every
+  # host): a single-device key would be copied to every device at every step.
+  step_rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=sharding.replicated(mesh))()
 
   mcfg = mmdit.config_from_preset(**config.model)
-  flops_per_step = flops.train_step_flops(mcfg, d.latent_size, d.latent_size, d.context_len,
-                                                config.global_batch_size)
+  bucket_flops = [flops.train_step_flops(mcfg, h, w, d.context_len, config.global_batch_size)
+                  for h, w in shapes]  # MFU counts the FLOPs of the buckets that actually ran
+  if primary and len(shapes) > 1:
+    log.info("aspect buckets (latent hxw: records, model FLOPs per step): %s", ", ".join(
+        f"{n}: {len(train_sources[hw])}, {f:.4g}" for n, hw, f in zip(names, shapes, bucket_flops)))
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind,
                                            override=config.peak_flops_per_device or None)
-  timer = metrics_lib.StepTimer(flops_per_step=flops_per_step, images_per_step=config.global_batch_size,
+  timer = metrics_lib.StepTimer(flops_per_step=bucket_flops[0], images_per_step=config.global_batch_size,
                                 num_devices=jax.device_count(), peak_flops_per_device=peak)
   # A resumed run drops what a killed run logged after its checkpoint (it is logged again).
   writer = metrics_lib.MetricWriter(workdir, is_primary=primary, resume_step=start_step)
-
-  val_source = make_source(config, "val") if config.val.every > 0 else None
-  val_fn = make_validation_fn(model, mesh) if val_source is not None else None
+  val_fn = validation.make_validation_fn(model, mesh) if val_sources is not None else None
 
   s, e = config.sample, config.eval
-  if s.every > 0 or e.every > 0:
+  if e.every > 0:  # the evaluator encodes its own prompts too: keep the text encoders
     conditioner = text_conditioning.load_conditioner(s.text_encoders, t5_length=s.t5_length,
                                                      clip_length=s.clip_length, project_clip_l=s.project_clip_l)
+  elif s.every > 0:
+    conditioner = _sample_conditioner(s)
+  if s.every > 0 or e.every > 0:
     decoder = None if s.pixel_space else generation.load_decoder(s.vae)
   evaluator = eval_run.PeriodicEvaluator.from_settings(e.to_dict(), mesh) if e.every > 0 else None
 
   to_device = functools.partial(sharding.make_global_batch, mesh=mesh)
+  if config.data.buckets:  # items are (bucket, host batch)
+    to_device = lambda item, f=to_device: (item[0], f(item[1]))  # noqa: E731
   batches = (prefetch.Prefetcher(train_iter, to_device, config.data.prefetch) if config.data.prefetch
              else map(to_device, train_iter))
   data_position = batches if config.data.prefetch else train_iter  # what checkpoints save
   if config.data.prefetch:
     closers.append(batches.close)
-  acc = None
+
+  def save(done: int, out: dict) -> None:
+    # The state about to be saved comes from this step's update: check its parameters too,
+    # not only the loss computed before the update.
+    _check_finite(done, {k: float(jax.device_get(out[k])) for k in ("loss", "grad_norm", "param_norm")},
+                  checkpointer, explain(done))
+    checkpointer.save(done, state, data_iterator=data_position, config=config.to_dict(), force=True)
+
+  watcher = preemption.PreemptionWatcher(checkpointer.reached_preemption)
+  acc, window_flops, bucket_steps, compiled = None, 0.0, [0] * len(shapes), set()
   last: dict[str, Any] = {}
-  for step in range(start_step, config.total_steps):
-    batch = next(batches)
-    state, out = step_fn(state, batch, step_rng)
-    acc = out["metrics"] if acc is None else acc.merge(out["metrics"])
-    done = step + 1
-    if step == start_step:  # start the clock after the compiling step
-      jax.block_until_ready(out["loss"])
-      timer.tick(done)
-    is_last = done == config.total_steps
-    if done % config.log_every == 0 or is_last:
-      values = acc.compute()  # waits for the step
-      values.update({k: v for k, v in timer.tick(done).items() if v is not None})
-      values["param_norm"] = float(jax.device_get(out["param_norm"]))
-      _check_finite(done, {k: values[k] for k in ("loss", "grad_norm", "param_norm")}, checkpointer,
-                    explain(done))
-      writer.write_scalars(done, values)
-      if primary:
-        print(metrics_lib.format_progress(done, config.total_steps, values), flush=True)
-      last = dict(values, step=done)
-      acc = None
-    with timer.paused():
-      if val_fn is not None and (done % config.val.every == 0 or is_last):
-        params = state.ema_params if config.val.use_ema else state.params
-        val = run_validation(config, val_fn, params, val_source, mesh)
-        writer.write_scalars(done, val)
-        last.update(val)
-      if s.every > 0 and (done % s.every == 0 or is_last):
-        generation.write_sample_grid(
-            model, state.ema_params, conditioner, list(s.prompts),
-            os.path.join(workdir, "samples", f"step_{done:08d}.png"),
-            latent_shape=(d.latent_size, d.latent_size, d.latent_channels), decoder=decoder,
-            num_per_prompt=s.num_per_prompt, num_steps=s.num_steps, cfg_scale=s.cfg_scale,
-            shift=s.shift, seed=s.seed, mesh=mesh)
-      if evaluator is not None and (done % e.every == 0 or is_last):
-        values = evaluator(model, state.ema_params, conditioner, decoder=decoder,
-                           latent_shape=(d.latent_size, d.latent_size, d.latent_channels))
-        writer.write_scalars(done, values)
-        last.update(values)
-      if done % config.checkpoint_every == 0 or is_last:
-        # The state about to be saved comes from this step's update: check its parameters
-        # too, not only the loss computed before the update.
-        _check_finite(done, {"loss": float(jax.device_get(out["loss"])),
-                             "grad_norm": float(jax.device_get(out["grad_norm"])),
-                             "param_norm": float(jax.device_get(out["param_norm"]))}, checkpointer,
+  try:
+    for step in range(start_step, config.total_steps):
+      done = step + 1
+      is_last = done == config.total_steps
+      is_log = done % config.log_every == 0 or is_last
+      b = buckets.bucket_of_step(train_iter.sizes, config.seed, step) if config.data.buckets else 0
+      steady = not (b not in compiled or is_log or done % config.checkpoint_every == 0
+                    or (val_fn is not None and done % config.val.every == 0)
+                    or (s.every > 0 and done % s.every == 0) or (e.every > 0 and done % e.every == 0))
+      compiles = b not in compiled and step != start_step  # a new bucket shape: not timed
+      if compiles:
+        jax.block_until_ready(state.step)
+      with timer.paused(steps=1) if compiles else contextlib.nullcontext(), \
+           jax.transfer_guard(config.transfer_guard if steady else "allow"):
+        item = next(batches)  # already on the devices
+        batch = item[1] if config.data.buckets else item
+        state, out = step_fn(state, batch, step_rng)
+        acc = out["metrics"] if acc is None else acc.merge(out["metrics"])
+        stop = watcher.should_stop(done)
+        if compiles:
+          jax.block_until_ready(out["loss"])
+      window_flops += 0.0 if compiles else bucket_flops[b]
+      compiled.add(b)
+      bucket_steps[b] += 1
+      if step == start_step:  # start the clock after the compiling step
+        jax.block_until_ready(out["loss"])
+        timer.tick(done)
+        window_flops = 0.0
+      if is_log:
+        values = acc.compute()  # waits for the step
+        values.update({k: v for k, v in timer.tick(done, flops=window_flops).items() if v is not None})
+        if len(shapes) > 1:
+          values.update({f"bucket_steps/{n}": c for n, c in zip(names, bucket_steps)})
+        window_flops, bucket_steps = 0.0, [0] * len(shapes)
+        values["param_norm"] = float(jax.device_get(out["param_norm"]))
+        _check_finite(done, {k: values[k] for k in ("loss", "grad_norm", "param_norm")}, checkpointer,
                       explain(done))
-        checkpointer.save(done, state, data_iterator=data_position, config=config.to_dict())
-  if config.data.prefetch:
-    batches.close()
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  writer.close()
+        writer.write_scalars(done, values)
+        if primary:
+          print(metrics_lib.format_progress(done, config.total_steps, values), flush=True)
+        last = dict(values, step=done)
+        acc = None
+      if stop:  # preempted: save this step now, wait until it is committed, and stop
+        if checkpointer.latest_step() != done:
+          save(done, out)
+        checkpointer.wait_until_finished()
+        writer.flush()
+        raise preemption.Preempted(done)
+      with timer.paused():
+        if val_fn is not None and (done % config.val.every == 0 or is_last):
+          params = state.ema_params if config.val.use_ema else state.params
+          val = validation.evaluate(
+              val_fn, params, {n: val_sources[hw] for n, hw in zip(names, shapes)}, mesh,
+              num_levels=config.val.levels, seed=config.val.seed, batch_size=config.val.batch_size,
+              num_examples=config.val.num_examples)
+          writer.write_scalars(done, val)
+          last.update(val)
+        if s.every > 0 and (done % s.every == 0 or is_last):
+          generation.write_sample_grid(
+              model, state.ema_params, conditioner, list(s.prompts),
+              str(workdir / "samples" / f"step_{done:08d}.png"),
+              latent_shape=(*shapes[0], d.latent_channels), decoder=decoder,
+              num_per_prompt=s.num_per_prompt, num_steps=s.num_steps, cfg_scale=s.cfg_scale,
+              shift=s.shift, seed=s.seed, mesh=mesh)
+        if evaluator is not None and (done % e.every == 0 or is_last):
+          values = evaluator(model, state.ema_params, conditioner, decoder=decoder,
+                             latent_shape=(*shapes[0], d.latent_channels))
+          writer.write_scalars(done, values)
+          last.update(values)
+        if done % config.checkpoint_every == 0 or is_last:
+          save(done, out)
+  finally:  # also on errors (NaN stop, preemption, bugs): never leave a save half written
+    watcher.close()
+    if config.data.prefetch:
+      batches.close()
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    writer.close()
   return last

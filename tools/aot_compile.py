@@ -18,6 +18,8 @@ the chips over the model FLOPs of the same matmuls (1.0 = no recomputation; atte
 Pallas kernel is left out of both sides). ``--remat_policies=none,save_attn,full`` compiles
 each policy and reports each; ``--pick_remat`` compiles every policy (or those listed) and picks
 the one with the least recomputation that fits (ties: least memory).
+With aspect buckets (config.data.buckets) every bucket's step is compiled; the figures shown
+are the largest bucket's, `fits` holds only if all fit, and `buckets` (--json) has each one.
 """
 from __future__ import annotations
 
@@ -85,13 +87,14 @@ def topology_devices(name: str, num_slices: int = 1):
   return topo.devices
 
 
-def compile_step(config, devices):
-  """Lower and compile the real train step for ``devices`` -> (compiled, mesh, abstract args)."""
+def compile_step(config, devices, latent_hw=None):
+  """Lower and compile the real train step for ``devices`` (for the aspect bucket of latent size
+  ``latent_hw``; default the first) -> (compiled, mesh, abstract args)."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
   model = train.make_model(config, platform=devices[0].platform)
   tx, opts = train.make_optimizer(config), train.step_options(config)
   abstract_state, shardings = train.state_shardings(model, tx, mesh)
-  shapes = train.batch_shapes(config)
+  shapes = train.batch_shapes(config, latent_hw)
   # Batches arrive in the records' stored dtype (float16) and are cast inside the step.
   batch = {k: jax.ShapeDtypeStruct(s, jnp.float16, sharding=sharding.batch_sharding(mesh, len(s)))
            for k, s in shapes.items()}
@@ -130,17 +133,31 @@ def _bytes_per_device(abstract_tree) -> int:
 
 
 def analyse(config, devices) -> dict:
+  """Every aspect bucket of the config compiled (config.data.buckets; one bucket without). One
+  bucket: its figures. Several: the figures of the bucket with the largest peak (or one that
+  does not fit), ``fits`` only when all fit, and each bucket's own under ``buckets``."""
+  sizes = train.latent_sizes(config)
+  results = {f"{h}x{w}": analyse_bucket(config, devices, (h, w)) for h, w in sizes}
+  if len(results) == 1:
+    return next(iter(results.values()))
+  worst = max(results.values(), key=lambda r: (r["fits"] is False, r["peak_bytes_per_device"] or 0))
+  fits = [r["fits"] for r in results.values()]
+  return dict(worst, fits=False if False in fits else (None if None in fits else True),
+              buckets={k: dict(r, latent_hw=list(hw)) for (k, r), hw in zip(results.items(), sizes)})
+
+
+def analyse_bucket(config, devices, latent_hw) -> dict:
   d = config.data
   kind = devices[0].device_kind
   hbm = hbm_bytes(kind)
   mcfg = mmdit.config_from_preset(**config.model)
-  model_flops = flops.train_step_flops(mcfg, d.latent_size, d.latent_size, d.context_len,
-                                       config.global_batch_size)
+  h, w = latent_hw
+  model_flops = flops.train_step_flops(mcfg, h, w, d.context_len, config.global_batch_size)
   impl = train.make_model(config, platform=devices[0].platform).attention_impl
   # Attention inside a kernel is invisible in the HLO: compare like with like.
   attn = 3 * config.global_batch_size * flops.mmdit_forward_flops_breakdown(
-      mcfg, d.latent_size, d.latent_size, d.context_len)["attention"]
-  attn += 3 * config.global_batch_size * _attn2_core_flops(mcfg, d.latent_size)
+      mcfg, h, w, d.context_len)["attention"]
+  attn += 3 * config.global_batch_size * _attn2_core_flops(mcfg, h, w)
   visible = model_flops - (attn if impl.startswith("splash") or impl == "cudnn" else 0)
   r = {"topology": _TOPOLOGY.value, "device_kind": kind, "num_devices": len(devices),
        "global_batch_size": config.global_batch_size,
@@ -148,7 +165,7 @@ def analyse(config, devices) -> dict:
        "hbm_bytes_per_device": hbm, "remat": config.remat, "attention_impl": impl,
        "model_flops_per_step": model_flops}
   try:
-    compiled, mesh, abstract_args = compile_step(config, devices)
+    compiled, mesh, abstract_args = compile_step(config, devices, latent_hw)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -189,9 +206,9 @@ def analyse(config, devices) -> dict:
   return r
 
 
-def _attn2_core_flops(mcfg, latent_size: int) -> int:
+def _attn2_core_flops(mcfg, h: int, w: int) -> int:
   """Forward FLOPs per example of the MMDiT-X image-only attention core (QK^T and AV)."""
-  n = (latent_size // mcfg.patch_size) ** 2
+  n = (h // mcfg.patch_size) * (w // mcfg.patch_size)
   return 4 * n * n * mcfg.hidden_size * len(mcfg.dual_attention_layers)
 
 
@@ -329,6 +346,10 @@ def main(argv):
     print(f"  matmul FLOPs per chip, loops unrolled {r['hlo_matmul_flops_per_device']:.4g}: "
           f"recompute ratio {r['recompute_ratio']:.3f} (remat {r['remat']}, attention "
           f"{r['attention_impl']})")
+  for name, b in r.get("buckets", {}).items():
+    peak = "unknown" if b["peak_bytes_per_device"] is None else f"{b['peak_bytes_per_device'] / GiB:.2f} GiB"
+    print(f"  bucket {name:9s} peak {peak} per chip, fits {b['fits']}, model FLOPs per step "
+          f"{b['model_flops_per_step']:.4g}")
   if _FIND_MAX.value:
     over = r["smallest_global_batch_seen_not_to_fit"]
     print(f"  largest global batch that fits: {r['max_global_batch_that_fits']} "

@@ -1,6 +1,7 @@
 """Lossless checkpoint conversion.
 
-  MM-DiT          our JAX format <-> diffusers <-> original SD3 single file
+  MM-DiT          our JAX format <-> diffusers <-> original SD3 single file; a training run
+                  (workdir or checkpoints/<step>, EMA or raw weights) -> any of them (runs.py)
   VAE             our JAX format <-> diffusers AutoencoderKL directory
   text encoders   our JAX format <-> transformers directories (CLIP-L, OpenCLIP bigG, T5)
   CLIP models     our JAX format <-> transformers CLIPModel / CLIPVisionModelWithProjection
@@ -39,7 +40,7 @@ import numpy as np
 
 from sd3_jax import pretrained
 from sd3_jax.models.mmdit import MMDiTConfig
-from sd3_jax.convert import mmdit_keys, text_keys
+from sd3_jax.convert import mmdit_keys, runs, text_keys
 from sd3_jax.convert.encoders import TEXT_WRITERS, convert_vae, copy_tokenizer, open_text_source
 from sd3_jax.convert.formats import (WRITERS, Source, detect_format, detect_model, iter_native, open_source,
                                      source_from_params, source_from_state_dict)
@@ -52,7 +53,7 @@ TARGETS = ("jax", "diffusers", "sd3", "transformers")
 
 def convert(src, dst, to: str, *, dtype=None, num_heads: int | None = None,
             head_dim: int | None = None, max_shard_size: str | int = "10GB",
-            overwrite: bool = False, verify: bool = True):
+            overwrite: bool = False, verify: bool = True, ema: bool | None = None):
   """Converts the checkpoint at ``src`` (model and format detected) to format ``to`` at ``dst``.
 
   to: MM-DiT 'jax' | 'diffusers' | 'sd3'; VAE 'jax' | 'diffusers'; text encoder 'jax' |
@@ -64,12 +65,26 @@ def convert(src, dst, to: str, *, dtype=None, num_heads: int | None = None,
     whose head dim is not 64; checked against the checkpoint otherwise.
   max_shard_size: diffusers/transformers output shard size ('10GB' like diffusers; '500MB', ...).
   verify: a source in our format is checked leaf by leaf against its checksums.
+  ema: for a training run as ``src`` (a workdir or its checkpoints/<step>): export the EMA
+    weights (True, the default) or the raw parameters (False); runs only.
   Returns the model configuration.
   """
   if to not in TARGETS:
     raise ValueError(f"unknown target format {to!r}; choose one of {sorted(TARGETS)}")
   if os.path.abspath(os.fspath(src)) == os.path.abspath(os.fspath(dst)):
     raise ValueError("--src and --dst are the same path")
+  if runs.run_location(src) is not None:  # a training run: its latest (or given) checkpoint
+    if to not in WRITERS:
+      raise ValueError(f"{src} is a training run (an MM-DiT); it exports to {sorted(WRITERS)}, not {to!r}")
+    if num_heads is not None or head_dim is not None:
+      raise ValueError("num_heads / head_dim do not apply to a training run: its config says them")
+    kwargs = {"max_shard_bytes": parse_size(max_shard_size)} if to == "diffusers" else {}
+    source = runs.open_run(src, use_ema=True if ema is None else ema)
+    WRITERS[to](source, dst, dtype=dtype, overwrite=overwrite, **kwargs)
+    return source.config
+  if ema is not None:
+    raise ValueError(f"--ema/--no-ema choose the weights of a training run; {src} is not one "
+                     "(a workdir with checkpoints/, or WORKDIR/checkpoints/<step>)")
   kind, _, _ = detect_model(src)
   if kind == "vae":
     max_shard = parse_size(max_shard_size)

@@ -10,6 +10,10 @@ import time  # noqa: E402
 
 EPILOG = """\
 source formats (model and format detected automatically):
+  run           a training workdir of sd3-train (its latest committed checkpoint) or one step,
+                WORKDIR/checkpoints/STEP: the model is rebuilt from the run's config, the EMA
+                weights (--ema, default) or the raw parameters (--no-ema) are unscanned and
+                written; the optimizer state is not read
   jax           a directory written by this tool or sd3_jax.pretrained.save_pretrained:
                 sd3_jax_config.json + params/ (orbax); any of our models (MM-DiT, VAE, CLIP, T5)
   MM-DiT
@@ -42,6 +46,8 @@ written one at a time, so memory stays far below the checkpoint size (the small 
 converted in memory).
 
 examples (sd3-convert, python -m tools.convert_weights and python -m sd3_jax.convert are the same):
+  python -m tools.convert_weights --src workdirs/run1 --dst export/transformer --to diffusers --ema
+  python -m tools.convert_weights --src workdirs/run1/checkpoints/20000 --dst ckpt/run1 --to jax --no-ema
   python -m tools.convert_weights --src sd3.5_large.safetensors --dst ckpt/sd35l --to jax
   python -m tools.convert_weights --src ./stable-diffusion-3-medium-diffusers --dst ckpt/sd3m --to jax
   python -m tools.convert_weights --src ckpt/sd3m --dst export/transformer --to diffusers --dtype bfloat16
@@ -105,6 +111,9 @@ def main(argv=None) -> int:
   p.add_argument("--no-verify", dest="verify", action="store_false",
                  help="jax sources: skip checking every parameter against the checksum written with "
                       "it (faster; a damaged leaf is then converted as it is)")
+  p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                 help="--src is a training run: export its EMA weights (--ema, the default) or its "
+                      "raw parameters (--no-ema)")
   args = p.parse_args(argv)
 
   from sd3_jax.convert import convert  # heavy imports after argument parsing
@@ -112,7 +121,7 @@ def main(argv=None) -> int:
   try:
     cfg = convert(args.src, args.dst, args.to, dtype=args.dtype, num_heads=args.num_heads,
                   head_dim=args.head_dim, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                  verify=args.verify)
+                  verify=args.verify, ema=args.ema)
   except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
