@@ -14,6 +14,7 @@ pipeline (a corrupt record) is raised by the ``next()`` that would have returned
 from __future__ import annotations
 
 import copy
+import json
 import queue
 import threading
 from typing import Any, Callable, Iterator
@@ -71,9 +72,11 @@ class Prefetcher:
     self._state = state
     return item
 
-  def get_state(self):
-    """Position after the last batch returned by ``next()`` (what a checkpoint must save)."""
-    return copy.deepcopy(self._state)
+  def get_state(self) -> bytes:
+    """Position after the last batch returned by ``next()`` (what a checkpoint must save), as
+    the JSON bytes grain's checkpoint handler writes for a non-grain iterator (the same text it
+    writes for the grain iterator itself, so the underlying iterator restores it)."""
+    return json.dumps(self._state, indent=4).encode()
 
   def set_state(self, state) -> None:
     raise RuntimeError("restore the data position into the underlying iterator before "

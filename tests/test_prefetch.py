@@ -1,5 +1,7 @@
 """The input path: host batches stay float16, the prefetch queue keeps order and the exact
 resume position, pipeline errors surface at the step that needed the batch, worker defaults."""
+import json
+
 import numpy as np
 import pytest
 
@@ -28,9 +30,9 @@ def test_prefetcher_keeps_order_and_the_consumed_position():
   pf = prefetch.Prefetcher(it, lambda b: b["latent"] * 1, depth=3)
   got = [next(pf) for _ in range(2)]
   # The thread has read ahead, but the saved position is after the two batches handed out.
-  assert pf.get_state()["next_index"] == 2
+  assert json.loads(pf.get_state())["next_index"] == 2
   resumed = _iter(src)
-  resumed.set_state(pf.get_state())
+  resumed.set_state(json.loads(pf.get_state()))
   got += [next(resumed)["latent"] for _ in range(4)]
   pf.close()
   for a, b in zip(got, expected):
@@ -55,7 +57,7 @@ def test_prefetcher_raises_pipeline_errors_in_order():
   assert [next(pf), next(pf)] == [10, 20]
   with pytest.raises(ValueError, match="corrupt record"):
     next(pf)
-  assert pf.get_state() == {"i": 2}
+  assert json.loads(pf.get_state()) == {"i": 2}
   with pytest.raises(RuntimeError, match="before wrapping"):
     pf.set_state({"i": 0})
   pf.close()
