@@ -76,6 +76,8 @@ class Prefetcher:
     """Position after the last batch returned by ``next()`` (what a checkpoint must save), as
     the JSON bytes grain's checkpoint handler writes for a non-grain iterator (the same text it
     writes for the grain iterator itself, so the underlying iterator restores it)."""
+    if isinstance(self._state, bytes):  # a non-grain iterator's own bytes (buckets.BucketedIterator)
+      return self._state
     return json.dumps(self._state, indent=4).encode()
 
   def set_state(self, state) -> None:
