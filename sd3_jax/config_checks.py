@@ -35,7 +35,11 @@ _RANGES = {
     "data.context_dim": ("int", 1, None),
     "data.pooled_dim": ("int", 1, None),
     "data.num_synthetic": ("int", 1, None),
-    "data.worker_count": ("int", 0, None),
+    "data.worker_count": ("int", -1, None),  # -1: by the host's cores
+    "data.prefetch": ("int", 0, None),
+    "data.val_holdout": ("int", 0, None),
+    "data.bucket_pixels_per_latent": ("int", 1, None),
+    "eval.every": ("int", 0, None),
     "val.every": ("int", 0, None),
     "val.num_examples": ("int", 1, None),
     "val.batch_size": ("int", 1, None),
