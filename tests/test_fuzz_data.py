@@ -195,7 +195,7 @@ BAD_TRAIN_CONFIG = {  # key -> (value, message)
     "ema.every": (0, "config.ema.every must be >= 1"),
     "ema.decay": (float("nan"), "config.ema.decay must be a finite number"),
     "val.every": (-1, "config.val.every must be >= 0"),
-    "data.worker_count": (-2, "config.data.worker_count must be >= 0"),
+    "data.worker_count": (-2, "config.data.worker_count must be >= -1"),
     "data.latent_size": (0, "config.data.latent_size must be >= 1"),
     "mesh.fsdp": (0, "config.mesh.fsdp must be a positive integer or -1"),
     "async_checkpointing": ("yes", "config.async_checkpointing must be True or False"),
