@@ -39,4 +39,6 @@ def test_expected_failures_are_one_line(tmp_path, module, argv, prog, message):
                                          ("sd3_jax.convert", "--src"), ("tools.convert_weights", "--src")])
 def test_help(module, flag):
   r = _run(module, "--help")
-  assert r.returncode == 0 and flag in r.stdout, r.stderr[-3000:]
+  # absl (sd3-train's flag parser) ends --help with exit code 1; argparse with 0.
+  ok = (0, 1) if module == "sd3_jax.main" else (0,)
+  assert r.returncode in ok and flag in r.stdout and "Traceback" not in r.stderr, r.stderr[-3000:]
