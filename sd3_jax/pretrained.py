@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from etils import epath
 
 from sd3_jax import fileutil, integrity
 from sd3_jax.models import mmdit
@@ -193,25 +194,32 @@ def _ocp():
   return ocp
 
 
+def _epath(path) -> epath.Path:
+  """A local path (made absolute: orbax takes absolute paths only) or a URL such as gs://b/ckpt."""
+  path = os.fspath(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def is_checkpoint(path) -> bool:
-  return os.path.isfile(os.path.join(os.fspath(path), CONFIG_FILE))
+  return (_epath(path) / CONFIG_FILE).is_file()
 
 
-def _require_checkpoint(path) -> str:
-  path = os.path.abspath(os.fspath(path))  # orbax takes absolute paths only
-  if not os.path.exists(path):
+def _require_checkpoint(path) -> epath.Path:
+  """The checkpoint directory (local or a URL that etils.epath opens) after checking its files."""
+  path = _epath(path)
+  if not path.exists():
     raise FileNotFoundError(f"no such checkpoint directory: {path}")
-  if not os.path.isdir(path):
+  if not path.is_dir():
     raise ValueError(f"{path} is a file, not an sd3_jax checkpoint directory; convert PyTorch "
                      "weights with `python -m tools.convert_weights --src SRC --dst DIR --to jax`")
   if not is_checkpoint(path):
     hint = ""
-    if os.path.isfile(os.path.join(path, "config.json")) or os.path.isdir(os.path.join(path, "transformer")):
+    if (path / "config.json").is_file() or (path / "transformer").is_dir():
       hint = " It looks like a diffusers model;"
     raise ValueError(f"{path} is not an sd3_jax checkpoint (no {CONFIG_FILE}).{hint} convert PyTorch "
                      "weights with `python -m tools.convert_weights --src SRC --dst DIR --to jax`")
-  params = os.path.join(path, PARAMS_DIR)
-  if not os.path.isfile(os.path.join(params, "_METADATA")):
+  params = path / PARAMS_DIR
+  if not (params / "_METADATA").is_file():
     raise ValueError(f"{path} is not a complete sd3_jax checkpoint: {params} is missing or is not "
                      "an orbax checkpoint (no _METADATA)")
   return path
@@ -224,10 +232,9 @@ def read_format(path) -> ModelFormat:
 
 def _read_meta(path) -> tuple[ModelFormat, dict, str]:
   path = _require_checkpoint(path)
-  cfg_path = os.path.join(path, CONFIG_FILE)
+  cfg_path = path / CONFIG_FILE
   try:
-    with open(cfg_path) as f:
-      meta = json.load(f)
+    meta = json.loads(cfg_path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
   name = meta.get("format") if isinstance(meta, dict) else None
@@ -280,7 +287,7 @@ def read_config(path, expected_format: str | None = FORMAT):
 def stored_params(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Flat name -> (shape, dtype) of the stored parameters, from orbax metadata (no data read)."""
   path = _require_checkpoint(path)
-  meta = _ocp().PyTreeCheckpointer().metadata(os.path.join(path, PARAMS_DIR))
+  meta = _ocp().PyTreeCheckpointer().metadata(path / PARAMS_DIR)
   tree = meta.item_metadata.tree
   return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(tree).items()}
 
@@ -305,7 +312,7 @@ def load_params(path, groups: list[str] | None = None, *, verify: bool = True,
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   try:
     out = ocp.PyTreeCheckpointer().restore(
-        os.path.join(path, PARAMS_DIR),
+        path / PARAMS_DIR,
         args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=groups is not None))
   except (ValueError, RuntimeError, OSError) as e:  # tensorstore: undecodable chunk, short file
     raise ValueError(f"{path}: cannot read parameter group(s) {groups or sorted(tree)}: the data in "

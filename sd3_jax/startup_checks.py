@@ -7,12 +7,15 @@ and the mesh is found before anything is compiled, with the key, both values and
   data shapes (latent size and channels, context length and width, pooled width).
 * ``check_batching``: global batch, gradient-accumulation microbatch, batch shards of the mesh
   and process count together.
+* ``check_storage``: a gs:// workdir has the packages that write there, and record paths are
+  not URLs (ArrayRecord reads through the local file API).
 
 Each function takes plain values (the trainer reads the config) and raises ``ValueError``
 listing every problem at once.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Mapping, Sequence
 
 
@@ -105,3 +108,31 @@ def check_batching(*, global_batch_size: int, grad_accum_steps: int, batch_shard
                     f"{process_count} (every process feeds global_batch_size/processes examples)")
   _fail(problems, "batching")
   return micro
+
+
+def _importable(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # a missing parent package (google.cloud)
+    return False
+
+
+def check_storage(*, workdir: str, record_paths: Mapping[str, str]) -> None:
+  """The workdir's and the data's storage. A gs:// workdir needs gcsfs (etils.epath's gs://
+  file system) and google-cloud-storage (orbax asks the bucket's layout before listing steps);
+  ``record_paths`` ({config key: path}) must be local or mounted paths: ArrayRecord shards are
+  read with the local file API, so a bucket is mounted (gcsfuse) rather than given as a URL."""
+  problems = []
+  scheme = str(workdir).split("://", 1)[0] if "://" in str(workdir) else ""
+  if scheme in ("gs", "gcs"):
+    missing = [pkg for mod, pkg in (("gcsfs", "gcsfs"), ("google.cloud.storage", "google-cloud-storage"))
+               if not _importable(mod)]
+    if missing:
+      problems.append(f"the workdir {workdir} is on GCS but {', '.join(missing)} is not installed "
+                      "(pip install 'sd3_jax[gcs]')")
+  for key, path in record_paths.items():
+    if path and "://" in str(path):
+      problems.append(f"config.{key}={path!r} is a URL, but ArrayRecord shards are read with the "
+                      "local file API; mount the bucket (e.g. gcsfuse --implicit-dirs BUCKET "
+                      "/gcs/BUCKET) and give the mounted path")
+  _fail(problems, "storage")

@@ -25,7 +25,7 @@ from sd3_jax import checkpoint as ckpt_lib
 from sd3_jax import buckets, config_checks, divergence, flow, generation, init_from
 from sd3_jax import input_pipeline, prefetch
 from sd3_jax import metrics as metrics_lib
-from sd3_jax import preemption, sharding, text_conditioning, validation
+from sd3_jax import preemption, sharding, startup_checks, text_conditioning, validation
 from sd3_jax.evaluation import run as eval_run
 # The data side of the trainer, part of its namespace (train.make_source, train.batch_shapes, ...).
 from sd3_jax.train_data import batch_shapes, check_config_and_data, latent_sizes, make_source  # noqa: F401
@@ -280,6 +280,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointer and the input pipeline's workers are shut down before it propagates, so a clean
   error is not followed by a second traceback from their threads at interpreter exit."""
   config_checks.check_runnable(config.to_dict())
+  startup_checks.check_storage(workdir=workdir, record_paths=(
+      {"data.path": config.data.path, "data.val_path": config.data.val_path}
+      if config.data.source == "records" else {}))
   closers: list = []
   try:
     return _train_and_evaluate(config, workdir, closers)

@@ -1,53 +1,24 @@
-"""A workdir given as a gs:// URL, through a stand-in object store: an fsspec file system
-registered for gs:// (what etils.epath and TensorBoard use) that keeps objects under a local
-directory and, like GCS, refuses to append."""
+"""A workdir given as a gs:// URL, through a stand-in object store (tests/gcs_emulator.py): an
+fsspec file system registered for gs:// (what etils.epath and TensorBoard use) that keeps objects
+under a local directory and, like GCS, refuses to append, and an HTTP server speaking the GCS API
+over the same directory for tensorstore (orbax's array writes). A whole training run, resume and
+export included, goes through both."""
 import json
 import os
-import sys
 
-import fsspec
 import numpy as np
 import pytest
-from etils.epath import backend as epath_backend
-from fsspec.implementations.local import LocalFileSystem
 
+import gcs_emulator
 from sd3_jax import checkpoint, generation, metrics
 from sd3_jax.convert import runs
-
-_ROOT = {"dir": None}
-
-
-class FakeGCS(LocalFileSystem):
-  """gs://bucket/key -> <root>/bucket/key; no append mode, as on an object store."""
-  protocol = ("gs", "gcs")
-  cachable = False
-
-  def __init__(self, *args, finalize_on_close=None, **kwargs):
-    super().__init__(auto_mkdir=True)
-
-  @classmethod
-  def _strip_protocol(cls, path):
-    path = fsspec.utils.stringify_path(path)
-    for prefix in ("gs://", "gcs://"):
-      if path.startswith(prefix):
-        return os.path.join(_ROOT["dir"], path[len(prefix):]).rstrip("/")
-    return super()._strip_protocol(path)
-
-  def _open(self, path, mode="rb", **kwargs):
-    if "a" in mode:
-      raise OSError(f"object stores cannot append ({path}, mode {mode!r})")
-    return super()._open(path, mode, **kwargs)
 
 
 @pytest.fixture
 def gcs(tmp_path, monkeypatch):
-  _ROOT["dir"] = str(tmp_path / "store")
-  os.makedirs(_ROOT["dir"])
-  for name in ("gs", "gcs"):
-    monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, name, FakeGCS)  # noqa: SLF001
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # noqa: SLF001
-  yield lambda key: os.path.join(_ROOT["dir"], key)
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # noqa: SLF001
+  root = str(tmp_path / "store")
+  with gcs_emulator.fake_gcs(root, monkeypatch):
+    yield lambda key: os.path.join(root, key)
 
 
 def test_the_stand_in_is_not_the_local_file_system(gcs):
@@ -117,3 +88,81 @@ def test_checkpoint_listing_and_run_export_paths_on_an_object_store(gcs):
   assert runs.run_location("gs://bucket/run/checkpoints/8") == ("gs://bucket/run", 8)
   with pytest.raises(FileNotFoundError, match="no committed checkpoint for step 12"):
     checkpoint.load_workdir("gs://bucket/run", 12)
+
+
+def _tiny(total_steps):
+  from configs import tiny
+  c = tiny.get_config()
+  c.total_steps, c.log_every, c.checkpoint_every, c.keep_checkpoints = total_steps, 1, 2, 2
+  c.val.every, c.val.num_examples, c.val.batch_size = 2, 8, 8
+  c.mesh.fsdp, c.mesh.data = 4, 2
+  return c
+
+
+def _losses(rows):
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_training_on_a_gs_workdir_resumes_exactly_and_exports(gcs, tmp_path):
+  """Everything a run writes lands in the object store (no local 'gs:' directory), a rerun of
+  the same command resumes from the stored checkpoint with the losses of an uninterrupted local
+  run, and the run exports to diffusers straight from the URL."""
+  from sd3_jax import train
+  from sd3_jax.convert import cli as convert_cli
+  local = str(tmp_path / "local")
+  train.train_and_evaluate(_tiny(6), local)
+  want = _losses(json.loads(line) for line in open(os.path.join(local, "metrics.jsonl")))
+
+  train.train_and_evaluate(_tiny(4), "gs://bucket/run")  # "preempted" after step 4
+  assert checkpoint.committed_steps("gs://bucket/run/checkpoints") == [2, 4]
+  # The arrays went through tensorstore's GCS driver, i.e. to the HTTP side of the store.
+  assert any(f for _, _, f in os.walk(gcs("bucket/run/checkpoints/4/state")))
+  train.train_and_evaluate(_tiny(6), "gs://bucket/run")
+  assert not os.path.exists("gs:") and not os.path.exists(os.path.join(os.getcwd(), "gs:"))
+  rows = [json.loads(line) for line in open(gcs("bucket/run/metrics.jsonl"))]
+  got = _losses(rows)
+  assert sorted(got) == list(range(1, 7)) and got == want  # exact resume
+  val = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
+  want_val = {r["step"]: r["val/loss"] for r in map(json.loads, open(os.path.join(local, "metrics.jsonl")))
+              if "val/loss" in r}
+  assert sorted(val) == [2, 4, 6] and val == want_val
+  assert checkpoint.committed_steps("gs://bucket/run/checkpoints") == [4, 6]  # keep 2
+  assert os.listdir(gcs("bucket/run/tensorboard"))
+  assert os.path.isfile(gcs("bucket/run/checkpoints/6/config/metadata")) or os.listdir(gcs("bucket/run/checkpoints/6/config"))
+
+  out = str(tmp_path / "export")
+  convert_cli.main(["--src", "gs://bucket/run", "--dst", out, "--to", "jax"])
+  model, params, _, step = checkpoint.load_workdir("gs://bucket/run", use_ema=True)
+  assert step == 6
+  from sd3_jax import pretrained
+  _, exported = pretrained.load_pretrained(out)
+  flat_run = pretrained.flatten(params)
+  flat_out = pretrained.flatten(exported)
+  assert sorted(flat_run) == sorted(flat_out)
+  for k in flat_run:
+    np.testing.assert_array_equal(np.asarray(flat_out[k]), np.asarray(flat_run[k]), err_msg=k)
+
+
+def test_a_converted_checkpoint_loads_from_the_object_store(gcs, tmp_path):
+  """config.init_from=gs://... reads a converted checkpoint (metadata through epath, arrays
+  through tensorstore's GCS driver) with the same checks and values as from local disk."""
+  import shutil
+
+  import jax
+  from sd3_jax import pretrained
+  from sd3_jax.models import mmdit
+  cfg = mmdit.config_from_preset("d2", hidden_size=64, num_heads=4, in_channels=4, out_channels=4,
+                                 pooled_dim=32, context_dim=32, pos_embed_max_size=8)
+  params = mmdit.init_params(mmdit.MMDiT(cfg), jax.random.key(3))
+  pretrained.save_pretrained(str(tmp_path / "ckpt"), params, cfg)
+  shutil.copytree(tmp_path / "ckpt", gcs("bucket/models/ckpt"))
+  assert pretrained.is_checkpoint("gs://bucket/models/ckpt")
+  assert pretrained.read_config("gs://bucket/models/ckpt") == cfg
+  _, got = pretrained.load_pretrained("gs://bucket/models/ckpt")
+  _, want = pretrained.load_pretrained(str(tmp_path / "ckpt"))
+  flat_got, flat_want = pretrained.flatten(got), pretrained.flatten(want)
+  assert sorted(flat_got) == sorted(flat_want)
+  for k in flat_want:
+    np.testing.assert_array_equal(np.asarray(flat_got[k]), np.asarray(flat_want[k]), err_msg=k)
+  with pytest.raises(FileNotFoundError, match="no such checkpoint directory: gs://bucket/models/none"):
+    pretrained.load_pretrained("gs://bucket/models/none")

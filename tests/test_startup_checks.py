@@ -141,3 +141,22 @@ def test_transfer_guard_catches_an_implicit_transfer(tmp_path, monkeypatch):
   monkeypatch.setattr(sharding, "make_global_batch", lambda local, mesh: dict(local))
   with pytest.raises(Exception, match="[Dd]isallowed host-to-device transfer"):
     train.train_and_evaluate(_config(**_STEADY), str(tmp_path / "w"))
+
+
+def test_record_paths_given_as_urls_name_the_mount_fix(tmp_path, no_compile):
+  c = _config(**{"data.source": "records", "data.path": "gs://bucket/latents", "data.val_path": "/local/val"})
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  msg = str(e.value)
+  assert "config.data.path='gs://bucket/latents' is a URL" in msg and "gcsfuse" in msg
+  assert "val_path" not in msg
+  assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+def test_gs_workdir_without_the_gcs_packages_names_the_extra(monkeypatch, tmp_path, no_compile):
+  assert startup_checks._importable("json") and not startup_checks._importable("google.no_such_module")
+  monkeypatch.setattr(startup_checks, "_importable", lambda module: module != "google.cloud.storage")
+  with pytest.raises(ValueError, match=r"google-cloud-storage is not installed \(pip install 'sd3_jax\[gcs\]'\)"):
+    train.train_and_evaluate(_config(), "gs://bucket/run")
+  # Local workdirs need neither package.
+  startup_checks.check_storage(workdir=str(tmp_path / "w"), record_paths={"data.path": str(tmp_path)})
