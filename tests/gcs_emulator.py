@@ -140,14 +140,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                          "hierarchicalNamespace": {"enabled": False}}).encode())
     self._error(400, f"unsupported GET {self.path}")
 
-  def _get_object(self, bucket, name, q):
+  def _existing(self, bucket, name, q):
+    """The object's file; None after answering 404 or a failed precondition (304 or 412)."""
     f = self._file(bucket, name)
+    if not os.path.isfile(f):
+      return self._error(404, f"No such object: {bucket}/{name}")
+    code = self._precondition_fails(q, f)
+    if code:
+      return self._send(code) if code == 304 else self._error(code, "precondition failed")
+    return f
+
+  def _get_object(self, bucket, name, q):
     with self.lock:
-      if not os.path.isfile(f):
-        return self._error(404, f"No such object: {bucket}/{name}")
-      code = self._precondition_fails(q, f)
-      if code:
-        return self._send(code) if code == 304 else self._error(code, "precondition failed")
+      f = self._existing(bucket, name, q)
+      if f is None:
+        return
       meta = self._meta(bucket, name, f)
       if q.get("alt") != "media":
         return self._send(200, json.dumps(meta).encode())
@@ -213,13 +220,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     bucket, name = self._object_path(path)
     if bucket is None:
       return self._error(400, f"unsupported DELETE {self.path}")
-    f = self._file(bucket, name)
     with self.lock:
-      if not os.path.isfile(f):
-        return self._error(404, f"No such object: {bucket}/{name}")
-      code = self._precondition_fails(q, f)
-      if code:
-        return self._error(412, "precondition failed")
+      f = self._existing(bucket, name, q)
+      if f is None:
+        return
       os.remove(f)
     self._send(204)
 
