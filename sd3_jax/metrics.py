@@ -260,6 +260,24 @@ class MetricWriter:
     self.close()
 
 
+def _after_existing_event_files(logdir: epath.Path) -> None:
+  """TensorBoard reads a directory's event files in name order, and a name starts with the
+  creation time in whole seconds (then host, pid, a per-process counter). A resumed run's START
+  event only purges the old run's later steps if its file sorts after theirs, so this waits
+  until the clock is past every existing file's second (at most a second, and only when a
+  resume follows within the same second, e.g. in one process)."""
+  stamps = []
+  if logdir.exists():
+    for p in logdir.iterdir():
+      parts = p.name.split(".")
+      if p.name.startswith("events.out.tfevents.") and len(parts) > 3 and parts[3].isdigit():
+        stamps.append(int(parts[3]))
+  if stamps:
+    wait = max(stamps) + 1 - time.time()
+    if wait > 0:
+      time.sleep(wait)
+
+
 class _TensorBoardWriter:
   """Scalar summaries through tensorboard's own EventFileWriter and protos (no TensorFlow).
 
@@ -273,6 +291,8 @@ class _TensorBoardWriter:
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
     self._remote = None if is_local(logdir) else epath.Path(logdir)
     self._local = logdir if self._remote is None else tempfile.mkdtemp(prefix="sd3_jax_tensorboard_")
+    if resume_step is not None:
+      _after_existing_event_files(self._remote or epath.Path(logdir))
     self._writer = EventFileWriter(self._local)
     if resume_step is not None:  # a START at step s makes TensorBoard drop earlier events >= s
       self._writer.add_event(event_pb2.Event(

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +128,20 @@ def test_metric_writer_tensorboard_events(tmp_path):
   acc.Reload()
   assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
   assert [e.value for e in acc.Scalars("loss")] == pytest.approx([1.0, 0.5, 9.0])
+
+
+def test_a_resumed_writer_file_sorts_after_the_old_run_s(tmp_path):
+  # TensorBoard reads event files in name order (creation second, host, pid, counter): a resume
+  # within the same second (one process, counter 9 -> 10) must still come after the old files.
+  pytest.importorskip("tensorboard")
+  tb = tmp_path / "tensorboard"
+  tb.mkdir()
+  old = tb / f"events.out.tfevents.{int(time.time()) + 1}.host.1.9"
+  old.write_bytes(b"")
+  with Mt.MetricWriter(str(tmp_path), is_primary=True, resume_step=2) as w:
+    w.write_scalars(3, {"loss": 1.0})
+  names = sorted(os.listdir(tb))
+  assert len(names) == 2 and names[0] == old.name
 
 
 class _FakeClock:

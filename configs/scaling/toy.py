@@ -32,8 +32,8 @@ def get_config(data_dir: str = "workdirs/scaling_demo/data"):
   s.width_per_depth = 16
   s.val_points = 4
   s.grids = [
-      dict(name="scaling", depths=(1, 2, 3, 4), lengths=(400,)),
-      dict(name="samplers", depths=(2,), lengths=(400,),
+      dict(name="scaling", depths=(1, 2, 3, 4), lengths=(400, 1200)),
+      dict(name="samplers", depths=(2,), lengths=(400, 1200),
            axes={"flow.sampler": ("logit_normal", "uniform", "cosmap", "mode")}),
   ]
   return s
