@@ -178,3 +178,20 @@ def test_sweep_runs_resumes_after_a_kill_and_analyzes(sweep_file, tmp_path):
   assert float(table[0]["fit_loss"]) == pytest.approx(np.mean(levels))
   with pytest.raises(ValueError, match="no validation level t=0.5"):
     analysis.analyze([sweep_dir], str(tmp_path / "bad"), levels="0.5", plots=False)
+
+
+def test_fits_select_the_common_value_and_ignore_keys_older_runs_lack():
+  def run(name, **config):
+    return {"name": name, "config": config}
+  runs = [run("a", **{"flow.sampler": "logit_normal", "lr": 1}),
+          run("b", **{"flow.sampler": "logit_normal", "lr": 1, "new_key": "x"}),  # newer code
+          run("c", **{"flow.sampler": "uniform", "lr": 1, "new_key": "x"}),
+          run("d", **{"flow.sampler": "logit_normal", "lr": 2, "new_key": "x"}),
+          run("e", **{"flow.sampler": "cosmap", "lr": 2, "new_key": "x"})]
+  assert analysis.varying_keys(runs) == ["flow.sampler", "lr"]
+  # logit_normal is the most common sampler; among those, lr 1 (a, b) beats lr 2 (d).
+  assert [r["name"] for r in analysis.select(runs, {})] == ["a", "b"]
+  # A tie goes to the value sorted first, whatever order the runs are read in.
+  tie = [run("p", lr=2), run("q", lr=1)]
+  assert [r["name"] for r in analysis.select(tie, {})] == ["q"]
+  assert [r["name"] for r in analysis.select(tie[::-1], {})] == ["q"]

@@ -138,20 +138,24 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
 
 
 def varying_keys(runs: Sequence[dict]) -> list[str]:
-  """Config keys whose value differs between runs, other than the family / length keys and paths."""
+  """Config keys whose value differs between the runs that have them, other than the family /
+  length keys and paths. A key some runs lack (they were trained by a version of the code before
+  it existed) does not vary on that account."""
   keys = sorted(set().union(*(r["config"] for r in runs)))
   out = []
   for k in keys:
     if k in FAMILY_KEYS or k.endswith("path"):
       continue
-    if len({repr(r["config"].get(k)) for r in runs}) > 1:
+    if len({repr(r["config"][k]) for r in runs if k in r["config"]}) > 1:
       out.append(k)
   return out
 
 
 def select(runs: Sequence[dict], where: dict[str, Any]) -> list[dict]:
   """The runs the fits use: those matching ``where``; without it, each varying key at its most
-  common value (e.g. the default sampler, not the sampler comparison's alternatives)."""
+  common value (e.g. the default sampler, not the sampler comparison's alternatives; a tie goes
+  to the value sorted first, so the choice never depends on the order runs are read in). Runs
+  lacking a key are kept."""
   if where:
     for k in where:
       if not any(k in r["config"] for r in runs):
@@ -159,8 +163,11 @@ def select(runs: Sequence[dict], where: dict[str, Any]) -> list[dict]:
     return [r for r in runs if all(str(r["config"].get(k)) == str(v) for k, v in where.items())]
   chosen = list(runs)
   for k in varying_keys(runs):
-    common = collections.Counter(repr(r["config"].get(k)) for r in chosen).most_common(1)[0][0]
-    chosen = [r for r in chosen if repr(r["config"].get(k)) == common]
+    counts = collections.Counter(repr(r["config"][k]) for r in chosen if k in r["config"])
+    if not counts:
+      continue
+    common = min(counts, key=lambda v: (-counts[v], v))
+    chosen = [r for r in chosen if k not in r["config"] or repr(r["config"][k]) == common]
   return chosen
 
 
