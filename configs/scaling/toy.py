@@ -2,10 +2,11 @@ r"""The toy scaling study on the embedded demo's coloured shapes (``bash launch/
 
 A CPU-sized depth family with the paper's shape rule at a quarter of its width: hidden 16 d,
 d heads (head dim 16), d = 1, 2, 3, 4 (15k to 0.59M parameters), patch 4 on 32x32x3 pixels
-(64 image tokens + 24 text tokens), batch 16, 400 steps each; and the paper's timestep-sampler
-comparison at equal compute: d = 2 for 400 steps with logit-normal(0, 1), uniform, CosMap and
-mode(1.29) t. Every run logs the validation loss 4 times (a curve, not a point). Sized to run
-while the 2-core machine was shared (see the README); `--set` or a copy scales it up.
+(64 image tokens + 24 text tokens), batch 16, 400 and 1200 steps each; and the paper's
+timestep-sampler comparison at equal compute: d = 2 at both lengths with logit-normal(0, 1),
+uniform, CosMap and mode(1.29) t. 14 runs (the sampler grid's logit-normal runs are the family's).
+Every run logs the validation loss 4 times (a curve, not a point). About an hour on an idle
+2-core CPU; `--set` or a copy scales it up.
 
   python -m sd3_jax.scaling run configs/scaling/toy.py:WORKDIR/data --sweep_dir WORKDIR/sweep
   python -m sd3_jax.scaling run configs/scaling/toy.py:WORKDIR/data --sweep_dir WORKDIR/sweep --print_commands
