@@ -95,7 +95,6 @@ def valid(tmp_path_factory):
 def _cases(valid, d):
   """name -> (src, to, [substrings the one-line error must contain])."""
   header, data = _read_st(valid / "m.safetensors")
-  names = [k for k in header if k != "__metadata__"]
   a, b = PRE + "joint_blocks.0.x_block.mlp.fc2.bias", PRE + "joint_blocks.1.x_block.mlp.fc2.bias"
   pos = PRE + "pos_embed"
 

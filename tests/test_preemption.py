@@ -127,7 +127,7 @@ def test_an_error_in_the_loop_waits_for_the_in_flight_save(tmp_path, monkeypatch
   real_save = ckpt_lib.Checkpointer.save
 
   def save_then_fail(self, step, *a, **k):
-    result = real_save(self, step, *a, **k)
+    real_save(self, step, *a, **k)
     raise train.TrainingDivergedError(f"stop right after starting the save of step {step}")
 
   monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save_then_fail)

@@ -18,7 +18,6 @@ import json
 import os
 import time
 
-import numpy as np
 from absl import app, flags
 
 from sd3_jax import input_pipeline, records
