@@ -12,12 +12,13 @@ Launch on the pod (every host):
       --config.data.source=records --config.data.path=/data/sd3_records
 Expect ~6.8 TFLOP per image per step (model FLOPs); the README has per-chip memory figures.
 """
+
 from sd3_jax.config import base_config, model_config
 
 
 def get_config():
   c = base_config()
-  c.model = model_config("sd3.5-large")   # d=38, qk_norm=True
+  c.model = model_config("sd3.5-large")  # d=38, qk_norm=True
   c.total_steps = 500_000
   c.global_batch_size = 4096
   # hidden 2432 = 19 * 128: FSDP over 128 chips, data parallel over the rest (a 256- or

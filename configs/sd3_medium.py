@@ -11,6 +11,7 @@ Check it fits first (no TPU needed):
   python -m tools.aot_compile --config configs/sd3_medium.py --topology v5p:8x8x8
 Expect ~1.74 TFLOP per image per step (model FLOPs); the README has per-chip memory figures.
 """
+
 from sd3_jax.config import base_config, model_config
 
 

@@ -8,13 +8,22 @@ a checkpoint every 20 steps, validation at steps 50 and 100, metrics in
 /tmp/sd3_tiny/metrics.jsonl), in about a minute including compilation. Point it at records with
   --config.data.source=records --config.data.path=DIR
 """
+
 from sd3_jax.config import base_config, model_config
 
 
 def get_config():
   c = base_config()
-  c.model = model_config("d2", hidden_size=64, num_heads=4, in_channels=4, out_channels=4,
-                         pooled_dim=32, context_dim=32, pos_embed_max_size=8)
+  c.model = model_config(
+    "d2",
+    hidden_size=64,
+    num_heads=4,
+    in_channels=4,
+    out_channels=4,
+    pooled_dim=32,
+    context_dim=32,
+    pos_embed_max_size=8,
+  )
   c.dtype = "float32"
   c.remat = "none"
   c.scan_layers = False
@@ -28,7 +37,6 @@ def get_config():
   c.ema.every = 1
   c.ema.decay = 0.99
   c.text.update(dict(clip_l_dim=16, clip_g_dim=16, clip_tokens=4))  # pooled 32 = 16 + 16
-  c.data.update(dict(latent_size=8, latent_channels=4, context_len=8, context_dim=32, pooled_dim=32,
-                     num_synthetic=512))
+  c.data.update(dict(latent_size=8, latent_channels=4, context_len=8, context_dim=32, pooled_dim=32, num_synthetic=512))
   c.val.update(dict(every=50, num_examples=16, batch_size=8))
   return c

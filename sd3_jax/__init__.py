@@ -10,11 +10,13 @@ MMDiT (format sd3_jax.mmdit), CLIPTextEncoder (sd3_jax.clip_text), T5Encoder
 (sd3_jax.t5_encoder) or AutoencoderKL (sd3_jax.vae). Text conditioning for sampling:
 ``sd3_jax.text_conditioning.SD3TextConditioner.from_pretrained(DIR)``.
 """
+
 __all__ = ["load_pretrained", "save_pretrained"]
 
 
 def __getattr__(name):
   if name in __all__:
     from sd3_jax import pretrained
+
     return getattr(pretrained, name)
   raise AttributeError(f"module 'sd3_jax' has no attribute {name!r}")

@@ -12,6 +12,7 @@ dataset builder writes them with ``--buckets``), every global batch from a singl
 Each bucket's latent shape compiles its own train step once (jax.jit caches one executable
 per input shape).
 """
+
 from __future__ import annotations
 
 import json
@@ -61,14 +62,17 @@ class BucketedIterator:
     return b, batch
 
   def get_state(self) -> bytes:
-    return json.dumps({"step": self.step, "sizes": self.sizes,
-                       "buckets": [it.get_state() for it in self.iterators]}).encode()
+    return json.dumps(
+      {"step": self.step, "sizes": self.sizes, "buckets": [it.get_state() for it in self.iterators]}
+    ).encode()
 
   def set_state(self, state: bytes) -> None:
     s = json.loads(state)
     if s["sizes"] != self.sizes:
-      raise ValueError(f"the checkpoint's buckets have sizes {s['sizes']} but this run's have "
-                       f"{self.sizes}: resume with the same bucket directories")
+      raise ValueError(
+        f"the checkpoint's buckets have sizes {s['sizes']} but this run's have "
+        f"{self.sizes}: resume with the same bucket directories"
+      )
     for it, st in zip(self.iterators, s["buckets"]):
       it.set_state(st)
     self.step = int(s["step"])

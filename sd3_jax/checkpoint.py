@@ -3,6 +3,7 @@ atomic, keep-N, restored straight into the current shardings (``Checkpointer``),
 access to a run's weights for sampling, evaluation and export (``load_workdir``). The on-disk
 layout and the guarantees are in the README ("Metrics, MFU and checkpoints").
 """
+
 from __future__ import annotations
 
 import json
@@ -66,17 +67,20 @@ class Checkpointer:
     path = str(directory)
     self.directory = epath.Path(path if "://" in path else os.path.abspath(path))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True, create=True)
+      max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True
+    )
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       DATA: grain.checkpoint.CheckpointHandler(),
-                       CONFIG: ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=options,
+      item_handlers={
+        STATE: ocp.StandardCheckpointHandler(),
+        DATA: grain.checkpoint.CheckpointHandler(),
+        CONFIG: ocp.JsonCheckpointHandler(),
+      },
+    )
     stray = sorted(set(self._manager.all_steps()) - set(self.all_steps()))
     if stray:
-      logging.warning("ignoring step directories without %s in %s: %s", COMMIT_FILE,
-                      self.directory, stray)
+      logging.warning("ignoring step directories without %s in %s: %s", COMMIT_FILE, self.directory, stray)
 
   # -- queries
 
@@ -97,8 +101,9 @@ class Checkpointer:
 
   # -- save
 
-  def save(self, step: int, state: Any, data_iterator: Any = None,
-           config: Optional[dict] = None, force: bool = False) -> bool:
+  def save(
+    self, step: int, state: Any, data_iterator: Any = None, config: Optional[dict] = None, force: bool = False
+  ) -> bool:
     """Starts an (async) save of ``state`` (a pytree of global jax.Arrays), the position of a
     grain ``data_iterator`` (DatasetIterator or DataLoaderIterator; optional) and ``config``
     (a JSON-serialisable dict, e.g. ``ConfigDict.to_dict()``; optional).
@@ -124,8 +129,10 @@ class Checkpointer:
     wanted = _flatten(abstract_state)
     unsharded = [k for k, v in wanted.items() if getattr(v, "sharding", None) is None]
     if unsharded:
-      raise ValueError("abstract_state leaves need a sharding (jax.ShapeDtypeStruct(shape, dtype, "
-                       f"sharding=...)) to restore in place; missing at: {_listing(unsharded)}")
+      raise ValueError(
+        "abstract_state leaves need a sharding (jax.ShapeDtypeStruct(shape, dtype, "
+        f"sharding=...)) to restore in place; missing at: {_listing(unsharded)}"
+      )
     saved = _flatten(self._manager.item_metadata(step)[STATE].tree)
     where = f"checkpoint step {step} in {self.directory}"
     missing, unexpected = set(wanted) - set(saved), set(saved) - set(wanted)
@@ -136,13 +143,17 @@ class Checkpointer:
       if unexpected:
         msg.append(f"in the checkpoint but not in abstract_state: {_listing(unexpected)}")
       raise ValueError(" ".join(msg))
-    shapes = [f"{k} (checkpoint {tuple(saved[k].shape)}, requested {tuple(wanted[k].shape)})"
-              for k in sorted(wanted) if tuple(saved[k].shape) != tuple(wanted[k].shape)]
+    shapes = [
+      f"{k} (checkpoint {tuple(saved[k].shape)}, requested {tuple(wanted[k].shape)})"
+      for k in sorted(wanted)
+      if tuple(saved[k].shape) != tuple(wanted[k].shape)
+    ]
     if shapes:
       raise ValueError(f"state shapes do not match {where}: {_listing(shapes)}")
 
-  def restore(self, step: Optional[int] = None, *, abstract_state: Any,
-              data_iterator: Any = None) -> tuple[Any, Optional[dict]]:
+  def restore(
+    self, step: Optional[int] = None, *, abstract_state: Any, data_iterator: Any = None
+  ) -> tuple[Any, Optional[dict]]:
     """Restores ``step`` (default: the latest committed one) -> (state, config or None).
 
     ``abstract_state``: pytree of jax.ShapeDtypeStruct with shardings (the target layout).
@@ -155,15 +166,16 @@ class Checkpointer:
     if step is None:
       step = steps[-1]
     elif step not in steps:
-      raise FileNotFoundError(f"no committed checkpoint for step {step} in {self.directory}; "
-                              f"available steps: {steps}")
+      raise FileNotFoundError(f"no committed checkpoint for step {step} in {self.directory}; available steps: {steps}")
     self._check_against_saved(step, abstract_state)
     step_dir = self.directory / str(step)
     args = {STATE: ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       if not (step_dir / DATA).exists():
-        raise ValueError(f"checkpoint step {step} in {self.directory} has no data iterator "
-                         "position (saved without data_iterator); pass data_iterator=None")
+        raise ValueError(
+          f"checkpoint step {step} in {self.directory} has no data iterator "
+          "position (saved without data_iterator); pass data_iterator=None"
+        )
       args[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     if (step_dir / CONFIG).exists():
       args[CONFIG] = ocp.args.JsonRestore()
@@ -200,12 +212,12 @@ def committed_steps(checkpoint_dir: str) -> list[int]:
   d = epath.Path(checkpoint_dir)
   if not d.exists():
     return []
-  return sorted(int(p.name) for p in d.iterdir()
-                if p.name.isdigit() and (p / COMMIT_FILE).exists())
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / COMMIT_FILE).exists())
 
 
-def load_workdir(workdir: str, step: Optional[int] = None, *, use_ema: bool = True, mesh=None,
-                 dtype: Optional[str] = None):
+def load_workdir(
+  workdir: str, step: Optional[int] = None, *, use_ema: bool = True, mesh=None, dtype: Optional[str] = None
+):
   """(model, params, config dict, step) from a training workdir's checkpoint.
 
   The model is rebuilt from the checkpoint's ``config`` item (the training ConfigDict as a
@@ -232,16 +244,22 @@ def load_workdir(workdir: str, step: Optional[int] = None, *, use_ema: bool = Tr
     raise FileNotFoundError(f"{step_dir} has no config item (saved without config=...); cannot rebuild the model")
   config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / CONFIG)
   cfg = ml_collections.ConfigDict(config)
-  model = mmdit.MMDiT(mmdit.config_from_preset(**cfg.model), dtype=jnp.dtype(dtype or cfg.dtype),
-                      scan_layers=cfg.scan_layers, attention_impl=cfg.attention_impl)
+  model = mmdit.MMDiT(
+    mmdit.config_from_preset(**cfg.model),
+    dtype=jnp.dtype(dtype or cfg.dtype),
+    scan_layers=cfg.scan_layers,
+    attention_impl=cfg.attention_impl,
+  )
   mesh = mesh if mesh is not None else sharding.make_mesh()
   shapes = nn.unbox(mmdit.abstract_params(model))
   name = "ema_params" if use_ema else "params"
   restore_args = jax.tree.map(
-      lambda a, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=a.shape, dtype=a.dtype),
-      shapes, sharding.logical_to_mesh_shardings(sharding.logical_specs(mmdit.abstract_params(model)), mesh))
+    lambda a, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=a.shape, dtype=a.dtype),
+    shapes,
+    sharding.logical_to_mesh_shardings(sharding.logical_specs(mmdit.abstract_params(model)), mesh),
+  )
   out = ocp.PyTreeCheckpointer().restore(
-      step_dir / STATE,
-      args=ocp.args.PyTreeRestore(item={name: shapes}, restore_args={name: restore_args},
-                                  partial_restore=True))
+    step_dir / STATE,
+    args=ocp.args.PyTreeRestore(item={name: shapes}, restore_args={name: restore_args}, partial_restore=True),
+  )
   return model, out[name], config, step

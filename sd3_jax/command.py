@@ -6,13 +6,20 @@ shapes or widths, a bad value (``ValueError``, ``FileNotFoundError``, ...). Its 
 says what is wrong and what to do; a traceback would only hide it. Anything else is a bug and
 keeps its traceback.
 """
+
 from __future__ import annotations
 
 import sys
 from typing import Any, Callable
 
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError,
-                   NotADirectoryError, PermissionError)
+EXPECTED_ERRORS = (
+  ValueError,
+  FileNotFoundError,
+  FileExistsError,
+  IsADirectoryError,
+  NotADirectoryError,
+  PermissionError,
+)
 EXIT_USAGE = 2  # the exit code of argparse's own usage errors
 
 

@@ -5,6 +5,7 @@ key is an override point (``--config.optimizer.learning_rate=3e-4``) and unknown
 ``load_config_file`` loads such a file by path, from any working directory, as ml_collections'
 ``config_flags`` does.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,10 +16,22 @@ import ml_collections
 from ml_collections import config_dict
 
 # Architecture fields (sd3_jax.models.mmdit.MMDiTConfig) a config may override on top of the preset.
-_MODEL_FIELDS = dict(depth=int, hidden_size=int, num_heads=int, patch_size=int, in_channels=int,
-                     out_channels=int, pooled_dim=int, context_dim=int, pos_embed_max_size=int,
-                     qk_norm=bool, dual_attention_layers=tuple, mlp_ratio=int,
-                     pos_embed_base_size=int, pos_embed_scale=float)
+_MODEL_FIELDS = dict(
+  depth=int,
+  hidden_size=int,
+  num_heads=int,
+  patch_size=int,
+  in_channels=int,
+  out_channels=int,
+  pooled_dim=int,
+  context_dim=int,
+  pos_embed_max_size=int,
+  qk_norm=bool,
+  dual_attention_layers=tuple,
+  mlp_ratio=int,
+  pos_embed_base_size=int,
+  pos_embed_scale=float,
+)
 
 
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
@@ -38,10 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Model: a preset plus optional field overrides, e.g. --config.model.preset=d30 or
   # --config.model.qk_norm=True (see model_config above).
   c.model = model_config("sd3-medium")
-  c.dtype = "bfloat16"             # compute dtype; parameters and optimizer state are float32
-  c.remat = "full"                 # a policy of sd3_jax/models/remat.py: 'none' | 'full' | 'dots' |
-                                   # 'save_attn' | 'save_qkv_attn' | ... (README "Performance")
-  c.scan_layers = True             # scan over runs of identical blocks (fast compiles at depth)
+  c.dtype = "bfloat16"  # compute dtype; parameters and optimizer state are float32
+  c.remat = "full"  # a policy of sd3_jax/models/remat.py: 'none' | 'full' | 'dots' |
+  # 'save_attn' | 'save_qkv_attn' | ... (README "Performance")
+  c.scan_layers = True  # scan over runs of identical blocks (fast compiles at depth)
   # 'auto' (splash on TPU, cuDNN on GPU in bf16/fp16, XLA elsewhere) | 'xla' (float32 softmax) |
   # 'splash' (Pallas TPU kernel) | 'splash_interpret' (the kernel on CPU, slow) | 'cudnn' (GPU).
   c.attention_impl = "auto"
@@ -52,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 500_000
   c.global_batch_size = 4096
-  c.grad_accum_steps = 1           # microbatches per optimizer step (global batch is split)
+  c.grad_accum_steps = 1  # microbatches per optimizer step (global batch is split)
 
   c.log_every = 100
   c.checkpoint_every = 2000
@@ -68,17 +81,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.transfer_guard = "allow"
 
   # AdamW (the paper's appendix: lr 1e-4, 1000 warm-up steps). Weight decay applies to kernels only.
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=1e-4, warmup_steps=1000, schedule="constant", end_lr_ratio=0.0,
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0))
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      learning_rate=1e-4,
+      warmup_steps=1000,
+      schedule="constant",
+      end_lr_ratio=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.01,
+      grad_clip=1.0,
+    )
+  )
   # EMA of the parameters, updated every `every` steps (the paper's appendix, as read by the
   # spec's secondary source: 0.99 every 100 steps).
   c.ema = ml_collections.ConfigDict(dict(decay=0.99, every=100))
 
   # Rectified flow (the paper, sections 2-3 and 5.1): t-sampler, resolution shift, text-encoder dropout.
-  c.flow = ml_collections.ConfigDict(dict(
-      sampler="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, shift=1.0,
-      text_dropout=0.464))
+  c.flow = ml_collections.ConfigDict(
+    dict(sampler="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, shift=1.0, text_dropout=0.464)
+  )
   # Where each text encoder lives inside context / pooled (for the dropout).
   c.text = ml_collections.ConfigDict(dict(clip_l_dim=768, clip_g_dim=1280, clip_tokens=77))
 
@@ -86,10 +109,20 @@ def base_config() -> ml_collections.ConfigDict:
   # worker_count: grain worker processes; -1 = by the host's cores (0 below 8 cores,
   # input_pipeline.resolve_worker_count); a resume needs the same count. prefetch: global
   # batches assembled and sent to the devices ahead of the step (0 = none).
-  c.data = ml_collections.ConfigDict(dict(
-      source="synthetic", path="", val_path="", latent_size=32, latent_channels=16,
-      context_len=154, context_dim=4096, pooled_dim=2048, num_synthetic=100_000, worker_count=-1,
-      shuffle=True, prefetch=2,
+  c.data = ml_collections.ConfigDict(
+    dict(
+      source="synthetic",
+      path="",
+      val_path="",
+      latent_size=32,
+      latent_channels=16,
+      context_len=154,
+      context_dim=4096,
+      pooled_dim=2048,
+      num_synthetic=100_000,
+      worker_count=-1,
+      shuffle=True,
+      prefetch=2,
       # Records only: validation reads val_path; or, when val_holdout=N > 0 (and no val_path),
       # the last N records of `path`, which training then never sees. With neither, a run
       # with validation is refused (it never falls back to the training records).
@@ -98,20 +131,37 @@ def base_config() -> ml_collections.ConfigDict:
       # () = one square bucket of latent_size. Records: bucket (h, w) is the subdirectory
       # "<h*f>x<w*f>" (f = bucket_pixels_per_latent: 8 for SD3's VAE, 1 in pixel space) of path
       # and val_path, as `sd3_jax.build_dataset --buckets` writes them.
-      buckets=(), bucket_pixels_per_latent=8))
+      buckets=(),
+      bucket_pixels_per_latent=8,
+    )
+  )
 
   # Validation loss the paper's way (fixed t levels, fixed noise, fixed examples).
-  c.val = ml_collections.ConfigDict(dict(every=10_000, num_examples=512, batch_size=64, levels=8,
-                                         seed=1234, use_ema=False))
+  c.val = ml_collections.ConfigDict(
+    dict(every=10_000, num_examples=512, batch_size=64, levels=8, seed=1234, use_ema=False)
+  )
 
   # Periodic sample grids from the EMA weights into WORKDIR/samples/ (sd3_jax.sample);
   # every=0: off. text_encoders / vae: our converted checkpoints (see README);
   # pixel_space: the model's output is the image itself (no VAE); project_clip_l: CLIP-L's
   # projected pooled vector (diffusers) instead of the reference's un-projected one.
-  c.sample = ml_collections.ConfigDict(dict(
-      every=0, prompts=("a photo of a cat",), num_per_prompt=1, num_steps=28, cfg_scale=7.0,
-      shift=3.0, seed=0, text_encoders="", vae="", pixel_space=False, t5_length=77, clip_length=77,
-      project_clip_l=False))
+  c.sample = ml_collections.ConfigDict(
+    dict(
+      every=0,
+      prompts=("a photo of a cat",),
+      num_per_prompt=1,
+      num_steps=28,
+      cfg_scale=7.0,
+      shift=3.0,
+      seed=0,
+      text_encoders="",
+      vae="",
+      pixel_space=False,
+      t5_length=77,
+      clip_length=77,
+      project_clip_l=False,
+    )
+  )
 
   # Periodic evaluation (sd3_jax/evaluation) from the EMA weights: CLIP score and FID on CLIP
   # features of samples of `prompts`, logged as eval/clip_score and eval/fid_clip in
@@ -119,10 +169,22 @@ def base_config() -> ml_collections.ConfigDict:
   # pixel_space / t5_length / clip_length. clip: our converted CLIP model (CLIP score; the
   # paper: CLIP-L/14); fid_clip: '' = clip (clean-fid: ViT-B/32); reference_stats: .npz from
   # sd3_jax.reference_stats computed with fid_clip ('' = no FID); num_images: 0 = one per prompt.
-  c.eval = ml_collections.ConfigDict(dict(
-      every=0, prompts=("a photo of a cat", "a red bus parked on a street"), num_images=0, batch_size=8,
-      num_steps=28, cfg_scale=7.0, shift=3.0, seed=0, clip="", fid_clip="", reference_stats="",
-      clip_batch_size=64))
+  c.eval = ml_collections.ConfigDict(
+    dict(
+      every=0,
+      prompts=("a photo of a cat", "a red bus parked on a street"),
+      num_images=0,
+      batch_size=8,
+      num_steps=28,
+      cfg_scale=7.0,
+      shift=3.0,
+      seed=0,
+      clip="",
+      fid_clip="",
+      reference_stats="",
+      clip_batch_size=64,
+    )
+  )
 
   # Mesh: -1 means all remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -131,8 +193,9 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def load_config_file(path: str, arg: str | None = None,
-                     overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+def load_config_file(
+  path: str, arg: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> ml_collections.ConfigDict:
   """``get_config()`` (or ``get_config(arg)``) of the Python file at ``path``, locked.
 
   The file is executed as a module of its own name, without touching ``sys.path``, as

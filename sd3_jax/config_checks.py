@@ -4,6 +4,7 @@ is a string) are one clear error naming the key before any device work, instead 
 silently does nothing, a ``ZeroDivisionError`` mid-run or a JAX shape error. ``train.py`` calls
 ``check_runnable`` first thing.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,42 +12,42 @@ import numbers
 
 # key -> (kind, lowest allowed, highest allowed); kind 'int' or 'real'; None: unbounded.
 _RANGES = {
-    "seed": ("int", 0, 2**32 - 1),
-    "total_steps": ("int", 1, None),
-    "global_batch_size": ("int", 1, None),
-    "grad_accum_steps": ("int", 1, None),
-    "log_every": ("int", 1, None),
-    "checkpoint_every": ("int", 1, None),
-    "keep_checkpoints": ("int", 1, None),
-    "optimizer.learning_rate": ("real", 0.0, None),
-    "optimizer.warmup_steps": ("int", 0, None),
-    "optimizer.end_lr_ratio": ("real", 0.0, 1.0),
-    "optimizer.b1": ("real", 0.0, 1.0),
-    "optimizer.b2": ("real", 0.0, 1.0),
-    "optimizer.eps": ("real", 0.0, None),
-    "optimizer.weight_decay": ("real", 0.0, None),
-    "optimizer.grad_clip": ("real", 0.0, None),
-    "ema.decay": ("real", 0.0, 1.0),
-    "ema.every": ("int", 1, None),
-    "flow.text_dropout": ("real", 0.0, 1.0),
-    "data.latent_size": ("int", 1, None),
-    "data.latent_channels": ("int", 1, None),
-    "data.context_len": ("int", 1, None),
-    "data.context_dim": ("int", 1, None),
-    "data.pooled_dim": ("int", 1, None),
-    "data.num_synthetic": ("int", 1, None),
-    "data.worker_count": ("int", -1, None),  # -1: by the host's cores
-    "data.prefetch": ("int", 0, None),
-    "data.val_holdout": ("int", 0, None),
-    "data.bucket_pixels_per_latent": ("int", 1, None),
-    "eval.every": ("int", 0, None),
-    "val.every": ("int", 0, None),
-    "val.num_examples": ("int", 1, None),
-    "val.batch_size": ("int", 1, None),
-    "val.levels": ("int", 1, None),
-    "sample.every": ("int", 0, None),
-    "sample.num_per_prompt": ("int", 1, None),
-    "sample.num_steps": ("int", 1, None),
+  "seed": ("int", 0, 2**32 - 1),
+  "total_steps": ("int", 1, None),
+  "global_batch_size": ("int", 1, None),
+  "grad_accum_steps": ("int", 1, None),
+  "log_every": ("int", 1, None),
+  "checkpoint_every": ("int", 1, None),
+  "keep_checkpoints": ("int", 1, None),
+  "optimizer.learning_rate": ("real", 0.0, None),
+  "optimizer.warmup_steps": ("int", 0, None),
+  "optimizer.end_lr_ratio": ("real", 0.0, 1.0),
+  "optimizer.b1": ("real", 0.0, 1.0),
+  "optimizer.b2": ("real", 0.0, 1.0),
+  "optimizer.eps": ("real", 0.0, None),
+  "optimizer.weight_decay": ("real", 0.0, None),
+  "optimizer.grad_clip": ("real", 0.0, None),
+  "ema.decay": ("real", 0.0, 1.0),
+  "ema.every": ("int", 1, None),
+  "flow.text_dropout": ("real", 0.0, 1.0),
+  "data.latent_size": ("int", 1, None),
+  "data.latent_channels": ("int", 1, None),
+  "data.context_len": ("int", 1, None),
+  "data.context_dim": ("int", 1, None),
+  "data.pooled_dim": ("int", 1, None),
+  "data.num_synthetic": ("int", 1, None),
+  "data.worker_count": ("int", -1, None),  # -1: by the host's cores
+  "data.prefetch": ("int", 0, None),
+  "data.val_holdout": ("int", 0, None),
+  "data.bucket_pixels_per_latent": ("int", 1, None),
+  "eval.every": ("int", 0, None),
+  "val.every": ("int", 0, None),
+  "val.num_examples": ("int", 1, None),
+  "val.batch_size": ("int", 1, None),
+  "val.levels": ("int", 1, None),
+  "sample.every": ("int", 0, None),
+  "sample.num_per_prompt": ("int", 1, None),
+  "sample.num_steps": ("int", 1, None),
 }
 _BOOLS = ("async_checkpointing", "scan_layers", "data.shuffle", "val.use_ema", "sample.pixel_space")
 _MESH = ("mesh.data", "mesh.fsdp", "mesh.tensor")

@@ -14,6 +14,7 @@ fields) or a COCO captions file (captions_val2014.json). Image i is sampled for 
 i % len(prompts). Reference statistics: ``python -m sd3_jax.reference_stats``. Multi-host:
 every host runs the same command with --multihost (or --coordinator_address ...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,9 @@ def init_distributed(args, parser) -> None:
   if args.coordinator_address:
     if args.num_processes is None or args.process_id is None:
       parser.error("--coordinator_address needs --num_processes and --process_id")
-    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-                               process_id=args.process_id)
+    jax.distributed.initialize(
+      coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
+    )
   elif args.multihost:
     jax.distributed.initialize()
 
@@ -70,11 +72,19 @@ def add_generator_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--cfg_scale", type=float, default=7.0)
   p.add_argument("--shift", type=float, default=3.0)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
-                 help="image size in pixels (default: the run's training size; 1024 for --checkpoint)")
+  p.add_argument(
+    "--size",
+    type=int,
+    nargs=2,
+    metavar=("H", "W"),
+    help="image size in pixels (default: the run's training size; 1024 for --checkpoint)",
+  )
   p.add_argument("--mesh", type=int, nargs=3, default=[1, -1, 1], metavar=("DATA", "FSDP", "TENSOR"))
-  p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                 help="compute dtype (default: the run's; float32 on CPU, bfloat16 on accelerators)")
+  p.add_argument(
+    "--dtype",
+    choices=["float32", "bfloat16"],
+    help="compute dtype (default: the run's; float32 on CPU, bfloat16 on accelerators)",
+  )
 
 
 class Generator(NamedTuple):
@@ -99,14 +109,17 @@ def load_generator(args, parser, conditioner=None, decoder=None) -> Generator:
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   config, step = None, None
   if args.workdir:
-    model, params, config, step = ckpt_lib.load_workdir(args.workdir, args.step, use_ema=args.ema, mesh=mesh,
-                                                        dtype=args.dtype)
+    model, params, config, step = ckpt_lib.load_workdir(
+      args.workdir, args.step, use_ema=args.ema, mesh=mesh, dtype=args.dtype
+    )
     log.info("loaded %s of step %d from %s", "EMA parameters" if args.ema else "parameters", step, args.workdir)
   else:
     from sd3_jax import pretrained
+
     cfg = pretrained.read_config(args.checkpoint)
-    model, params = pretrained.load_pretrained(args.checkpoint, dtype=jnp.dtype(dtype),
-                                               shardings=sampling.param_shardings(mmdit.MMDiT(cfg), mesh))
+    model, params = pretrained.load_pretrained(
+      args.checkpoint, dtype=jnp.dtype(dtype), shardings=sampling.param_shardings(mmdit.MMDiT(cfg), mesh)
+    )
   if decoder is None and args.vae:
     decoder = generation.load_decoder(args.vae, dtype=dtype)
   factor = 1 if args.pixel_space else getattr(decoder, "downsample_factor", generation.VAE_FACTOR)
@@ -121,8 +134,9 @@ def load_generator(args, parser, conditioner=None, decoder=None) -> Generator:
   if any(s % model.config.patch_size for s in hw):
     parser.error(f"latent size {hw[0]}x{hw[1]} must be divisible by the patch size {model.config.patch_size}")
   if conditioner is None:
-    conditioner = text_conditioning.load_conditioner(args.text_encoders, dtype=dtype, t5_length=args.t5_length,
-                                                     use_t5=args.t5, clip_length=args.clip_length)
+    conditioner = text_conditioning.load_conditioner(
+      args.text_encoders, dtype=dtype, t5_length=args.t5_length, use_t5=args.t5, clip_length=args.clip_length
+    )
   return Generator(model, params, conditioner, decoder, (*hw, model.config.in_channels), mesh, step)
 
 
@@ -135,7 +149,7 @@ def read_prompts(path: str) -> list[str]:
   if path.endswith(".json"):
     d = json.loads(text)
     if not isinstance(d, dict) or not isinstance(d.get("annotations"), list):
-      raise ValueError(f"{path}: a .json prompts file must be COCO captions ({{\"annotations\": [{{\"caption\": ...}}]}})")
+      raise ValueError(f'{path}: a .json prompts file must be COCO captions ({{"annotations": [{{"caption": ...}}]}})')
     prompts = [a["caption"].strip() for a in d["annotations"]]
   elif path.endswith(".jsonl"):
     prompts = []
@@ -144,7 +158,7 @@ def read_prompts(path: str) -> list[str]:
         row = json.loads(line)
         p = row.get("prompt", row.get("caption")) if isinstance(row, dict) else None
         if not isinstance(p, str):
-          raise ValueError(f"{path}:{n} has no \"prompt\" or \"caption\" string")
+          raise ValueError(f'{path}:{n} has no "prompt" or "caption" string')
         prompts.append(p)
   else:
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
@@ -154,20 +168,31 @@ def read_prompts(path: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m sd3_jax.evaluate", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p = argparse.ArgumentParser(
+    prog="python -m sd3_jax.evaluate",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__,
+  )
   add_generator_args(p)
   p.add_argument("--prompts", required=True, help="prompts file (.txt lines, .jsonl, or COCO captions .json)")
   p.add_argument("--num_images", type=int, help="images to sample (default: one per prompt)")
   p.add_argument("--batch_size", type=int, default=16, help="images sampled at once (over the mesh)")
-  p.add_argument("--clip", required=True,
-                 help="our converted CLIP model (a transformers CLIPModel directory converted with "
-                      "tools.convert_weights --to jax) for the CLIP score; the paper uses CLIP-L/14")
+  p.add_argument(
+    "--clip",
+    required=True,
+    help="our converted CLIP model (a transformers CLIPModel directory converted with "
+    "tools.convert_weights --to jax) for the CLIP score; the paper uses CLIP-L/14",
+  )
   p.add_argument("--fid_clip", help="CLIP model for FID features (default: --clip); clean-fid uses ViT-B/32")
   p.add_argument("--reference_stats", help=".npz from sd3_jax.reference_stats (FID is skipped without it)")
-  p.add_argument("--crop_rounding", choices=CROP_ROUNDING, default="round",
-                 help="centre crop of the FID features: 'round' = torchvision's (clean-fid), 'floor' = "
-                      "transformers' (must match the reference statistics)")
+  p.add_argument(
+    "--crop_rounding",
+    choices=CROP_ROUNDING,
+    default="round",
+    help="centre crop of the FID features: 'round' = torchvision's (clean-fid), 'floor' = "
+    "transformers' (must match the reference statistics)",
+  )
   p.add_argument("--clip_batch_size", type=int, default=64)
   p.add_argument("--out", default="eval", help="output directory: eval.json, samples.png")
   p.add_argument("--save_stats", action="store_true", help="also write OUT/sample_stats.npz (the samples' statistics)")
@@ -190,18 +215,46 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
   clip = clip_metrics.CLIPFeatures.from_pretrained(args.clip, **kw)
   fid_clip = clip if not args.fid_clip else clip_metrics.CLIPFeatures.from_pretrained(args.fid_clip, **kw)
   reference = stats.load_stats(args.reference_stats) if args.reference_stats else None
-  result = run.evaluate(model, params, conditioner, prompts, clip=clip, fid_clip=fid_clip, reference=reference,
-                        num_images=args.num_images, batch_size=args.batch_size, latent_shape=latent_shape,
-                        decoder=decoder, num_steps=args.num_steps, cfg_scale=args.cfg_scale, shift=args.shift,
-                        seed=args.seed, mesh=mesh, progress=True)
-  report = dict(result.metrics, settings=dict(
-      source=os.path.abspath(args.workdir or args.checkpoint), step=step, ema=args.ema if args.workdir else None, prompts=args.prompts,
-      num_steps=args.num_steps, cfg_scale=args.cfg_scale, shift=args.shift, seed=args.seed,
-      batch_size=args.batch_size, image_size=list(result.grid_images.shape[1:3]),
-      clip=clip.description, fid_clip=fid_clip.description,
-      reference_stats=os.path.abspath(args.reference_stats) if args.reference_stats else None))
+  result = run.evaluate(
+    model,
+    params,
+    conditioner,
+    prompts,
+    clip=clip,
+    fid_clip=fid_clip,
+    reference=reference,
+    num_images=args.num_images,
+    batch_size=args.batch_size,
+    latent_shape=latent_shape,
+    decoder=decoder,
+    num_steps=args.num_steps,
+    cfg_scale=args.cfg_scale,
+    shift=args.shift,
+    seed=args.seed,
+    mesh=mesh,
+    progress=True,
+  )
+  report = dict(
+    result.metrics,
+    settings=dict(
+      source=os.path.abspath(args.workdir or args.checkpoint),
+      step=step,
+      ema=args.ema if args.workdir else None,
+      prompts=args.prompts,
+      num_steps=args.num_steps,
+      cfg_scale=args.cfg_scale,
+      shift=args.shift,
+      seed=args.seed,
+      batch_size=args.batch_size,
+      image_size=list(result.grid_images.shape[1:3]),
+      clip=clip.description,
+      fid_clip=fid_clip.description,
+      reference_stats=os.path.abspath(args.reference_stats) if args.reference_stats else None,
+    ),
+  )
   if jax.process_index() == 0:
     from PIL import Image
+
     os.makedirs(args.out, exist_ok=True)
     fileutil.atomic_json(os.path.join(args.out, "eval.json"), report)
     cols = int(len(result.grid_images) ** 0.5 + 0.999)

@@ -1,4 +1,5 @@
 """Atomic writes: a reader (or a crash) never sees a half-written file or directory."""
+
 from __future__ import annotations
 
 import contextlib

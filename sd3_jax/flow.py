@@ -14,6 +14,7 @@ Everything is plain ``jnp`` with typed arguments and explicit RNG keys, usable i
   val_t_levels / fixed_validation_noise / validation_loss_sums / validation_losses /
   summarize_validation            the paper's validation loss on a fixed t-grid with fixed noise
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,7 @@ SAMPLERS = ("logit_normal", "mode", "cosmap", "uniform")
 
 
 # ----------------------------------------------------------------------------- timesteps
+
 
 def shift_t(t: ArrayLike, alpha: float) -> Array:
   """Resolution-dependent shift t -> alpha t / (1 + (alpha - 1) t) ([P] s5.3.2 eq. 23).
@@ -50,9 +52,16 @@ def _mode_fn(u: Array, s: float) -> Array:
   return 1.0 - u - s * (jnp.cos(0.5 * jnp.pi * u) ** 2 - 1.0 + u)
 
 
-def sample_t(rng: Array, shape: int | Sequence[int], sampler: str = "logit_normal", *,
-             m: float = 0.0, s: float = 1.0, mode_scale: float = 1.29,
-             shift: float = 1.0) -> Array:
+def sample_t(
+  rng: Array,
+  shape: int | Sequence[int],
+  sampler: str = "logit_normal",
+  *,
+  m: float = 0.0,
+  s: float = 1.0,
+  mode_scale: float = 1.29,
+  shift: float = 1.0,
+) -> Array:
   """Training timesteps t in [0, 1] (float32), [P] s3.1, then ``shift_t(t, shift)``.
 
   Samplers:
@@ -74,8 +83,10 @@ def sample_t(rng: Array, shape: int | Sequence[int], sampler: str = "logit_norma
     t = jax.nn.sigmoid(m + s * jax.random.normal(rng, shape, jnp.float32))
   elif sampler == "mode":
     if not -1.0 <= mode_scale <= 2.0 / (math.pi - 2.0):
-      raise ValueError(f"mode_scale must be in [-1, 2/(pi-2)] = [-1, {2 / (math.pi - 2):.4f}] for "
-                       f"f_mode to be monotone, got {mode_scale}")
+      raise ValueError(
+        f"mode_scale must be in [-1, 2/(pi-2)] = [-1, {2 / (math.pi - 2):.4f}] for "
+        f"f_mode to be monotone, got {mode_scale}"
+      )
     t = jnp.clip(_mode_fn(jax.random.uniform(rng, shape, jnp.float32), mode_scale), 0.0, 1.0)
   elif sampler == "cosmap":
     u = jax.random.uniform(rng, shape, jnp.float32)
@@ -88,6 +99,7 @@ def sample_t(rng: Array, shape: int | Sequence[int], sampler: str = "logit_norma
 
 
 # ----------------------------------------------------------------------------- forward process / loss
+
 
 def _bcast_t(t: ArrayLike, x: Array) -> Array:
   """t of shape [] or [B] -> broadcastable against x [B, ...]."""
@@ -123,6 +135,7 @@ def per_example_loss(v_pred: Array, x0: Array, eps: Array) -> Array:
 
 # ----------------------------------------------------------------------------- text conditioning
 
+
 @dataclasses.dataclass(frozen=True)
 class TextLayout:
   """Where each text encoder lives in ``context`` [B, L, D] and ``pooled`` [B, P] (README, "Text encoders").
@@ -132,6 +145,7 @@ class TextLayout:
   context[:, clip_tokens:, :]                                 T5 tokens
   pooled[:, :clip_l_dim] / pooled[:, clip_l_dim:]             CLIP-L / CLIP-G pooled
   """
+
   clip_l_dim: int = 768
   clip_g_dim: int = 1280
   clip_tokens: int = 77
@@ -141,9 +155,14 @@ class TextLayout:
     return self.clip_l_dim + self.clip_g_dim
 
 
-def assemble_conditioning(clip_l_seq: ArrayLike, clip_g_seq: ArrayLike, t5_seq: ArrayLike,
-                          clip_l_pooled: ArrayLike, clip_g_pooled: ArrayLike,
-                          context_dim: int = 4096) -> tuple[Array, Array]:
+def assemble_conditioning(
+  clip_l_seq: ArrayLike,
+  clip_g_seq: ArrayLike,
+  t5_seq: ArrayLike,
+  clip_l_pooled: ArrayLike,
+  clip_g_pooled: ArrayLike,
+  context_dim: int = 4096,
+) -> tuple[Array, Array]:
   """Reference assembly of the MM-DiT text inputs (sd3.5 reference code, ``sd3_infer.py``).
 
   Args: clip_l_seq [..., Tc, Dl], clip_g_seq [..., Tc, Dg], t5_seq [..., Tt, context_dim],
@@ -155,19 +174,26 @@ def assemble_conditioning(clip_l_seq: ArrayLike, clip_g_seq: ArrayLike, t5_seq: 
   clip_l_seq, clip_g_seq, t5_seq = map(jnp.asarray, (clip_l_seq, clip_g_seq, t5_seq))
   clip_l_pooled, clip_g_pooled = jnp.asarray(clip_l_pooled), jnp.asarray(clip_g_pooled)
   if clip_l_seq.shape[:-1] != clip_g_seq.shape[:-1]:
-    raise ValueError(f"CLIP-L and CLIP-G sequences must share batch and token axes, got "
-                     f"{clip_l_seq.shape} and {clip_g_seq.shape}")
+    raise ValueError(
+      f"CLIP-L and CLIP-G sequences must share batch and token axes, got {clip_l_seq.shape} and {clip_g_seq.shape}"
+    )
   clip_width = clip_l_seq.shape[-1] + clip_g_seq.shape[-1]
   if clip_width > context_dim:
     raise ValueError(f"CLIP-L + CLIP-G width {clip_width} exceeds context_dim {context_dim}")
   if t5_seq.shape[-1] != context_dim or t5_seq.shape[:-2] != clip_l_seq.shape[:-2]:
-    raise ValueError(f"t5_seq must be [..., T, {context_dim}] with batch axes "
-                     f"{clip_l_seq.shape[:-2]}, got {t5_seq.shape}")
-  if (clip_l_pooled.shape[-1] != clip_l_seq.shape[-1] or clip_g_pooled.shape[-1] != clip_g_seq.shape[-1]
-      or clip_l_pooled.shape[:-1] != clip_l_seq.shape[:-2]
-      or clip_g_pooled.shape[:-1] != clip_g_seq.shape[:-2]):
-    raise ValueError(f"pooled shapes {clip_l_pooled.shape}, {clip_g_pooled.shape} do not match the "
-                     f"sequences {clip_l_seq.shape}, {clip_g_seq.shape}")
+    raise ValueError(
+      f"t5_seq must be [..., T, {context_dim}] with batch axes {clip_l_seq.shape[:-2]}, got {t5_seq.shape}"
+    )
+  if (
+    clip_l_pooled.shape[-1] != clip_l_seq.shape[-1]
+    or clip_g_pooled.shape[-1] != clip_g_seq.shape[-1]
+    or clip_l_pooled.shape[:-1] != clip_l_seq.shape[:-2]
+    or clip_g_pooled.shape[:-1] != clip_g_seq.shape[:-2]
+  ):
+    raise ValueError(
+      f"pooled shapes {clip_l_pooled.shape}, {clip_g_pooled.shape} do not match the "
+      f"sequences {clip_l_seq.shape}, {clip_g_seq.shape}"
+    )
   dtype = jnp.result_type(clip_l_seq, clip_g_seq, t5_seq)
   clip = jnp.concatenate([clip_l_seq, clip_g_seq], axis=-1).astype(dtype)  # [..., Tc, Dl+Dg]
   pad = [(0, 0)] * (clip.ndim - 1) + [(0, context_dim - clip_width)]
@@ -176,8 +202,9 @@ def assemble_conditioning(clip_l_seq: ArrayLike, clip_g_seq: ArrayLike, t5_seq: 
   return context, pooled
 
 
-def drop_text_conditioning(rng: Array, context: Array, pooled: Array, p: float,
-                           layout: TextLayout) -> tuple[Array, Array]:
+def drop_text_conditioning(
+  rng: Array, context: Array, pooled: Array, p: float, layout: TextLayout
+) -> tuple[Array, Array]:
   """Zero each text encoder's outputs independently per example with probability p ([P] s5.3.3).
 
   Three independent Bernoulli(p) draws per example (CLIP-L, CLIP-G, T5); the paper uses
@@ -197,19 +224,23 @@ def drop_text_conditioning(rng: Array, context: Array, pooled: Array, p: float,
   drop = jax.random.bernoulli(rng, p, (b, 3))  # [B, (clip_l, clip_g, t5)]
   drop_l, drop_g, drop_t5 = (drop[:, i, None, None] for i in range(3))  # each [B, 1, 1]
 
-  tok = jnp.arange(seq_len)[None, :, None]   # [1, L, 1]
-  ch = jnp.arange(width)[None, None, :]      # [1, 1, D]
+  tok = jnp.arange(seq_len)[None, :, None]  # [1, L, 1]
+  ch = jnp.arange(width)[None, None, :]  # [1, 1, D]
   is_clip_tok = tok < layout.clip_tokens
-  ctx_drop = ((is_clip_tok & (ch < lo) & drop_l) | (is_clip_tok & (ch >= lo) & (ch < hi) & drop_g)
-              | (~is_clip_tok & drop_t5))     # [B, L, D]
+  ctx_drop = (
+    (is_clip_tok & (ch < lo) & drop_l) | (is_clip_tok & (ch >= lo) & (ch < hi) & drop_g) | (~is_clip_tok & drop_t5)
+  )  # [B, L, D]
   pch = jnp.arange(layout.pooled_dim)[None, :]  # [1, P]
   pool_drop = ((pch < lo) & drop_l[:, :, 0]) | ((pch >= lo) & drop_g[:, :, 0])  # [B, P]
   # where(), not a multiply: exact zeros even for inf/nan inputs, and no -0.0.
-  return (jnp.where(ctx_drop, jnp.zeros((), context.dtype), context),
-          jnp.where(pool_drop, jnp.zeros((), pooled.dtype), pooled))
+  return (
+    jnp.where(ctx_drop, jnp.zeros((), context.dtype), context),
+    jnp.where(pool_drop, jnp.zeros((), pooled.dtype), pooled),
+  )
 
 
 # ----------------------------------------------------------------------------- validation loss
+
 
 def val_t_levels(n: int = 8) -> Array:
   """The paper's validation grid: n equally spaced t in [0, 1] including both ends (float32)."""
@@ -218,8 +249,7 @@ def val_t_levels(n: int = 8) -> Array:
   return jnp.linspace(0.0, 1.0, n, dtype=jnp.float32)
 
 
-def fixed_validation_noise(seed: int, example_ids: ArrayLike, shape: Sequence[int],
-                           dtype: Any = jnp.float32) -> Array:
+def fixed_validation_noise(seed: int, example_ids: ArrayLike, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
   """Noise [len(example_ids), *shape] where row i depends only on (seed, example_ids[i], shape).
 
   Each row uses key fold_in(key(seed), id), so the noise of an example is the same whatever
@@ -233,16 +263,16 @@ def fixed_validation_noise(seed: int, example_ids: ArrayLike, shape: Sequence[in
     if np.issubdtype(example_ids.dtype, np.integer):
       example_ids = example_ids.astype(np.int64).astype(np.uint32)  # -1 -> 2^32 - 1
   if not jnp.issubdtype(example_ids.dtype, jnp.integer) or example_ids.ndim != 1:
-    raise ValueError(f"example_ids must be a 1-D integer array, got "
-                     f"{example_ids.dtype}{list(example_ids.shape)}")
+    raise ValueError(f"example_ids must be a 1-D integer array, got {example_ids.dtype}{list(example_ids.shape)}")
   base = jax.random.key(seed)
   ids = jnp.asarray(example_ids).astype(jnp.uint32)
   keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)
   return jax.vmap(lambda k: jax.random.normal(k, tuple(shape), dtype))(keys)
 
 
-def validation_loss_sums(velocity_fn: Callable[[Array, Array], Array], x0: Array, eps: Array,
-                         levels: ArrayLike, mask: ArrayLike | None = None) -> tuple[Array, Array]:
+def validation_loss_sums(
+  velocity_fn: Callable[[Array, Array], Array], x0: Array, eps: Array, levels: ArrayLike, mask: ArrayLike | None = None
+) -> tuple[Array, Array]:
   """Per-level SUM of per-example losses and the number of examples: ([n_levels], []).
 
   The additive form aggregates exactly over batches and processes (add sums and counts, then
@@ -261,8 +291,9 @@ def validation_loss_sums(velocity_fn: Callable[[Array, Array], Array], x0: Array
   return jax.lax.map(one_level, levels), jnp.sum(w)  # traces velocity_fn once
 
 
-def validation_losses(velocity_fn: Callable[[Array, Array], Array], x0: Array, eps: Array,
-                      levels: ArrayLike, mask: ArrayLike | None = None) -> Array:
+def validation_losses(
+  velocity_fn: Callable[[Array, Array], Array], x0: Array, eps: Array, levels: ArrayLike, mask: ArrayLike | None = None
+) -> Array:
   """Per-level mean RF loss [n_levels] on one batch with FIXED noise eps ([P] s5.3.3, App. B.3).
 
   Use ``fixed_validation_noise`` for eps and ``val_t_levels()`` for levels; combine batches
@@ -272,8 +303,9 @@ def validation_losses(velocity_fn: Callable[[Array, Array], Array], x0: Array, e
   return sums / jnp.maximum(count, 1.0)
 
 
-def summarize_validation(per_level: ArrayLike, levels: ArrayLike | None = None,
-                         prefix: str = "val") -> dict[str, float]:
+def summarize_validation(
+  per_level: ArrayLike, levels: ArrayLike | None = None, prefix: str = "val"
+) -> dict[str, float]:
   """Per-level values plus the paper's summary: the mean over all levels except t = 1.
 
   "We average the loss across all but the last (t = 1) levels" ([P] App. B.3). The OCR is

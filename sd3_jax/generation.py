@@ -10,6 +10,7 @@ evaluation all go through ``generate`` / ``write_sample_grid``.
   generate             prompts -> uint8 images [N, h, w, 3] via sampling.sample and a decoder.
   write_sample_grid    generate + one PNG grid (a row per prompt when num_per_prompt > 1).
 """
+
 from __future__ import annotations
 
 import io
@@ -60,8 +61,7 @@ class FixedConditioner:
 
   def encode(self, prompts):
     if tuple(prompts) != self.prompts:
-      raise ValueError(f"this conditioner holds the encodings of {list(self.prompts)} only, "
-                       f"not of {list(prompts)}")
+      raise ValueError(f"this conditioner holds the encodings of {list(self.prompts)} only, not of {list(prompts)}")
     return self.context, self.pooled
 
   def encode_empty(self):
@@ -77,8 +77,9 @@ def encode_once(conditioner, prompts: Sequence[str], *, with_empty: bool = True)
   context, pooled = cond.encode(list(prompts))
   empty = cond.encode_empty() if with_empty else None
   to_host = lambda x: np.asarray(jax.device_get(x))
-  return FixedConditioner(prompts, to_host(context), to_host(pooled),
-                          None if empty is None else tuple(to_host(x) for x in empty))
+  return FixedConditioner(
+    prompts, to_host(context), to_host(pooled), None if empty is None else tuple(to_host(x) for x in empty)
+  )
 
 
 class VAEDecoder:
@@ -96,7 +97,7 @@ class VAEDecoder:
     size = min(self.batch_size, n)
     parts = []
     for i in range(0, n, size):  # the last chunk padded to `size`: one compiled decoder
-      chunk = latents[i:i + size]
+      chunk = latents[i : i + size]
       k = chunk.shape[0]
       if k < size:
         chunk = jnp.concatenate([chunk, jnp.zeros((size - k,) + chunk.shape[1:], chunk.dtype)], 0)
@@ -108,6 +109,7 @@ def load_decoder(path: str, *, dtype: str = "float32", batch_size: int = 4) -> V
   """A VAEDecoder from our converted VAE checkpoint (``tools.convert_weights --to jax``)."""
   from sd3_jax import pretrained
   from sd3_jax.models import vae
+
   model, params = pretrained.load_pretrained(path, dtype=jnp.dtype(dtype))
   if not isinstance(model, vae.AutoencoderKL):
     raise ValueError(f"{path} holds a {type(model).__name__} checkpoint, not the autoencoder")
@@ -128,7 +130,7 @@ def make_grid(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
   for i, im in enumerate(images):
     r, q = divmod(i, cols)
     y, x = pad + r * (h + pad), pad + q * (w + pad)
-    grid[y:y + h, x:x + w] = im
+    grid[y : y + h, x : x + w] = im
   return grid
 
 
@@ -141,15 +143,29 @@ def check_conditioning(model, context, pooled) -> None:
   got = (context.shape[-1], pooled.shape[-1])
   want = (config.context_dim, config.pooled_dim)
   if got != want:
-    raise ValueError(f"the text encoders give context width {got[0]} and pooled width {got[1]}, but the "
-                     f"model expects {want[0]} and {want[1]}: use the text encoders the model was "
-                     f"trained with (for SD3: CLIP-L 768 + CLIP-G 1280 pooled, T5-XXL 4096 context)")
+    raise ValueError(
+      f"the text encoders give context width {got[0]} and pooled width {got[1]}, but the "
+      f"model expects {want[0]} and {want[1]}: use the text encoders the model was "
+      f"trained with (for SD3: CLIP-L 768 + CLIP-G 1280 pooled, T5-XXL 4096 context)"
+    )
 
 
-def generate(model, params, conditioner, prompts: Sequence[str], *, latent_shape: Sequence[int],
-             decoder: Optional[Callable] = None, num_per_prompt: int = 1, num_steps: int = 28,
-             shift: float = 3.0, cfg_scale: float = 7.0, slg: Optional[sampling.SkipLayerGuidance] = None,
-             seed: int = 0, mesh=None) -> np.ndarray:
+def generate(
+  model,
+  params,
+  conditioner,
+  prompts: Sequence[str],
+  *,
+  latent_shape: Sequence[int],
+  decoder: Optional[Callable] = None,
+  num_per_prompt: int = 1,
+  num_steps: int = 28,
+  shift: float = 3.0,
+  cfg_scale: float = 7.0,
+  slg: Optional[sampling.SkipLayerGuidance] = None,
+  seed: int = 0,
+  mesh=None,
+) -> np.ndarray:
   """uint8 images [len(prompts) * num_per_prompt, h, w, 3], prompt-major.
 
   ``decoder(latents [B,H,W,C]) -> images [B,h,w,3] in [-1, 1]``; None means the model works in
@@ -166,19 +182,41 @@ def generate(model, params, conditioner, prompts: Sequence[str], *, latent_shape
   context = jnp.repeat(jnp.asarray(context), num_per_prompt, axis=0)
   pooled = jnp.repeat(jnp.asarray(pooled), num_per_prompt, axis=0)
   neg = cond.encode_empty() if cfg_scale != 1.0 else (None, None)
-  latents = sampling.sample(model, params, context, pooled, *neg, rng=jax.random.key(seed),
-                            latent_shape=latent_shape, num_steps=num_steps, shift=shift,
-                            cfg_scale=cfg_scale, slg=slg, mesh=mesh)
+  latents = sampling.sample(
+    model,
+    params,
+    context,
+    pooled,
+    *neg,
+    rng=jax.random.key(seed),
+    latent_shape=latent_shape,
+    num_steps=num_steps,
+    shift=shift,
+    cfg_scale=cfg_scale,
+    slg=slg,
+    mesh=mesh,
+  )
   images = latents if decoder is None else decoder(latents)
   if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"expected RGB images [B, h, w, 3] from the {'decoder' if decoder else 'model'}, "
-                     f"got shape {tuple(images.shape)}")
+    raise ValueError(
+      f"expected RGB images [B, h, w, 3] from the {'decoder' if decoder else 'model'}, got shape {tuple(images.shape)}"
+    )
   return to_uint8(images)
 
 
-def write_sample_grid(model, params, conditioner, prompts: Sequence[str], out_path: str, *,
-                      latent_shape: Sequence[int], decoder: Optional[Callable] = None,
-                      num_per_prompt: int = 1, cols: Optional[int] = None, **sample_kwargs) -> np.ndarray:
+def write_sample_grid(
+  model,
+  params,
+  conditioner,
+  prompts: Sequence[str],
+  out_path: str,
+  *,
+  latent_shape: Sequence[int],
+  decoder: Optional[Callable] = None,
+  num_per_prompt: int = 1,
+  cols: Optional[int] = None,
+  **sample_kwargs,
+) -> np.ndarray:
   """Samples ``prompts`` and writes one PNG grid to ``out_path``; returns the grid (uint8).
 
   A row per prompt with num_per_prompt columns when num_per_prompt > 1; otherwise a near-square
@@ -188,8 +226,17 @@ def write_sample_grid(model, params, conditioner, prompts: Sequence[str], out_pa
   seed=0, num_per_prompt=1), written to WORKDIR/samples/step_<N>.png from EMA weights.
   """
   from PIL import Image
-  images = generate(model, params, conditioner, prompts, latent_shape=latent_shape, decoder=decoder,
-                    num_per_prompt=num_per_prompt, **sample_kwargs)
+
+  images = generate(
+    model,
+    params,
+    conditioner,
+    prompts,
+    latent_shape=latent_shape,
+    decoder=decoder,
+    num_per_prompt=num_per_prompt,
+    **sample_kwargs,
+  )
   if cols is None:
     cols = num_per_prompt if num_per_prompt > 1 else math.ceil(math.sqrt(len(images)))
   grid = make_grid(images, cols)

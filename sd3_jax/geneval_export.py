@@ -10,6 +10,7 @@ r"""Sample GenEval's prompts with our model, in the folder layout GenEval's scor
 Layout: OUTDIR/<index:05d>/metadata.jsonl and OUTDIR/<index:05d>/samples/<j:05d>.png
 (sd3_jax/evaluation/geneval.py). A rerun skips prompts already complete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,12 @@ from sd3_jax.evaluation import geneval
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m sd3_jax.geneval_export", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p = argparse.ArgumentParser(
+    prog="python -m sd3_jax.geneval_export",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__,
+  )
   add_generator_args(p)
   p.add_argument("--metadata", required=True, help="GenEval's prompts/evaluation_metadata.jsonl")
   p.add_argument("--outdir", required=True)
@@ -42,10 +47,23 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   metadata = geneval.read_metadata(args.metadata)
   model, params, conditioner, decoder, latent_shape, mesh, _ = load_generator(args, parser, conditioner, decoder)
-  n = geneval.export(model, params, conditioner, metadata, args.outdir, latent_shape=latent_shape,
-                     num_per_prompt=args.num_per_prompt, prompts_per_batch=args.prompts_per_batch,
-                     decoder=decoder, num_steps=args.num_steps, cfg_scale=args.cfg_scale, shift=args.shift,
-                     seed=args.seed, mesh=mesh, progress=True)
+  n = geneval.export(
+    model,
+    params,
+    conditioner,
+    metadata,
+    args.outdir,
+    latent_shape=latent_shape,
+    num_per_prompt=args.num_per_prompt,
+    prompts_per_batch=args.prompts_per_batch,
+    decoder=decoder,
+    num_steps=args.num_steps,
+    cfg_scale=args.cfg_scale,
+    shift=args.shift,
+    seed=args.seed,
+    mesh=mesh,
+    progress=True,
+  )
   logging.info("sampled %d of %d prompts into %s", n, len(metadata), args.outdir)
   return n
 

@@ -9,6 +9,7 @@ every parameter the run's model expects must be in the checkpoint with its shape
 names the leaves and both shapes), and the training resolution must fit the checkpoint's
 positional grid.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -25,22 +26,39 @@ def check(path: str, model_config: MMDiTConfig, latent_hw: Sequence[int]) -> MMD
   grid = max(latent_hw) // patch
   if grid > ckpt.pos_embed_max_size:
     raise ValueError(
-        f"config.init_from={path}: its positional table covers a {ckpt.pos_embed_max_size}x"
-        f"{ckpt.pos_embed_max_size} patch grid (latents up to {ckpt.pos_embed_max_size * patch}x"
-        f"{ckpt.pos_embed_max_size * patch}), but the run trains on {latent_hw[0]}x{latent_hw[1]} "
-        f"latents ({grid}x{grid} patches). Train at a resolution within the grid, or start from a "
-        "checkpoint with a larger grid (SD3.5-medium has 384)")
+      f"config.init_from={path}: its positional table covers a {ckpt.pos_embed_max_size}x"
+      f"{ckpt.pos_embed_max_size} patch grid (latents up to {ckpt.pos_embed_max_size * patch}x"
+      f"{ckpt.pos_embed_max_size * patch}), but the run trains on {latent_hw[0]}x{latent_hw[1]} "
+      f"latents ({grid}x{grid} patches). Train at a resolution within the grid, or start from a "
+      "checkpoint with a larger grid (SD3.5-medium has 384)"
+    )
   stored = {k: v[0] for k, v in pretrained.stored_params(path).items()}
   try:
     pretrained.check_shapes(stored, pretrained.expected_shapes(model_config), f"config.init_from={path}")
   except ValueError as e:
-    differ = [f"{f}={getattr(ckpt, f)!r}" for f in ("depth", "hidden_size", "num_heads", "patch_size",
-                                                   "in_channels", "out_channels", "pooled_dim",
-                                                   "context_dim", "pos_embed_max_size", "qk_norm",
-                                                   "dual_attention_layers", "mlp_ratio")
-              if getattr(ckpt, f) != getattr(model_config, f)]
-    hint = (f" The checkpoint's model has {', '.join(differ)}: set config.model to match "
-            f"(e.g. --config.model.{differ[0]})" if differ else "")
+    differ = [
+      f"{f}={getattr(ckpt, f)!r}"
+      for f in (
+        "depth",
+        "hidden_size",
+        "num_heads",
+        "patch_size",
+        "in_channels",
+        "out_channels",
+        "pooled_dim",
+        "context_dim",
+        "pos_embed_max_size",
+        "qk_norm",
+        "dual_attention_layers",
+        "mlp_ratio",
+      )
+      if getattr(ckpt, f) != getattr(model_config, f)
+    ]
+    hint = (
+      f" The checkpoint's model has {', '.join(differ)}: set config.model to match (e.g. --config.model.{differ[0]})"
+      if differ
+      else ""
+    )
     raise ValueError(f"{e}.{hint}") from None
   return ckpt
 

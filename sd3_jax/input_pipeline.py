@@ -12,6 +12,7 @@ set_state, ``grain.checkpoint.CheckpointSave/Restore`` for orbax).
 batches (``mask`` False, ``example_id`` -1 on padding rows) so every process runs the same
 number of steps and every example counts exactly once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,14 +70,15 @@ def _check_batching(global_batch_size: int, process_index: int, process_count: i
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
-                     f"process_count {process_count}: every process feeds "
-                     f"global_batch_size // process_count examples per step")
+    raise ValueError(
+      f"global_batch_size {global_batch_size} must be a positive multiple of "
+      f"process_count {process_count}: every process feeds "
+      f"global_batch_size // process_count examples per step"
+    )
   return global_batch_size // process_count
 
 
-def resolve_worker_count(requested: int, cpu_count: int | None = None,
-                         flags_parsed: bool | None = None) -> int:
+def resolve_worker_count(requested: int, cpu_count: int | None = None, flags_parsed: bool | None = None) -> int:
   """grain worker processes for ``requested`` (-1 = auto: a quarter of the host's cores, at
   most 16, none below 8 cores). Worker processes need absl flags parsed (the sd3-train
   command runs under absl.app.run); without them auto falls back to reading in threads."""
@@ -89,16 +91,27 @@ def resolve_worker_count(requested: int, cpu_count: int | None = None,
   parsed = flags.FLAGS.is_parsed() if flags_parsed is None else flags_parsed
   if n and not parsed:
     logging.getLogger(__name__).info(
-        "data.worker_count=-1: absl flags are not parsed, so grain cannot start worker "
-        "processes; reading in threads instead (run under absl.app.run for %d workers)", n)
+      "data.worker_count=-1: absl flags are not parsed, so grain cannot start worker "
+      "processes; reading in threads instead (run under absl.app.run for %d workers)",
+      n,
+    )
     return 0
   return n
 
 
-def make_train_iterator(source, *, global_batch_size: int, seed: int, process_index: int,
-                        process_count: int, shuffle: bool = True, num_epochs: int | None = None,
-                        worker_count: int = 0, dtype: Any | None = np.float32,
-                        read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+def make_train_iterator(
+  source,
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int,
+  process_count: int,
+  shuffle: bool = True,
+  num_epochs: int | None = None,
+  worker_count: int = 0,
+  dtype: Any | None = np.float32,
+  read_options: grain.ReadOptions | None = None,
+) -> grain.DatasetIterator:
   """Host-local training batches {latent [b,h,w,C], context [b,L,D], pooled [b,P]}, b = G / P.
 
   Each epoch (len(source) // G global batches; the len(source) % G leftover records are a
@@ -123,16 +136,34 @@ def make_train_iterator(source, *, global_batch_size: int, seed: int, process_in
     raise ValueError(f"seed must be in [0, 2^32), got {seed}")
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
-  ds = _train_order(grain.MapDataset.source(source), _ToArrays(_dtype(dtype)), global_batch_size, b, seed,
-                    shuffle, num_epochs, process_index, process_count)
+  ds = _train_order(
+    grain.MapDataset.source(source),
+    _ToArrays(_dtype(dtype)),
+    global_batch_size,
+    b,
+    seed,
+    shuffle,
+    num_epochs,
+    process_index,
+    process_count,
+  )
   it = ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it)
 
 
-def _train_order(ds: grain.MapDataset, transform, global_batch_size: int, b: int, seed: int, shuffle: bool,
-                 num_epochs: int | None, process_index: int, process_count: int) -> grain.MapDataset:
+def _train_order(
+  ds: grain.MapDataset,
+  transform,
+  global_batch_size: int,
+  b: int,
+  seed: int,
+  shuffle: bool,
+  num_epochs: int | None,
+  process_index: int,
+  process_count: int,
+) -> grain.MapDataset:
   """The training order (``make_train_iterator``): shuffled epochs of whole global batches."""
   n = len(ds)
   if shuffle:
@@ -144,20 +175,36 @@ def _train_order(ds: grain.MapDataset, transform, global_batch_size: int, b: int
   return ds[process_index::process_count]  # global batch j = host batches j P .. j P + P - 1
 
 
-def train_batch_indices(num_records: int, step: int, *, global_batch_size: int, seed: int,
-                        process_index: int, process_count: int, shuffle: bool = True) -> np.ndarray:
+def train_batch_indices(
+  num_records: int,
+  step: int,
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int,
+  process_count: int,
+  shuffle: bool = True,
+) -> np.ndarray:
   """Source indices of this process's rows of the ``step``-th batch (0-based) that
   ``make_train_iterator`` yields with the same arguments: the records to re-read when that batch
   needs inspecting (e.g. after a non-finite loss)."""
   b = _check_batching(global_batch_size, process_index, process_count)
-  ds = _train_order(grain.MapDataset.range(num_records), None, global_batch_size, b, seed, shuffle, None,
-                    process_index, process_count)
+  ds = _train_order(
+    grain.MapDataset.range(num_records), None, global_batch_size, b, seed, shuffle, None, process_index, process_count
+  )
   return np.asarray(ds[step], np.int64)
 
 
-def make_eval_iterator(source, *, global_batch_size: int, process_index: int, process_count: int,
-                       max_examples: int | None = None, dtype: Any | None = np.float32,
-                       read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
+def make_eval_iterator(
+  source,
+  *,
+  global_batch_size: int,
+  process_index: int,
+  process_count: int,
+  max_examples: int | None = None,
+  dtype: Any | None = np.float32,
+  read_options: grain.ReadOptions | None = None,
+) -> grain.DatasetIterator:
   """One ordered pass over the first max_examples (default all) examples, for validation.
 
   Yields {latent, context, pooled, example_id int64 [b], mask bool [b]}; example_id is the record

@@ -6,6 +6,7 @@ A checksum is the SHA-256 of the leaf's stored bytes (C order, the dtype it is s
 written as ``"sha256:<hex>"``. It protects against damage in transit or on disk, not against
 someone who can also rewrite the metadata file.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -38,20 +39,25 @@ def check_checksums(flat: Mapping[str, np.ndarray], checksums: Mapping[str, str]
   if damaged or unlisted:
     parts = []
     if damaged:
-      parts.append(f"damaged parameter(s) {damaged[:10]}: their bytes do not match the checksum "
-                   "written with the checkpoint")
+      parts.append(
+        f"damaged parameter(s) {damaged[:10]}: their bytes do not match the checksum written with the checkpoint"
+      )
     if unlisted:
       parts.append(f"parameter(s) {unlisted[:10]} have no checksum in the metadata")
-    raise ValueError(f"{where}: " + "; ".join(parts) + ". Copy the checkpoint again from a good "
-                     "source (or load with verify=False / --no-verify to accept it as it is)")
+    raise ValueError(
+      f"{where}: " + "; ".join(parts) + ". Copy the checkpoint again from a good "
+      "source (or load with verify=False / --no-verify to accept it as it is)"
+    )
 
 
 def recording(sums: dict, name: str, load: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
   """``load`` that also stores the produced array's checksum in ``sums[name]``."""
+
   def produce():
     arr = np.asarray(load())
     sums[name] = leaf_checksum(arr)
     return arr
+
   return produce
 
 
@@ -61,9 +67,11 @@ def check_stored_grid(config, stored: Mapping[str, tuple], where) -> None:
   first: a config claiming a huge grid is refused before that allocation instead of after it."""
   if not isinstance(config, mmdit.MMDiTConfig):
     return
-  want = (1, config.pos_embed_max_size ** 2, config.hidden_size)
+  want = (1, config.pos_embed_max_size**2, config.hidden_size)
   have = tuple(stored["pos_embed"][0]) if "pos_embed" in stored else None
   if have != want:
-    raise ValueError(f"checkpoint {where}: pos_embed is stored as {have}, but the config "
-                     f"(pos_embed_max_size {config.pos_embed_max_size}, hidden_size "
-                     f"{config.hidden_size}) needs {list(want)}")
+    raise ValueError(
+      f"checkpoint {where}: pos_embed is stored as {have}, but the config "
+      f"(pos_embed_max_size {config.pos_embed_max_size}, hidden_size "
+      f"{config.hidden_size}) needs {list(want)}"
+    )

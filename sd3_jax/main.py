@@ -15,6 +15,7 @@ committed; rerun the same command to resume exactly.
 Multi-host: on TPU pods / SLURM pass --multihost (jax.distributed auto-detects the cluster);
 elsewhere give --coordinator_address, --num_processes and --process_id.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,8 @@ from ml_collections import config_flags
 from sd3_jax import command
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py); override keys with --config.key=value.",
-    lock_config=True)
+  "config", None, "Experiment config file (configs/*.py); override keys with --config.key=value.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard logs.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (auto-detected cluster).")
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --multihost).")
@@ -45,8 +46,7 @@ def main(argv):
   if _COORD.value:
     if _NPROC.value is None or _PID.value is None:
       raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
-    jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value,
-                               process_id=_PID.value)
+    jax.distributed.initialize(coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
   elif _MULTIHOST.value:
     jax.distributed.initialize()
 

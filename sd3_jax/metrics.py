@@ -12,6 +12,7 @@ The model-FLOP count itself lives beside the model (``sd3_jax.models.flops``).
 No ``from __future__ import annotations`` here: clu reads ``Collection.__annotations__`` as
 metric classes, which postponed annotations would turn into strings.
 """
+
 import contextlib
 import json
 import math
@@ -36,15 +37,15 @@ from etils import epath
 # (lower-cased). TPU: Google Cloud TPU system-architecture pages; NVIDIA: datasheets (the
 # "with sparsity" figures halved). GH200 matches h200 below; its GPU has the same 989e12.
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    (r"^tpu v4$", 275e12),
-    (r"^tpu v5( lite|e)$", 197e12),
-    (r"^tpu v5p?$", 459e12),
-    (r"^tpu v6( lite|e)$", 918e12),
-    (r"h100.*pcie", 756e12),
-    (r"h100 nvl", 835e12),
-    (r"h100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    (r"h200", 989e12),
-    (r"a100", 312e12),
+  (r"^tpu v4$", 275e12),
+  (r"^tpu v5( lite|e)$", 197e12),
+  (r"^tpu v5p?$", 459e12),
+  (r"^tpu v6( lite|e)$", 918e12),
+  (r"h100.*pcie", 756e12),
+  (r"h100 nvl", 835e12),
+  (r"h100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+  (r"h200", 989e12),
+  (r"a100", 312e12),
 )
 
 
@@ -77,24 +78,22 @@ class TBucketLoss(clu_metrics.Metric):
 
   compute() -> [NUM_T_BUCKETS] means, NaN where a bucket saw no example.
   """
+
   total: jax.Array  # [NUM_T_BUCKETS] float32 sums
   count: jax.Array  # [NUM_T_BUCKETS] int32
 
   @classmethod
   def empty(cls) -> "TBucketLoss":
-    return cls(total=jnp.zeros((NUM_T_BUCKETS,), jnp.float32),
-               count=jnp.zeros((NUM_T_BUCKETS,), jnp.int32))
+    return cls(total=jnp.zeros((NUM_T_BUCKETS,), jnp.float32), count=jnp.zeros((NUM_T_BUCKETS,), jnp.int32))
 
   @classmethod
   def from_model_output(cls, per_example_loss: jax.Array, t: jax.Array, **_) -> "TBucketLoss":
     if per_example_loss.shape != t.shape or per_example_loss.ndim != 1:
-      raise ValueError(
-          f"per_example_loss {per_example_loss.shape} and t {t.shape} must both be [B]")
+      raise ValueError(f"per_example_loss {per_example_loss.shape} and t {t.shape} must both be [B]")
     idx = jnp.clip(jnp.floor(t.astype(jnp.float32) * NUM_T_BUCKETS), 0, NUM_T_BUCKETS - 1)
     onehot = jax.nn.one_hot(idx.astype(jnp.int32), NUM_T_BUCKETS, dtype=jnp.float32)  # [B, n]
     loss = per_example_loss.astype(jnp.float32)[:, None]
-    return cls(total=jnp.sum(onehot * loss, axis=0),
-               count=jnp.sum(onehot, axis=0).astype(jnp.int32))
+    return cls(total=jnp.sum(onehot * loss, axis=0), count=jnp.sum(onehot, axis=0).astype(jnp.int32))
 
   def merge(self, other: "TBucketLoss") -> "TBucketLoss":
     return type(self)(total=self.total + other.total, count=self.count + other.count)
@@ -118,6 +117,7 @@ class TrainMetrics(clu_metrics.Collection):
   ``acc.compute()`` -> {'loss', 'grad_norm' (window means), 'learning_rate' (last value),
   'loss_t/0.0-0.1', ...} as python floats. Empty t-buckets are omitted from the dict.
   """
+
   loss: clu_metrics.Average.from_output("per_example_loss")
   grad_norm: clu_metrics.Average.from_output("grad_norm")
   learning_rate: clu_metrics.LastValue.from_output("learning_rate")
@@ -173,8 +173,9 @@ class MetricWriter:
   line (process killed mid-write) is dropped at start-up.
   """
 
-  def __init__(self, workdir, *, is_primary: Optional[bool] = None, tensorboard: bool = True,
-               resume_step: Optional[int] = None):
+  def __init__(
+    self, workdir, *, is_primary: Optional[bool] = None, tensorboard: bool = True, resume_step: Optional[int] = None
+  ):
     self.is_primary = jax.process_index() == 0 if is_primary is None else bool(is_primary)
     workdir = epath.Path(workdir)
     self.path = workdir / "metrics.jsonl"
@@ -234,8 +235,7 @@ class MetricWriter:
     else:
       self.path.write_text("".join(x + "\n" for x in self._lines), encoding="utf-8")
     if self._tb is not None:
-      numeric = {k: float(v) for k, v in values.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+      numeric = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
       self._tb.write(int(step), record["wall_time"], numeric)
 
   def flush(self):
@@ -288,6 +288,7 @@ class _TensorBoardWriter:
     # Imported here: tensorboard is an optional extra (ImportError -> JSONL only).
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
     self._remote = None if is_local(logdir) else epath.Path(logdir)
     self._local = logdir if self._remote is None else tempfile.mkdtemp(prefix="sd3_jax_tensorboard_")
@@ -295,9 +296,13 @@ class _TensorBoardWriter:
       _after_existing_event_files(self._remote or epath.Path(logdir))
     self._writer = EventFileWriter(self._local)
     if resume_step is not None:  # a START at step s makes TensorBoard drop earlier events >= s
-      self._writer.add_event(event_pb2.Event(
-          wall_time=time.time(), step=int(resume_step) + 1,
-          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+      self._writer.add_event(
+        event_pb2.Event(
+          wall_time=time.time(),
+          step=int(resume_step) + 1,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+        )
+      )
 
   @classmethod
   def create(cls, logdir: str, resume_step: Optional[int]) -> Optional["_TensorBoardWriter"]:
@@ -316,8 +321,9 @@ class _TensorBoardWriter:
 
   def write(self, step: int, wall_time: float, scalars: Mapping[str, float]):
     values = [self._summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
-    self._writer.add_event(self._event_pb2.Event(
-        wall_time=wall_time, step=step, summary=self._summary_pb2.Summary(value=values)))
+    self._writer.add_event(
+      self._event_pb2.Event(wall_time=wall_time, step=step, summary=self._summary_pb2.Summary(value=values))
+    )
     self.flush()
 
   def flush(self):
@@ -346,9 +352,15 @@ class StepTimer:
   is asynchronous: tick after something that waits for the step (e.g. fetching its metrics).
   """
 
-  def __init__(self, *, flops_per_step: float, images_per_step: int, num_devices: int,
-               peak_flops_per_device: Optional[float] = None,
-               clock: Callable[[], float] = time.perf_counter):
+  def __init__(
+    self,
+    *,
+    flops_per_step: float,
+    images_per_step: int,
+    num_devices: int,
+    peak_flops_per_device: Optional[float] = None,
+    clock: Callable[[], float] = time.perf_counter,
+  ):
     if num_devices < 1:
       raise ValueError(f"num_devices must be >= 1, got {num_devices}")
     self.flops_per_step = float(flops_per_step)
@@ -384,11 +396,11 @@ class StepTimer:
     flops_per_sec = (self.flops_per_step * steps if flops is None else float(flops)) / elapsed
     peak = self.peak_flops_per_device
     return {
-        "step_time": elapsed / steps,
-        "images_per_sec": self.images_per_step * steps / elapsed,
-        "tflops_per_sec": flops_per_sec / 1e12,
-        "tflops_per_sec_per_device": flops_per_sec / self.num_devices / 1e12,
-        "mfu": None if peak is None else flops_per_sec / (peak * self.num_devices),
+      "step_time": elapsed / steps,
+      "images_per_sec": self.images_per_step * steps / elapsed,
+      "tflops_per_sec": flops_per_sec / 1e12,
+      "tflops_per_sec_per_device": flops_per_sec / self.num_devices / 1e12,
+      "mfu": None if peak is None else flops_per_sec / (peak * self.num_devices),
     }
 
 
@@ -405,13 +417,13 @@ def _format_duration(seconds: float) -> str:
 
 
 _PROGRESS_FIELDS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
-    ("loss", "loss", lambda v: f"{v:.4f}"),
-    ("grad_norm", "grad_norm", lambda v: f"{v:.3g}"),
-    ("learning_rate", "lr", lambda v: f"{v:.2e}"),
-    ("step_time", "step", lambda v: f"{v:.3g}s"),
-    ("images_per_sec", "img/s", lambda v: f"{v:.1f}"),
-    ("tflops_per_sec_per_device", "TFLOP/s/dev", lambda v: f"{v:.1f}"),
-    ("mfu", "MFU", lambda v: f"{100 * v:.1f}%"),
+  ("loss", "loss", lambda v: f"{v:.4f}"),
+  ("grad_norm", "grad_norm", lambda v: f"{v:.3g}"),
+  ("learning_rate", "lr", lambda v: f"{v:.2e}"),
+  ("step_time", "step", lambda v: f"{v:.3g}s"),
+  ("images_per_sec", "img/s", lambda v: f"{v:.1f}"),
+  ("tflops_per_sec_per_device", "TFLOP/s/dev", lambda v: f"{v:.1f}"),
+  ("mfu", "MFU", lambda v: f"{100 * v:.1f}%"),
 )
 
 
@@ -428,4 +440,3 @@ def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any]) -> 
   if step_time is not None and total_steps > step:
     parts.append(f"ETA {_format_duration(float(step_time) * (total_steps - step))}")
   return " | ".join(parts)
-

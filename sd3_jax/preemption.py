@@ -14,6 +14,7 @@ is committed and raises ``Preempted``; ``sd3-train`` then exits with ``PREEMPTED
   all of them, so they save the same step. A Python handler would replace jax's, so none is
   installed then.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,7 @@ class Preempted(Exception):
   """The run saved a checkpoint at ``step`` because it was told to stop (SIGTERM)."""
 
   def __init__(self, step: int):
-    super().__init__(f"preempted: saved and committed the checkpoint of step {step}; rerun the "
-                     "same command to resume")
+    super().__init__(f"preempted: saved and committed the checkpoint of step {step}; rerun the same command to resume")
     self.step = step
 
 

@@ -11,6 +11,7 @@ after the batches still queued, so a checkpoint written between steps resumes at
 next batch (grain's checkpoint handler calls ``get_state`` / ``set_state``). An error in the
 pipeline (a corrupt record) is raised by the ``next()`` that would have returned that batch.
 """
+
 from __future__ import annotations
 
 import copy
@@ -81,8 +82,7 @@ class Prefetcher:
     return json.dumps(self._state, indent=4).encode()
 
   def set_state(self, state) -> None:
-    raise RuntimeError("restore the data position into the underlying iterator before "
-                       "wrapping it in a Prefetcher")
+    raise RuntimeError("restore the data position into the underlying iterator before wrapping it in a Prefetcher")
 
   def close(self) -> None:
     """Stop the background thread (batches still queued are dropped)."""

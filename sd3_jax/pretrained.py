@@ -5,6 +5,7 @@ model never holds it whole). Every leaf's checksum is stored and checked on load
 (``sd3_jax.integrity``; ``verify=False`` skips it). The directory layout is in the README
 ("Converting checkpoints").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,6 +43,7 @@ class ModelFormat:
   ``model_class`` (a flax module built as ``model_class(config, dtype=..., **kwargs)``) and
   ``abstract_params(model)`` (the boxed parameter shapes, via ``jax.eval_shape``).
   """
+
   name: str
   module: str
   config_class: str
@@ -78,18 +80,37 @@ def register_format(fmt: ModelFormat) -> ModelFormat:
   return fmt
 
 
-register_format(ModelFormat(FORMAT, "sd3_jax.models.mmdit", "MMDiTConfig", "MMDiT", "MM-DiT",
-                            config_module="sd3_jax.models.mmdit_config"))
-register_format(ModelFormat("sd3_jax.clip_text", "sd3_jax.models.text_encoders", "CLIPTextConfig",
-                            "CLIPTextEncoder", "CLIP text encoder"))
-register_format(ModelFormat("sd3_jax.t5_encoder", "sd3_jax.models.text_encoders", "T5EncoderConfig",
-                            "T5Encoder", "T5 encoder", config_module="sd3_jax.models.t5"))
-register_format(ModelFormat("sd3_jax.vae", "sd3_jax.models.vae", "VAEConfig", "AutoencoderKL",
-                            "autoencoder (VAE)"))
-register_format(ModelFormat("sd3_jax.clip_vision", "sd3_jax.models.clip_vision", "CLIPVisionConfig",
-                            "CLIPVisionEncoder", "CLIP image tower"))
-register_format(ModelFormat("sd3_jax.clip", "sd3_jax.models.clip_vision", "CLIPConfig", "CLIPModel",
-                            "CLIP model (image and text towers)"))
+register_format(
+  ModelFormat(
+    FORMAT, "sd3_jax.models.mmdit", "MMDiTConfig", "MMDiT", "MM-DiT", config_module="sd3_jax.models.mmdit_config"
+  )
+)
+register_format(
+  ModelFormat(
+    "sd3_jax.clip_text", "sd3_jax.models.text_encoders", "CLIPTextConfig", "CLIPTextEncoder", "CLIP text encoder"
+  )
+)
+register_format(
+  ModelFormat(
+    "sd3_jax.t5_encoder",
+    "sd3_jax.models.text_encoders",
+    "T5EncoderConfig",
+    "T5Encoder",
+    "T5 encoder",
+    config_module="sd3_jax.models.t5",
+  )
+)
+register_format(ModelFormat("sd3_jax.vae", "sd3_jax.models.vae", "VAEConfig", "AutoencoderKL", "autoencoder (VAE)"))
+register_format(
+  ModelFormat(
+    "sd3_jax.clip_vision", "sd3_jax.models.clip_vision", "CLIPVisionConfig", "CLIPVisionEncoder", "CLIP image tower"
+  )
+)
+register_format(
+  ModelFormat(
+    "sd3_jax.clip", "sd3_jax.models.clip_vision", "CLIPConfig", "CLIPModel", "CLIP model (image and text towers)"
+  )
+)
 
 
 def format_of_config(config) -> ModelFormat:
@@ -99,8 +120,10 @@ def format_of_config(config) -> ModelFormat:
       continue  # avoid importing unrelated model modules
     if isinstance(config, fmt.config_type()):
       return fmt
-  raise TypeError(f"no sd3_jax checkpoint format stores a {type(config).__module__}."
-                  f"{type(config).__name__}; known formats: {sorted(FORMATS)}")
+  raise TypeError(
+    f"no sd3_jax checkpoint format stores a {type(config).__module__}."
+    f"{type(config).__name__}; known formats: {sorted(FORMATS)}"
+  )
 
 
 class LazyArray:
@@ -168,13 +191,15 @@ def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
   return {k: tuple(v.shape) for k, v in flatten(abstract).items()}
 
 
-def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
-                 what: str) -> None:
+def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
   """Raises ValueError naming every missing, unexpected and wrongly shaped tensor."""
   missing = sorted(set(expected) - set(found))
   unexpected = sorted(set(found) - set(expected))
-  wrong = [f"{k}: found {list(found[k])}, expected {list(expected[k])}"
-           for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+  wrong = [
+    f"{k}: found {list(found[k])}, expected {list(expected[k])}"
+    for k in expected
+    if k in found and tuple(found[k]) != tuple(expected[k])
+  ]
   if not (missing or unexpected or wrong):
     return
   lines = [f"{what} does not match the model configuration:"]
@@ -191,6 +216,7 @@ def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tu
 
 def _ocp():
   import orbax.checkpoint as ocp  # imported lazily: orbax is slow to import
+
   return ocp
 
 
@@ -210,18 +236,23 @@ def _require_checkpoint(path) -> epath.Path:
   if not path.exists():
     raise FileNotFoundError(f"no such checkpoint directory: {path}")
   if not path.is_dir():
-    raise ValueError(f"{path} is a file, not an sd3_jax checkpoint directory; convert PyTorch "
-                     "weights with `python -m tools.convert_weights --src SRC --dst DIR --to jax`")
+    raise ValueError(
+      f"{path} is a file, not an sd3_jax checkpoint directory; convert PyTorch "
+      "weights with `python -m tools.convert_weights --src SRC --dst DIR --to jax`"
+    )
   if not is_checkpoint(path):
     hint = ""
     if (path / "config.json").is_file() or (path / "transformer").is_dir():
       hint = " It looks like a diffusers model;"
-    raise ValueError(f"{path} is not an sd3_jax checkpoint (no {CONFIG_FILE}).{hint} convert PyTorch "
-                     "weights with `python -m tools.convert_weights --src SRC --dst DIR --to jax`")
+    raise ValueError(
+      f"{path} is not an sd3_jax checkpoint (no {CONFIG_FILE}).{hint} convert PyTorch "
+      "weights with `python -m tools.convert_weights --src SRC --dst DIR --to jax`"
+    )
   params = path / PARAMS_DIR
   if not (params / "_METADATA").is_file():
-    raise ValueError(f"{path} is not a complete sd3_jax checkpoint: {params} is missing or is not "
-                     "an orbax checkpoint (no _METADATA)")
+    raise ValueError(
+      f"{path} is not a complete sd3_jax checkpoint: {params} is missing or is not an orbax checkpoint (no _METADATA)"
+    )
   return path
 
 
@@ -239,20 +270,24 @@ def _read_meta(path) -> tuple[ModelFormat, dict, str]:
     raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
   name = meta.get("format") if isinstance(meta, dict) else None
   if name not in FORMATS:
-    raise ValueError(f"{cfg_path} does not describe an sd3_jax checkpoint (format {name!r}, "
-                     f"expected one of {sorted(FORMATS)})")
+    raise ValueError(
+      f"{cfg_path} does not describe an sd3_jax checkpoint (format {name!r}, expected one of {sorted(FORMATS)})"
+    )
   if meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{cfg_path}: format_version {meta.get('format_version')} is not supported "
-                     f"(this code reads version {FORMAT_VERSION})")
+    raise ValueError(
+      f"{cfg_path}: format_version {meta.get('format_version')} is not supported "
+      f"(this code reads version {FORMAT_VERSION})"
+    )
   if meta.get("layout", "unscanned") != "unscanned":
     raise ValueError(f"{cfg_path}: layout {meta.get('layout')!r} is not supported (only 'unscanned')")
   if not isinstance(meta.get("config"), dict):
-    raise ValueError(f"{cfg_path} has no \"config\" object")
+    raise ValueError(f'{cfg_path} has no "config" object')
   sums = meta.get("checksums")
-  if sums is not None and (not isinstance(sums, dict) or not all(
-      isinstance(v, str) and v.startswith(integrity.ALGORITHM + ":") for v in sums.values())):
-    raise ValueError(f"{cfg_path}: \"checksums\" must map parameter names to "
-                     f"\"{integrity.ALGORITHM}:<hex>\" strings")
+  if sums is not None and (
+    not isinstance(sums, dict)
+    or not all(isinstance(v, str) and v.startswith(integrity.ALGORITHM + ":") for v in sums.values())
+  ):
+    raise ValueError(f'{cfg_path}: "checksums" must map parameter names to "{integrity.ALGORITHM}:<hex>" strings')
   return FORMATS[name], meta, cfg_path
 
 
@@ -261,8 +296,7 @@ def read_checksums(path) -> dict[str, str]:
   written before checksums existed."""
   _, meta, cfg_path = _read_meta(path)
   if meta.get("checksums") is None:
-    log.warning("%s has no parameter checksums (written by an older sd3_jax); its integrity is "
-                "not verified", cfg_path)
+    log.warning("%s has no parameter checksums (written by an older sd3_jax); its integrity is not verified", cfg_path)
     return {}
   return meta["checksums"]
 
@@ -276,8 +310,10 @@ def read_config(path, expected_format: str | None = FORMAT):
   fmt, meta, cfg_path = _read_meta(path)
   if expected_format is not None and fmt.name != expected_format:
     want = FORMATS[expected_format].description if expected_format in FORMATS else expected_format
-    raise ValueError(f"{cfg_path} does not describe an sd3_jax {want} checkpoint: it holds a "
-                     f"{fmt.description} (format {fmt.name!r}, expected {expected_format!r})")
+    raise ValueError(
+      f"{cfg_path} does not describe an sd3_jax {want} checkpoint: it holds a "
+      f"{fmt.description} (format {fmt.name!r}, expected {expected_format!r})"
+    )
   try:
     return fmt.config_from_dict(meta["config"])
   except (TypeError, ValueError) as e:
@@ -292,8 +328,9 @@ def stored_params(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(tree).items()}
 
 
-def load_params(path, groups: list[str] | None = None, *, verify: bool = True,
-                checksums: Mapping[str, str] | None = None) -> dict:
+def load_params(
+  path, groups: list[str] | None = None, *, verify: bool = True, checksums: Mapping[str, str] | None = None
+) -> dict:
   """Restores the top-level groups (e.g. 'joint_blocks_3', 'pos_embed'; all when None) as a
   nested dict of numpy arrays in their stored dtypes. Reading one group at a time keeps the
   memory to that group. verify: check every leaf read against its checksum (``checksums``, read
@@ -312,18 +349,29 @@ def load_params(path, groups: list[str] | None = None, *, verify: bool = True,
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   try:
     out = ocp.PyTreeCheckpointer().restore(
-        path / PARAMS_DIR,
-        args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=groups is not None))
+      path / PARAMS_DIR,
+      args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=groups is not None),
+    )
   except (ValueError, RuntimeError, OSError) as e:  # tensorstore: undecodable chunk, short file
-    raise ValueError(f"{path}: cannot read parameter group(s) {groups or sorted(tree)}: the data in "
-                     f"{PARAMS_DIR}/ is damaged or incomplete ({' '.join(str(e).split())[:300]})") from None
+    raise ValueError(
+      f"{path}: cannot read parameter group(s) {groups or sorted(tree)}: the data in "
+      f"{PARAMS_DIR}/ is damaged or incomplete ({' '.join(str(e).split())[:300]})"
+    ) from None
   if verify and checksums:
     integrity.check_checksums(flatten(out), checksums, f"checkpoint {path}")
   return out
 
 
-def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers: bool = False,
-                    shardings=None, verify: bool = True, **model_kwargs):
+def load_pretrained(
+  path,
+  *,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  scan_layers: bool = False,
+  shardings=None,
+  verify: bool = True,
+  **model_kwargs,
+):
   """Loads a checkpoint directory of any format: returns ``(model, params)``.
 
   Args:
@@ -349,8 +397,7 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, scan_la
   fmt = read_format(path)
   config = read_config(path, expected_format=None)
   if scan_layers and fmt.name != FORMAT:
-    raise ValueError(f"scan_layers is only supported for MM-DiT checkpoints; {path} holds a "
-                     f"{fmt.description}")
+    raise ValueError(f"scan_layers is only supported for MM-DiT checkpoints; {path} holds a {fmt.description}")
   stored = stored_params(path)
   integrity.check_stored_grid(config, stored, path)
   check_shapes({k: v[0] for k, v in stored.items()}, expected_shapes(config), f"checkpoint {path}")
@@ -393,7 +440,6 @@ def _streaming_handler_registry():
   import tensorstore as ts
 
   class _StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
-
     def __init__(self):
       super().__init__(deepcopy_host_arrays=False)
       self._sem = None
@@ -404,18 +450,21 @@ def _streaming_handler_registry():
       async with self._sem:
         arr = await asyncio.to_thread(value.load) if isinstance(value, LazyArray) else value
         if arr.shape != value.shape or arr.dtype != value.dtype:
-          raise ValueError(f"lazy leaf produced {arr.dtype}{list(arr.shape)}, "
-                           f"declared {value.dtype}{list(value.shape)}")
+          raise ValueError(
+            f"lazy leaf produced {arr.dtype}{list(arr.shape)}, declared {value.dtype}{list(value.shape)}"
+          )
         t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
         await t.write(np.ascontiguousarray(arr).reshape(arr.shape))  # 0-d stays 0-d
         del arr
 
   if not hasattr(ocp.type_handlers.NumpyHandler, "_open_and_write"):
-    raise RuntimeError("this orbax version has no NumpyHandler._open_and_write; streaming writes "
-                       "need orbax-checkpoint 0.12.x")
+    raise RuntimeError(
+      "this orbax version has no NumpyHandler._open_and_write; streaming writes need orbax-checkpoint 0.12.x"
+    )
   handler = _StreamingNumpyHandler()
   return ocp.type_handlers.create_type_handler_registry(
-      (LazyArray, handler), (np.ndarray, handler), (jax.Array, ocp.type_handlers.ArrayHandler()))
+    (LazyArray, handler), (np.ndarray, handler), (jax.Array, ocp.type_handlers.ArrayHandler())
+  )
 
 
 def _dtype_name(dtypes) -> str:
@@ -437,19 +486,26 @@ def write_checkpoint(path, config, leaves: Mapping[str, Any], *, overwrite: bool
     if not os.path.isdir(path) or (os.listdir(path) and not is_checkpoint(path)):
       raise FileExistsError(f"refusing to overwrite {path}: it is not an sd3_jax checkpoint")
   sums: dict[str, str] = {}  # each leaf is hashed as it is written (no second pass)
-  hashed = {k: LazyArray(v.shape, v.dtype, integrity.recording(
-      sums, k, v.load if isinstance(v, LazyArray) else (lambda v=v: v))) for k, v in leaves.items()}
+  hashed = {
+    k: LazyArray(
+      v.shape, v.dtype, integrity.recording(sums, k, v.load if isinstance(v, LazyArray) else (lambda v=v: v))
+    )
+    for k, v in leaves.items()
+  }
   with fileutil.atomic_directory(path) as tmp:
     ocp = _ocp()
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_handler_registry())
-    ocp.Checkpointer(handler).save(
-        os.path.join(tmp, PARAMS_DIR),
-        args=ocp.args.PyTreeSave(unflatten(hashed)))
+    ocp.Checkpointer(handler).save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(unflatten(hashed)))
     if set(sums) != set(leaves):
       raise RuntimeError(f"checksums missing for {sorted(set(leaves) - set(sums))[:5]}")
-    meta = {"format": fmt.name, "format_version": FORMAT_VERSION, "layout": "unscanned",
-            "param_dtype": _dtype_name(v.dtype for v in leaves.values()), "config": config.to_dict(),
-            "checksums": dict(sorted(sums.items()))}
+    meta = {
+      "format": fmt.name,
+      "format_version": FORMAT_VERSION,
+      "layout": "unscanned",
+      "param_dtype": _dtype_name(v.dtype for v in leaves.values()),
+      "config": config.to_dict(),
+      "checksums": dict(sorted(sums.items())),
+    }
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(meta, f, indent=2)
       f.write("\n")
@@ -471,6 +527,7 @@ def save_pretrained(path, params: Mapping, config, *, dtype=None, overwrite: boo
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       raise ValueError(f"parameter {name} is not fully addressable; gather it before saving")
     out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(x.dtype)
-    leaves[name] = LazyArray(x.shape, out_dtype,
-                             lambda x=x, d=out_dtype: np.asarray(jax.device_get(x)).astype(d, copy=False))
+    leaves[name] = LazyArray(
+      x.shape, out_dtype, lambda x=x, d=out_dtype: np.asarray(jax.device_get(x)).astype(d, copy=False)
+    )
   write_checkpoint(path, config, leaves, overwrite=overwrite)

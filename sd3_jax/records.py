@@ -5,6 +5,7 @@ Non-finite values are refused when written and when read, whoever wrote the reco
 unique within a writer. The format, its guarantees and an example are in the README ("Training
 data"); the grain iterators over these sources are in ``input_pipeline``.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -33,9 +34,11 @@ INFO_FILE = "dataset_info.json"
 TENSORS = {"latent": 3, "context": 2, "pooled": 1}  # name -> rank
 _DTYPES = {"F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16), "F32": np.dtype(np.float32)}
 DTYPES_BY_NAME = {"float16": _DTYPES["F16"], "bfloat16": _DTYPES["BF16"], "float32": _DTYPES["F32"]}
-_ADVICE = ("The shard is damaged or was not written by sd3_jax.records.RecordWriter. Training "
-           "stops rather than skipping it (skipping would silently change the data and break exact "
-           "resume): re-create this shard with the dataset builder, or rebuild the dataset without it.")
+_ADVICE = (
+  "The shard is damaged or was not written by sd3_jax.records.RecordWriter. Training "
+  "stops rather than skipping it (skipping would silently change the data and break exact "
+  "resume): re-create this shard with the dataset builder, or rebuild the dataset without it."
+)
 
 ElementSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -47,9 +50,10 @@ class RecordError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One decoded record. Arrays may be read-only views of the record bytes."""
-  latent: np.ndarray    # [h, w, C]
-  context: np.ndarray   # [L, D]
-  pooled: np.ndarray    # [P]
+
+  latent: np.ndarray  # [h, w, C]
+  context: np.ndarray  # [L, D]
+  pooled: np.ndarray  # [P]
   metadata: Mapping[str, str]
 
   @property
@@ -58,6 +62,7 @@ class Example:
 
 
 # ----------------------------------------------------------------------------- one record
+
 
 def _check_arrays(arrays: Mapping[str, np.ndarray]) -> None:
   for name, rank in TENSORS.items():
@@ -68,16 +73,19 @@ def _check_arrays(arrays: Mapping[str, np.ndarray]) -> None:
       raise ValueError(f"{name} dtype must be float16, bfloat16 or float32, got {a.dtype}")
 
 
-def encode_record(latent: np.ndarray, context: np.ndarray, pooled: np.ndarray,
-                  metadata: Mapping[str, str]) -> bytes:
+def encode_record(latent: np.ndarray, context: np.ndarray, pooled: np.ndarray, metadata: Mapping[str, str]) -> bytes:
   """Serializes one example (format in the module docstring). metadata needs a non-empty 'id'."""
-  arrays = {"latent": np.ascontiguousarray(latent), "context": np.ascontiguousarray(context),
-            "pooled": np.ascontiguousarray(pooled)}
+  arrays = {
+    "latent": np.ascontiguousarray(latent),
+    "context": np.ascontiguousarray(context),
+    "pooled": np.ascontiguousarray(pooled),
+  }
   _check_arrays(arrays)
   for name, a in arrays.items():
     if not np.isfinite(a.astype(np.float32)).all():
-      raise ValueError(f"{name} of example {metadata.get('id')!r} has non-finite values "
-                       f"(fp16 overflow in a text encoder?)")
+      raise ValueError(
+        f"{name} of example {metadata.get('id')!r} has non-finite values (fp16 overflow in a text encoder?)"
+      )
   if not isinstance(metadata.get("id"), str) or not metadata["id"]:
     raise ValueError(f"metadata needs a non-empty string 'id', got {metadata!r}")
   if "format" in metadata or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -85,8 +93,11 @@ def encode_record(latent: np.ndarray, context: np.ndarray, pooled: np.ndarray,
   return safetensors.numpy.save(arrays, metadata={"format": RECORD_FORMAT, **metadata})
 
 
-_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
-                  np.dtype(np.float32): (np.uint32, 0x7F800000)}
+_EXPONENT_BITS = {
+  np.dtype(np.float16): (np.uint16, 0x7C00),
+  np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80),
+  np.dtype(np.float32): (np.uint32, 0x7F800000),
+}
 
 
 def all_finite(a: np.ndarray) -> bool:
@@ -103,7 +114,7 @@ def decode_record(data: bytes) -> Example:
   """Parses ``encode_record`` bytes; raises RecordError saying what is wrong."""
   try:
     (header_len,) = struct.unpack("<Q", data[:8])
-    header = json.loads(bytes(data[8:8 + header_len]))
+    header = json.loads(bytes(data[8 : 8 + header_len]))
     tensors = safetensors.deserialize(data)  # validates offsets and sizes
     metadata = dict(header.get("__metadata__") or {})
   except Exception as e:  # struct.error, json/unicode errors, SafetensorError, a non-dict header
@@ -124,8 +135,9 @@ def decode_record(data: bytes) -> Example:
     raise RecordError(str(e)) from e
   for name, a in arrays.items():  # written by anything, not only encode_record
     if not all_finite(a):
-      raise RecordError(f"{name} of record {metadata.get('id')!r} holds "
-                        f"{int(np.size(a) - np.isfinite(a).sum())} NaN/Inf value(s)")
+      raise RecordError(
+        f"{name} of record {metadata.get('id')!r} holds {int(np.size(a) - np.isfinite(a).sum())} NaN/Inf value(s)"
+      )
   return Example(metadata=metadata, **arrays)
 
 
@@ -142,6 +154,7 @@ def _spec_from_json(d: Mapping) -> ElementSpec:
 
 # ----------------------------------------------------------------------------- writing
 
+
 class RecordWriter:
   """Writes a dataset directory (module docstring), ``records_per_shard`` records per shard.
 
@@ -155,9 +168,16 @@ class RecordWriter:
   and leaves the directory as it was. Local file systems only (renames must be atomic).
   """
 
-  def __init__(self, directory: str | os.PathLike, *, prefix: str = "data",
-               records_per_shard: int = 1000, compression: str = "zstd:3",
-               metadata: Mapping[str, Any] | None = None, overwrite: bool = False):
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    *,
+    prefix: str = "data",
+    records_per_shard: int = 1000,
+    compression: str = "zstd:3",
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+  ):
     if records_per_shard < 1:
       raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
     if not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*", prefix):
@@ -166,13 +186,15 @@ class RecordWriter:
     os.makedirs(self.directory, exist_ok=True)
     existing = _list_shards(self.directory) + [f for f in os.listdir(self.directory) if f == INFO_FILE]
     if existing and not overwrite:
-      raise FileExistsError(f"{self.directory} already holds a dataset ({sorted(existing)[:3]}...); "
-                            f"use an empty directory or pass overwrite=True")
+      raise FileExistsError(
+        f"{self.directory} already holds a dataset ({sorted(existing)[:3]}...); "
+        f"use an empty directory or pass overwrite=True"
+      )
     self._old_files = existing
     self._prefix, self._per_shard, self._compression = prefix, records_per_shard, compression
     self._metadata = dict(metadata or {})
     self._token = uuid.uuid4().hex[:8]
-    self._temps: list[str] = []   # finished or open temporary shard paths
+    self._temps: list[str] = []  # finished or open temporary shard paths
     self._counts: list[int] = []  # records per shard
     self._writer = None
     self._spec: ElementSpec | None = None
@@ -183,23 +205,28 @@ class RecordWriter:
   def num_written(self) -> int:
     return sum(self._counts)
 
-  def write(self, latent: np.ndarray, context: np.ndarray, pooled: np.ndarray,
-            metadata: Mapping[str, str]) -> None:
+  def write(self, latent: np.ndarray, context: np.ndarray, pooled: np.ndarray, metadata: Mapping[str, str]) -> None:
     """Appends one example; all examples must share shapes and dtypes."""
     if self._closed:
       raise ValueError("RecordWriter is closed")
     data = encode_record(latent, context, pooled, metadata)
     if metadata["id"] in self._ids:
-      raise ValueError(f"duplicate record id {metadata['id']!r}: record {self._ids[metadata['id']]} "
-                       f"of {self.directory} already has it (ids must be unique)")
-    spec = {"latent": (np.shape(latent), np.asarray(latent).dtype),
-            "context": (np.shape(context), np.asarray(context).dtype),
-            "pooled": (np.shape(pooled), np.asarray(pooled).dtype)}
+      raise ValueError(
+        f"duplicate record id {metadata['id']!r}: record {self._ids[metadata['id']]} "
+        f"of {self.directory} already has it (ids must be unique)"
+      )
+    spec = {
+      "latent": (np.shape(latent), np.asarray(latent).dtype),
+      "context": (np.shape(context), np.asarray(context).dtype),
+      "pooled": (np.shape(pooled), np.asarray(pooled).dtype),
+    }
     if self._spec is None:
       self._spec = spec
     elif spec != self._spec:
-      raise ValueError(f"example {metadata['id']!r} has spec {_spec_to_json(spec)}, but this dataset "
-                       f"is {_spec_to_json(self._spec)} (one shape/dtype per dataset directory)")
+      raise ValueError(
+        f"example {metadata['id']!r} has spec {_spec_to_json(spec)}, but this dataset "
+        f"is {_spec_to_json(self._spec)} (one shape/dtype per dataset directory)"
+      )
     if self._writer is None:
       path = os.path.join(self.directory, f".{self._prefix}-{self._token}-{len(self._temps):05d}.tmp")
       self._writer = array_record_module.ArrayRecordWriter(path, f"group_size:1,{self._compression}")
@@ -225,10 +252,15 @@ class RecordWriter:
     self._closed = True
     n = len(self._temps)
     names = [f"{self._prefix}-{i:05d}-of-{n:05d}.array_record" for i in range(n)]
-    info = {"format": DATASET_FORMAT, "version": DATASET_VERSION, "num_records": self.num_written,
-            "compression": self._compression, "element_spec": _spec_to_json(self._spec),
-            "shards": [{"file": f, "num_records": c} for f, c in zip(names, self._counts)],
-            "metadata": self._metadata}
+    info = {
+      "format": DATASET_FORMAT,
+      "version": DATASET_VERSION,
+      "num_records": self.num_written,
+      "compression": self._compression,
+      "element_spec": _spec_to_json(self._spec),
+      "shards": [{"file": f, "num_records": c} for f, c in zip(names, self._counts)],
+      "metadata": self._metadata,
+    }
     for old in sorted(self._old_files, key=lambda f: f != INFO_FILE):  # info first: never stale
       os.remove(os.path.join(self.directory, old))
     for tmp, name in zip(self._temps, names):
@@ -265,6 +297,7 @@ def _list_shards(directory: str | os.PathLike) -> list[str]:
 
 # ----------------------------------------------------------------------------- sources
 
+
 @dataclasses.dataclass(frozen=True)
 class _FileInstruction:  # array_record's FileInstruction protocol: open files lazily
   filename: str
@@ -283,9 +316,13 @@ class RecordSource:
   or decoded raises RecordError naming the shard file and the record index in it.
   """
 
-  def __init__(self, directory: str | os.PathLike, *,
-               expected_shapes: Mapping[str, Sequence[int | None]] | None = None,
-               verify_shards: bool = True):
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    *,
+    expected_shapes: Mapping[str, Sequence[int | None]] | None = None,
+    verify_shards: bool = True,
+  ):
     self.directory = epath.Path(directory)
     if not self.directory.is_dir():
       raise FileNotFoundError(f"dataset directory {self.directory} does not exist")
@@ -293,16 +330,22 @@ class RecordSource:
     present = _list_shards(self.directory)
     if not info_path.exists():
       if present:
-        raise RecordError(f"{self.directory} has {len(present)} shard(s) but no {INFO_FILE}: the "
-                          f"writer did not finish (crashed?) or this is not an sd3_jax dataset; "
-                          f"rebuild it with RecordWriter")
-      raise FileNotFoundError(f"no dataset in {self.directory}: expected {INFO_FILE} and "
-                              f"<prefix>-NNNNN-of-NNNNN.array_record shards (see RecordWriter)")
+        raise RecordError(
+          f"{self.directory} has {len(present)} shard(s) but no {INFO_FILE}: the "
+          f"writer did not finish (crashed?) or this is not an sd3_jax dataset; "
+          f"rebuild it with RecordWriter"
+        )
+      raise FileNotFoundError(
+        f"no dataset in {self.directory}: expected {INFO_FILE} and "
+        f"<prefix>-NNNNN-of-NNNNN.array_record shards (see RecordWriter)"
+      )
     try:
       info = json.loads(info_path.read_text())
       if info.get("format") != DATASET_FORMAT or info.get("version") != DATASET_VERSION:
-        raise RecordError(f"not a {DATASET_FORMAT} v{DATASET_VERSION} dataset (format="
-                          f"{info.get('format')!r}, version={info.get('version')!r})")
+        raise RecordError(
+          f"not a {DATASET_FORMAT} v{DATASET_VERSION} dataset (format="
+          f"{info.get('format')!r}, version={info.get('version')!r})"
+        )
       listed = [str(s["file"]) for s in info["shards"]]
       self._counts = [int(s["num_records"]) for s in info["shards"]]
       self.element_spec: ElementSpec = _spec_from_json(info["element_spec"])
@@ -313,12 +356,15 @@ class RecordSource:
       raise RecordError(f"{info_path} lists no shards")
     missing, extra = sorted(set(listed) - set(present)), sorted(set(present) - set(listed))
     if missing or extra:
-      raise RecordError(f"{info_path} does not match the directory: missing shards {missing[:5]}, "
-                        f"unlisted shards {extra[:5]} (partial copy, or left over from another "
-                        f"dataset?); rebuild or re-copy the dataset")
+      raise RecordError(
+        f"{info_path} does not match the directory: missing shards {missing[:5]}, "
+        f"unlisted shards {extra[:5]} (partial copy, or left over from another "
+        f"dataset?); rebuild or re-copy the dataset"
+      )
     if sum(self._counts) != info.get("num_records") or min(self._counts) < 1:
-      raise RecordError(f"{info_path}: shard counts {self._counts[:5]}... do not add up to "
-                        f"num_records={info.get('num_records')}")
+      raise RecordError(
+        f"{info_path}: shard counts {self._counts[:5]}... do not add up to num_records={info.get('num_records')}"
+      )
     self._paths = [os.fspath(self.directory / f) for f in listed]
     if verify_shards:
       self._verify_shards()
@@ -326,11 +372,14 @@ class RecordSource:
       for name, want in expected_shapes.items():
         have = self.element_spec[name][0]
         if len(want) != len(have) or any(w is not None and w != h for w, h in zip(want, have)):
-          raise RecordError(f"{self.directory}: {name} has shape {list(have)}, expected "
-                            f"{list(want)} (None = any); was the dataset built for another model?")
+          raise RecordError(
+            f"{self.directory}: {name} has shape {list(have)}, expected "
+            f"{list(want)} (None = any); was the dataset built for another model?"
+          )
     self._ends = np.cumsum(self._counts).tolist()
     self._source = grain.sources.ArrayRecordDataSource(
-        [_FileInstruction(p, 0, c, c) for p, c in zip(self._paths, self._counts)])
+      [_FileInstruction(p, 0, c, c) for p, c in zip(self._paths, self._counts)]
+    )
 
   def _verify_shards(self) -> None:
     def count(path):
@@ -341,6 +390,7 @@ class RecordSource:
         return n
       except Exception as e:  # riegeli raises RuntimeError on a truncated or damaged footer
         raise RecordError(f"{path}: cannot open shard ({e}). {_ADVICE}") from e
+
     with concurrent.futures.ThreadPoolExecutor(min(16, len(self._paths))) as pool:
       for path, want, got in zip(self._paths, self._counts, pool.map(count, self._paths)):
         if want != got:
@@ -364,8 +414,9 @@ class RecordSource:
         raise RecordError(f"spec {_spec_to_json(example.spec)} differs from {INFO_FILE}")
     except Exception as e:
       path, local = self.locate(index)
-      raise RecordError(f"{path}: record {local} (global index {index}) is unreadable: "
-                        f"{type(e).__name__}: {e}. {_ADVICE}") from e
+      raise RecordError(
+        f"{path}: record {local} (global index {index}) is unreadable: {type(e).__name__}: {e}. {_ADVICE}"
+      ) from e
     return example
 
   def __repr__(self) -> str:
@@ -380,18 +431,28 @@ class SyntheticSource:
   on-disk synthetic dataset.
   """
 
-  def __init__(self, num_records: int, latent_shape: Sequence[int], context_len: int,
-               context_dim: int, pooled_dim: int, seed: int, *, dtype: Any = np.float16):
+  def __init__(
+    self,
+    num_records: int,
+    latent_shape: Sequence[int],
+    context_len: int,
+    context_dim: int,
+    pooled_dim: int,
+    seed: int,
+    *,
+    dtype: Any = np.float16,
+  ):
     if num_records < 1 or len(latent_shape) != 3:
-      raise ValueError(f"need num_records >= 1 and latent_shape (h, w, C), got {num_records}, "
-                       f"{latent_shape}")
+      raise ValueError(f"need num_records >= 1 and latent_shape (h, w, C), got {num_records}, {latent_shape}")
     self._n, self._seed = int(num_records), int(seed)
     dtype = np.dtype(dtype)
     if dtype not in DTYPES_BY_NAME.values():
       raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
-    self.element_spec: ElementSpec = {"latent": (tuple(latent_shape), dtype),
-                                      "context": ((context_len, context_dim), dtype),
-                                      "pooled": ((pooled_dim,), dtype)}
+    self.element_spec: ElementSpec = {
+      "latent": (tuple(latent_shape), dtype),
+      "context": ((context_len, context_dim), dtype),
+      "pooled": ((pooled_dim,), dtype),
+    }
 
   def __len__(self) -> int:
     return self._n

@@ -10,6 +10,7 @@ Images (.jpg, .jpeg, .png, .webp, .bmp, searched recursively, in sorted order; t
 (bicubic resize of the shortest side, torchvision's centre crop, CLIP mean/std). Multi-host:
 every host runs the same command and reads the same files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,15 +38,23 @@ def list_images(folder: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m sd3_jax.reference_stats", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p = argparse.ArgumentParser(
+    prog="python -m sd3_jax.reference_stats",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__,
+  )
   p.add_argument("--images", required=True, help="folder of real images")
   p.add_argument("--clip", required=True, help="our converted CLIP model (the one sd3-evaluate --fid_clip uses)")
   p.add_argument("--out", required=True, help="output .npz")
   p.add_argument("--num_images", type=int, help="use the first N images (sorted paths)")
   p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--crop_rounding", choices=CROP_ROUNDING, default="round",
-                 help="centre crop: 'round' = torchvision's (clean-fid), 'floor' = transformers'")
+  p.add_argument(
+    "--crop_rounding",
+    choices=CROP_ROUNDING,
+    default="round",
+    help="centre crop: 'round' = torchvision's (clean-fid), 'floor' = transformers'",
+  )
   p.add_argument("--mesh", type=int, nargs=3, default=[1, -1, 1], metavar=("DATA", "FSDP", "TENSOR"))
   p.add_argument("--overwrite", action="store_true")
   add_distributed_args(p)
@@ -65,9 +74,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   if args.num_images is not None:
     if len(paths) < args.num_images:
       raise ValueError(f"{args.images} holds {len(paths)} images, fewer than --num_images {args.num_images}")
-    paths = paths[:args.num_images]
-  clip = clip_metrics.CLIPFeatures.from_pretrained(args.clip, mesh=sharding.make_mesh(*args.mesh),
-                                                   batch_size=args.batch_size, crop_rounding=args.crop_rounding)
+    paths = paths[: args.num_images]
+  clip = clip_metrics.CLIPFeatures.from_pretrained(
+    args.clip, mesh=sharding.make_mesh(*args.mesh), batch_size=args.batch_size, crop_rounding=args.crop_rounding
+  )
   result = run.reference_statistics(clip, paths, progress=True)
   info = dict(clip.description, images=os.path.abspath(args.images), num_images=result.count)
   if jax.process_index() == 0:

@@ -14,6 +14,7 @@ Conventions are the trainer's: t = sigma in [0, 1], sigma = 1 is pure noise, the
 predicts v = noise - data (it multiplies sigma by 1000 inside, as the reference does).
 Latents are NHWC and in the model's (normalised) space; decoding them is the caller's job.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,8 +78,14 @@ def img2img_start(num_steps: int, denoise: float) -> int:
 # Euler loop
 
 
-def euler_sample(velocity_fn: Callable[[Array, Array, Array], Array], noise: Array, sigmas,
-                 *, x_init: Optional[Array] = None, denoise: float = 1.0) -> Array:
+def euler_sample(
+  velocity_fn: Callable[[Array, Array, Array], Array],
+  noise: Array,
+  sigmas,
+  *,
+  x_init: Optional[Array] = None,
+  denoise: float = 1.0,
+) -> Array:
   """Integrates dx/dsigma = v from sigmas[start] down to sigmas[-1] with Euler steps.
 
   Args:
@@ -126,6 +133,7 @@ class SkipLayerGuidance:
   The window is the reference's: call i (0-based) of an n-step run is guided when
   ``start * n < i < end * n`` (strict), i.e. calls 1..5 of 28 for (0.01, 0.2).
   """
+
   layers: tuple[int, ...] = (7, 8, 9)
   scale: float = 2.5
   start: float = 0.01
@@ -149,8 +157,18 @@ def _apply(model, params, x, sigma, cond: Cond, skip_layers=()):
   return model.apply({"params": params}, x, t, pooled, context, skip_layers=tuple(skip_layers))
 
 
-def guided_velocity(model: mmdit.MMDiT, params, x: Array, sigma, cond: Cond, uncond: Optional[Cond],
-                    cfg_scale, slg: Optional[SkipLayerGuidance] = None, *, slg_active=True) -> Array:
+def guided_velocity(
+  model: mmdit.MMDiT,
+  params,
+  x: Array,
+  sigma,
+  cond: Cond,
+  uncond: Optional[Cond],
+  cfg_scale,
+  slg: Optional[SkipLayerGuidance] = None,
+  *,
+  slg_active=True,
+) -> Array:
   """Guided velocity at (x, sigma).
 
   Args:
@@ -169,8 +187,10 @@ def guided_velocity(model: mmdit.MMDiT, params, x: Array, sigma, cond: Cond, unc
   else:
     for a, b, name in zip(cond, uncond, ("context", "pooled")):
       if a.shape != b.shape:
-        raise ValueError(f"cond and uncond {name} shapes differ: {a.shape} vs {b.shape} (encode the "
-                         "negative prompt to the same token length)")
+        raise ValueError(
+          f"cond and uncond {name} shapes differ: {a.shape} vs {b.shape} (encode the "
+          "negative prompt to the same token length)"
+        )
     both = tuple(jnp.concatenate([c, u], 0) for c, u in zip(cond, uncond))
     v_both = _apply(model, params, jnp.concatenate([x, x], 0), sigma, both)
     v_c, v_u = jnp.split(v_both, 2, axis=0)
@@ -248,10 +268,24 @@ def _pad_batch(x, n):
   return jnp.concatenate([x, jnp.repeat(x[-1:], n - x.shape[0], axis=0)], 0)
 
 
-def sample(model: mmdit.MMDiT, params, context, pooled, neg_context=None, neg_pooled=None, *,
-           rng: Array, latent_shape: Sequence[int], num_steps: int = 28, shift: float = 3.0,
-           cfg_scale: float = 7.0, slg: Optional[SkipLayerGuidance] = None, mesh=None,
-           x_init=None, denoise: float = 1.0) -> Array:
+def sample(
+  model: mmdit.MMDiT,
+  params,
+  context,
+  pooled,
+  neg_context=None,
+  neg_pooled=None,
+  *,
+  rng: Array,
+  latent_shape: Sequence[int],
+  num_steps: int = 28,
+  shift: float = 3.0,
+  cfg_scale: float = 7.0,
+  slg: Optional[SkipLayerGuidance] = None,
+  mesh=None,
+  x_init=None,
+  denoise: float = 1.0,
+) -> Array:
   """Samples latents [B, *latent_shape] (float32) for B prompts, jitted end to end.
 
   Args:
@@ -304,6 +338,5 @@ def sample(model: mmdit.MMDiT, params, context, pooled, neg_context=None, neg_po
   if mesh is not None:
     batch = [None if a is None else jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in batch]
   fn = _sampler(model, mesh, latent_shape, slg, use_cfg)
-  out = fn(params, *batch, rng, jnp.asarray(sigmas[start:]), jnp.asarray(window),
-           jnp.asarray(cfg_scale, jnp.float32))
+  out = fn(params, *batch, rng, jnp.asarray(sigmas[start:]), jnp.asarray(window), jnp.asarray(cfg_scale, jnp.float32))
   return out[:b] if n != b else out

@@ -3,6 +3,7 @@ and the three-encoder conditioner (``SD3TextConditioner``: prompts -> (context, 
 from the diffusers pipeline layout (``from_pretrained`` / ``load_conditioner``). The rules and
 the layout are in the README ("Text encoders, VAE and sampling").
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,7 @@ TOKENIZER_DIRS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 def _token_ids(tokenizer, prompts: Sequence[str], max_length: int) -> list[list[int]]:
   if isinstance(prompts, str):
     raise TypeError("prompts must be a list of strings, not one string")
-  out = tokenizer(list(prompts), add_special_tokens=True, truncation=True, max_length=max_length,
-                  padding=False)
+  out = tokenizer(list(prompts), add_special_tokens=True, truncation=True, max_length=max_length, padding=False)
   return [list(ids) for ids in out["input_ids"]]
 
 
@@ -40,12 +40,13 @@ def _pad(seqs: list[list[int]], length: int, pad_id: int) -> np.ndarray:
   for i, s in enumerate(seqs):
     if len(s) > length:
       raise ValueError(f"tokenizer returned {len(s)} ids for max_length {length}")
-    ids[i, :len(s)] = s
+    ids[i, : len(s)] = s
   return ids
 
 
-def tokenize_clip(tokenizer, prompts: Sequence[str], pad_id: int | None = None,
-                  length: int = CLIP_LENGTH) -> np.ndarray:
+def tokenize_clip(
+  tokenizer, prompts: Sequence[str], pad_id: int | None = None, length: int = CLIP_LENGTH
+) -> np.ndarray:
   """[B, length] int32: BOS, the prompt's tokens (truncated to length - 2), EOS, then pad_id.
 
   pad_id None pads with the tokenizer's EOS (CLIP-L); SD3's CLIP-G pads with 0."""
@@ -59,8 +60,7 @@ def tokenize_clip(tokenizer, prompts: Sequence[str], pad_id: int | None = None,
   return _pad(seqs, length, eos if pad_id is None else pad_id)
 
 
-def tokenize_t5(tokenizer, prompts: Sequence[str], length: int = 77,
-                pad_id: int = T5_PAD_ID) -> np.ndarray:
+def tokenize_t5(tokenizer, prompts: Sequence[str], length: int = 77, pad_id: int = T5_PAD_ID) -> np.ndarray:
   """[B, length] int32: the prompt's tokens (truncated to length - 1), EOS, then pad_id (0)."""
   eos = tokenizer.eos_token_id
   seqs = _token_ids(tokenizer, prompts, length)
@@ -73,6 +73,7 @@ def tokenize_t5(tokenizer, prompts: Sequence[str], length: int = 77,
 def load_tokenizer(path):
   """A transformers tokenizer from a LOCAL directory (never the hub)."""
   from transformers import AutoTokenizer  # heavy; only when loading
+
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no tokenizer directory {path}")
@@ -85,6 +86,7 @@ def load_tokenizer(path):
 
 class TextEncoder(NamedTuple):
   """One encoder: its flax module, parameters and tokenizer."""
+
   module: Any
   params: Any
   tokenizer: Any
@@ -94,6 +96,7 @@ def load_text_encoder(path, *, dtype=jnp.float32):
   """(module, params) from our checkpoint (sd3_jax.clip_text / t5_encoder) or, converted in
   memory one tensor at a time, from a transformers directory."""
   from sd3_jax import pretrained
+
   path = os.fspath(path)
   if pretrained.is_checkpoint(path):
     module, params = pretrained.load_pretrained(path, dtype=dtype)
@@ -101,6 +104,7 @@ def load_text_encoder(path, *, dtype=jnp.float32):
       raise ValueError(f"{path} holds a {type(module).__name__}, not a text encoder")
     return module, params
   from sd3_jax.convert import encoders  # transformers directory
+
   source = encoders.open_text_source(path)
   flat = {e.ours: jnp.asarray(source.read_ours(e.ours).astype(np.float32)) for e in source.entries}
   return te.build(source.config, dtype), pretrained.unflatten(flat)
@@ -122,21 +126,33 @@ class SD3TextConditioner:
       reference's un-projected one; identical when text_projection is the identity (SD3).
   """
 
-  def __init__(self, clip_l: TextEncoder, clip_g: TextEncoder, t5: TextEncoder | None = None, *,
-               t5_length: int = 77, clip_length: int = CLIP_LENGTH, context_dim: int | None = None,
-               clip_l_pad_id: int | None = None,
-               clip_g_pad_id: int = CLIP_G_PAD_ID, project_clip_l: bool = False):
+  def __init__(
+    self,
+    clip_l: TextEncoder,
+    clip_g: TextEncoder,
+    t5: TextEncoder | None = None,
+    *,
+    t5_length: int = 77,
+    clip_length: int = CLIP_LENGTH,
+    context_dim: int | None = None,
+    clip_l_pad_id: int | None = None,
+    clip_g_pad_id: int = CLIP_G_PAD_ID,
+    project_clip_l: bool = False,
+  ):
     for name, enc in (("clip_l", clip_l), ("clip_g", clip_g)):
       if not isinstance(enc.module, te.CLIPTextEncoder):
         raise TypeError(f"{name} must hold a CLIPTextEncoder, got {type(enc.module).__name__}")
       if enc.module.config.max_position_embeddings < clip_length:
-        raise ValueError(f"{name} has {enc.module.config.max_position_embeddings} positions, fewer "
-                         f"than clip_length {clip_length}")
+        raise ValueError(
+          f"{name} has {enc.module.config.max_position_embeddings} positions, fewer than clip_length {clip_length}"
+        )
     for name, enc, projected in (("clip_l", clip_l, project_clip_l), ("clip_g", clip_g, True)):
       c = enc.module.config
       if projected and c.projection_dim != c.hidden_size:
-        raise ValueError(f"{name}'s projected pooled output is used, so its projection_dim "
-                         f"{c.projection_dim} must equal its hidden_size {c.hidden_size} (SD3's layout)")
+        raise ValueError(
+          f"{name}'s projected pooled output is used, so its projection_dim "
+          f"{c.projection_dim} must equal its hidden_size {c.hidden_size} (SD3's layout)"
+        )
     if t5 is not None:
       if not isinstance(t5.module, te.T5Encoder):
         raise TypeError(f"t5 must hold a T5Encoder, got {type(t5.module).__name__}")
@@ -147,8 +163,9 @@ class SD3TextConditioner:
     context_dim = 4096 if context_dim is None else context_dim
     if clip_length < 2:
       raise ValueError(f"clip_length must be >= 2 (BOS and EOS), got {clip_length}")
-    self.layout = flow.TextLayout(clip_l_dim=clip_l.module.config.hidden_size,
-                                  clip_g_dim=clip_g.module.config.hidden_size, clip_tokens=clip_length)
+    self.layout = flow.TextLayout(
+      clip_l_dim=clip_l.module.config.hidden_size, clip_g_dim=clip_g.module.config.hidden_size, clip_tokens=clip_length
+    )
     if self.layout.pooled_dim > context_dim:
       raise ValueError(f"CLIP-L + CLIP-G width {self.layout.pooled_dim} exceeds context_dim {context_dim}")
     if t5_length < 1:
@@ -171,9 +188,10 @@ class SD3TextConditioner:
     missing = [d for d in need if not os.path.isdir(os.path.join(path, d))]
     if missing:
       raise FileNotFoundError(
-          f"{path} lacks {missing}: expected the diffusers pipeline layout {list(ENCODER_DIRS)} "
-          f"(converted with `python -m tools.convert_weights --to jax`, or transformers directories) "
-          f"and {list(TOKENIZER_DIRS)} (tokenizer files)")
+        f"{path} lacks {missing}: expected the diffusers pipeline layout {list(ENCODER_DIRS)} "
+        f"(converted with `python -m tools.convert_weights --to jax`, or transformers directories) "
+        f"and {list(TOKENIZER_DIRS)} (tokenizer files)"
+      )
 
     def enc(i):
       module, params = load_text_encoder(os.path.join(path, ENCODER_DIRS[i]), dtype=dtype)
@@ -190,9 +208,9 @@ class SD3TextConditioner:
     """{'clip_l': [B, clip_length], 'clip_g': [B, clip_length], 't5': [B, t5_length] or None}
     int32 ids."""
     return {
-        "clip_l": tokenize_clip(self.clip_l.tokenizer, prompts, self.clip_l_pad_id, self.clip_length),
-        "clip_g": tokenize_clip(self.clip_g.tokenizer, prompts, self.clip_g_pad_id, self.clip_length),
-        "t5": None if self.t5 is None else tokenize_t5(self.t5.tokenizer, prompts, self.t5_length),
+      "clip_l": tokenize_clip(self.clip_l.tokenizer, prompts, self.clip_l_pad_id, self.clip_length),
+      "clip_g": tokenize_clip(self.clip_g.tokenizer, prompts, self.clip_g_pad_id, self.clip_length),
+      "t5": None if self.t5 is None else tokenize_t5(self.t5.tokenizer, prompts, self.t5_length),
     }
 
   def _encode_ids_impl(self, p_l, p_g, p_t5, ids_l, ids_g, ids_t5):
@@ -204,17 +222,22 @@ class SD3TextConditioner:
     else:
       t5_seq = self.t5.module.apply({"params": p_t5}, ids_t5)
     pooled_l = out_l.projected if self.project_clip_l else out_l.pooled
-    return flow.assemble_conditioning(out_l.hidden, out_g.hidden, t5_seq, pooled_l, out_g.projected,
-                                      context_dim=self.context_dim)
+    return flow.assemble_conditioning(
+      out_l.hidden, out_g.hidden, t5_seq, pooled_l, out_g.projected, context_dim=self.context_dim
+    )
 
   def encode_ids(self, clip_l_ids, clip_g_ids, t5_ids=None) -> tuple[jax.Array, jax.Array]:
     """Already tokenized ids -> (context [B, clip_length + t5_length, context_dim], pooled [B, D_l+D_g])."""
     if (t5_ids is None) != (self.t5 is None):
       raise ValueError("give t5_ids exactly when the conditioner has a T5 encoder")
-    return self._encode_ids(self.clip_l.params, self.clip_g.params,
-                            None if self.t5 is None else self.t5.params,
-                            jnp.asarray(clip_l_ids, jnp.int32), jnp.asarray(clip_g_ids, jnp.int32),
-                            None if t5_ids is None else jnp.asarray(t5_ids, jnp.int32))
+    return self._encode_ids(
+      self.clip_l.params,
+      self.clip_g.params,
+      None if self.t5 is None else self.t5.params,
+      jnp.asarray(clip_l_ids, jnp.int32),
+      jnp.asarray(clip_g_ids, jnp.int32),
+      None if t5_ids is None else jnp.asarray(t5_ids, jnp.int32),
+    )
 
   def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
     """Prompts -> (context [B, clip_length + t5_length, context_dim], pooled [B, D_l + D_g]), float32."""
@@ -233,13 +256,26 @@ class SD3TextConditioner:
     return self.encode(prompts)
 
 
-def load_conditioner(path: str, *, dtype: str = "float32", t5_length: int = 77, use_t5: bool = True,
-                     clip_length: int = 77, project_clip_l: bool = False):
+def load_conditioner(
+  path: str,
+  *,
+  dtype: str = "float32",
+  t5_length: int = 77,
+  use_t5: bool = True,
+  clip_length: int = 77,
+  project_clip_l: bool = False,
+):
   """SD3 text conditioning (CLIP-L, CLIP-G and, when present, T5) from the diffusers pipeline
   layout in ``path`` (text_encoder*/ as our converted checkpoints or transformers directories,
   tokenizer*/ files); see ``SD3TextConditioner.from_pretrained``. ``t5_length``: 77 T5 tokens as
   the reference (diffusers samples with 256); with ``clip_length`` (77 as SD3; the embedded demo
   uses 12) it must give the context length the model expects. ``project_clip_l``: CLIP-L's
   projected pooled vector (diffusers) instead of the reference's un-projected one."""
-  return SD3TextConditioner.from_pretrained(path, dtype=jnp.dtype(dtype), use_t5=use_t5, t5_length=t5_length,
-                                            clip_length=clip_length, project_clip_l=project_clip_l)
+  return SD3TextConditioner.from_pretrained(
+    path,
+    dtype=jnp.dtype(dtype),
+    use_t5=use_t5,
+    t5_length=t5_length,
+    clip_length=clip_length,
+    project_clip_l=project_clip_l,
+  )

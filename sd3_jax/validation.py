@@ -3,6 +3,7 @@ over fixed validation examples with fixed noise, comparable across runs, model s
 sizes and restarts. With aspect buckets, each bucket is reported and the overall loss is the
 example-weighted mean over all of them.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -21,18 +22,25 @@ def make_validation_fn(model, mesh):
   def fn(params, batch, levels):
     with sharding.logical_axes(mesh):
       velocity = lambda z, t: model.apply({"params": params}, z, t, batch["pooled"], batch["context"])
-      return flow.validation_loss_sums(velocity, batch["latent"].astype(jnp.float32), batch["noise"],
-                                       levels, mask=batch["mask"])
+      return flow.validation_loss_sums(
+        velocity, batch["latent"].astype(jnp.float32), batch["noise"], levels, mask=batch["mask"]
+      )
 
   return jax.jit(fn, out_shardings=(rep, rep))
 
 
-def loss_sums(val_fn, params, source, mesh, *, levels, seed: int, batch_size: int,
-              num_examples: int) -> tuple[np.ndarray, float]:
+def loss_sums(
+  val_fn, params, source, mesh, *, levels, seed: int, batch_size: int, num_examples: int
+) -> tuple[np.ndarray, float]:
   """(per-level loss sums, example count) over the first ``num_examples`` of ``source``."""
   it = input_pipeline.make_eval_iterator(
-      source, global_batch_size=batch_size, max_examples=num_examples,
-      process_index=jax.process_index(), process_count=jax.process_count(), dtype=None)  # cast on device
+    source,
+    global_batch_size=batch_size,
+    max_examples=num_examples,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    dtype=None,
+  )  # cast on device
   sums, count = np.zeros(len(levels), np.float64), 0.0
   for local in it:
     ids = local.pop("example_id")
@@ -43,15 +51,17 @@ def loss_sums(val_fn, params, source, mesh, *, levels, seed: int, batch_size: in
   return sums, count
 
 
-def evaluate(val_fn, params, sources: Mapping[str, object], mesh, *, num_levels: int, seed: int,
-             batch_size: int, num_examples: int) -> dict[str, float]:
+def evaluate(
+  val_fn, params, sources: Mapping[str, object], mesh, *, num_levels: int, seed: int, batch_size: int, num_examples: int
+) -> dict[str, float]:
   """``val/loss`` and ``val/loss_t...`` over every source together; with more than one source
   (aspect buckets, keyed by name) also ``val/<name>/loss`` and its levels per source."""
   levels = flow.val_t_levels(num_levels)
   out, total, count = {}, np.zeros(len(levels), np.float64), 0.0
   for name, source in sources.items():
-    s, c = loss_sums(val_fn, params, source, mesh, levels=levels, seed=seed, batch_size=batch_size,
-                     num_examples=num_examples)
+    s, c = loss_sums(
+      val_fn, params, source, mesh, levels=levels, seed=seed, batch_size=batch_size, num_examples=num_examples
+    )
     total, count = total + s, count + c
     if len(sources) > 1:
       out.update(flow.summarize_validation(s / max(c, 1.0), levels, prefix=f"val/{name}"))

@@ -6,6 +6,7 @@ environment) compile the same tiny train step; jax's persistent cache lets every
 the first load the executable instead, which cuts the suite's time by a large factor without
 changing what runs. The cache lives in a fresh temporary directory removed at exit, so no test
 ever sees executables from an earlier session or another checkout."""
+
 import atexit
 import os
 import shutil

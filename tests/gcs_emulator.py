@@ -13,6 +13,7 @@
 Object generations (what the driver's conditional reads and writes compare) come from a counter
 per server write, since file mtimes are too coarse to tell quick rewrites apart.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,6 +34,7 @@ _ROOT = {"dir": None}
 
 class FakeGCSFileSystem(LocalFileSystem):
   """gs://bucket/key -> <root>/bucket/key; no append mode, as on an object store."""
+
   protocol = ("gs", "gcs")
   cachable = False
 
@@ -44,14 +46,14 @@ class FakeGCSFileSystem(LocalFileSystem):
     path = fsspec.utils.stringify_path(path)
     for prefix in ("gs://", "gcs://"):
       if path.startswith(prefix):
-        return os.path.join(_ROOT["dir"], path[len(prefix):]).rstrip("/")
+        return os.path.join(_ROOT["dir"], path[len(prefix) :]).rstrip("/")
     return super()._strip_protocol(path)
 
   def glob(self, path, **kwargs):
     """Matches come back as gcsfs gives them, "bucket/key" (epath adds gs:// again), not as
     local paths."""
     root = _ROOT["dir"].rstrip("/") + "/"
-    return sorted(p[len(root):] for p in _glob.glob(self._strip_protocol(path)))
+    return sorted(p[len(root) :] for p in _glob.glob(self._strip_protocol(path)))
 
   def _open(self, path, mode="rb", **kwargs):
     if "a" in mode:
@@ -107,9 +109,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
   def _meta(self, bucket, name, path):
     st = os.stat(path)
-    return {"kind": "storage#object", "bucket": bucket, "name": name, "size": str(st.st_size),
-            "generation": str(_generation(path)), "metageneration": "1",
-            "updated": "2026-01-01T00:00:00.000Z"}
+    return {
+      "kind": "storage#object",
+      "bucket": bucket,
+      "name": name,
+      "size": str(st.st_size),
+      "generation": str(_generation(path)),
+      "metageneration": "1",
+      "updated": "2026-01-01T00:00:00.000Z",
+    }
 
   def _precondition_fails(self, q, path):
     gen = _generation(path) if os.path.isfile(path) else 0
@@ -136,8 +144,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if len(parts) == 6 and parts[1:4] == ["storage", "v1", "b"] and parts[5] == "o":
       return self._list(parts[4], q)
     if len(parts) == 5 and parts[1:4] == ["storage", "v1", "b"]:  # bucket metadata (orbax asks)
-      return self._send(200, json.dumps({"kind": "storage#bucket", "name": parts[4], "id": parts[4],
-                                         "hierarchicalNamespace": {"enabled": False}}).encode())
+      return self._send(
+        200,
+        json.dumps(
+          {"kind": "storage#bucket", "name": parts[4], "id": parts[4], "hierarchicalNamespace": {"enabled": False}}
+        ).encode(),
+      )
     self._error(400, f"unsupported GET {self.path}")
 
   def _existing(self, bucket, name, q):
@@ -163,7 +175,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     headers = [("x-goog-generation", meta["generation"]), ("x-goog-metageneration", "1")]
     rng = self.headers.get("Range")
     if rng and rng.startswith("bytes="):
-      lo, _, hi = rng[len("bytes="):].partition("-")
+      lo, _, hi = rng[len("bytes=") :].partition("-")
       if lo == "":  # suffix range
         lo = max(0, len(data) - int(hi))
         hi = len(data) - 1
@@ -172,7 +184,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       if lo >= len(data) and len(data) > 0:
         return self._error(416, "range not satisfiable")
       hi = min(hi, len(data) - 1)
-      body = data[lo:hi + 1]
+      body = data[lo : hi + 1]
       headers.append(("Content-Range", f"bytes {lo}-{hi}/{len(data)}"))
       return self._send(206, body, "application/octet-stream", headers)
     self._send(200, data, "application/octet-stream", headers)
@@ -248,6 +260,7 @@ class Server:
 def fake_gcs(root: str, monkeypatch):
   """gs:// for epath/fsspec and for tensorstore, both kept under ``root``."""
   from etils.epath import backend as epath_backend
+
   _ROOT["dir"] = root
   os.makedirs(root, exist_ok=True)
   for name in ("gs", "gcs"):
@@ -259,6 +272,7 @@ def fake_gcs(root: str, monkeypatch):
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)  # google-cloud-storage (orbax's bucket query)
   monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test-project")
   from orbax.checkpoint._src.path import gcs_utils
+
   gcs_utils.get_bucket.cache_clear()
   try:
     yield server

@@ -1,4 +1,5 @@
 """tools.aot_compile: the real train step compiled for a TPU topology on this CPU machine."""
+
 import json
 import os
 import subprocess
@@ -8,10 +9,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _aot(*flags):
-  cmd = [sys.executable, "-m", "tools.aot_compile", "--config", os.path.join(REPO, "configs/tiny.py"),
-         "--json", *flags]
-  p = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-                     text=True, timeout=600)
+  cmd = [sys.executable, "-m", "tools.aot_compile", "--config", os.path.join(REPO, "configs/tiny.py"), "--json", *flags]
+  p = subprocess.run(
+    cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600
+  )
   assert p.returncode == 0, p.stderr[-4000:]
   return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -20,7 +21,7 @@ def test_tiny_config_fits_v5p_topology():
   r = _aot("--topology=v5p:2x2x2", "--config.mesh.fsdp=4", "--config.mesh.tensor=2")
   assert r["num_devices"] == 8 and r["device_kind"].startswith("TPU v5")
   assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
-  assert r["hbm_bytes_per_device"] == 95 * 1024 ** 3  # v5p: 95 GiB HBM per chip (Google Cloud's v5p page)
+  assert r["hbm_bytes_per_device"] == 95 * 1024**3  # v5p: 95 GiB HBM per chip (Google Cloud's v5p page)
   assert 0 < r["peak_bytes_per_device"] < r["hbm_bytes_per_device"] and r["fits"] is True
   assert r["compiled_flops_per_device"] > 0
 
@@ -32,8 +33,7 @@ def test_too_large_batch_does_not_fit_v5e():
 
 
 def test_remat_policies_report_memory_and_recomputation_and_pick():
-  r = _aot("--topology=v5p:2x2x1", "--config.mesh.fsdp=4", "--remat_policies=none,full",
-           "--pick_remat")
+  r = _aot("--topology=v5p:2x2x1", "--config.mesh.fsdp=4", "--remat_policies=none,full", "--pick_remat")
   rows = {row["remat"]: row for row in r["policies"]}
   assert set(rows) == {"none", "full"}
   assert all(row["attention_impl"] == "splash" and row["fits"] for row in rows.values())

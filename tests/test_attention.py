@@ -1,5 +1,6 @@
 """Attention kernels: the splash kernel (Pallas interpret mode on CPU) equals the XLA path,
 forward and gradients, padded and unpadded, sharded; 'auto' resolution and its errors."""
+
 import logging
 
 import jax
@@ -63,8 +64,17 @@ def test_splash_sharded_over_batch_and_heads():
 
 
 def test_mmdit_with_splash_equals_xla():
-  cfg = mmdit.MMDiTConfig(depth=2, hidden_size=128, num_heads=2, in_channels=4, out_channels=4,
-                          pooled_dim=16, context_dim=16, pos_embed_max_size=8, qk_norm=True)
+  cfg = mmdit.MMDiTConfig(
+    depth=2,
+    hidden_size=128,
+    num_heads=2,
+    in_channels=4,
+    out_channels=4,
+    pooled_dim=16,
+    context_dim=16,
+    pos_embed_max_size=8,
+    qk_norm=True,
+  )
   x, t, pooled, ctx = mmdit.dummy_inputs(cfg, batch=2, latent_size=8, context_len=5)
   keys = jax.random.split(jax.random.key(3), 3)
   x, pooled, ctx = (jax.random.normal(k, a.shape) for k, a in zip(keys, (x, pooled, ctx)))
@@ -75,13 +85,14 @@ def test_mmdit_with_splash_equals_xla():
   params = jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, a.shape) for k, a in zip(ks, leaves)])
   ref = mmdit.MMDiT(cfg, attention_impl="xla").apply({"params": params}, x, t, pooled, ctx)
   got = mmdit.MMDiT(cfg, attention_impl="splash_interpret", attention_blocks=BLOCKS).apply(
-      {"params": params}, x, t, pooled, ctx)
+    {"params": params}, x, t, pooled, ctx
+  )
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=1e-4)
 
 
 def test_default_blocks_for_the_sd3_lengths():
-  assert A.default_block(256 + 154) == 512      # 256^2: one block of 512
-  assert A.default_block(4096 + 154) == 256     # 1024^2: 4352 padded, not 4608
+  assert A.default_block(256 + 154) == 512  # 256^2: one block of 512
+  assert A.default_block(4096 + 154) == 256  # 1024^2: 4352 padded, not 4608
   assert A.default_block(1024 + 154) == 256 or A.default_block(1024 + 154) == 128
   with pytest.raises(ValueError, match="multiple of 128"):
     A.SplashBlocks(100, 128).resolve(410)

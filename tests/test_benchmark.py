@@ -1,4 +1,5 @@
 """tools.benchmark: compile once, time the real step on synthetic data, report MFU and memory."""
+
 import json
 import os
 import subprocess
@@ -8,8 +9,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_benchmark_tiny_on_cpu():
-  cmd = [sys.executable, "-m", "tools.benchmark", "--config", os.path.join(REPO, "configs/tiny.py"),
-         "--steps", "2", "--matmul_size", "256", "--json", "--config.global_batch_size=4"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "tools.benchmark",
+    "--config",
+    os.path.join(REPO, "configs/tiny.py"),
+    "--steps",
+    "2",
+    "--matmul_size",
+    "256",
+    "--json",
+    "--config.global_batch_size=4",
+  ]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device
   p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-4000:]

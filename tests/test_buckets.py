@@ -1,6 +1,7 @@
 """Mixed aspect ratios in one run: one bucket per global batch, drawn in proportion to size from
 the seed, exact resume of every bucket's position, one compiled step per bucket, validation
 per bucket and overall, FLOPs of the buckets that ran, and the AOT check of every bucket."""
+
 import json
 import os
 import subprocess
@@ -56,8 +57,7 @@ def _write_buckets(root, counts):
 def _config(data, total_steps):
   c = tiny.get_config()
   c.total_steps, c.log_every, c.checkpoint_every = total_steps, 1, 3
-  c.data.update(dict(source="records", path=data, buckets=SHAPES, bucket_pixels_per_latent=1,
-                     val_holdout=4))
+  c.data.update(dict(source="records", path=data, buckets=SHAPES, bucket_pixels_per_latent=1, val_holdout=4))
   c.val.update(dict(every=6, num_examples=4, batch_size=8))
   return c
 
@@ -98,10 +98,19 @@ def test_mixed_aspect_run_resumes_exactly_with_one_compile_per_bucket(tmp_path, 
 
 
 def test_aot_compile_checks_every_bucket():
-  cmd = [sys.executable, "-m", "tools.aot_compile", "--config", os.path.join(REPO, "configs/tiny.py"),
-         "--json", "--topology=v5p:2x2x1", f"--config.data.buckets={SHAPES}"]
-  p = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-                     text=True, timeout=600)
+  cmd = [
+    sys.executable,
+    "-m",
+    "tools.aot_compile",
+    "--config",
+    os.path.join(REPO, "configs/tiny.py"),
+    "--json",
+    "--topology=v5p:2x2x1",
+    f"--config.data.buckets={SHAPES}",
+  ]
+  p = subprocess.run(
+    cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600
+  )
   assert p.returncode == 0, p.stderr[-4000:]
   r = json.loads(p.stdout.strip().splitlines()[-1])
   assert sorted(r["buckets"]) == ["4x16", "8x8"] and r["fits"] is True

@@ -1,4 +1,5 @@
 """sd3_jax.build_dataset: folder/JSONL and tfds inputs, corrupt images, resume, processes, mixing."""
+
 import json
 import os
 
@@ -65,8 +66,9 @@ def _same(a, b):
       np.testing.assert_array_equal(getattr(a[k], t), getattr(b[k], t))
 
 
-KW = dict(image_encoder=image_encoder, text_encoder=text_encoder, resolution=8, batch_size=3,
-          chunk_size=4, records_per_shard=3)
+KW = dict(
+  image_encoder=image_encoder, text_encoder=text_encoder, resolution=8, batch_size=3, chunk_size=4, records_per_shard=3
+)
 
 
 def test_folder_end_to_end_and_corrupt(tmp_path):
@@ -164,9 +166,17 @@ def test_buckets_and_identity(tmp_path):
   sizes = {0: (40, 80), 1: (80, 40), 2: (50, 50), 3: (42, 84), 4: (60, 60)}
   source = _make_folder(tmp_path, 5, sizes=sizes)
   out = str(tmp_path / "out")
-  res = bd.build(source, out, image_encoder=bd.identity_image_encoder, text_encoder=text_encoder,
-                 resolution=64, buckets=bd.aspect_buckets(64, 16), batch_size=2, chunk_size=3,
-                 latent_dtype="float32")
+  res = bd.build(
+    source,
+    out,
+    image_encoder=bd.identity_image_encoder,
+    text_encoder=text_encoder,
+    resolution=64,
+    buckets=bd.aspect_buckets(64, 16),
+    batch_size=2,
+    chunk_size=3,
+    latent_dtype="float32",
+  )
   dirs = res["summary"]["directories"]
   assert sum(dirs.values()) == 5 and dirs["64x64"] == 2 and len(dirs) == 3
   wide = [k for k in dirs if int(k.split("x")[1]) > int(k.split("x")[0])]
@@ -181,9 +191,26 @@ def test_cli_folder_identity(tmp_path):
   source = _make_folder(tmp_path, 4, corrupt={1})
   out = str(tmp_path / "cli")
   with pytest.warns(UserWarning):
-    res = bd.main(["--images", source.image_dir, "--captions", str(tmp_path / "caps.jsonl"), "--out", out,
-                   "--identity_vae", "--resolution", "8", "--batch_size", "2", "--process_index", "0",
-                   "--process_count", "1"], text_encoder=text_encoder)
+    res = bd.main(
+      [
+        "--images",
+        source.image_dir,
+        "--captions",
+        str(tmp_path / "caps.jsonl"),
+        "--out",
+        out,
+        "--identity_vae",
+        "--resolution",
+        "8",
+        "--batch_size",
+        "2",
+        "--process_index",
+        "0",
+        "--process_count",
+        "1",
+      ],
+      text_encoder=text_encoder,
+    )
   assert res["summary"]["num_records"] == 3
   src = records.RecordSource(out)
   assert src.element_spec["latent"][0] == (8, 8, 3) and src.info["metadata"]["vae"] == "identity"
@@ -196,8 +223,12 @@ def test_tfds_source(tmp_path):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-          {"image": tfds.features.Image(shape=(None, None, 3)), "caption": tfds.features.Text()}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {"image": tfds.features.Image(shape=(None, None, 3)), "caption": tfds.features.Text()}
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples()}
@@ -224,6 +255,7 @@ def test_tfds_source(tmp_path):
 def test_vae_encoder_mean_and_per_example_sample():
   import jax
   from sd3_jax.models import vae as V
+
   model = V.AutoencoderKL(V.VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8))
   x = np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 3)).astype(np.float32)
   params = model.init(jax.random.PRNGKey(0), x)["params"]
@@ -234,8 +266,8 @@ def test_vae_encoder_mean_and_per_example_sample():
   enc = bd.make_vae_encoder(model, params, sample=True, seed=1)
   xs = np.stack([x[0], x[0], x[0]])
   z = np.asarray(enc(xs, seeds))
-  np.testing.assert_array_equal(z[0], z[2])          # same example key -> same sample
-  assert not np.allclose(z[0], z[1])                 # another key -> another sample
-  z2 = np.asarray(enc(xs[::-1], seeds[::-1]))        # independent of batch position
+  np.testing.assert_array_equal(z[0], z[2])  # same example key -> same sample
+  assert not np.allclose(z[0], z[1])  # another key -> another sample
+  z2 = np.asarray(enc(xs[::-1], seeds[::-1]))  # independent of batch position
   np.testing.assert_allclose(z2[::-1], z, atol=1e-6)
   assert not np.allclose(z[0], np.asarray(mean)[0])

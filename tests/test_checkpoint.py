@@ -1,5 +1,6 @@
 """checkpoint.py on 8 fake devices: sharded save/restore (same and other meshes), keep-N, grain
 iterator position, config, interrupted saves, error messages."""
+
 import os
 
 import flax
@@ -35,8 +36,11 @@ def _make_state(seed=0):
 
   def init(key):
     k1, k2, k3 = jax.random.split(key, 3)
-    params = {"w": jax.random.normal(k1, (16, 8)), "b": jax.random.normal(k2, (8,)),
-              "emb": jax.random.normal(k3, (3, 16))}
+    params = {
+      "w": jax.random.normal(k1, (16, 8)),
+      "b": jax.random.normal(k2, (8,)),
+      "emb": jax.random.normal(k3, (3, 16)),
+    }
     opt_state = tx.init(params)
     for i in range(2):
       grads = jax.tree.map(lambda p: jnp.sin(p * (i + 1)), params)
@@ -53,8 +57,11 @@ def _assert_same_values(a, b):
 
 
 def _assert_shardings(tree, abstract):
-  jax.tree.map(lambda x, t: (x.sharding.is_equivalent_to(t.sharding, x.ndim)
-                             or pytest.fail(f"{x.sharding} != {t.sharding}")), tree, abstract)
+  jax.tree.map(
+    lambda x, t: x.sharding.is_equivalent_to(t.sharding, x.ndim) or pytest.fail(f"{x.sharding} != {t.sharding}"),
+    tree,
+    abstract,
+  )
 
 
 def _dataset():
@@ -80,21 +87,28 @@ def test_save_restore_same_mesh_exact(tmp_path, state):
   assert jax.tree.structure(restored) == jax.tree.structure(state)  # optax namedtuples intact
   assert config == CONFIG
   assert sorted(os.listdir(tmp_path / "ckpt" / "2")) == [
-      "_CHECKPOINT_METADATA", "commit_success.txt", "config", "state"]
+    "_CHECKPOINT_METADATA",
+    "commit_success.txt",
+    "config",
+    "state",
+  ]
 
 
-@pytest.mark.parametrize("shape,names,spec_fn", [
+@pytest.mark.parametrize(
+  "shape,names,spec_fn",
+  [
     ((8,), ("fsdp",), lambda x: P("fsdp") if x.ndim and x.shape[0] % 8 == 0 else P()),
-    ((4, 2), ("fsdp", "tensor"),
-     lambda x: P(None, "tensor") if x.ndim == 2 and x.shape[1] % 2 == 0 else P()),
-])
+    ((4, 2), ("fsdp", "tensor"), lambda x: P(None, "tensor") if x.ndim == 2 and x.shape[1] % 2 == 0 else P()),
+  ],
+)
 def test_restore_onto_other_mesh(tmp_path, state, shape, names, spec_fn):
   with Checkpointer(tmp_path) as ckpt:
     ckpt.save(2, state)
     ckpt.wait_until_finished()
   mesh = _mesh(shape, names)
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec_fn(x))), state)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec_fn(x))), state
+  )
   with Checkpointer(tmp_path) as ckpt:  # a new process after a restart
     restored, config = ckpt.restore(2, abstract_state=abstract)
   assert config is None
@@ -111,11 +125,11 @@ def test_restore_casts_to_requested_dtype(tmp_path, state):
     ckpt.wait_until_finished()
     abstract = abstract_like(state)
     abstract["params"] = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=x.sharding), abstract["params"])
+      lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=x.sharding), abstract["params"]
+    )
     restored, _ = ckpt.restore(abstract_state=abstract)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(restored["params"]))
-  _assert_same_values(restored["params"],
-                      jax.tree.map(lambda x: x.astype(jnp.bfloat16), state["params"]))
+  _assert_same_values(restored["params"], jax.tree.map(lambda x: x.astype(jnp.bfloat16), state["params"]))
 
 
 def test_keep_n_and_async_flag(tmp_path, state):
@@ -223,8 +237,7 @@ def test_error_messages(tmp_path, state):
       ckpt.restore(9, abstract_state=abstract)
 
     wrong_shape = jax.tree.map(lambda x: x, abstract)
-    wrong_shape["params"]["w"] = jax.ShapeDtypeStruct(
-        (16, 4), jnp.float32, sharding=abstract["params"]["w"].sharding)
+    wrong_shape["params"]["w"] = jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=abstract["params"]["w"].sharding)
     with pytest.raises(ValueError, match=r"params\.w \(checkpoint \(16, 8\), requested \(16, 4\)\)"):
       ckpt.restore(abstract_state=wrong_shape)
 
@@ -232,8 +245,7 @@ def test_error_messages(tmp_path, state):
     with pytest.raises(ValueError, match=r"not in the checkpoint: ema\.b, ema\.emb, ema\.w"):
       ckpt.restore(abstract_state=extra)
     fewer = {k: v for k, v in abstract.items() if k != "opt_state"}
-    with pytest.raises(ValueError,
-                       match=r"in the checkpoint but not in abstract_state: opt_state\.0\.count"):
+    with pytest.raises(ValueError, match=r"in the checkpoint but not in abstract_state: opt_state\.0\.count"):
       ckpt.restore(abstract_state=fewer)
 
     unsharded = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)

@@ -1,6 +1,7 @@
 """CLIP image tower and two-tower CLIP model: parity with transformers on random tiny configs,
 conversion of transformers directories both ways, load_pretrained, and the preprocessing
 against transformers' CLIPImageProcessor (PIL backend) on random images."""
+
 import json
 import os
 
@@ -17,11 +18,26 @@ from sd3_jax.convert.cli import main as cli_main
 from sd3_jax.evaluation import preprocess as pp
 from sd3_jax.models import clip_vision as cv
 
-VISION_HF = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                 image_size=32, patch_size=8, projection_dim=24)
-TEXT_HF = dict(vocab_size=99, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
-               num_attention_heads=4, max_position_embeddings=16, bos_token_id=97, eos_token_id=98,
-               pad_token_id=98)
+VISION_HF = dict(
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  image_size=32,
+  patch_size=8,
+  projection_dim=24,
+)
+TEXT_HF = dict(
+  vocab_size=99,
+  hidden_size=40,
+  intermediate_size=56,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  max_position_embeddings=16,
+  bos_token_id=97,
+  eos_token_id=98,
+  pad_token_id=98,
+)
 
 
 def rel_err(ours, ref) -> float:
@@ -42,8 +58,9 @@ def torch_vision(seed: int, **kw):
 
 def torch_clip_model(seed: int, act: str = "quick_gelu"):
   torch.manual_seed(seed)
-  cfg = transformers.CLIPConfig(text_config=dict(TEXT_HF, hidden_act=act),
-                                vision_config=dict(VISION_HF, hidden_act=act), projection_dim=24)
+  cfg = transformers.CLIPConfig(
+    text_config=dict(TEXT_HF, hidden_act=act), vision_config=dict(VISION_HF, hidden_act=act), projection_dim=24
+  )
   m = transformers.CLIPModel(cfg).eval()
   with torch.no_grad():
     m.logit_scale.fill_(3.1)
@@ -57,7 +74,7 @@ def pixels(b: int, seed: int = 0, size: int = 32) -> np.ndarray:
 def token_ids(b: int, seed: int = 1) -> np.ndarray:
   ids = np.random.default_rng(seed).integers(0, 97, (b, 16))
   ids[:, 0] = 97
-  ids[0, 6:] = 98            # EOS, then EOS padding: pooled at the first EOS
+  ids[0, 6:] = 98  # EOS, then EOS padding: pooled at the first EOS
   ids[1:, 15] = 98
   return ids
 
@@ -66,8 +83,16 @@ def token_ids(b: int, seed: int = 1) -> np.ndarray:
 def test_vision_tower_parity(act):
   m = torch_vision(0, hidden_act=act)
   config, params = TK.state_dict_to_params(m.state_dict(), m.config.to_dict())
-  assert config == cv.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                                       image_size=32, patch_size=8, hidden_act=act, projection_dim=24)
+  assert config == cv.CLIPVisionConfig(
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    image_size=32,
+    patch_size=8,
+    hidden_act=act,
+    projection_dim=24,
+  )
   x = pixels(3)
   with torch.no_grad():
     ref = m(torch.tensor(x))

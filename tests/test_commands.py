@@ -1,5 +1,6 @@
 """Every command's expected failures: one line on stderr naming the problem, exit code 2, no
 traceback (a traceback means a bug). The sample command's own cases are in test_sampling.py."""
+
 import os
 import subprocess
 import sys
@@ -10,22 +11,58 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(module, *argv, cwd=REPO):
-  return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, capture_output=True, text=True,
-                        timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  return subprocess.run(
+    [sys.executable, "-m", module, *argv],
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
 
 
-@pytest.mark.parametrize("module,argv,prog,message", [
-    ("sd3_jax.main", ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", "{tmp}/run",
-                      "--config.data.source=records", "--config.data.path={tmp}/no_such_data"],
-     "sd3-train", "no_such_data"),
-    ("sd3_jax.main", ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", "{tmp}/run",
-                      "--config.data.source=lmdb"], "sd3-train", "config.data.source must be"),
-    ("sd3_jax.build_dataset", ["--images", "{tmp}/no_images", "--captions", "{tmp}/no_captions.jsonl",
-                               "--out", "{tmp}/out", "--identity_vae", "--text_encoders", "{tmp}/enc"],
-     "sd3-build-dataset", "no_images does not exist (--images)"),
+@pytest.mark.parametrize(
+  "module,argv,prog,message",
+  [
+    (
+      "sd3_jax.main",
+      [
+        "--config",
+        os.path.join(REPO, "configs", "tiny.py"),
+        "--workdir",
+        "{tmp}/run",
+        "--config.data.source=records",
+        "--config.data.path={tmp}/no_such_data",
+      ],
+      "sd3-train",
+      "no_such_data",
+    ),
+    (
+      "sd3_jax.main",
+      ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", "{tmp}/run", "--config.data.source=lmdb"],
+      "sd3-train",
+      "config.data.source must be",
+    ),
+    (
+      "sd3_jax.build_dataset",
+      [
+        "--images",
+        "{tmp}/no_images",
+        "--captions",
+        "{tmp}/no_captions.jsonl",
+        "--out",
+        "{tmp}/out",
+        "--identity_vae",
+        "--text_encoders",
+        "{tmp}/enc",
+      ],
+      "sd3-build-dataset",
+      "no_images does not exist (--images)",
+    ),
     ("sd3_jax.demo", ["--workdir", "{tmp}/demo", "--config", "{tmp}/no_config.py"], "sd3-demo", "no_config.py"),
     ("tools.convert_weights", ["--src", "{tmp}/no_ckpt", "--dst", "{tmp}/out", "--to", "jax"], "", "no_ckpt"),
-])
+  ],
+)
 def test_expected_failures_are_one_line(tmp_path, module, argv, prog, message):
   # tools/ is not installed: its commands run from the repository root, the library's from anywhere.
   r = _run(module, *[a.format(tmp=tmp_path) for a in argv], cwd=REPO if module.startswith("tools.") else tmp_path)
@@ -35,9 +72,17 @@ def test_expected_failures_are_one_line(tmp_path, module, argv, prog, message):
   assert last.startswith(f"{prog}: error: " if prog else "error: ") and message in last, last
 
 
-@pytest.mark.parametrize("module,flag", [("sd3_jax.main", "--workdir"), ("sd3_jax.sample", "--text_encoders"),
-                                         ("sd3_jax.build_dataset", "--captions"), ("sd3_jax.demo", "--steps"),
-                                         ("sd3_jax.convert", "--src"), ("tools.convert_weights", "--src")])
+@pytest.mark.parametrize(
+  "module,flag",
+  [
+    ("sd3_jax.main", "--workdir"),
+    ("sd3_jax.sample", "--text_encoders"),
+    ("sd3_jax.build_dataset", "--captions"),
+    ("sd3_jax.demo", "--steps"),
+    ("sd3_jax.convert", "--src"),
+    ("tools.convert_weights", "--src"),
+  ],
+)
 def test_help(module, flag):
   r = _run(module, "--help")
   # absl (sd3-train's flag parser) ends --help with exit code 1; argparse with 0.

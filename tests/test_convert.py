@@ -2,6 +2,7 @@
 
 Model parity against diffusers is in test_mmdit_parity.py.
 """
+
 import dataclasses
 import json
 import os
@@ -20,19 +21,27 @@ from safetensors import safe_open
 
 from sd3_jax import pretrained
 from sd3_jax.models import mmdit as M
-from sd3_jax.convert import (convert, detect_format, mmdit_keys as K, open_source,
-                             params_to_state_dict, state_dict_to_params)
+from sd3_jax.convert import (
+  convert,
+  detect_format,
+  mmdit_keys as K,
+  open_source,
+  params_to_state_dict,
+  state_dict_to_params,
+)
 from sd3_jax.convert import formats, safetensors_io
 from sd3_jax.convert.cli import main as cli_main
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-TINY = dict(hidden_size=32, num_heads=4, in_channels=4, out_channels=4, pooled_dim=16, context_dim=24,
-            pos_embed_max_size=8)
+TINY = dict(
+  hidden_size=32, num_heads=4, in_channels=4, out_channels=4, pooled_dim=16, context_dim=24, pos_embed_max_size=8
+)
 CONFIGS = {
-    "plain": M.MMDiTConfig(depth=2, **TINY),
-    "qk": M.MMDiTConfig(depth=2, qk_norm=True, **TINY),
-    "dual": M.MMDiTConfig(depth=3, qk_norm=True, dual_attention_layers=(0, 2), pos_embed_base_size=4,
-                          pos_embed_scale=2.0, **TINY),
+  "plain": M.MMDiTConfig(depth=2, **TINY),
+  "qk": M.MMDiTConfig(depth=2, qk_norm=True, **TINY),
+  "dual": M.MMDiTConfig(
+    depth=3, qk_norm=True, dual_attention_layers=(0, 2), pos_embed_base_size=4, pos_embed_scale=2.0, **TINY
+  ),
 }
 
 
@@ -82,9 +91,14 @@ def test_tables_match_models(name):
   assert len(orig) == len(set(orig)) == len(ours)
   swapped = sorted(e.name for e in K.entries(cfg, "diffusers") if e.op == "swap")
   last = cfg.depth - 1
-  assert swapped == sorted([f"transformer_blocks.{last}.norm1_context.linear.weight",
-                            f"transformer_blocks.{last}.norm1_context.linear.bias",
-                            "norm_out.linear.weight", "norm_out.linear.bias"])
+  assert swapped == sorted(
+    [
+      f"transformer_blocks.{last}.norm1_context.linear.weight",
+      f"transformer_blocks.{last}.norm1_context.linear.bias",
+      "norm_out.linear.weight",
+      "norm_out.linear.bias",
+    ]
+  )
 
 
 def test_layout_transforms():
@@ -106,7 +120,7 @@ def test_layout_transforms():
   df = {e.name: e for e in K.entries(cfg, "diffusers")}
   ada = np.arange(2 * h * h, dtype=np.float32).reshape(2 * h, h)
   np.testing.assert_array_equal(K.to_native(df["norm_out.linear.weight"], ada)[:h], ada[h:])
-  np.testing.assert_array_equal(K.to_native(df["transformer_blocks.0.attn.to_v.weight"], w), w[2 * h:])
+  np.testing.assert_array_equal(K.to_native(df["transformer_blocks.0.attn.to_v.weight"], w), w[2 * h :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +232,7 @@ def test_in_memory_api_matches_torch(ckpt):
 
 
 def _write_sd3(path, tensors, metadata=None):
-  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
-                              metadata=metadata)
+  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
 def test_sd3_file_with_other_components_and_head_inference(tmp_path):
@@ -231,7 +244,7 @@ def test_sd3_file_with_other_components_and_head_inference(tmp_path):
   _write_sd3(tmp_path / "full.safetensors", sd)  # no metadata: heads = hidden / 64 as the reference
   assert convert(tmp_path / "full.safetensors", tmp_path / "a", "jax") == cfg
   assert_trees_equal(pretrained.load_params(tmp_path / "a"), params)
-  bare = {k[len(K.SD3_PREFIX):]: v for k, v in sd.items() if k.startswith(K.SD3_PREFIX)}
+  bare = {k[len(K.SD3_PREFIX) :]: v for k, v in sd.items() if k.startswith(K.SD3_PREFIX)}
   _write_sd3(tmp_path / "bare.safetensors", bare)
   assert open_source(tmp_path / "bare.safetensors").config == cfg
   # Tiny model without qk-norm and without metadata: the head count needs --num-heads.
@@ -330,8 +343,9 @@ def test_load_pretrained_options(ckpt):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p32)) and model.config == cfg
   _, pbf = pretrained.load_pretrained(tmp / "jx", param_dtype=None)
   assert_trees_equal(jax.tree.map(np.asarray, pbf), params)
-  smodel, ps = pretrained.load_pretrained(tmp / "jx", scan_layers=True, dtype=jnp.bfloat16,
-                                          shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  smodel, ps = pretrained.load_pretrained(
+    tmp / "jx", scan_layers=True, dtype=jnp.bfloat16, shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  )
   assert smodel.scan_layers and smodel.dtype == jnp.bfloat16
   assert jax.tree.structure(ps) == jax.tree.structure(M.stack_block_params(p32, cfg))
   assert_trees_equal(jax.tree.map(np.asarray, M.unstack_block_params(ps, cfg)), jax.tree.map(np.asarray, p32))
@@ -340,7 +354,8 @@ def test_load_pretrained_options(ckpt):
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   tree = jax.tree.map(lambda _: rep, ps)
   tree["scan_blocks_1_2"]["x_block"]["mlp"]["fc1"]["kernel"] = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(None, None, "fsdp"))
+    mesh, jax.sharding.PartitionSpec(None, None, "fsdp")
+  )
   _, pt = pretrained.load_pretrained(tmp / "jx", scan_layers=True, shardings=tree)
   fc1 = ("scan_blocks_1_2", "x_block", "mlp", "fc1", "kernel")
   assert pretrained.flatten(pt)["/".join(fc1)].sharding == pretrained.flatten(tree)["/".join(fc1)]
@@ -357,15 +372,13 @@ def test_sources_read_each_tensor_once(tmp_path, monkeypatch):
   pretrained.save_pretrained(tmp_path / "jx", params, cfg)
   groups = []
   real = pretrained.load_params
-  monkeypatch.setattr(pretrained, "load_params",
-                      lambda p, g=None, **kw: groups.append(tuple(g)) or real(p, g, **kw))
+  monkeypatch.setattr(pretrained, "load_params", lambda p, g=None, **kw: groups.append(tuple(g)) or real(p, g, **kw))
   convert(tmp_path / "jx", tmp_path / "m.safetensors", "sd3")
   assert sorted(groups) == sorted((g,) for g in params)  # one top-level group at a time, once each
   monkeypatch.setattr(pretrained, "load_params", real)
   reads = []
   real_read = safetensors_io.SafetensorsReader.read
-  monkeypatch.setattr(safetensors_io.SafetensorsReader, "read",
-                      lambda self, n: reads.append(n) or real_read(self, n))
+  monkeypatch.setattr(safetensors_io.SafetensorsReader, "read", lambda self, n: reads.append(n) or real_read(self, n))
   convert(tmp_path / "m.safetensors", tmp_path / "df", "diffusers", max_shard_size="5KB")
   n_tensors = len(K.entries(cfg, "sd3"))
   assert len(reads) == len(set(reads)) == n_tensors  # qkv read once for its three chunks
@@ -380,8 +393,11 @@ def test_sources_read_each_tensor_once(tmp_path, monkeypatch):
 
 def test_safetensors_io_interoperates(tmp_path):
   rng = np.random.default_rng(0)
-  t = {"a": rng.standard_normal((3, 5)).astype(BF16), "b": np.arange(7, dtype=np.float16),
-       "c": rng.standard_normal((2, 2, 2)).astype(np.float32)}
+  t = {
+    "a": rng.standard_normal((3, 5)).astype(BF16),
+    "b": np.arange(7, dtype=np.float16),
+    "c": rng.standard_normal((2, 2, 2)).astype(np.float32),
+  }
   specs = [(k, v.dtype, v.shape) for k, v in t.items()]
   with safetensors_io.SafetensorsWriter(tmp_path / "x.safetensors", specs, {"k": "v"}) as w:
     for k, v in t.items():
@@ -406,14 +422,35 @@ def test_safetensors_io_interoperates(tmp_path):
 
 def test_cli(ckpt, capsys):
   tmp, cfg, params = ckpt
-  assert cli_main(["--src", str(tmp / "jx"), "--dst", str(tmp / "m.safetensors"), "--to", "sd3",
-                   "--dtype", "float32"]) == 0
+  assert (
+    cli_main(["--src", str(tmp / "jx"), "--dst", str(tmp / "m.safetensors"), "--to", "sd3", "--dtype", "float32"]) == 0
+  )
   assert "depth 3" in capsys.readouterr().out
   assert cli_main(["--src", str(tmp / "m.safetensors"), "--dst", str(tmp / "jx"), "--to", "jax"]) == 2
   assert "exists; pass --overwrite" in capsys.readouterr().err
-  assert cli_main(["--src", str(tmp / "m.safetensors"), "--dst", str(tmp / "jx"), "--to", "jax",
-                   "--overwrite", "--dtype", "bfloat16", "--head-dim", "8"]) == 0
+  assert (
+    cli_main(
+      [
+        "--src",
+        str(tmp / "m.safetensors"),
+        "--dst",
+        str(tmp / "jx"),
+        "--to",
+        "jax",
+        "--overwrite",
+        "--dtype",
+        "bfloat16",
+        "--head-dim",
+        "8",
+      ]
+    )
+    == 0
+  )
   assert_trees_equal(pretrained.load_params(tmp / "jx"), params)
-  out = subprocess.run([sys.executable, "-m", "tools.convert_weights", "--help"], capture_output=True,
-                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run(
+    [sys.executable, "-m", "tools.convert_weights", "--help"],
+    capture_output=True,
+    text=True,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   assert out.returncode == 0 and "--num-heads" in out.stdout and "pipeline" in out.stdout

@@ -4,6 +4,7 @@ The full demo's numbers (far above chance after ~7 minutes of training) are in t
 a shrunken model runs a few steps to check that every stage writes what it promises and that a
 rerun resumes instead of redoing work.
 """
+
 import json
 import os
 
@@ -22,7 +23,7 @@ def test_clip_tokenizer_learned_from_captions(tmp_path):
   size = demo.write_clip_tokenizer(str(tmp_path / "tok"), CAPTIONS, pad_token="!")
   tok = tc.load_tokenizer(tmp_path / "tok")
   assert len(tok) == size
-  assert tok.eos_token_id == size - 1 and tok.bos_token_id == size - 2   # EOS is the largest id
+  assert tok.eos_token_id == size - 1 and tok.bos_token_id == size - 2  # EOS is the largest id
   assert tok.convert_tokens_to_ids("!") == 0
   # The learned merges make every caption word one token.
   for w in WORDS:
@@ -70,20 +71,35 @@ def test_scene_source_is_deterministic_and_keeps_heldout_out():
   assert ex["caption"] == a.scene(7).caption and ex["image"].size == (32, 32)
 
 
-SMALL = {"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2, "global_batch_size": 8,
-         "log_every": 2, "checkpoint_every": 2, "val.every": 2, "val.batch_size": 8,
-         "val.num_examples": 16, "optimizer.warmup_steps": 1}
+SMALL = {
+  "model.depth": 1,
+  "model.hidden_size": 32,
+  "model.num_heads": 2,
+  "global_batch_size": 8,
+  "log_every": 2,
+  "checkpoint_every": 2,
+  "val.every": 2,
+  "val.batch_size": 8,
+  "val.num_examples": 16,
+  "optimizer.warmup_steps": 1,
+}
 
 
 def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)   # a relative workdir, as `bash launch/demo.sh` passes (orbax needs absolute paths)
+  monkeypatch.chdir(tmp_path)  # a relative workdir, as `bash launch/demo.sh` passes (orbax needs absolute paths)
   wd = "demo"
-  kwargs = dict(num_train=64, num_val=16, num_heldout=3, samples_per_prompt=2, sampling_steps=2,
-                overrides=SMALL)
+  kwargs = dict(num_train=64, num_val=16, num_heldout=3, samples_per_prompt=2, sampling_steps=2, overrides=SMALL)
   s = demo.run(wd, steps=4, **kwargs)
-  for f in ("summary.json", "loss.png", "samples_heldout.png", "metrics.jsonl",
-            "text_encoders/tokenizer_3/tokenizer_config.json", "data/train/dataset_info.json",
-            "data/val/dataset_info.json", "checkpoints/4"):
+  for f in (
+    "summary.json",
+    "loss.png",
+    "samples_heldout.png",
+    "metrics.jsonl",
+    "text_encoders/tokenizer_3/tokenizer_config.json",
+    "data/train/dataset_info.json",
+    "data/val/dataset_info.json",
+    "checkpoints/4",
+  ):
     assert os.path.exists(os.path.join(wd, f)), f
   on_disk = json.load(open(os.path.join(wd, "summary.json")))
   assert on_disk["sample_accuracy"] == s["sample_accuracy"]
@@ -93,13 +109,14 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
   # cut the tiles back out of samples_heldout.png (2x nearest upscale, text column 215 px,
   # 4 px padding) and score them again against their prompts.
   from PIL import Image
+
   grid = np.asarray(Image.open(os.path.join(wd, "samples_heldout.png")).convert("RGB"))
   by_caption = {sc.caption: sc for sc in shapes.all_scenes()}
   tiles, truth = [], []
   for i, prompt in enumerate(s["heldout_prompts"]):
     for q in range(2):
       y, x = 4 + i * (64 + 4), 4 + 215 + q * (64 + 4)
-      tiles.append(grid[y:y + 64:2, x:x + 64:2])
+      tiles.append(grid[y : y + 64 : 2, x : x + 64 : 2])
       truth.append(by_caption[prompt])
   assert shapes.accuracy(tiles, truth) == pytest.approx(s["sample_accuracy_parts"])
   # ...and the checker is not blind: a flat grey image satisfies none of the prompts.
@@ -115,9 +132,26 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
 
   # The sample CLI reads the demo's workdir and encoders as the README shows.
   from sd3_jax import sample
-  grid = sample.main(["--workdir", wd, "--pixel_space", "--text_encoders", os.path.join(wd, "text_encoders"),
-                      "--clip_length", "12", "--t5_length", "12", "--num_steps", "2", "--prompt",
-                      sorted(heldout)[0], "--out", str(tmp_path / "cli.png")])
+
+  grid = sample.main(
+    [
+      "--workdir",
+      wd,
+      "--pixel_space",
+      "--text_encoders",
+      os.path.join(wd, "text_encoders"),
+      "--clip_length",
+      "12",
+      "--t5_length",
+      "12",
+      "--num_steps",
+      "2",
+      "--prompt",
+      sorted(heldout)[0],
+      "--out",
+      str(tmp_path / "cli.png"),
+    ]
+  )
   assert grid.ndim == 3 and os.path.exists(tmp_path / "cli.png")
 
   # A rerun with more steps keeps the encoders and records and resumes training from step 4.
@@ -133,8 +167,14 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
 
 
 def test_interior_val_loss():
-  rec = {"step": 3, "val/loss": 0.5, "val/loss_t0.000": 1.5, "val/loss_t0.500": 0.2, "val/loss_t0.750": 0.4,
-         "val/loss_t1.000": 0.3}
+  rec = {
+    "step": 3,
+    "val/loss": 0.5,
+    "val/loss_t0.000": 1.5,
+    "val/loss_t0.500": 0.2,
+    "val/loss_t0.750": 0.4,
+    "val/loss_t1.000": 0.3,
+  }
   assert demo.interior_val_loss(rec) == pytest.approx(0.3)
   assert demo.interior_val_loss({"val/loss": 1.0}) is None
 

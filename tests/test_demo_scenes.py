@@ -1,4 +1,5 @@
 """The embedded demo's data generator and its programmatic checker."""
+
 import numpy as np
 
 from sd3_jax.demo import scenes as S

@@ -2,6 +2,7 @@
 2 processes, CLIP score on constructed embeddings and end to end against transformers, the
 reference-statistics / evaluate / GenEval-export commands on a tiny trained workdir, and the
 trainer's config.eval hook."""
+
 import json
 import os
 import re
@@ -80,12 +81,35 @@ def test_statistics_in_batches_equal_one_shot(tmp_path):
     stats.load_stats(str(tmp_path / "missing.npz"))
 
 
-TINY_CLIP = dict(text=dict(vocab_size=520, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                           max_position_embeddings=16, projection_dim=24, eos_token_id=519, bos_token_id=518,
-                           pad_token_id=519, hidden_layer=-1, hidden_act="quick_gelu", layer_norm_eps=1e-5),
-                 vision=dict(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, image_size=32,
-                             patch_size=8, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                             projection_dim=24))
+TINY_CLIP = dict(
+  text=dict(
+    vocab_size=520,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    max_position_embeddings=16,
+    projection_dim=24,
+    eos_token_id=519,
+    bos_token_id=518,
+    pad_token_id=519,
+    hidden_layer=-1,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+  ),
+  vision=dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    image_size=32,
+    patch_size=8,
+    num_channels=3,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=24,
+  ),
+)
 
 MP_SCRIPT = """
 import sys, numpy as np, jax
@@ -120,9 +144,16 @@ def test_statistics_across_two_processes_equal_one_shot(tmp_path):
   script.write_text(MP_SCRIPT)
   port = portpicker.pick_unused_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS="")
-  procs = [subprocess.Popen([sys.executable, str(script), str(pid), str(port), str(tmp_path / f"out{pid}.npz"),
-                             json.dumps(TINY_CLIP)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for pid in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(pid), str(port), str(tmp_path / f"out{pid}.npz"), json.dumps(TINY_CLIP)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for pid in range(2)
+  ]
   for p in procs:
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
@@ -176,9 +207,18 @@ def write_clip_tokenizer(path):
   with open(os.path.join(path, "merges.txt"), "w") as f:
     f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
   with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "CLIPTokenizer", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "model_max_length": 16,
-               "do_lower_case": True}, f)
+    json.dump(
+      {
+        "tokenizer_class": "CLIPTokenizer",
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 16,
+        "do_lower_case": True,
+      },
+      f,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -189,11 +229,27 @@ def clip_dirs(tmp_path_factory):
   t = TINY_CLIP["text"]
   v = TINY_CLIP["vision"]
   cfg = transformers.CLIPConfig(
-      text_config=dict(vocab_size=520, hidden_size=t["hidden_size"], intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, max_position_embeddings=16, bos_token_id=518, eos_token_id=519,
-                       pad_token_id=519),
-      vision_config=dict(hidden_size=v["hidden_size"], intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, image_size=32, patch_size=8), projection_dim=24)
+    text_config=dict(
+      vocab_size=520,
+      hidden_size=t["hidden_size"],
+      intermediate_size=48,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      max_position_embeddings=16,
+      bos_token_id=518,
+      eos_token_id=519,
+      pad_token_id=519,
+    ),
+    vision_config=dict(
+      hidden_size=v["hidden_size"],
+      intermediate_size=48,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      image_size=32,
+      patch_size=8,
+    ),
+    projection_dim=24,
+  )
   m = transformers.CLIPModel(cfg).eval()
   m.save_pretrained(root / "hf")
   write_clip_tokenizer(str(root / "hf"))
@@ -207,8 +263,10 @@ def clip_dirs(tmp_path_factory):
 
 def _conditioner(prompts):
   rs = [np.random.default_rng(zlib.crc32(p.encode())) for p in prompts]
-  return (jnp.asarray(np.stack([r.standard_normal((8, 32)) for r in rs]), jnp.float32),
-          jnp.asarray(np.stack([r.standard_normal(32) for r in rs]), jnp.float32))
+  return (
+    jnp.asarray(np.stack([r.standard_normal((8, 32)) for r in rs]), jnp.float32),
+    jnp.asarray(np.stack([r.standard_normal(32) for r in rs]), jnp.float32),
+  )
 
 
 def _decoder(z):
@@ -218,9 +276,24 @@ def _decoder(z):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   w = str(tmp_path_factory.mktemp("run"))
-  subprocess.run([sys.executable, "-m", "sd3_jax.main", "--config", "configs/tiny.py", "--workdir", w,
-                  "--config.total_steps=2", "--config.val.every=0"],
-                 cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True, capture_output=True, timeout=600)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sd3_jax.main",
+      "--config",
+      "configs/tiny.py",
+      "--workdir",
+      w,
+      "--config.total_steps=2",
+      "--config.val.every=0",
+    ],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
   return w
 
 
@@ -231,23 +304,39 @@ def test_clip_score_end_to_end_equals_transformers(workdir, clip_dirs):
   """Samples -> our preprocessing, tokenization and CLIP -> score, against transformers'
   CLIPImageProcessor + CLIPTokenizer + CLIPModel on the same images."""
   from sd3_jax import checkpoint as ckpt_lib, sharding
+
   m, hf_dir, jax_dir = clip_dirs
   mesh = sharding.make_mesh(1, -1, 1)
   model, params, _, _ = ckpt_lib.load_workdir(workdir, mesh=mesh)
   seen = []
   clip = clip_metrics.CLIPFeatures.from_pretrained(jax_dir, mesh=mesh, batch_size=4)
-  result = run.evaluate(model, params, _conditioner, PROMPTS, clip=clip, latent_shape=(8, 8, 4), decoder=_decoder,
-                        num_images=6, batch_size=4, num_steps=2, cfg_scale=2.0, mesh=mesh,
-                        on_batch=lambda start, images, prompts: seen.append((images, prompts)))
+  result = run.evaluate(
+    model,
+    params,
+    _conditioner,
+    PROMPTS,
+    clip=clip,
+    latent_shape=(8, 8, 4),
+    decoder=_decoder,
+    num_images=6,
+    batch_size=4,
+    num_steps=2,
+    cfg_scale=2.0,
+    mesh=mesh,
+    on_batch=lambda start, images, prompts: seen.append((images, prompts)),
+  )
   images = np.concatenate([s[0] for s in seen])
   prompts = sum((s[1] for s in seen), [])
   assert images.shape == (6, 8, 8, 3) and prompts == PROMPTS + PROMPTS[:2]
   proc = (getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor)(
-      size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+  )
   tok = transformers.CLIPTokenizer.from_pretrained(hf_dir)
   ids = tok(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
   with torch.no_grad():
-    img = m.get_image_features(pixel_values=torch.tensor(proc(images=list(images), return_tensors="np")["pixel_values"]))
+    img = m.get_image_features(
+      pixel_values=torch.tensor(proc(images=list(images), return_tensors="np")["pixel_values"])
+    )
     txt = m.get_text_features(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
   img, txt = (getattr(x, "pooler_output", x).numpy().astype(np.float64) for x in (img, txt))
   cos = np.sum(img * txt, -1) / np.linalg.norm(img, axis=-1) / np.linalg.norm(txt, axis=-1)
@@ -278,18 +367,40 @@ def test_reference_stats_evaluate_and_geneval_commands(workdir, clip_dirs, tmp_p
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text("".join(json.dumps({"caption": p}) + "\n" for p in PROMPTS))
   out = tmp_path / "eval"
-  report = evaluate_cli.main(["--workdir", workdir, "--prompts", str(prompts), "--clip", jax_dir,
-                              "--reference_stats", ref, "--num_images", "5", "--batch_size", "4", "--num_steps", "2",
-                              "--cfg_scale", "2", "--out", str(out), "--save_stats"],
-                             conditioner=_conditioner, decoder=_decoder)
+  report = evaluate_cli.main(
+    [
+      "--workdir",
+      workdir,
+      "--prompts",
+      str(prompts),
+      "--clip",
+      jax_dir,
+      "--reference_stats",
+      ref,
+      "--num_images",
+      "5",
+      "--batch_size",
+      "4",
+      "--num_steps",
+      "2",
+      "--cfg_scale",
+      "2",
+      "--out",
+      str(out),
+      "--save_stats",
+    ],
+    conditioner=_conditioner,
+    decoder=_decoder,
+  )
   saved = json.loads((out / "eval.json").read_text())
   assert saved == json.loads(json.dumps(report))
   assert 0 <= saved["clip_score"] <= 100 and saved["num_images"] == 5 and saved["fid_clip"] > 0
   assert saved["settings"]["image_size"] == [8, 8] and saved["settings"]["num_steps"] == 2
   assert saved["settings"]["step"] == 2 and saved["settings"]["ema"] is True
   sample = stats.load_stats(str(out / "sample_stats.npz"))
-  assert saved["fid_clip"] == pytest.approx(stats.frechet_distance(sample["mu"], sample["sigma"], r["mu"], r["sigma"]),
-                                            rel=1e-9)
+  assert saved["fid_clip"] == pytest.approx(
+    stats.frechet_distance(sample["mu"], sample["sigma"], r["mu"], r["sigma"]), rel=1e-9
+  )
   assert np.asarray(Image.open(out / "samples.png")).shape == (2 * 10 + 2, 3 * 10 + 2, 3)  # 5 tiles, 3 columns
   assert '"clip_score"' in capsys.readouterr().out
 
@@ -298,19 +409,50 @@ def test_reference_stats_evaluate_and_geneval_commands(workdir, clip_dirs, tmp_p
   bad["feature_extractor"] = np.array(json.dumps({"crop_rounding": "floor"}))
   np.savez(tmp_path / "bad.npz", **bad)
   with pytest.raises(ValueError, match="different CLIP setting 'crop_rounding'"):
-    evaluate_cli.main(["--workdir", workdir, "--prompts", str(prompts), "--clip", jax_dir, "--reference_stats",
-                       str(tmp_path / "bad.npz"), "--num_steps", "1"], conditioner=_conditioner, decoder=_decoder)
+    evaluate_cli.main(
+      [
+        "--workdir",
+        workdir,
+        "--prompts",
+        str(prompts),
+        "--clip",
+        jax_dir,
+        "--reference_stats",
+        str(tmp_path / "bad.npz"),
+        "--num_steps",
+        "1",
+      ],
+      conditioner=_conditioner,
+      decoder=_decoder,
+    )
 
   # GenEval: its prompt metadata in, its scorer's folder layout out; a rerun samples nothing.
-  meta = [{"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
-          {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}],
-           "prompt": "a photo of a dog and a cat"},
-          {"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "red"}], "prompt": "a red cat"}]
+  meta = [
+    {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
+    {
+      "tag": "two_object",
+      "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}],
+      "prompt": "a photo of a dog and a cat",
+    },
+    {"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "red"}], "prompt": "a red cat"},
+  ]
   meta_file = tmp_path / "evaluation_metadata.jsonl"
   meta_file.write_text("".join(json.dumps(m) + "\n" for m in meta))
   gdir = tmp_path / "geneval"
-  argv = ["--workdir", workdir, "--metadata", str(meta_file), "--outdir", str(gdir), "--num_per_prompt", "2",
-          "--prompts_per_batch", "2", "--num_steps", "2"]
+  argv = [
+    "--workdir",
+    workdir,
+    "--metadata",
+    str(meta_file),
+    "--outdir",
+    str(gdir),
+    "--num_per_prompt",
+    "2",
+    "--prompts_per_batch",
+    "2",
+    "--num_steps",
+    "2",
+  ]
   assert geneval_export.main(argv, conditioner=_conditioner, decoder=_decoder) == 3
   assert sorted(os.listdir(gdir)) == ["00000", "00001", "00002"]
   for i, m in enumerate(meta):
@@ -330,8 +472,14 @@ def test_command_errors(capsys):
   with pytest.raises(FileNotFoundError, match="no prompts file"):
     evaluate_cli.read_prompts("/nonexistent/prompts.txt")
   for argv, message in ((["--help"], "--reference_stats"),):
-    r = subprocess.run([sys.executable, "-m", "sd3_jax.evaluate", *argv], cwd=REPO, capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    r = subprocess.run(
+      [sys.executable, "-m", "sd3_jax.evaluate", *argv],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert r.returncode == 0 and message in r.stdout
 
 
@@ -345,12 +493,29 @@ def test_training_logs_eval_metrics(tmp_path, clip_dirs, monkeypatch):
   ref_stats = stats.FeatureStats(24).update(rng.standard_normal((30, 24)))
   clip = clip_metrics.CLIPFeatures.from_pretrained(jax_dir)
   stats.save_stats(str(tmp_path / "ref.npz"), ref_stats, clip.description)
-  c = config_lib.load_config_file(os.path.join(REPO, "configs/tiny.py"), overrides={
-      "total_steps": 2, "log_every": 1, "checkpoint_every": 2, "val.every": 0, "mesh.fsdp": 1, "mesh.data": -1,
-      "eval.every": 1, "eval.prompts": ("a cat", "the dog"), "eval.num_images": 4, "eval.batch_size": 4,
-      "eval.num_steps": 2, "eval.clip": jax_dir, "eval.reference_stats": str(tmp_path / "ref.npz"),
-      "sample.pixel_space": True, "sample.text_encoders": "unused", "model.in_channels": 3,
-      "model.out_channels": 3, "data.latent_channels": 3})
+  c = config_lib.load_config_file(
+    os.path.join(REPO, "configs/tiny.py"),
+    overrides={
+      "total_steps": 2,
+      "log_every": 1,
+      "checkpoint_every": 2,
+      "val.every": 0,
+      "mesh.fsdp": 1,
+      "mesh.data": -1,
+      "eval.every": 1,
+      "eval.prompts": ("a cat", "the dog"),
+      "eval.num_images": 4,
+      "eval.batch_size": 4,
+      "eval.num_steps": 2,
+      "eval.clip": jax_dir,
+      "eval.reference_stats": str(tmp_path / "ref.npz"),
+      "sample.pixel_space": True,
+      "sample.text_encoders": "unused",
+      "model.in_channels": 3,
+      "model.out_channels": 3,
+      "data.latent_channels": 3,
+    },
+  )
   monkeypatch.setattr(text_conditioning, "load_conditioner", lambda path, **kw: _conditioner)
   train.train_and_evaluate(c, str(tmp_path / "run"))
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

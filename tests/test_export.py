@@ -1,5 +1,6 @@
 """Export from a training run (``tools.convert_weights --src WORKDIR[/checkpoints/STEP]``): the
 exported diffusers model computes the run's own velocity; --ema/--no-ema pick the weights."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,13 +36,20 @@ def test_exported_diffusers_model_gives_the_runs_velocity(run, tmp_path):
   context = rng.standard_normal((2, 8, 32)).astype(np.float32)
   pooled = rng.standard_normal((2, 32)).astype(np.float32)
   t = np.asarray([0.3, 0.8], np.float32)
-  ours = np.asarray(model.apply({"params": params}, jnp.asarray(x), jnp.asarray(t), jnp.asarray(pooled),
-                                jnp.asarray(context)))
+  ours = np.asarray(
+    model.apply({"params": params}, jnp.asarray(x), jnp.asarray(t), jnp.asarray(pooled), jnp.asarray(context))
+  )
   with torch.no_grad():
-    theirs = torch_model(hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)),
-                         encoder_hidden_states=torch.from_numpy(context),
-                         pooled_projections=torch.from_numpy(pooled),
-                         timestep=torch.from_numpy(1000.0 * t)).sample.numpy().transpose(0, 2, 3, 1)
+    theirs = (
+      torch_model(
+        hidden_states=torch.from_numpy(x.transpose(0, 3, 1, 2)),
+        encoder_hidden_states=torch.from_numpy(context),
+        pooled_projections=torch.from_numpy(pooled),
+        timestep=torch.from_numpy(1000.0 * t),
+      )
+      .sample.numpy()
+      .transpose(0, 2, 3, 1)
+    )
   assert float(np.std(ours)) > 1e-3  # the trained final layer is no longer zero
   # Same float32 model on two frameworks: rounding only (the parity tests' limit).
   assert np.linalg.norm(theirs - ours) / np.linalg.norm(ours) < 1e-5
@@ -56,6 +64,7 @@ def test_ema_flag_picks_the_weights_and_a_step_directory_works(run, tmp_path, us
   assert cfg == model.config
   run_model, want, _, _ = checkpoint.load_workdir(run, 3, use_ema=use_ema)
   from sd3_jax.models import mmdit
+
   want = mmdit.unstack_block_params(jax.device_get(want), run_model.config)
   flat_got, flat_want = pretrained.flatten(params), pretrained.flatten(want)
   assert sorted(flat_got) == sorted(flat_want)
@@ -66,6 +75,5 @@ def test_ema_flag_picks_the_weights_and_a_step_directory_works(run, tmp_path, us
 def test_ema_flag_on_a_non_run_is_an_error(run, tmp_path, capsys):
   jax_dir = tmp_path / "jax"
   convert(run, jax_dir, "jax")
-  assert cli.main(["--src", str(jax_dir), "--dst", str(tmp_path / "d"), "--to", "diffusers",
-                   "--ema"]) == 2
+  assert cli.main(["--src", str(jax_dir), "--dst", str(tmp_path / "d"), "--to", "diffusers", "--ema"]) == 2
   assert "--ema/--no-ema choose the weights of a training run" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Atomic directory and JSON writes (used by checkpoints, the converter, the dataset builder and the demo)."""
+
 import json
 import os
 
@@ -15,14 +16,14 @@ def _write(d, name, text):
 def test_atomic_directory_creates_and_replaces(tmp_path):
   dst = tmp_path / "out"
   with fileutil.atomic_directory(str(dst)) as tmp:
-    assert not dst.exists()           # nothing visible while it is written
+    assert not dst.exists()  # nothing visible while it is written
     _write(tmp, "a", "1")
   assert (dst / "a").read_text() == "1"
   with fileutil.atomic_directory(str(dst)) as tmp:
     _write(tmp, "b", "2")
-    assert (dst / "a").exists()       # the old directory stays until the new one is complete
+    assert (dst / "a").exists()  # the old directory stays until the new one is complete
   assert sorted(os.listdir(dst)) == ["b"]
-  assert sorted(os.listdir(tmp_path)) == ["out"]   # no temporary or old copies left
+  assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary or old copies left
 
 
 def test_failed_write_keeps_the_old_directory(tmp_path, monkeypatch):

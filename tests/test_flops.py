@@ -1,4 +1,5 @@
 """The analytic MM-DiT FLOP count against the traced model and the published per-image figures."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -7,9 +8,18 @@ from sd3_jax.models import flops as F
 from sd3_jax.models import mmdit as M
 
 # Dual attention in a middle block and in the last (pre-only) block, qk-norm, odd sizes.
-TINY = M.MMDiTConfig(depth=3, hidden_size=128, num_heads=2, in_channels=4, out_channels=4,
-                     pooled_dim=32, context_dim=48, pos_embed_max_size=16, qk_norm=True,
-                     dual_attention_layers=(0, 2))
+TINY = M.MMDiTConfig(
+  depth=3,
+  hidden_size=128,
+  num_heads=2,
+  in_channels=4,
+  out_channels=4,
+  pooled_dim=32,
+  context_dim=48,
+  pos_embed_max_size=16,
+  qk_norm=True,
+  dual_attention_layers=(0, 2),
+)
 B, H, W, LC = 2, 16, 12, 7
 
 
@@ -18,9 +28,12 @@ def tiny():
   model = M.MMDiT(TINY)
   params = M.init_params(model, jax.random.key(0))
   ks = jax.random.split(jax.random.key(1), 3)
-  inputs = (jax.random.normal(ks[0], (B, H, W, TINY.in_channels)), jnp.linspace(0.1, 0.9, B),
-            jax.random.normal(ks[1], (B, TINY.pooled_dim)),
-            jax.random.normal(ks[2], (B, LC, TINY.context_dim)))
+  inputs = (
+    jax.random.normal(ks[0], (B, H, W, TINY.in_channels)),
+    jnp.linspace(0.1, 0.9, B),
+    jax.random.normal(ks[1], (B, TINY.pooled_dim)),
+    jax.random.normal(ks[2], (B, LC, TINY.context_dim)),
+  )
   return model, params, inputs
 
 
@@ -67,8 +80,7 @@ def test_backward_is_twice_forward_except_input_gradients(tiny):
   loss = lambda p, *a: jnp.mean(model.apply({"params": p}, *a) ** 2)
   grad_flops = F.count_matmul_flops(jax.grad(loss), params, *inputs)
   t = F.mmdit_forward_flops_breakdown(TINY, H, W, LC)
-  no_input_grad = B * (t["patch_embed"] + t["t_embedder_in"] + t["y_embedder_in"]
-                       + t["context_embedder"])
+  no_input_grad = B * (t["patch_embed"] + t["t_embedder_in"] + t["y_embedder_in"] + t["context_embedder"])
   assert grad_flops == F.train_step_flops(TINY, H, W, LC, B) - no_input_grad
 
 
@@ -92,8 +104,7 @@ def test_jaxpr_walk_counts_scan_and_rejects_while():
   assert F.count_matmul_flops(scanned, x) == 5 * 2 * 4 * 8 * 8
   batched = lambda a, b: jnp.einsum("bij,bjk->bik", a, b)
   assert F.count_matmul_flops(batched, jnp.ones((3, 4, 5)), jnp.ones((3, 5, 6))) == 2 * 3 * 4 * 5 * 6
-  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), "VALID",
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   # [1,8,8,3] * [2,2,3,16] stride 2 -> [1,4,4,16], each output 2*2*3 MACs
   conv_flops = F.count_matmul_flops(conv, jnp.ones((1, 8, 8, 3)), jnp.ones((2, 2, 3, 16)))
   assert conv_flops == 2 * 16 * 16 * 12

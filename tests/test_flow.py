@@ -1,4 +1,5 @@
 """Rectified-flow math: t-samplers vs analytic laws, shift, noising identities, text dropout, val loss."""
+
 import math
 
 import jax
@@ -33,6 +34,7 @@ def _cosmap_cdf(t):
 def _mode_cdf(scale):
   # t = f(u) with f decreasing from f(0)=1 to f(1)=0, u ~ U(0,1), so P(T <= t) = 1 - f^-1(t).
   f = lambda u: 1 - u - scale * (np.cos(np.pi / 2 * u) ** 2 - 1 + u)
+
   def cdf(t):
     lo, hi = np.zeros_like(t, np.float64), np.ones_like(t, np.float64)
     for _ in range(60):  # bisection for f(u) = t
@@ -40,6 +42,7 @@ def _mode_cdf(scale):
       above = f(mid) > t
       lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
     return 1 - 0.5 * (lo + hi)
+
   return cdf
 
 
@@ -52,7 +55,9 @@ def _ks(samples, cdf):
   return stats.kstest(np.asarray(samples, np.float64), cdf).statistic
 
 
-@pytest.mark.parametrize("sampler,kwargs,cdf", [
+@pytest.mark.parametrize(
+  "sampler,kwargs,cdf",
+  [
     ("logit_normal", {}, _logit_normal_cdf(0.0, 1.0)),
     ("logit_normal", dict(m=0.5, s=0.8), _logit_normal_cdf(0.5, 0.8)),
     ("logit_normal", dict(shift=3.0), _logit_normal_cdf(math.log(3.0), 1.0)),  # logit shifts by log a
@@ -62,7 +67,8 @@ def _ks(samples, cdf):
     ("cosmap", {}, _cosmap_cdf),
     ("uniform", {}, lambda t: t),
     ("uniform", dict(shift=3.0), _shifted_uniform_cdf(3.0)),
-])
+  ],
+)
 def test_sampler_matches_analytic_distribution(sampler, kwargs, cdf):
   t = F.sample_t(jax.random.key(1), (N_SAMPLES,), sampler, **kwargs)
   assert t.shape == (N_SAMPLES,) and t.dtype == jnp.float32
@@ -102,11 +108,11 @@ def test_shift_formula_and_monotonicity():
   for alpha in (0.5, 1.0, 2.0, 3.0, 4.0):
     s = np.asarray(F.shift_t(t, alpha))
     assert s[0] == 0.0 and s[-1] == 1.0
-    assert np.all(np.diff(s) > 0), alpha           # strictly increasing in t
+    assert np.all(np.diff(s) > 0), alpha  # strictly increasing in t
     inner = slice(1, -1)
     np.testing.assert_allclose(_logit(s[inner]), _logit(t[inner]) + math.log(alpha), atol=2e-4)
     if prev is not None:
-      assert np.all(s[inner] > prev[inner])        # increasing in alpha: more mass near noise
+      assert np.all(s[inner] > prev[inner])  # increasing in alpha: more mass near noise
     prev = s
 
 
@@ -146,10 +152,10 @@ def _parts(ctx, pooled):
   lo, hi, tc = LAYOUT.clip_l_dim, LAYOUT.pooled_dim, LAYOUT.clip_tokens
   b = ctx.shape[0]
   return {
-      "clip_l": np.concatenate([ctx[:, :tc, :lo].reshape(b, -1), pooled[:, :lo]], 1),
-      "clip_g": np.concatenate([ctx[:, :tc, lo:hi].reshape(b, -1), pooled[:, lo:hi]], 1),
-      "t5": ctx[:, tc:, :].reshape(b, -1),
-      "pad": ctx[:, :tc, hi:].reshape(b, -1),
+    "clip_l": np.concatenate([ctx[:, :tc, :lo].reshape(b, -1), pooled[:, :lo]], 1),
+    "clip_g": np.concatenate([ctx[:, :tc, lo:hi].reshape(b, -1), pooled[:, lo:hi]], 1),
+    "t5": ctx[:, tc:, :].reshape(b, -1),
+    "pad": ctx[:, :tc, hi:].reshape(b, -1),
   }
 
 
@@ -159,7 +165,8 @@ def test_text_dropout_rates_independence_and_exact_zeros():
   ctx = jax.random.uniform(k1, (b, 10, 12), minval=0.5, maxval=1.5)  # never zero
   pooled = jax.random.uniform(k2, (b, LAYOUT.pooled_dim), minval=0.5, maxval=1.5)
   out_ctx, out_pooled = jax.jit(F.drop_text_conditioning, static_argnums=(3, 4))(
-      jax.random.key(7), ctx, pooled, p, LAYOUT)
+    jax.random.key(7), ctx, pooled, p, LAYOUT
+  )
   before, after = _parts(np.asarray(ctx), np.asarray(pooled)), _parts(np.asarray(out_ctx), np.asarray(out_pooled))
   np.testing.assert_array_equal(after["pad"], before["pad"])  # padding channels belong to no encoder
   dropped = {}
@@ -175,7 +182,7 @@ def test_text_dropout_rates_independence_and_exact_zeros():
   for i in range(3):
     for j in range(i + 1, 3):
       assert abs((dropped[names[i]] & dropped[names[j]]).mean() - p * p) < 0.015
-  assert abs((dropped["clip_l"] & dropped["clip_g"] & dropped["t5"]).mean() - p ** 3) < 0.011
+  assert abs((dropped["clip_l"] & dropped["clip_g"] & dropped["t5"]).mean() - p**3) < 0.011
 
 
 def test_text_dropout_edges_and_errors():

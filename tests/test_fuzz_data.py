@@ -8,6 +8,7 @@ duplicate id. Trainer: config values that cannot run are start-up errors; a clea
 config, a NaN record) exits 2 with one line and no second traceback from checkpointing threads
 or pipeline workers; the NaN stop says whether the inputs or the training diverged.
 """
+
 import json
 import os
 import subprocess
@@ -35,8 +36,14 @@ def _encoders():
     b, h, w, _ = images.shape
     return images.reshape(b, h // 2, 2, w // 2, 2, 3).mean((2, 4))
 
-  return dict(image_encoder=image_encoder, text_encoder=text_encoder, resolution=8, batch_size=2,
-              chunk_size=4, records_per_shard=4)
+  return dict(
+    image_encoder=image_encoder,
+    text_encoder=text_encoder,
+    resolution=8,
+    batch_size=2,
+    chunk_size=4,
+    records_per_shard=4,
+  )
 
 
 def _folder(tmp_path, lines):
@@ -57,15 +64,21 @@ def _row(file, caption="x", **kw):
 # ----------------------------------------------------------------------------- captions JSONL
 
 BAD_CAPTIONS = {  # name -> (lines, message regex)
-    "malformed_json": ([_row("a.png"), _row("b.png"), '{"file": "c.png", "caption": '],
-                       r"caps.jsonl:3: not a JSON object"),
-    "line_is_list": ([_row("a.png"), '["b.png", "x"]'], r"caps.jsonl:2: expected a JSON object, got list"),
-    "caption_not_string": ([_row("a.png", caption=5)], r"caps.jsonl:1: need string 'file' and 'caption'"),
-    "caption2_not_string": ([_row("a.png", caption2=["x"])], r"caps.jsonl:1: 'caption2' must be a string"),
-    "duplicate_file": ([_row("a.png"), _row("b.png"), _row("a.png")],
-                       r"caps.jsonl:3: duplicate file 'a.png' \(first on line 1\)"),
-    "duplicate_id": ([_row("a.png", id="k"), _row("b.png", id="k")],
-                     r"caps.jsonl:2: duplicate id 'k' \(first on line 1\)"),
+  "malformed_json": (
+    [_row("a.png"), _row("b.png"), '{"file": "c.png", "caption": '],
+    r"caps.jsonl:3: not a JSON object",
+  ),
+  "line_is_list": ([_row("a.png"), '["b.png", "x"]'], r"caps.jsonl:2: expected a JSON object, got list"),
+  "caption_not_string": ([_row("a.png", caption=5)], r"caps.jsonl:1: need string 'file' and 'caption'"),
+  "caption2_not_string": ([_row("a.png", caption2=["x"])], r"caps.jsonl:1: 'caption2' must be a string"),
+  "duplicate_file": (
+    [_row("a.png"), _row("b.png"), _row("a.png")],
+    r"caps.jsonl:3: duplicate file 'a.png' \(first on line 1\)",
+  ),
+  "duplicate_id": (
+    [_row("a.png", id="k"), _row("b.png", id="k")],
+    r"caps.jsonl:2: duplicate id 'k' \(first on line 1\)",
+  ),
 }
 
 
@@ -81,8 +94,15 @@ def test_files_outside_images_are_skipped_and_counted_never_opened(tmp_path, mon
   img, caps = _folder(tmp_path, [])
   os.symlink(os.path.join(tmp_path, "secret.png"), os.path.join(img, "link_out.png"))
   os.symlink(os.path.join(img, "b.png"), os.path.join(img, "link_in.png"))  # inside: fine
-  rows = [_row("a.png"), _row("../secret.png"), _row(str(tmp_path / "secret.png")), _row("link_out.png"),
-          _row("link_in.png"), _row("c.png"), _row("sub/../../secret.png")]
+  rows = [
+    _row("a.png"),
+    _row("../secret.png"),
+    _row(str(tmp_path / "secret.png")),
+    _row("link_out.png"),
+    _row("link_in.png"),
+    _row("c.png"),
+    _row("sub/../../secret.png"),
+  ]
   with open(caps, "w") as f:
     f.write("\n".join(rows) + "\n")
   with pytest.warns(UserWarning, match="4 file.s. resolve outside"):
@@ -105,20 +125,24 @@ def test_files_outside_images_are_skipped_and_counted_never_opened(tmp_path, mon
 
 def _raw_record(latent, context, pooled, rid):
   """Record bytes from a writer that does not check values (anything may write a dataset)."""
-  return safetensors.numpy.save({"latent": latent, "context": context, "pooled": pooled},
-                                metadata={"format": records.RECORD_FORMAT, "id": rid})
+  return safetensors.numpy.save(
+    {"latent": latent, "context": context, "pooled": pooled}, metadata={"format": records.RECORD_FORMAT, "id": rid}
+  )
 
 
-def _write_dataset(directory, n, bad=None, shape=(2, 2, 4), ctx=(3, 8), pooled=4, dtype=np.float16,
-                   per_shard=3, monkeypatch=None):
+def _write_dataset(
+  directory, n, bad=None, shape=(2, 2, 4), ctx=(3, 8), pooled=4, dtype=np.float16, per_shard=3, monkeypatch=None
+):
   """n records through RecordWriter; record ``bad`` = (index, tensor, value) is poisoned with a
   value the writer would refuse (encode_record is swapped for an unchecked one for it)."""
   rng = np.random.default_rng(0)
   with records.RecordWriter(directory, records_per_shard=per_shard) as w:
     for i in range(n):
-      arrays = {"latent": rng.standard_normal(shape).astype(dtype),
-                "context": rng.standard_normal(ctx).astype(dtype),
-                "pooled": rng.standard_normal(pooled).astype(dtype)}
+      arrays = {
+        "latent": rng.standard_normal(shape).astype(dtype),
+        "context": rng.standard_normal(ctx).astype(dtype),
+        "pooled": rng.standard_normal(pooled).astype(dtype),
+      }
       if bad is not None and bad[0] == i:
         arrays[bad[1]].reshape(-1)[1] = bad[2]
         monkeypatch.setattr(records, "encode_record", lambda l, c, p, m: _raw_record(l, c, p, m["id"]))
@@ -129,9 +153,9 @@ def _write_dataset(directory, n, bad=None, shape=(2, 2, 4), ctx=(3, 8), pooled=4
 
 
 NONFINITE_RECORDS = {  # name -> (bad index, tensor, value, dtype, shard, index in shard)
-    "nan_latent_fp16": (4, "latent", np.nan, np.float16, "data-00001-of-00003", 1),
-    "inf_pooled_bf16": (7, "pooled", np.inf, ml_dtypes.bfloat16, "data-00002-of-00003", 1),
-    "neginf_context_f32": (0, "context", -np.inf, np.float32, "data-00000-of-00003", 0),
+  "nan_latent_fp16": (4, "latent", np.nan, np.float16, "data-00001-of-00003", 1),
+  "inf_pooled_bf16": (7, "pooled", np.inf, ml_dtypes.bfloat16, "data-00002-of-00003", 1),
+  "neginf_context_f32": (0, "context", -np.inf, np.float32, "data-00000-of-00003", 0),
 }
 
 
@@ -141,9 +165,11 @@ def test_nonfinite_record_is_an_error_naming_shard_and_index(tmp_path, monkeypat
   d = _write_dataset(str(tmp_path / "ds"), 8, bad=(i, tensor, value), dtype=dtype, monkeypatch=monkeypatch)
   src = records.RecordSource(d)
   src[(i + 1) % 8]  # neighbours read fine
-  with pytest.raises(records.RecordError,
-                     match=rf"{shard}.array_record: record {local} \(global index {i}\).*{tensor} of record "
-                           rf"'ex{i}' holds 1 NaN/Inf"):
+  with pytest.raises(
+    records.RecordError,
+    match=rf"{shard}.array_record: record {local} \(global index {i}\).*{tensor} of record "
+    rf"'ex{i}' holds 1 NaN/Inf",
+  ):
     src[i]
 
 
@@ -168,8 +194,9 @@ def test_divergence_names_the_records_of_bad_batches(tmp_path, monkeypatch):
     def __getitem__(self, i):
       ex = good[i]
       if i == 6:
-        ex = records.Example(latent=np.full_like(ex.latent, np.nan), context=ex.context, pooled=ex.pooled,
-                             metadata=ex.metadata)
+        ex = records.Example(
+          latent=np.full_like(ex.latent, np.nan), context=ex.context, pooled=ex.pooled, metadata=ex.metadata
+        )
       return ex
 
   kw = dict(global_batch_size=4, seed=0, process_index=0, process_count=1, shuffle=False)
@@ -182,30 +209,31 @@ def test_divergence_names_the_records_of_bad_batches(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- trainer config
 
 BAD_TRAIN_CONFIG = {  # key -> (value, message)
-    "total_steps": (-5, "config.total_steps must be >= 1, got -5"),
-    "global_batch_size": (0, "config.global_batch_size must be >= 1"),
-    "grad_accum_steps": (0, "config.grad_accum_steps must be >= 1"),
-    "log_every": (0, "config.log_every must be >= 1"),
-    "checkpoint_every": (-1, "config.checkpoint_every must be >= 1"),
-    "keep_checkpoints": (0, "config.keep_checkpoints must be >= 1"),
-    "seed": (-1, r"config.seed must be in \[0, 4294967295\]"),
-    "optimizer.learning_rate": ("1e-4", "config.optimizer.learning_rate must be a finite number, got '1e-4'"),
-    "optimizer.warmup_steps": (-10, "config.optimizer.warmup_steps must be >= 0"),
-    "optimizer.b2": (1.5, r"config.optimizer.b2 must be in \[0.0, 1.0\]"),
-    "ema.every": (0, "config.ema.every must be >= 1"),
-    "ema.decay": (float("nan"), "config.ema.decay must be a finite number"),
-    "val.every": (-1, "config.val.every must be >= 0"),
-    "data.worker_count": (-2, "config.data.worker_count must be >= -1"),
-    "data.latent_size": (0, "config.data.latent_size must be >= 1"),
-    "mesh.fsdp": (0, "config.mesh.fsdp must be a positive integer or -1"),
-    "async_checkpointing": ("yes", "config.async_checkpointing must be True or False"),
-    "data.shuffle": (1, "config.data.shuffle must be True or False"),
+  "total_steps": (-5, "config.total_steps must be >= 1, got -5"),
+  "global_batch_size": (0, "config.global_batch_size must be >= 1"),
+  "grad_accum_steps": (0, "config.grad_accum_steps must be >= 1"),
+  "log_every": (0, "config.log_every must be >= 1"),
+  "checkpoint_every": (-1, "config.checkpoint_every must be >= 1"),
+  "keep_checkpoints": (0, "config.keep_checkpoints must be >= 1"),
+  "seed": (-1, r"config.seed must be in \[0, 4294967295\]"),
+  "optimizer.learning_rate": ("1e-4", "config.optimizer.learning_rate must be a finite number, got '1e-4'"),
+  "optimizer.warmup_steps": (-10, "config.optimizer.warmup_steps must be >= 0"),
+  "optimizer.b2": (1.5, r"config.optimizer.b2 must be in \[0.0, 1.0\]"),
+  "ema.every": (0, "config.ema.every must be >= 1"),
+  "ema.decay": (float("nan"), "config.ema.decay must be a finite number"),
+  "val.every": (-1, "config.val.every must be >= 0"),
+  "data.worker_count": (-2, "config.data.worker_count must be >= -1"),
+  "data.latent_size": (0, "config.data.latent_size must be >= 1"),
+  "mesh.fsdp": (0, "config.mesh.fsdp must be a positive integer or -1"),
+  "async_checkpointing": ("yes", "config.async_checkpointing must be True or False"),
+  "data.shuffle": (1, "config.data.shuffle must be True or False"),
 }
 
 
 @pytest.mark.parametrize("key", sorted(BAD_TRAIN_CONFIG))
 def test_unrunnable_config_values_are_startup_errors(key):
   from configs import tiny
+
   c = tiny.get_config().to_dict()
   check_runnable(c)  # the shipped config passes
   node = c
@@ -220,9 +248,23 @@ def test_unrunnable_config_values_are_startup_errors(key):
 
 def _train(workdir, *flags):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "sd3_jax.main", "--config", os.path.join(REPO, "configs/tiny.py"),
-                         "--workdir", str(workdir), *flags], capture_output=True, text=True, env=env,
-                        timeout=600, cwd=REPO)
+  return subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sd3_jax.main",
+      "--config",
+      os.path.join(REPO, "configs/tiny.py"),
+      "--workdir",
+      str(workdir),
+      *flags,
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+    cwd=REPO,
+  )
 
 
 def test_trainer_clean_errors_have_one_line_and_no_second_traceback(tmp_path, monkeypatch):
@@ -234,11 +276,25 @@ def test_trainer_clean_errors_have_one_line_and_no_second_traceback(tmp_path, mo
   # A dataset of the tiny config's spec with a NaN in record 12: the second batch reads it, while
   # the async save of step 1 may still be running (without the shutdown this printed a stream of
   # "Event loop is closed" tracebacks after the error line).
-  d = _write_dataset(str(tmp_path / "ds"), 16, bad=(12, "latent", np.nan), shape=(8, 8, 4), ctx=(8, 32),
-                     pooled=32, per_shard=8, monkeypatch=monkeypatch)
-  p = _train(tmp_path / "w2", "--config.data.source=records", f"--config.data.path={d}",
-             "--config.data.shuffle=False", "--config.val.every=0", "--config.total_steps=4",
-             "--config.checkpoint_every=1")
+  d = _write_dataset(
+    str(tmp_path / "ds"),
+    16,
+    bad=(12, "latent", np.nan),
+    shape=(8, 8, 4),
+    ctx=(8, 32),
+    pooled=32,
+    per_shard=8,
+    monkeypatch=monkeypatch,
+  )
+  p = _train(
+    tmp_path / "w2",
+    "--config.data.source=records",
+    f"--config.data.path={d}",
+    "--config.data.shuffle=False",
+    "--config.val.every=0",
+    "--config.total_steps=4",
+    "--config.checkpoint_every=1",
+  )
   assert p.returncode == 2, p.stderr[-3000:]
   err = [ln for ln in p.stderr.splitlines() if "sd3-train: error:" in ln]
   assert len(err) == 1 and "data-00001-of-00002.array_record: record 4 (global index 12)" in err[0], p.stderr[-3000:]

@@ -1,5 +1,6 @@
 """config.init_from: a run starts from one of our converted checkpoints (weights and positional
 table from it, EMA equal to them, fresh optimizer); mismatches fail before compiling."""
+
 import dataclasses
 
 import jax
@@ -39,6 +40,7 @@ def _random_checkpoint(path, model_config):
 def no_compile(monkeypatch):
   def boom(*a, **k):
     raise AssertionError("compiled before the start-up checks failed")
+
   monkeypatch.setattr(train, "create_sharded_state", boom)
   monkeypatch.setattr(train, "make_train_step", boom)
 
@@ -87,6 +89,9 @@ def test_resolution_beyond_the_checkpoint_grid_is_a_clear_error(tmp_path, no_com
   _random_checkpoint(tmp_path / "ckpt", mmdit.config_from_preset(**c.model))  # grid 8 at patch 2
   c.init_from = str(tmp_path / "ckpt")
   c.data.latent_size = 32
-  with pytest.raises(ValueError, match=r"covers a 8x8 patch grid \(latents up to 16x16\), but the run "
-                                       r"trains on 32x32 latents \(16x16 patches\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"covers a 8x8 patch grid \(latents up to 16x16\), but the run "
+    r"trains on 32x32 latents \(16x16 patches\)",
+  ):
     train.train_and_evaluate(c, str(tmp_path / "w"))

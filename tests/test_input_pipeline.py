@@ -1,4 +1,5 @@
 """Record format, shard files, sources and per-process checkpointable iterators (tiny sizes)."""
+
 import json
 import os
 import shutil
@@ -39,19 +40,27 @@ def _row_index(source, dtype=np.float32):
 @pytest.mark.parametrize("latent_dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
 def test_round_trip_dtypes_and_metadata(tmp_path, latent_dtype):
   rng = np.random.default_rng(0)
-  examples = [dict(latent=rng.normal(size=(4, 2, 16)).astype(latent_dtype),
-                   context=rng.normal(size=(7, 32)).astype(np.float16),
-                   pooled=rng.normal(size=(8,)).astype(np.float16),
-                   metadata={"id": f"img-{i}", "caption": f"ein Bild {i} ✓", "source": "test"})
-              for i in range(5)]
+  examples = [
+    dict(
+      latent=rng.normal(size=(4, 2, 16)).astype(latent_dtype),
+      context=rng.normal(size=(7, 32)).astype(np.float16),
+      pooled=rng.normal(size=(8,)).astype(np.float16),
+      metadata={"id": f"img-{i}", "caption": f"ein Bild {i} ✓", "source": "test"},
+    )
+    for i in range(5)
+  ]
   with records.RecordWriter(tmp_path, prefix="val", records_per_shard=2, metadata={"vae": "sd3"}) as w:
     for ex in examples:
       w.write(**ex)
-  src = records.RecordSource(tmp_path, expected_shapes={"latent": (None, None, 16), "context": (None, 32),
-                                                   "pooled": (8,)})
+  src = records.RecordSource(
+    tmp_path, expected_shapes={"latent": (None, None, 16), "context": (None, 32), "pooled": (8,)}
+  )
   assert len(src) == 5
-  assert src.element_spec == {"latent": ((4, 2, 16), np.dtype(latent_dtype)),
-                              "context": ((7, 32), np.dtype(np.float16)), "pooled": ((8,), np.dtype(np.float16))}
+  assert src.element_spec == {
+    "latent": ((4, 2, 16), np.dtype(latent_dtype)),
+    "context": ((7, 32), np.dtype(np.float16)),
+    "pooled": ((8,), np.dtype(np.float16)),
+  }
   for i, ex in enumerate(examples):
     got = src[i]
     for k in ("latent", "context", "pooled"):
@@ -128,16 +137,18 @@ def test_corrupt_record_raises_with_file_and_index(tmp_path):
   blob = bytearray(shard.read_bytes())
   at = blob.find(src.record_bytes(5)[-48:])
   assert at > 0
-  blob[at:at + 8] = bytes(b ^ 0xFF for b in blob[at:at + 8])
+  blob[at : at + 8] = bytes(b ^ 0xFF for b in blob[at : at + 8])
   shard.write_bytes(bytes(blob))
   rs = records.RecordSource(d)
   np.testing.assert_array_equal(rs[4].latent, src[4].latent)  # neighbours still readable
-  with pytest.raises(records.RecordError,
-                     match=r"data-00001-of-00003.array_record: record 1 \(global index 5\).*re-create"):
+  with pytest.raises(
+    records.RecordError, match=r"data-00001-of-00003.array_record: record 1 \(global index 5\).*re-create"
+  ):
     rs[5]
   # Training does not skip it: the iterator raises the same error.
-  it = ip.make_train_iterator(rs, global_batch_size=2, seed=0, process_index=0, process_count=1,
-                              shuffle=False, num_epochs=1)
+  it = ip.make_train_iterator(
+    rs, global_batch_size=2, seed=0, process_index=0, process_count=1, shuffle=False, num_epochs=1
+  )
   with pytest.raises(records.RecordError, match="record 1 .global index 5"):
     for _ in it:
       pass
@@ -146,8 +157,9 @@ def test_corrupt_record_raises_with_file_and_index(tmp_path):
   w.write(src.record_bytes(8))
   w.write(b"garbage, not safetensors")
   w.close()
-  with pytest.raises(records.RecordError,
-                     match=r"data-00002-of-00003.array_record: record 1 \(global index 9\).*not a safetensors"):
+  with pytest.raises(
+    records.RecordError, match=r"data-00002-of-00003.array_record: record 1 \(global index 9\).*not a safetensors"
+  ):
     records.RecordSource(d)[9]
   # A truncated shard is refused when the source opens it.
   blob = (d / "data-00000-of-00003.array_record").read_bytes()
@@ -198,9 +210,15 @@ def test_synthetic_source_determinism_and_spec(tmp_path):
     np.testing.assert_array_equal(getattr(a[4], k), getattr(b[4], k))  # any access order
     assert not np.array_equal(getattr(a[4], k), getattr(a[5], k))
     assert not np.array_equal(getattr(a[4], k), getattr(_synthetic(6, seed=4)[4], k))
-  assert a[2].spec == a.element_spec == {"latent": ((4, 2, 3), np.dtype(np.float16)),
-                                         "context": ((5, 6), np.dtype(np.float16)),
-                                         "pooled": ((4,), np.dtype(np.float16))}
+  assert (
+    a[2].spec
+    == a.element_spec
+    == {
+      "latent": ((4, 2, 3), np.dtype(np.float16)),
+      "context": ((5, 6), np.dtype(np.float16)),
+      "pooled": ((4,), np.dtype(np.float16)),
+    }
+  )
   big = records.SyntheticSource(1, (16, 16, 16), 1, 1, 1, seed=0, dtype=np.float32)[0].latent
   assert abs(big.mean()) < 0.05 and abs(big.std() - 1) < 0.05
   decoded = records.decode_record(a.record_bytes(1))
@@ -224,7 +242,7 @@ def test_processes_read_disjoint_slices_covering_each_epoch():
   assert per_proc[0][0]["latent"].shape == (4, 4, 2, 3) and per_proc[0][0]["latent"].dtype == np.float32
   epochs = []
   for e in range(2):
-    ids = [[i for batch in proc[3 * e: 3 * e + 3] for i in rows(batch)] for proc in per_proc]
+    ids = [[i for batch in proc[3 * e : 3 * e + 3] for i in rows(batch)] for proc in per_proc]
     assert not set(ids[0]) & set(ids[1])
     assert sorted(ids[0] + ids[1]) == list(range(24))
     epochs.append(ids[0])
@@ -236,8 +254,9 @@ def test_processes_read_disjoint_slices_covering_each_epoch():
       glob = np.concatenate([next(it)["pooled"] for it in its])
       np.testing.assert_array_equal(glob, np.concatenate([per_proc[0][j]["pooled"], per_proc[1][j]["pooled"]]))
   # Without shuffling: records in order; 26 records give 3 whole global batches per epoch.
-  it = ip.make_train_iterator(_synthetic(26), global_batch_size=8, seed=0, process_index=1,
-                              process_count=2, shuffle=False, dtype=None)
+  it = ip.make_train_iterator(
+    _synthetic(26), global_batch_size=8, seed=0, process_index=1, process_count=2, shuffle=False, dtype=None
+  )
   batches = _take(it, 4)
   assert [rows(b) for b in batches] == [[4, 5, 6, 7], [12, 13, 14, 15], [20, 21, 22, 23], [4, 5, 6, 7]]
   assert batches[0]["context"].dtype == np.float16  # dtype=None keeps the stored dtype
@@ -246,8 +265,7 @@ def test_processes_read_disjoint_slices_covering_each_epoch():
 def test_leftover_records_differ_per_epoch():
   src = _synthetic(10)
   rows = _row_index(src)
-  it = ip.make_train_iterator(src, global_batch_size=4, seed=1, process_index=0, process_count=1,
-                              num_epochs=3)
+  it = ip.make_train_iterator(src, global_batch_size=4, seed=1, process_index=0, process_count=1, num_epochs=3)
   batches = [rows(b) for b in it]
   assert len(batches) == 6  # 2 global batches of 4 per epoch; 2 records left over each epoch
   epochs = [set(batches[2 * e][:] + batches[2 * e + 1]) for e in range(3)]
@@ -257,9 +275,9 @@ def test_leftover_records_differ_per_epoch():
 
 def test_iterator_state_restores_the_exact_next_batch(tmp_path):
   import orbax.checkpoint as ocp
+
   src = _synthetic(20)
-  make = lambda p=0, n=1: ip.make_train_iterator(src, global_batch_size=4, seed=2, process_index=p,
-                                                 process_count=n)
+  make = lambda p=0, n=1: ip.make_train_iterator(src, global_batch_size=4, seed=2, process_index=p, process_count=n)
   it = make()
   _take(it, 7)  # crosses an epoch boundary (5 batches per epoch)
   state = it.get_state()
@@ -291,8 +309,9 @@ def test_eval_iterator_covers_each_example_once_with_padding():
   rows = _row_index(src, ml_dtypes.bfloat16)
   seen = []
   for p in range(2):
-    batches = list(ip.make_eval_iterator(src, global_batch_size=4, process_index=p, process_count=2,
-                                         dtype=ml_dtypes.bfloat16))
+    batches = list(
+      ip.make_eval_iterator(src, global_batch_size=4, process_index=p, process_count=2, dtype=ml_dtypes.bfloat16)
+    )
     assert len(batches) == 3  # ceil(10 / 4) on every process
     for b in batches:
       assert b["latent"].dtype == ml_dtypes.bfloat16 and b["example_id"].dtype == np.int64
@@ -302,8 +321,7 @@ def test_eval_iterator_covers_each_example_once_with_padding():
       assert rows(real_rows) == list(real_rows["example_id"])  # id = record index
       seen += list(real_rows["example_id"])
   assert sorted(seen) == list(range(10))
-  single = list(ip.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=1,
-                                      max_examples=5))
+  single = list(ip.make_eval_iterator(src, global_batch_size=4, process_index=0, process_count=1, max_examples=5))
   assert [list(b["example_id"]) for b in single] == [[0, 1, 2, 3], [4, -1, -1, -1]]
 
 
@@ -330,11 +348,13 @@ def test_bad_arguments():
 
 def test_worker_processes_give_the_same_batches_and_restore():
   from absl import flags
+
   if not flags.FLAGS.is_parsed():  # grain workers read absl flags (main.py runs under absl.app.run)
     flags.FLAGS.mark_as_parsed()
   src = _synthetic(24)
-  make = lambda w: ip.make_train_iterator(src, global_batch_size=4, seed=1, process_index=1,
-                                          process_count=2, worker_count=w)
+  make = lambda w: ip.make_train_iterator(
+    src, global_batch_size=4, seed=1, process_index=1, process_count=2, worker_count=w
+  )
   ref = [b["pooled"] for b in _take(make(0), 6)]
   it = make(2)
   got = [b["pooled"] for b in _take(it, 3)]

@@ -9,6 +9,7 @@ installed (not only from this checkout).
   ``import sd3_jax``, a conditioner loaded from transformers directories, and the ``sd3-convert``
   entry point all work, and ``tools`` is not installed.
 """
+
 import ast
 import os
 import subprocess
@@ -47,7 +48,7 @@ def _imported_names(path: str, module: str) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       if node.level:  # relative: resolve against this module's package
         base = module.split(".")
-        base = base[:len(base) - node.level + (1 if is_package else 0)]
+        base = base[: len(base) - node.level + (1 if is_package else 0)]
         prefix = ".".join(base + ([node.module] if node.module else []))
       else:
         prefix = node.module
@@ -89,7 +90,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack.append(m)
     for d in sorted(graph.get(m, ())):
       if state.get(d) == 1:
-        return stack[stack.index(d):] + [d]
+        return stack[stack.index(d) :] + [d]
       if d not in state:
         found = visit(d)
         if found:
@@ -153,8 +154,9 @@ def test_no_file_over_500_lines():
 
 
 def _site_packages(python: str) -> str:
-  return subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 text=True).strip()
+  return subprocess.check_output(
+    [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+  ).strip()
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +169,12 @@ def installed(tmp_path_factory):
   python = str(env_dir / "bin" / "python")
   with open(os.path.join(_site_packages(python), "deps.pth"), "w") as f:
     f.write(_site_packages(sys.executable) + "\n")
-  out = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                        "-q", REPO], capture_output=True, text=True, cwd=root)
+  out = subprocess.run(
+    [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-q", REPO],
+    capture_output=True,
+    text=True,
+    cwd=root,
+  )
   assert out.returncode == 0, out.stdout + out.stderr
   return root, env_dir
 
@@ -176,8 +182,9 @@ def installed(tmp_path_factory):
 def _run(root, env_dir, code: str) -> str:
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
   env["JAX_PLATFORMS"] = "cpu"
-  out = subprocess.run([str(env_dir / "bin" / "python"), "-c", textwrap.dedent(code)], capture_output=True,
-                       text=True, cwd=root, env=env)
+  out = subprocess.run(
+    [str(env_dir / "bin" / "python"), "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=root, env=env
+  )
   assert out.returncode == 0, out.stdout + out.stderr
   return out.stdout
 
@@ -185,7 +192,10 @@ def _run(root, env_dir, code: str) -> str:
 def test_installed_package_works_from_another_directory(installed):
   root, env_dir = installed
   # The package comes from the venv, not from this checkout; `tools` is not installed.
-  _run(root, env_dir, f"""
+  _run(
+    root,
+    env_dir,
+    f"""
       import importlib.util, sd3_jax
       assert sd3_jax.__file__.startswith({str(env_dir)!r}), sd3_jax.__file__
       assert importlib.util.find_spec("tools") is None
@@ -198,10 +208,14 @@ def test_installed_package_works_from_another_directory(installed):
       c = load_config_file({os.path.join(REPO, "configs", "tiny.py")!r}, overrides={{"total_steps": 7}})
       assert c.total_steps == 7 and c.model.hidden_size == 64 and sys.path == before
       assert "configs" not in sys.modules
-      """)
+      """,
+  )
   # Small random encoders (our checkpoints) -> transformers directories with the installed
   # sd3-convert, then a conditioner from those directories equals one from ours.
-  _run(root, env_dir, """
+  _run(
+    root,
+    env_dir,
+    """
       import os, shutil, subprocess, sys
       import numpy as np
       from sd3_jax.demo import run as demo
@@ -222,4 +236,5 @@ def test_installed_package_works_from_another_directory(installed):
       for x, y in zip(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
       print("ok")
-      """)
+      """,
+  )

@@ -1,4 +1,5 @@
 """metrics.py: peak FLOP/s table, clu metrics, metrics.jsonl / TensorBoard writers, timer."""
+
 import json
 import math
 import os
@@ -12,15 +13,26 @@ import pytest
 
 from sd3_jax import metrics as Mt
 
+
 def test_peak_flops_table():
   # How device_kind strings (as jax reports them on each chip) map to the dense bf16 peaks of
   # the vendors' spec sheets: Google Cloud's TPU v4 / v5e / v5p / v6e system-architecture pages
   # (275 / 197 / 459 / 918 TFLOP/s) and NVIDIA's H100 SXM / PCIe, H200 and A100 datasheets
   # (989 / 756 / 989 / 312, the "with sparsity" figures halved).
-  cases = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
-           "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-           "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,
-           "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12}
+  cases = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+  }
   for kind, peak in cases.items():
     assert Mt.peak_flops_per_device(kind) == peak, kind
   for kind in ("cpu", "TPU v4 lite", "TPU v3", "NVIDIA GeForce RTX 4090", ""):
@@ -34,8 +46,7 @@ def test_peak_flops_table():
 def test_train_metrics_inside_jit_merge_and_compute():
   @jax.jit
   def step(loss, t, gn, lr):
-    return Mt.TrainMetrics.single_from_model_output(per_example_loss=loss, t=t, grad_norm=gn,
-                                                    learning_rate=lr)
+    return Mt.TrainMetrics.single_from_model_output(per_example_loss=loss, t=t, grad_norm=gn, learning_rate=lr)
 
   l1, t1 = np.array([1.0, 2.0, 3.0, 4.0], np.float32), np.array([0.0, 0.05, 0.55, 1.0], np.float32)
   l2, t2 = np.array([5.0, 7.0, 9.0, 11.0], np.float32), np.array([0.09, 0.5, 0.99, 0.31], np.float32)
@@ -47,14 +58,14 @@ def test_train_metrics_inside_jit_merge_and_compute():
   assert out["learning_rate"] == pytest.approx(2e-4)  # last value
   # buckets: [0,.1): 1,2,5  [.3,.4): 11  [.5,.6): 3,7  [.9,1]: 4 (t=1), 9; others empty -> omitted
   assert {k: v for k, v in out.items() if k.startswith("loss_t/")} == pytest.approx(
-      {"loss_t/0.0-0.1": 8 / 3, "loss_t/0.3-0.4": 11.0, "loss_t/0.5-0.6": 5.0, "loss_t/0.9-1.0": 6.5})
+    {"loss_t/0.0-0.1": 8 / 3, "loss_t/0.3-0.4": 11.0, "loss_t/0.5-0.6": 5.0, "loss_t/0.9-1.0": 6.5}
+  )
   assert Mt.t_bucket_names()[0] == "loss_t/0.0-0.1" and len(Mt.t_bucket_names()) == 10
   # empty() is the identity of merge
   again = Mt.TrainMetrics.empty().merge(step(l1, t1, 2.0, 1e-4)).compute()
   assert again["loss"] == pytest.approx(2.5) and again["loss_t/0.0-0.1"] == pytest.approx(1.5)
   with pytest.raises(ValueError, match="must both be"):
-    Mt.TrainMetrics.single_from_model_output(per_example_loss=l1, t=t1[:3], grad_norm=1.0,
-                                             learning_rate=1.0)
+    Mt.TrainMetrics.single_from_model_output(per_example_loss=l1, t=t1[:3], grad_norm=1.0, learning_rate=1.0)
 
 
 def _read_jsonl(path):
@@ -71,8 +82,9 @@ def test_metric_writer_jsonl_resume_and_non_primary(tmp_path, monkeypatch):
   with Mt.MetricWriter(work, is_primary=True) as w:
     assert not w.tensorboard_enabled
     for s in (1, 2, 3):
-      w.write_scalars(s, {"loss": np.float32(0.5 * s), "mfu": None, "bad": float("nan"),
-                          "inf": jnp.array(np.inf), "n": 7})
+      w.write_scalars(
+        s, {"loss": np.float32(0.5 * s), "mfu": None, "bad": float("nan"), "inf": jnp.array(np.inf), "n": 7}
+      )
   rows = _read_jsonl(os.path.join(work, "metrics.jsonl"))
   assert [r["step"] for r in rows] == [1, 2, 3]
   assert rows[1]["loss"] == 1.0 and rows[1]["n"] == 7
@@ -106,6 +118,7 @@ def test_metric_writer_tensorboard_events(tmp_path):
   pytest.importorskip("tensorboard")  # the optional `tensorboard` extra
   from tensorboard.backend.event_processing import event_accumulator, event_file_loader
   from tensorboard.compat.proto import event_pb2
+
   work = str(tmp_path)
   with Mt.MetricWriter(work, is_primary=True) as w:
     assert w.tensorboard_enabled
@@ -154,15 +167,15 @@ class _FakeClock:
 
 def test_step_timer_throughput_and_mfu():
   clock = _FakeClock()
-  timer = Mt.StepTimer(flops_per_step=8e12, images_per_step=64, num_devices=4,
-                       peak_flops_per_device=1e12, clock=clock)
+  timer = Mt.StepTimer(flops_per_step=8e12, images_per_step=64, num_devices=4, peak_flops_per_device=1e12, clock=clock)
   assert timer.tick(10) == {}  # first tick starts the clock (compilation excluded)
   clock.now += 25.0
   with timer.paused():  # e.g. a checkpoint save
     clock.now += 5.0
   out = timer.tick(20)  # 10 steps in 25 s of training time
-  assert out == pytest.approx({"step_time": 2.5, "images_per_sec": 25.6, "tflops_per_sec": 3.2,
-                               "tflops_per_sec_per_device": 0.8, "mfu": 0.8})
+  assert out == pytest.approx(
+    {"step_time": 2.5, "images_per_sec": 25.6, "tflops_per_sec": 3.2, "tflops_per_sec_per_device": 0.8, "mfu": 0.8}
+  )
   clock.now += 4.0
   no_peak = Mt.StepTimer(flops_per_step=1.0, images_per_step=1, num_devices=1, clock=clock)
   no_peak.tick(0)
@@ -171,9 +184,9 @@ def test_step_timer_throughput_and_mfu():
 
 
 def test_format_progress():
-  line = Mt.format_progress(1200, 5000, {"loss": 0.43121, "learning_rate": 1e-4, "mfu": 0.4132,
-                                         "step_time": 0.5, "grad_norm": None})
-  assert line == ("step 1200/5000 (24.0%) | loss 0.4312 | lr 1.00e-04 | step 0.5s | MFU 41.3% | "
-                  "ETA 31m40s")
+  line = Mt.format_progress(
+    1200, 5000, {"loss": 0.43121, "learning_rate": 1e-4, "mfu": 0.4132, "step_time": 0.5, "grad_norm": None}
+  )
+  assert line == ("step 1200/5000 (24.0%) | loss 0.4312 | lr 1.00e-04 | step 0.5s | MFU 41.3% | ETA 31m40s")
   assert Mt.format_progress(5, 10, {}) == "step 5/10 (50.0%)"
   assert "nan" in Mt.format_progress(1, 10, {"loss": math.nan})

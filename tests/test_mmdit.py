@@ -1,4 +1,5 @@
 """MM-DiT structure: presets, scan/remat/bf16 equivalence, input validation, init."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +9,18 @@ from flax import linen as nn
 from sd3_jax.models import layers as L
 from sd3_jax.models import mmdit as M
 
-TINY = M.MMDiTConfig(depth=4, hidden_size=32, num_heads=4, in_channels=4, out_channels=4,
-                     pooled_dim=16, context_dim=24, pos_embed_max_size=8, qk_norm=True,
-                     dual_attention_layers=(0, 1))
+TINY = M.MMDiTConfig(
+  depth=4,
+  hidden_size=32,
+  num_heads=4,
+  in_channels=4,
+  out_channels=4,
+  pooled_dim=16,
+  context_dim=24,
+  pos_embed_max_size=8,
+  qk_norm=True,
+  dual_attention_layers=(0, 1),
+)
 
 
 def _randomize(params, seed=0, std=0.1):
@@ -22,8 +32,12 @@ def _randomize(params, seed=0, std=0.1):
 
 def _inputs(cfg, b=2, h=8, w=12, lc=5, seed=1):
   ks = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(ks[0], (b, h, w, cfg.in_channels)), jnp.linspace(0.05, 0.95, b),
-          jax.random.normal(ks[1], (b, cfg.pooled_dim)), jax.random.normal(ks[2], (b, lc, cfg.context_dim)))
+  return (
+    jax.random.normal(ks[0], (b, h, w, cfg.in_channels)),
+    jnp.linspace(0.05, 0.95, b),
+    jax.random.normal(ks[1], (b, cfg.pooled_dim)),
+    jax.random.normal(ks[2], (b, lc, cfg.context_dim)),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +130,9 @@ def test_logical_axes_on_every_parameter():
     assert isinstance(leaf, nn.Partitioned), leaf
     assert len(leaf.names) == leaf.value.ndim
   specs = nn.get_partition_spec(boxed)
-  assert specs["scan_blocks_0_2"]["x_block"]["mlp"]["fc1"]["kernel"] == jax.sharding.PartitionSpec("layers", "embed", "mlp")
+  assert specs["scan_blocks_0_2"]["x_block"]["mlp"]["fc1"]["kernel"] == jax.sharding.PartitionSpec(
+    "layers", "embed", "mlp"
+  )
 
 
 def test_adaln_zero_init_and_pos_table():
@@ -158,14 +174,17 @@ def test_skip_layers_changes_output(plain):
   assert not np.allclose(np.asarray(got), np.asarray(out))
 
 
-@pytest.mark.parametrize("bad, match", [
+@pytest.mark.parametrize(
+  "bad, match",
+  [
     (lambda x, t, y, c: (x[..., :3], t, y, c), "NHWC"),
     (lambda x, t, y, c: (x[:, :7], t, y, c), "divisible by the patch size"),
     (lambda x, t, y, c: (jnp.zeros((2, 18, 8, 4)), t, y, c), "larger than the positional grid"),
     (lambda x, t, y, c: (x, t[:1], y, c), "flow times"),
     (lambda x, t, y, c: (x, t, y[:, :3], c), "pooled"),
     (lambda x, t, y, c: (x, t, y, c[..., :5]), "context"),
-])
+  ],
+)
 def test_bad_inputs_have_clear_errors(plain, bad, match):
   params, inputs, _ = plain
   with pytest.raises(ValueError, match=match):

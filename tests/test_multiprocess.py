@@ -1,4 +1,5 @@
 """Two local processes (jax.distributed on CPU over gloo) run the real main with checkpoints."""
+
 import json
 import os
 import subprocess
@@ -10,15 +11,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _launch(workdir, port, *flags):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs = []
   for pid in range(2):
-    cmd = [sys.executable, "-m", "sd3_jax.main", "--config", os.path.join(REPO, "configs/tiny.py"),
-           "--workdir", workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-           f"--process_id={pid}", "--config.mesh.fsdp=2", "--config.mesh.data=2", *flags]
-    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    cmd = [
+      sys.executable,
+      "-m",
+      "sd3_jax.main",
+      "--config",
+      os.path.join(REPO, "configs/tiny.py"),
+      "--workdir",
+      workdir,
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={pid}",
+      "--config.mesh.fsdp=2",
+      "--config.mesh.data=2",
+      *flags,
+    ]
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   outs = []
   for p in procs:
     try:

@@ -1,6 +1,7 @@
 """Preemption with the real ``sd3_jax.main``: SIGTERM -> a checkpoint of the current step, exit
 42, and the rerun resumes exactly; with two processes, both save the same step. Errors in the
 loop wait for the in-flight async save."""
+
 import json
 import os
 import signal
@@ -17,13 +18,27 @@ from sd3_jax import preemption
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # log_every=1: a resumed run's first logged window starts at the resume step, so windows of one
 # step make every logged loss comparable with the uninterrupted run's.
-COMMON = ["--config.total_steps=12", "--config.log_every=1", "--config.checkpoint_every=100",
-          "--config.val.every=0", "--config.mesh.fsdp=4", "--config.mesh.data=2"]
+COMMON = [
+  "--config.total_steps=12",
+  "--config.log_every=1",
+  "--config.checkpoint_every=100",
+  "--config.val.every=0",
+  "--config.mesh.fsdp=4",
+  "--config.mesh.data=2",
+]
 
 
 def _cmd(workdir, *flags):
-  return [sys.executable, "-m", "sd3_jax.main", "--config", os.path.join(REPO, "configs/tiny.py"),
-          "--workdir", workdir, *flags]
+  return [
+    sys.executable,
+    "-m",
+    "sd3_jax.main",
+    "--config",
+    os.path.join(REPO, "configs/tiny.py"),
+    "--workdir",
+    workdir,
+    *flags,
+  ]
 
 
 def _losses(workdir):
@@ -56,8 +71,7 @@ def test_sigterm_saves_current_step_exits_42_and_resumes_exactly(tmp_path):
   full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
   p = subprocess.run(_cmd(full, *COMMON), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stdout + p.stderr
-  p = subprocess.Popen(_cmd(cut, *COMMON), cwd=REPO, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True)
+  p = subprocess.Popen(_cmd(cut, *COMMON), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   _wait_for_step([p], cut, 3)
   p.send_signal(signal.SIGTERM)
   out, _ = p.communicate(timeout=600)
@@ -79,12 +93,25 @@ def test_two_processes_agree_on_the_preemption_step(tmp_path):
   """SIGTERM to process 1 only: jax's preemption sync point makes both save the same step."""
   wd, port = str(tmp_path / "mp"), portpicker.pick_unused_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  flags = ["--config.total_steps=40", "--config.log_every=1", "--config.checkpoint_every=100",
-           "--config.val.every=0", "--config.mesh.fsdp=2", "--config.mesh.data=2"]
-  procs = [subprocess.Popen(_cmd(wd, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                 f"--process_id={i}", *flags),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  flags = [
+    "--config.total_steps=40",
+    "--config.log_every=1",
+    "--config.checkpoint_every=100",
+    "--config.val.every=0",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.data=2",
+  ]
+  procs = [
+    subprocess.Popen(
+      _cmd(wd, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}", *flags),
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     _wait_for_step(procs, wd, 3)
     procs[1].send_signal(signal.SIGTERM)
@@ -101,8 +128,7 @@ def test_two_processes_agree_on_the_preemption_step(tmp_path):
     assert f"saved and committed the checkpoint of step {saved[0]}" in out
   # Both processes wrote their part: each one's data-iterator position is in the checkpoint.
   data = os.listdir(os.path.join(wd, "checkpoints", str(saved[0]), "data"))
-  assert sorted(f for f in data if f.startswith("process_")) == ["process_0-of-2.json",
-                                                                 "process_1-of-2.json"]
+  assert sorted(f for f in data if f.startswith("process_")) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 def test_an_error_in_the_loop_waits_for_the_in_flight_save(tmp_path, monkeypatch):

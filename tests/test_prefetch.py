@@ -1,5 +1,6 @@
 """The input path: host batches stay float16, the prefetch queue keeps order and the exact
 resume position, pipeline errors surface at the step that needed the batch, worker defaults."""
+
 import json
 
 import numpy as np
@@ -9,13 +10,15 @@ from sd3_jax import input_pipeline, prefetch, records
 
 
 def _source(n=32):
-  return records.SyntheticSource(num_records=n, latent_shape=(4, 4, 4), context_len=3,
-                                 context_dim=8, pooled_dim=8, seed=0)
+  return records.SyntheticSource(
+    num_records=n, latent_shape=(4, 4, 4), context_len=3, context_dim=8, pooled_dim=8, seed=0
+  )
 
 
 def _iter(source, **kw):
-  return input_pipeline.make_train_iterator(source, global_batch_size=4, seed=1, process_index=0,
-                                            process_count=1, dtype=None, **kw)
+  return input_pipeline.make_train_iterator(
+    source, global_batch_size=4, seed=1, process_index=0, process_count=1, dtype=None, **kw
+  )
 
 
 def test_host_batches_keep_the_stored_float16():

@@ -1,5 +1,6 @@
 """Named remat policies change memory, not results; the HLO matmul counter that measures their
 recomputation counts a scanned body once per layer."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +10,18 @@ from sd3_jax.models import flops, mmdit
 from sd3_jax.models import remat as R
 from tools import hlo_flops
 
-TINY = mmdit.MMDiTConfig(depth=2, hidden_size=64, num_heads=2, in_channels=4, out_channels=4,
-                         pooled_dim=16, context_dim=16, pos_embed_max_size=8, qk_norm=True,
-                         dual_attention_layers=(0,))
+TINY = mmdit.MMDiTConfig(
+  depth=2,
+  hidden_size=64,
+  num_heads=2,
+  in_channels=4,
+  out_channels=4,
+  pooled_dim=16,
+  context_dim=16,
+  pos_embed_max_size=8,
+  qk_norm=True,
+  dual_attention_layers=(0,),
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +86,16 @@ def test_hlo_flops_counts_scanned_layers_once_per_layer():
 
 
 def test_hlo_flops_of_the_scanned_mmdit_equal_the_model_count():
-  cfg = mmdit.MMDiTConfig(depth=4, hidden_size=64, num_heads=2, in_channels=4, out_channels=4,
-                          pooled_dim=16, context_dim=16, pos_embed_max_size=8)
+  cfg = mmdit.MMDiTConfig(
+    depth=4,
+    hidden_size=64,
+    num_heads=2,
+    in_channels=4,
+    out_channels=4,
+    pooled_dim=16,
+    context_dim=16,
+    pos_embed_max_size=8,
+  )
   model = mmdit.MMDiT(cfg, scan_layers=True)
   inputs = mmdit.dummy_inputs(cfg, batch=2, latent_size=8, context_len=5)
   params = mmdit.init_params(model, jax.random.key(0))

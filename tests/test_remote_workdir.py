@@ -3,6 +3,7 @@ fsspec file system registered for gs:// (what etils.epath and TensorBoard use) t
 under a local directory and, like GCS, refuses to append, and an HTTP server speaking the GCS API
 over the same directory for tensorstore (orbax's array writes). A whole training run, resume and
 export included, goes through both."""
+
 import json
 import os
 
@@ -23,6 +24,7 @@ def gcs(tmp_path, monkeypatch):
 
 def test_the_stand_in_is_not_the_local_file_system(gcs):
   from etils import epath
+
   p = epath.Path("gs://bucket/x.txt")
   p.write_text("hi")
   assert open(gcs("bucket/x.txt")).read() == "hi" and not os.path.exists("gs:")
@@ -50,6 +52,7 @@ def test_metrics_jsonl_and_tensorboard_on_an_object_store(gcs):
   files = os.listdir(tb)
   assert files and all(f.startswith("events.out.tfevents") for f in files)
   from tensorboard.backend.event_processing import event_accumulator
+
   acc = event_accumulator.EventAccumulator(tb)  # the resumed run's step 3 replaces the old one
   acc.Reload()
   assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 0.5), (3, 0.25)]
@@ -61,6 +64,7 @@ def test_sample_grid_on_an_object_store(gcs):
   import jax
   from configs import tiny
   from sd3_jax.models import mmdit
+
   c = tiny.get_config()
   c.model.in_channels = c.model.out_channels = 3  # pixel space: the model's output is the image
   model = mmdit.MMDiT(mmdit.config_from_preset(**c.model))
@@ -70,9 +74,15 @@ def test_sample_grid_on_an_object_store(gcs):
     return np.zeros((len(prompts), 8, 32), np.float32), np.zeros((len(prompts), 32), np.float32)
 
   grid = generation.write_sample_grid(
-      model, params, generation.encode_once(conditioner, ["a", "b"]), ["a", "b"],
-      "gs://bucket/run/samples/step_00000001.png", latent_shape=(8, 8, 3), num_steps=2,
-      cfg_scale=1.0)
+    model,
+    params,
+    generation.encode_once(conditioner, ["a", "b"]),
+    ["a", "b"],
+    "gs://bucket/run/samples/step_00000001.png",
+    latent_shape=(8, 8, 3),
+    num_steps=2,
+    cfg_scale=1.0,
+  )
   img = np.asarray(Image.open(gcs("bucket/run/samples/step_00000001.png")))
   np.testing.assert_array_equal(img, grid)
 
@@ -92,6 +102,7 @@ def test_checkpoint_listing_and_run_export_paths_on_an_object_store(gcs):
 
 def _tiny(total_steps):
   from configs import tiny
+
   c = tiny.get_config()
   c.total_steps, c.log_every, c.checkpoint_every, c.keep_checkpoints = total_steps, 1, 2, 2
   c.val.every, c.val.num_examples, c.val.batch_size = 2, 8, 8
@@ -109,6 +120,7 @@ def test_training_on_a_gs_workdir_resumes_exactly_and_exports(gcs, tmp_path):
   run, and the run exports to diffusers straight from the URL."""
   from sd3_jax import train
   from sd3_jax.convert import cli as convert_cli
+
   local = str(tmp_path / "local")
   train.train_and_evaluate(_tiny(6), local)
   want = _losses(json.loads(line) for line in open(os.path.join(local, "metrics.jsonl")))
@@ -123,18 +135,22 @@ def test_training_on_a_gs_workdir_resumes_exactly_and_exports(gcs, tmp_path):
   got = _losses(rows)
   assert sorted(got) == list(range(1, 7)) and got == want  # exact resume
   val = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
-  want_val = {r["step"]: r["val/loss"] for r in map(json.loads, open(os.path.join(local, "metrics.jsonl")))
-              if "val/loss" in r}
+  want_val = {
+    r["step"]: r["val/loss"] for r in map(json.loads, open(os.path.join(local, "metrics.jsonl"))) if "val/loss" in r
+  }
   assert sorted(val) == [2, 4, 6] and val == want_val
   assert checkpoint.committed_steps("gs://bucket/run/checkpoints") == [4, 6]  # keep 2
   assert os.listdir(gcs("bucket/run/tensorboard"))
-  assert os.path.isfile(gcs("bucket/run/checkpoints/6/config/metadata")) or os.listdir(gcs("bucket/run/checkpoints/6/config"))
+  assert os.path.isfile(gcs("bucket/run/checkpoints/6/config/metadata")) or os.listdir(
+    gcs("bucket/run/checkpoints/6/config")
+  )
 
   out = str(tmp_path / "export")
   convert_cli.main(["--src", "gs://bucket/run", "--dst", out, "--to", "jax"])
   model, params, _, step = checkpoint.load_workdir("gs://bucket/run", use_ema=True)
   assert step == 6
   from sd3_jax import pretrained
+
   _, exported = pretrained.load_pretrained(out)
   flat_run = pretrained.flatten(params)
   flat_out = pretrained.flatten(exported)
@@ -151,8 +167,17 @@ def test_a_converted_checkpoint_loads_from_the_object_store(gcs, tmp_path):
   import jax
   from sd3_jax import pretrained
   from sd3_jax.models import mmdit
-  cfg = mmdit.config_from_preset("d2", hidden_size=64, num_heads=4, in_channels=4, out_channels=4,
-                                 pooled_dim=32, context_dim=32, pos_embed_max_size=8)
+
+  cfg = mmdit.config_from_preset(
+    "d2",
+    hidden_size=64,
+    num_heads=4,
+    in_channels=4,
+    out_channels=4,
+    pooled_dim=32,
+    context_dim=32,
+    pos_embed_max_size=8,
+  )
   params = mmdit.init_params(mmdit.MMDiT(cfg), jax.random.key(3))
   pretrained.save_pretrained(str(tmp_path / "ckpt"), params, cfg)
   shutil.copytree(tmp_path / "ckpt", gcs("bucket/models/ckpt"))

@@ -1,5 +1,6 @@
 """The trainer's periodic sample grids encode their fixed prompts once at start-up and drop the
 text encoders, instead of holding them (a T5-XXL) for the whole run."""
+
 import gc
 import weakref
 
@@ -14,8 +15,9 @@ def test_prompts_are_encoded_once_and_the_encoders_freed(tmp_path, monkeypatch):
   c.total_steps, c.log_every, c.checkpoint_every = 2, 1, 2
   c.val.every = 0
   c.model.in_channels = c.model.out_channels = c.data.latent_channels = 3
-  c.sample.update(dict(every=1, prompts=("a", "b"), num_steps=2, pixel_space=True,
-                       text_encoders="unused", cfg_scale=2.0))
+  c.sample.update(
+    dict(every=1, prompts=("a", "b"), num_steps=2, pixel_space=True, text_encoders="unused", cfg_scale=2.0)
+  )
   encoders = []
 
   class Encoders:  # what load_conditioner returns: big models with encode()/encode_empty()
@@ -25,8 +27,10 @@ def test_prompts_are_encoded_once_and_the_encoders_freed(tmp_path, monkeypatch):
     def encode(self, prompts):
       self.calls.append(list(prompts))
       n = len(prompts)
-      return (np.full((n, c.data.context_len, c.data.context_dim), 0.1, np.float32),
-              np.full((n, c.data.pooled_dim), 0.1, np.float32))
+      return (
+        np.full((n, c.data.context_len, c.data.context_dim), 0.1, np.float32),
+        np.full((n, c.data.pooled_dim), 0.1, np.float32),
+      )
 
     def encode_empty(self):
       self.calls.append([""])
@@ -53,5 +57,4 @@ def test_prompts_are_encoded_once_and_the_encoders_freed(tmp_path, monkeypatch):
   train.train_and_evaluate(c, str(tmp_path))
   assert len(encoders) == 1 and calls[0] == [["a", "b"], [""]]  # once: the prompts and the negative
   assert alive_at_sampling == [False, False]  # no encoder is held while the run trains and samples
-  assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000001.png",
-                                                                       "step_00000002.png"]
+  assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000001.png", "step_00000002.png"]

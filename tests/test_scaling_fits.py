@@ -4,6 +4,7 @@ The fits must recover known parameters from noisy synthetic data with intervals 
 truth, ignore a single outlier (Huber on log residuals; a least-squares fit of the same data is
 moved, so the check can fail), be deterministic for a seed, and refuse bad input by name.
 """
+
 import numpy as np
 import pytest
 
@@ -43,8 +44,9 @@ def test_parametric_recovers_chinchilla_like_law():
   n = np.repeat(np.logspace(6, 8, 5), 6)
   d = np.tile(np.logspace(8, 10, 6), 5)
   truth = dict(e=1.69, a=406.4, b=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. 2022, approach 3
-  loss = (truth["e"] + truth["a"] / n ** truth["alpha"] + truth["b"] / d ** truth["beta"]) \
-      * np.exp(rng.normal(0, 0.003, n.size))
+  loss = (truth["e"] + truth["a"] / n ** truth["alpha"] + truth["b"] / d ** truth["beta"]) * np.exp(
+    rng.normal(0, 0.003, n.size)
+  )
   fit = scaling.fit_parametric(n, d, loss, num_bootstrap=B, seed=0)
   for name, value in truth.items():
     lo, hi = fit.ci[name]
@@ -77,14 +79,17 @@ def test_fits_are_deterministic_for_a_seed():
   assert a.ci != other.ci
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (([1e15, 1e16], [2.0, 1.9]), "only 2 points"),
     (([1e15, 0.0, 1e17], [2.0, 1.9, 1.8]), "compute must be positive"),
     (([1e15, 1e16, 1e17], [2.0, -1.0, 1.8]), "loss must be positive"),
     (([1e15, 1e16, 1e17], [2.0, float("nan"), 1.8]), "loss contains NaN"),
     (([1e15, 1e16, 1e17], [2.0, 1.8]), "loss has 2 values"),
     (([1e15, 1e15, 1e15], [2.0, 1.9, 1.8]), "two different values"),
-])
+  ],
+)
 def test_power_law_bad_input_names_the_problem(args, message):
   with pytest.raises(ValueError, match=message):
     scaling.fit_power_law(*args, num_bootstrap=0)
@@ -104,11 +109,11 @@ def test_isoflop_recovers_the_optimal_size_exponent():
   rng = np.random.default_rng(2)
   budgets, sizes, losses = [], [], []
   for c in (1e17, 1e18, 1e19, 1e20):
-    n_opt = 0.05 * c ** 0.5
+    n_opt = 0.05 * c**0.5
     for n in n_opt * np.logspace(-1, 1, 7):
       budgets.append(c)
       sizes.append(n)
-      losses.append(3.0 * c ** -0.05 * np.exp(0.02 * np.log(n / n_opt) ** 2 + rng.normal(0, 0.001)))
+      losses.append(3.0 * c**-0.05 * np.exp(0.02 * np.log(n / n_opt) ** 2 + rng.normal(0, 0.001)))
   fit = scaling.fit_isoflop(budgets, sizes, losses, num_bootstrap=B, seed=0)
   assert fit.a == pytest.approx(0.5, abs=0.03)
   assert fit.ci["a"][0] <= 0.5 <= fit.ci["a"][1]
@@ -128,17 +133,24 @@ def test_frontier_is_the_lower_envelope():
 # Family accounting
 
 
-TOY = dict(patch_size=4, in_channels=3, out_channels=3, pooled_dim=64, context_dim=64, pos_embed_max_size=8,
-           qk_norm=True)
+TOY = dict(
+  patch_size=4, in_channels=3, out_channels=3, pooled_dim=64, context_dim=64, pos_embed_max_size=8, qk_norm=True
+)
 
 
 # Small members of each kind (count_params traces the model, slow at full size): the paper's
 # family at d=2, SD3.5-medium's dual attention and a bigger grid, SD3.5-large's qk-norm, the toy's.
-@pytest.mark.parametrize("config", [
-    family.family_config(2), family.family_config(3, qk_norm=True, dual_attention_layers=(0, 1), pos_embed_max_size=48),
-    family.family_config(2, qk_norm=True), family.family_config(3, 16, **TOY),
+@pytest.mark.parametrize(
+  "config",
+  [
+    family.family_config(2),
+    family.family_config(3, qk_norm=True, dual_attention_layers=(0, 1), pos_embed_max_size=48),
+    family.family_config(2, qk_norm=True),
+    family.family_config(3, 16, **TOY),
     family.family_config(5, 8, dual_attention_layers=(0, 2), **TOY),
-], ids=["paper-d2", "sd3.5-medium-like", "sd3.5-large-like", "toy-d3", "toy-dual"])
+  ],
+  ids=["paper-d2", "sd3.5-medium-like", "sd3.5-large-like", "toy-d3", "toy-dual"],
+)
 def test_param_counts_match_count_params(config):
   counts = family.param_counts(config)
   assert counts["total"] == mmdit.count_params(config)

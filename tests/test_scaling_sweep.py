@@ -4,6 +4,7 @@ resumes it, then analyze (sd3_jax.scaling.sweep / runner / analysis / cli).
 The mini sweep is the tiny CPU config (synthetic latents) at width 16 d for d = 1, 2 and two
 lengths: 4 runs of seconds each.
 """
+
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from sd3_jax.scaling import sweep as sweep_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
 
-SWEEP = '''
+SWEEP = """
 from sd3_jax.scaling.sweep import dotted, sweep_config
 
 
@@ -37,7 +38,7 @@ def get_config(long_steps="200"):
   s.val_points = 2
   s.grids = [dict(name="mini", depths=(1, 2), lengths=(4, int(long_steps)))]
   return s
-'''
+"""
 
 
 @pytest.fixture
@@ -68,12 +69,15 @@ def test_plan_names_steps_and_compute(sweep_file):
   assert "flow.sampler" not in runs[0].overrides and runs[1].overrides["flow.sampler"] == "uniform"
 
 
-@pytest.mark.parametrize("grid, message", [
+@pytest.mark.parametrize(
+  "grid, message",
+  [
     (dict(name="g", depths=(1,), lengths=(4,), budgets=(1e9,)), "exactly one of lengths"),
     (dict(name="g", depths=(1,), lengths=(4,), axes={"model.depth": (1, 2)}), "set by the sweep itself"),
     (dict(name="g", depths=(1,), lengths=(4,), axes={"flow.nonsense": (1,)}), "flow.nonsense"),
     (dict(name="g", lengths=(4,)), "lists no depths"),
-])
+  ],
+)
 def test_bad_sweeps_name_the_problem(sweep_file, grid, message):
   sweep = sweep_lib.load_sweep(sweep_file)
   sweep.grids = [grid]
@@ -91,14 +95,17 @@ def test_print_commands_reproduce_each_run_config(sweep_file, tmp_path, capsys):
     words = line.split()
     assert words[:5] == ["python", "-m", "sd3_jax.main", "--config", TINY]
     assert words[5:7] == ["--workdir", str(tmp_path / "s" / run.name)]
-    overrides = dict(sweep_lib.parse_assignment(w[len("--config."):]) for w in words[7:])
-    assert config_lib.load_config_file(TINY, overrides=overrides).to_dict() == sweep_lib.run_config(sweep, run).to_dict()
+    overrides = dict(sweep_lib.parse_assignment(w[len("--config.") :]) for w in words[7:])
+    assert (
+      config_lib.load_config_file(TINY, overrides=overrides).to_dict() == sweep_lib.run_config(sweep, run).to_dict()
+    )
   assert not (tmp_path / "s").exists()  # printing trains nothing
 
 
 def test_missing_sweep_file_is_one_line_and_exit_2(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     from sd3_jax import command
+
     command.run(cli.main, "sd3-scaling", ["run", str(tmp_path / "nope.py"), "--sweep_dir", str(tmp_path)])
   assert e.value.code == 2
   err = capsys.readouterr().err.strip()
@@ -108,8 +115,15 @@ def test_missing_sweep_file_is_one_line_and_exit_2(tmp_path, capsys):
 def _scaling(args, **kw):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # one CPU device (conftest's 8 fake devices only slow these runs)
-  return subprocess.Popen([sys.executable, "-m", "sd3_jax.scaling", *args], env=env, cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+  return subprocess.Popen(
+    [sys.executable, "-m", "sd3_jax.scaling", *args],
+    env=env,
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    **kw,
+  )
 
 
 def test_sweep_runs_resumes_after_a_kill_and_analyzes(sweep_file, tmp_path):
@@ -149,10 +163,18 @@ def test_sweep_runs_resumes_after_a_kill_and_analyzes(sweep_file, tmp_path):
   out_dir = str(tmp_path / "analysis")
   result = analysis.analyze([sweep_dir], out_dir, num_bootstrap=5, holdout="d2_s200")
   import csv
+
   table = list(csv.DictReader(open(os.path.join(out_dir, "runs.csv"))))
   assert [(t["run"], int(t["step"])) for t in table] == [
-      ("d1_s200", 100), ("d1_s200", 200), ("d1_s4", 2), ("d1_s4", 4), ("d2_s200", 100), ("d2_s200", 200),
-      ("d2_s4", 2), ("d2_s4", 4)]
+    ("d1_s200", 100),
+    ("d1_s200", 200),
+    ("d1_s4", 2),
+    ("d1_s4", 4),
+    ("d2_s200", 100),
+    ("d2_s200", 200),
+    ("d2_s4", 2),
+    ("d2_s4", 4),
+  ]
   d2 = sweep_lib.plan(sweep_lib.load_sweep(sweep_file))[3]
   row = table[5]
   assert int(row["params_total"]) == d2.params["total"] and int(row["images_seen"]) == 800
@@ -161,7 +183,13 @@ def test_sweep_runs_resumes_after_a_kill_and_analyzes(sweep_file, tmp_path):
   assert "val/loss_t0.000" in row and "val/loss_t1.000" in row
   saved = json.load(open(os.path.join(out_dir, "scaling.json")))
   assert saved["holdout_runs"] == ["d2_s200"] and "d2_s200" not in saved["fit_runs"]
-  assert saved["parametric"]["fit"] is not None and set(saved["parametric"]["fit"]["ci"]) == {"e", "a", "b", "alpha", "beta"}
+  assert saved["parametric"]["fit"] is not None and set(saved["parametric"]["fit"]["ci"]) == {
+    "e",
+    "a",
+    "b",
+    "alpha",
+    "beta",
+  }
   held = result["holdout"][0]
   for p in held["points"]:
     assert p["rel_error"] == pytest.approx((p["predicted"] - p["measured"]) / p["measured"])
@@ -169,10 +197,9 @@ def test_sweep_runs_resumes_after_a_kill_and_analyzes(sweep_file, tmp_path):
   for png in ("loss_vs_compute.png", "loss_vs_steps.png", "holdout.png"):
     assert os.path.getsize(os.path.join(out_dir, png)) > 1000, png
   # The interior levels as the loss to fit: the mean of the logged 0 < t < 1 levels.
-  interior = analysis.analyze([sweep_dir], str(tmp_path / "interior"), levels="interior", num_bootstrap=0,
-                              plots=False)
+  interior = analysis.analyze([sweep_dir], str(tmp_path / "interior"), levels="interior", num_bootstrap=0, plots=False)
   first = [json.loads(l) for l in open(os.path.join(sweep_dir, "d1_s200", "metrics.jsonl")) if "val/loss" in l][0]
-  levels = [v for k, v in first.items() if k.startswith("val/loss_t") and 0 < float(k[len("val/loss_t"):]) < 1]
+  levels = [v for k, v in first.items() if k.startswith("val/loss_t") and 0 < float(k[len("val/loss_t") :]) < 1]
   assert interior["runs"][0]["name"] == "d1_s200"
   table = list(csv.DictReader(open(os.path.join(tmp_path, "interior", "runs.csv"))))
   assert float(table[0]["fit_loss"]) == pytest.approx(np.mean(levels))
@@ -183,11 +210,14 @@ def test_sweep_runs_resumes_after_a_kill_and_analyzes(sweep_file, tmp_path):
 def test_fits_select_the_common_value_and_ignore_keys_older_runs_lack():
   def run(name, **config):
     return {"name": name, "config": config}
-  runs = [run("a", **{"flow.sampler": "logit_normal", "lr": 1}),
-          run("b", **{"flow.sampler": "logit_normal", "lr": 1, "new_key": "x"}),  # newer code
-          run("c", **{"flow.sampler": "uniform", "lr": 1, "new_key": "x"}),
-          run("d", **{"flow.sampler": "logit_normal", "lr": 2, "new_key": "x"}),
-          run("e", **{"flow.sampler": "cosmap", "lr": 2, "new_key": "x"})]
+
+  runs = [
+    run("a", **{"flow.sampler": "logit_normal", "lr": 1}),
+    run("b", **{"flow.sampler": "logit_normal", "lr": 1, "new_key": "x"}),  # newer code
+    run("c", **{"flow.sampler": "uniform", "lr": 1, "new_key": "x"}),
+    run("d", **{"flow.sampler": "logit_normal", "lr": 2, "new_key": "x"}),
+    run("e", **{"flow.sampler": "cosmap", "lr": 2, "new_key": "x"}),
+  ]
   assert analysis.varying_keys(runs) == ["flow.sampler", "lr"]
   # logit_normal is the most common sampler; among those, lr 1 (a, b) beats lr 2 (d).
   assert [r["name"] for r in analysis.select(runs, {})] == ["a", "b"]

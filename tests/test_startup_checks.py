@@ -1,5 +1,6 @@
 """Start-up checks: config vs dataset_info.json, validation never on training records, batching
 vs the mesh, the mesh fallback log line, and no implicit transfers in the steady-state loop."""
+
 import logging
 
 import jax
@@ -33,8 +34,10 @@ def _write_records(directory, n, latent_hw, *, channels=4, context=(8, 32), pool
 @pytest.fixture
 def no_compile(monkeypatch):
   """Anything that would compile (state init, the train step) fails the test."""
+
   def boom(*a, **k):
     raise AssertionError("compiled before the start-up checks failed")
+
   monkeypatch.setattr(train, "create_sharded_state", boom)
   monkeypatch.setattr(train, "make_train_step", boom)
 
@@ -77,8 +80,7 @@ def test_validation_never_falls_back_to_training_records(tmp_path, no_compile):
   c = _config(**{"data.source": "records", "data.path": data})
   with pytest.raises(ValueError, match="validation needs records of its own.*val_holdout"):
     train.train_and_evaluate(c, str(tmp_path / "w"))
-  both = _config(**{"data.source": "records", "data.path": data, "data.val_path": data,
-                    "data.val_holdout": 4})
+  both = _config(**{"data.source": "records", "data.path": data, "data.val_path": data, "data.val_holdout": 4})
   with pytest.raises(ValueError, match="not both"):
     train.make_source(both, "val")
 
@@ -95,29 +97,40 @@ def test_held_out_slice_is_excluded_from_training(tmp_path):
     train.make_source(_config(**{"data.source": "records", "data.path": data, "data.val_holdout": 24}))
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(global_batch_size=12, grad_accum_steps=1, batch_shards=8, process_count=1),
-     "global_batch_size=12 is not divisible by the mesh's batch shards data\\*fsdp=8"),
-    (dict(global_batch_size=16, grad_accum_steps=4, batch_shards=8, process_count=1),
-     "the microbatch global_batch_size/grad_accum_steps=4 is not divisible by the batch shards"),
-    (dict(global_batch_size=16, grad_accum_steps=3, batch_shards=1, process_count=1),
-     "not divisible by grad_accum_steps=3"),
-    (dict(global_batch_size=6, grad_accum_steps=1, batch_shards=2, process_count=4),
-     "not divisible by the process count 4"),
-])
+@pytest.mark.parametrize(
+  "kwargs,message",
+  [
+    (
+      dict(global_batch_size=12, grad_accum_steps=1, batch_shards=8, process_count=1),
+      "global_batch_size=12 is not divisible by the mesh's batch shards data\\*fsdp=8",
+    ),
+    (
+      dict(global_batch_size=16, grad_accum_steps=4, batch_shards=8, process_count=1),
+      "the microbatch global_batch_size/grad_accum_steps=4 is not divisible by the batch shards",
+    ),
+    (
+      dict(global_batch_size=16, grad_accum_steps=3, batch_shards=1, process_count=1),
+      "not divisible by grad_accum_steps=3",
+    ),
+    (
+      dict(global_batch_size=6, grad_accum_steps=1, batch_shards=2, process_count=4),
+      "not divisible by the process count 4",
+    ),
+  ],
+)
 def test_batching_is_checked_together(kwargs, message):
   with pytest.raises(ValueError, match=message):
     startup_checks.check_batching(**kwargs)
 
 
 def test_good_batching_returns_the_microbatch():
-  assert startup_checks.check_batching(global_batch_size=64, grad_accum_steps=4, batch_shards=8,
-                                       process_count=2) == 16
+  assert startup_checks.check_batching(global_batch_size=64, grad_accum_steps=4, batch_shards=8, process_count=2) == 16
 
 
 def test_mesh_fallback_to_list_order_is_logged(monkeypatch, caplog):
   def refuse(*a, **k):
     raise NotImplementedError("no assignment for this topology")
+
   monkeypatch.setattr(sharding.mesh_utils, "create_device_mesh", refuse)
   with caplog.at_level(logging.WARNING, logger="sd3_jax.sharding"):
     mesh = sharding.make_mesh(2, 4, 1)
@@ -125,8 +138,7 @@ def test_mesh_fallback_to_list_order_is_logged(monkeypatch, caplog):
   assert "cannot follow the physical topology" in caplog.text and "device list order" in caplog.text
 
 
-_STEADY = {"total_steps": 6, "log_every": 3, "checkpoint_every": 6, "val.every": 0,
-           "transfer_guard": "disallow"}
+_STEADY = {"total_steps": 6, "log_every": 3, "checkpoint_every": 6, "val.every": 0, "transfer_guard": "disallow"}
 
 
 def test_steady_state_loop_makes_no_implicit_transfers(tmp_path):

@@ -4,6 +4,7 @@ Oracles: transformers' CLIPTextModelWithProjection / T5EncoderModel (tiny random
 float32) and diffusers' StableDiffusion3Pipeline.encode_prompt, with tiny tokenizers built
 here (a hand-written CLIP BPE vocab.json/merges.txt, a T5 unigram tokenizer).
 """
+
 import dataclasses
 import json
 import os
@@ -52,9 +53,18 @@ def write_clip_tokenizer(path, pad_token: str) -> None:
   with open(os.path.join(path, "merges.txt"), "w") as f:
     f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
   with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "CLIPTokenizer", "bos_token": "<|startoftext|>",
-               "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token,
-               "model_max_length": 77, "do_lower_case": True}, f)
+    json.dump(
+      {
+        "tokenizer_class": "CLIPTokenizer",
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+        "model_max_length": 77,
+        "do_lower_case": True,
+      },
+      f,
+    )
 
 
 def write_t5_tokenizer(path) -> None:
@@ -65,13 +75,32 @@ def write_t5_tokenizer(path) -> None:
 
 
 CLIP_VOCAB = 520  # 512 byte tokens + 6 merges; BOS 518, EOS 519
-CLIP_L_HF = dict(vocab_size=CLIP_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                 num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-                 hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
-CLIP_G_HF = dict(CLIP_L_HF, hidden_size=48, intermediate_size=64, num_attention_heads=4,
-                 projection_dim=48, hidden_act="gelu")
-T5_HF = dict(vocab_size=40, d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-             feed_forward_proj="gated-gelu", dropout_rate=0.0)
+CLIP_L_HF = dict(
+  vocab_size=CLIP_VOCAB,
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  max_position_embeddings=77,
+  projection_dim=32,
+  hidden_act="quick_gelu",
+  bos_token_id=0,
+  eos_token_id=2,
+  pad_token_id=1,
+)
+CLIP_G_HF = dict(
+  CLIP_L_HF, hidden_size=48, intermediate_size=64, num_attention_heads=4, projection_dim=48, hidden_act="gelu"
+)
+T5_HF = dict(
+  vocab_size=40,
+  d_model=96,
+  d_kv=8,
+  d_ff=64,
+  num_layers=2,
+  num_heads=4,
+  feed_forward_proj="gated-gelu",
+  dropout_rate=0.0,
+)
 
 
 def torch_clip(hf: dict, seed: int, identity_projection: bool = False):
@@ -106,9 +135,9 @@ def test_clip_parity(act, eos):
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 500, (3, 77))
   ids[:, 0] = 518
-  ids[0, 5:] = 519      # CLIP-L style: EOS then EOS padding (pooled at the FIRST EOS)
+  ids[0, 5:] = 519  # CLIP-L style: EOS then EOS padding (pooled at the FIRST EOS)
   ids[1, 9], ids[1, 10:] = 519, 0  # CLIP-G style: EOS then 0 padding
-  ids[2, 76] = 519      # full-length prompt
+  ids[2, 76] = 519  # full-length prompt
   tid = torch.tensor(ids)
   with torch.no_grad():
     ref = m(tid, output_hidden_states=True)
@@ -141,6 +170,7 @@ def test_t5_parity(ff):
 
 def test_relative_position_buckets_match_transformers():
   from transformers.models.t5.modeling_t5 import T5Attention
+
   n = 600
   rel = torch.arange(n)[None, :] - torch.arange(n)[:, None]
   for nb, md in ((32, 128), (8, 20)):
@@ -151,22 +181,40 @@ def test_relative_position_buckets_match_transformers():
 def test_configs():
   # Missing keys take transformers' defaults.
   assert te.CLIPTextConfig.from_hf_config({}) == te.CLIPTextConfig.from_hf_config(
-      transformers.CLIPTextConfig().to_dict())
-  assert te.T5EncoderConfig.from_hf_config({}) == te.T5EncoderConfig.from_hf_config(
-      transformers.T5Config().to_dict())
+    transformers.CLIPTextConfig().to_dict()
+  )
+  assert te.T5EncoderConfig.from_hf_config({}) == te.T5EncoderConfig.from_hf_config(transformers.T5Config().to_dict())
   # A full CLIPConfig: its text part and the top-level projection_dim.
-  full = transformers.CLIPConfig(text_config=dict(hidden_size=64, num_attention_heads=4),
-                                 projection_dim=48).to_dict()
+  full = transformers.CLIPConfig(text_config=dict(hidden_size=64, num_attention_heads=4), projection_dim=48).to_dict()
   c = te.CLIPTextConfig.from_hf_config(full)
   assert (c.hidden_size, c.num_heads, c.projection_dim) == (64, 4, 48)
   # Presets (the released pipeline's text_encoder{,_2,_3} configs) and round trips through our dicts and transformers' configs.
-  assert (te.CLIP_L.num_layers, te.CLIP_L.hidden_size, te.CLIP_L.num_heads, te.CLIP_L.intermediate_size,
-          te.CLIP_L.hidden_act, te.CLIP_L.projection_dim) == (12, 768, 12, 3072, "quick_gelu", 768)
-  assert (te.CLIP_G.num_layers, te.CLIP_G.hidden_size, te.CLIP_G.num_heads, te.CLIP_G.intermediate_size,
-          te.CLIP_G.hidden_act, te.CLIP_G.projection_dim) == (32, 1280, 20, 5120, "gelu", 1280)
+  assert (
+    te.CLIP_L.num_layers,
+    te.CLIP_L.hidden_size,
+    te.CLIP_L.num_heads,
+    te.CLIP_L.intermediate_size,
+    te.CLIP_L.hidden_act,
+    te.CLIP_L.projection_dim,
+  ) == (12, 768, 12, 3072, "quick_gelu", 768)
+  assert (
+    te.CLIP_G.num_layers,
+    te.CLIP_G.hidden_size,
+    te.CLIP_G.num_heads,
+    te.CLIP_G.intermediate_size,
+    te.CLIP_G.hidden_act,
+    te.CLIP_G.projection_dim,
+  ) == (32, 1280, 20, 5120, "gelu", 1280)
   t = te.T5_XXL
   assert (t.d_model, t.d_ff, t.num_layers, t.num_heads, t.d_kv, t.vocab_size, t.activation) == (
-      4096, 10240, 24, 64, 64, 32128, "gelu_new")
+    4096,
+    10240,
+    24,
+    64,
+    64,
+    32128,
+    "gelu_new",
+  )
   for cfg in (te.CLIP_L, te.CLIP_G, te.T5_XXL):
     assert type(cfg).from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     hf_cls = transformers.CLIPTextConfig if isinstance(cfg, te.CLIPTextConfig) else transformers.T5Config
@@ -207,10 +255,16 @@ def test_state_dict_round_trip_and_errors():
   assert "q_proj.weight: found [48, 47], expected [48, 48]" in msg
   # Ignored: the vision tower of a CLIPModel, buffers. A bare CLIPTextModel (no prefix, no
   # projection) gets the identity projection.
-  extra = dict(sd, **{"vision_model.x.weight": torch.zeros(1), "logit_scale": torch.zeros(()),
-                      "text_model.embeddings.position_ids": torch.arange(77)})
+  extra = dict(
+    sd,
+    **{
+      "vision_model.x.weight": torch.zeros(1),
+      "logit_scale": torch.zeros(()),
+      "text_model.embeddings.position_ids": torch.arange(77),
+    },
+  )
   assert TK.state_dict_to_params(extra, hf)[0] == cfg
-  bare = {k[len("text_model."):]: v for k, v in sd.items() if k.startswith("text_model.")}
+  bare = {k[len("text_model.") :]: v for k, v in sd.items() if k.startswith("text_model.")}
   hf_bare = dict(hf, architectures=["CLIPTextModel"], projection_dim=hf["hidden_size"])
   cfg2, p2 = TK.state_dict_to_params(bare, hf_bare)
   assert np.array_equal(p2["text_projection"]["kernel"], np.eye(48, dtype=np.float32))
@@ -239,8 +293,7 @@ def test_cli_end_to_end(tmp_path, capsys):
   assert os.path.isfile(tmp_path / "t5_hf" / "model.safetensors.index.json")
   assert detect_model(tmp_path / "t5_hf")[:2] == ("t5_encoder", "transformers")
   for name in ("clip", "t5"):
-    assert cli_main(["--src", str(tmp_path / f"{name}_hf"), "--dst", str(tmp_path / f"{name}_jax"),
-                     "--to", "jax"]) == 0
+    assert cli_main(["--src", str(tmp_path / f"{name}_hf"), "--dst", str(tmp_path / f"{name}_jax"), "--to", "jax"]) == 0
   out = capsys.readouterr().out
   assert "CLIP text encoder: 2 layers, hidden 48" in out and "T5 encoder: 2 layers, d_model 96" in out
   ids = np.random.default_rng(2).integers(0, 40, (2, 77))
@@ -248,7 +301,8 @@ def test_cli_end_to_end(tmp_path, capsys):
   for name, tm in (("clip", clip), ("t5", t5)):
     module, params = pretrained.load_pretrained(tmp_path / f"{name}_jax")
     assert pretrained.read_format(tmp_path / f"{name}_jax").name == (
-        "sd3_jax.clip_text" if name == "clip" else "sd3_jax.t5_encoder")
+      "sd3_jax.clip_text" if name == "clip" else "sd3_jax.t5_encoder"
+    )
     with torch.no_grad():
       ref = tm(torch.tensor(ids), output_hidden_states=True)
     got = module.apply({"params": params}, jnp.asarray(ids))
@@ -258,13 +312,27 @@ def test_cli_end_to_end(tmp_path, capsys):
     else:
       assert rel_err(got, ref.last_hidden_state) < 1e-5
   # Back to transformers (bf16, sharded): loads with from_pretrained and equals the source.
-  assert cli_main(["--src", str(tmp_path / "t5_jax"), "--dst", str(tmp_path / "t5_back"),
-                   "--to", "transformers", "--dtype", "bfloat16", "--max-shard-size", "30KB"]) == 0
+  assert (
+    cli_main(
+      [
+        "--src",
+        str(tmp_path / "t5_jax"),
+        "--dst",
+        str(tmp_path / "t5_back"),
+        "--to",
+        "transformers",
+        "--dtype",
+        "bfloat16",
+        "--max-shard-size",
+        "30KB",
+      ]
+    )
+    == 0
+  )
   back = transformers.T5EncoderModel.from_pretrained(tmp_path / "t5_back", dtype=torch.bfloat16)
   for k, v in t5.state_dict().items():
     assert torch.equal(back.state_dict()[k], v.to(torch.bfloat16)), k
-  assert cli_main(["--src", str(tmp_path / "clip_jax"), "--dst", str(tmp_path / "clip_back"),
-                   "--to", "diffusers"]) == 0
+  assert cli_main(["--src", str(tmp_path / "clip_jax"), "--dst", str(tmp_path / "clip_back"), "--to", "diffusers"]) == 0
   back = transformers.CLIPTextModelWithProjection.from_pretrained(tmp_path / "clip_back")
   assert all(torch.equal(back.state_dict()[k], v) for k, v in clip.state_dict().items())
   # Errors: wrong target, MM-DiT-only options, a text checkpoint where an MM-DiT is expected.
@@ -291,12 +359,17 @@ def test_save_load_pretrained_text_formats(tmp_path):
     loaded, lp = pretrained.load_pretrained(tmp_path / str(i), dtype=jnp.bfloat16)
     assert type(loaded) is type(model) and loaded.config == cfg and loaded.dtype == jnp.bfloat16
     flat = pretrained.flatten(lp)
-    assert sorted(flat) == sorted(pretrained.flatten(params)) and all(
-        v.dtype == jnp.float32 for v in flat.values())
+    assert sorted(flat) == sorted(pretrained.flatten(params)) and all(v.dtype == jnp.float32 for v in flat.values())
     for k, v in pretrained.flatten(params).items():
       assert np.array_equal(np.asarray(flat[k]), v.astype(jnp.bfloat16).astype(np.float32)), k
-  assert [f for f in pretrained.FORMATS] == ["sd3_jax.mmdit", "sd3_jax.clip_text", "sd3_jax.t5_encoder",
-                                              "sd3_jax.vae", "sd3_jax.clip_vision", "sd3_jax.clip"]
+  assert [f for f in pretrained.FORMATS] == [
+    "sd3_jax.mmdit",
+    "sd3_jax.clip_text",
+    "sd3_jax.t5_encoder",
+    "sd3_jax.vae",
+    "sd3_jax.clip_vision",
+    "sd3_jax.clip",
+  ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +380,7 @@ def test_save_load_pretrained_text_formats(tmp_path):
 def tokenizers(tmp_path_factory):
   d = tmp_path_factory.mktemp("tok")
   write_clip_tokenizer(d / "tokenizer", "<|endoftext|>")  # as the released tokenizer/
-  write_clip_tokenizer(d / "tokenizer_2", "!")            # as the released tokenizer_2/
+  write_clip_tokenizer(d / "tokenizer_2", "!")  # as the released tokenizer_2/
   write_t5_tokenizer(d / "tokenizer_3")
   return d, [tc.load_tokenizer(d / n) for n in tc.TOKENIZER_DIRS]
 
@@ -352,6 +425,7 @@ def test_project_clip_l_is_diffusers_pooled_vector(tokenizers, pipeline_dir, tmp
   one: equal only for an identity text_projection (released SD3). With a random projection,
   project_clip_l=True reproduces diffusers and the default does not."""
   from diffusers import StableDiffusion3Pipeline
+
   d, (_, torch_g, torch_t5_) = pipeline_dir
   _, (tok_l, tok_g, tok_t5) = tokenizers
   torch_l = torch_clip(CLIP_L_HF, seed=13)  # random projection
@@ -359,12 +433,21 @@ def test_project_clip_l_is_diffusers_pooled_vector(tokenizers, pipeline_dir, tmp
     if n != "text_encoder" and not n.startswith("clip_l"):
       os.symlink(d / n, tmp_path / n)
   torch_l.save_pretrained(tmp_path / "text_encoder")
-  pipe = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, text_encoder=torch_l,
-                                  tokenizer=tok_l, text_encoder_2=torch_g, tokenizer_2=tok_g,
-                                  text_encoder_3=torch_t5_, tokenizer_3=tok_t5)
+  pipe = StableDiffusion3Pipeline(
+    transformer=None,
+    scheduler=None,
+    vae=None,
+    text_encoder=torch_l,
+    tokenizer=tok_l,
+    text_encoder_2=torch_g,
+    tokenizer_2=tok_g,
+    text_encoder_3=torch_t5_,
+    tokenizer_3=tok_t5,
+  )
   with torch.no_grad():
-    _, _, ref_pool, _ = pipe.encode_prompt(PROMPTS, None, None, device=torch.device("cpu"),
-                                           do_classifier_free_guidance=False, max_sequence_length=20)
+    _, _, ref_pool, _ = pipe.encode_prompt(
+      PROMPTS, None, None, device=torch.device("cpu"), do_classifier_free_guidance=False, max_sequence_length=20
+    )
   _, projected = tc.load_conditioner(str(tmp_path), t5_length=20, project_clip_l=True).encode(PROMPTS)
   _, reference = tc.load_conditioner(str(tmp_path), t5_length=20).encode(PROMPTS)
   assert rel_err(projected, ref_pool) < 1e-5
@@ -374,19 +457,28 @@ def test_project_clip_l_is_diffusers_pooled_vector(tokenizers, pipeline_dir, tmp
 
 def test_conditioner_matches_diffusers(tokenizers, pipeline_dir):
   from diffusers import StableDiffusion3Pipeline
+
   d, (torch_l, torch_g, torch_t5_) = pipeline_dir
   _, (tok_l, tok_g, tok_t5) = tokenizers
   cond = tc.SD3TextConditioner.from_pretrained(d, t5_length=20)
   assert cond.context_dim == 96 and cond.layout == flow.TextLayout(32, 48, 77)
   context, pooled = cond.encode(PROMPTS)
   assert context.shape == (3, 77 + 20, 96) and pooled.shape == (3, 80)
-  pipe = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, text_encoder=torch_l,
-                                  tokenizer=tok_l, text_encoder_2=torch_g, tokenizer_2=tok_g,
-                                  text_encoder_3=torch_t5_, tokenizer_3=tok_t5)
+  pipe = StableDiffusion3Pipeline(
+    transformer=None,
+    scheduler=None,
+    vae=None,
+    text_encoder=torch_l,
+    tokenizer=tok_l,
+    text_encoder_2=torch_g,
+    tokenizer_2=tok_g,
+    text_encoder_3=torch_t5_,
+    tokenizer_3=tok_t5,
+  )
   with torch.no_grad():
     ref_ctx, neg_ctx, ref_pool, neg_pool = pipe.encode_prompt(
-        PROMPTS, None, None, device=torch.device("cpu"), do_classifier_free_guidance=True,
-        max_sequence_length=20)
+      PROMPTS, None, None, device=torch.device("cpu"), do_classifier_free_guidance=True, max_sequence_length=20
+    )
   assert rel_err(context, ref_ctx) < 1e-5 and rel_err(pooled, ref_pool) < 1e-5
   empty_ctx, empty_pool = cond.encode_empty()  # the CFG negative: the encoded ""
   assert empty_ctx.shape == (1, 97, 96)
@@ -409,7 +501,6 @@ def test_conditioner_matches_diffusers(tokenizers, pipeline_dir):
     tc.SD3TextConditioner(cond.clip_l, cond.clip_g, cond.t5, context_dim=64)
 
 
-
 def test_conditioner_short_clip_length(pipeline_dir):
   """clip_length < 77 (the embedded demo's 12): CLIP attention is causal and pooling reads the
   first EOS, so for prompts that fit, the CLIP part equals the first tokens of the 77-token one."""
@@ -417,7 +508,7 @@ def test_conditioner_short_clip_length(pipeline_dir):
   full = tc.SD3TextConditioner.from_pretrained(d, t5_length=20)
   short = tc.SD3TextConditioner.from_pretrained(d, t5_length=20, clip_length=12)
   assert short.layout == flow.TextLayout(32, 48, 12)
-  prompts = PROMPTS[:1] + PROMPTS[2:]   # the second prompt needs more than 12 tokens
+  prompts = PROMPTS[:1] + PROMPTS[2:]  # the second prompt needs more than 12 tokens
   ctx_s, pool_s = short.encode(prompts)
   ctx_f, pool_f = full.encode(prompts)
   assert ctx_s.shape == (2, 12 + 20, 96)
@@ -428,23 +519,31 @@ def test_conditioner_short_clip_length(pipeline_dir):
   with pytest.raises(ValueError, match="fewer than clip_length 100"):
     tc.SD3TextConditioner(full.clip_l, full.clip_g, full.t5, clip_length=100)
 
+
 def test_vae_cli(tmp_path):
   """The VAE's diffusers directory <-> our sd3_jax.vae checkpoint (parity: tests/test_vae.py)."""
   from diffusers import AutoencoderKL
   from sd3_jax.models import vae
+
   torch.manual_seed(0)
-  tm = AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                     up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                     use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
-                     scaling_factor=1.5305).eval()
+  tm = AutoencoderKL(
+    block_out_channels=(32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    latent_channels=4,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    shift_factor=0.0609,
+    scaling_factor=1.5305,
+  ).eval()
   tm.save_pretrained(tmp_path / "vae_df")
   assert detect_model(tmp_path / "vae_df")[:2] == ("vae", "diffusers")
   assert cli_main(["--src", str(tmp_path / "vae_df"), "--dst", str(tmp_path / "vae_jax"), "--to", "jax"]) == 0
   module, params = pretrained.load_pretrained(tmp_path / "vae_jax")
   assert isinstance(module, vae.AutoencoderKL) and module.config.latent_channels == 4
   assert module.config.block_out_channels == (32, 32) and module.config.shift_factor == 0.0609
-  assert cli_main(["--src", str(tmp_path / "vae_jax"), "--dst", str(tmp_path / "vae_back"),
-                   "--to", "diffusers"]) == 0
+  assert cli_main(["--src", str(tmp_path / "vae_jax"), "--dst", str(tmp_path / "vae_back"), "--to", "diffusers"]) == 0
   back = AutoencoderKL.from_pretrained(tmp_path / "vae_back")
   assert all(torch.equal(back.state_dict()[k], v) for k, v in tm.state_dict().items())
   assert cli_main(["--src", str(tmp_path / "vae_jax"), "--dst", str(tmp_path / "x"), "--to", "sd3"]) == 2

@@ -1,4 +1,5 @@
 """The trainer on 8 fake CPU devices: sharded == unsharded, rules, accumulation, resume, NaN stop."""
+
 import json
 import os
 import subprocess
@@ -32,9 +33,14 @@ def _batches(c, n, seed=0):
   rng = np.random.default_rng(seed)
   d = c.data
   b = c.global_batch_size
-  return [dict(latent=rng.standard_normal((b, d.latent_size, d.latent_size, d.latent_channels), np.float32),
-               context=rng.standard_normal((b, d.context_len, d.context_dim), np.float32),
-               pooled=rng.standard_normal((b, d.pooled_dim), np.float32)) for _ in range(n)]
+  return [
+    dict(
+      latent=rng.standard_normal((b, d.latent_size, d.latent_size, d.latent_channels), np.float32),
+      context=rng.standard_normal((b, d.context_len, d.context_dim), np.float32),
+      pooled=rng.standard_normal((b, d.pooled_dim), np.float32),
+    )
+    for _ in range(n)
+  ]
 
 
 def _run_steps(c, mesh, batches):
@@ -84,8 +90,14 @@ def test_production_step_scanned_remat_bf16_matches_plain_float32():
   """The step pods run (scanned blocks, full remat, bf16 compute, FSDP over 8 devices) against
   the plain one (unscanned, no remat, float32, one device) from the same parameters."""
   from sd3_jax.models import mmdit
-  base = {"model.depth": 4, "model.hidden_size": 64, "model.num_heads": 4, "optimizer.eps": 1e-3,
-          "optimizer.warmup_steps": 0}
+
+  base = {
+    "model.depth": 4,
+    "model.hidden_size": 64,
+    "model.num_heads": 4,
+    "optimizer.eps": 1e-3,
+    "optimizer.warmup_steps": 0,
+  }
   prod = _config(**base, scan_layers=True, remat="full", dtype="bfloat16")
   ref = _config(**base)
   batches = _batches(ref, 3)
@@ -93,9 +105,15 @@ def test_production_step_scanned_remat_bf16_matches_plain_float32():
 
   def steps(c, mesh, state, shardings):
     model, tx = train.make_model(c), train.make_optimizer(c)
-    step = train.make_train_step(model, tx, train.step_options(c),
-                                 train.learning_rate_schedule(c.optimizer, c.total_steps), mesh, shardings,
-                                 {k: v.shape for k, v in batches[0].items()})
+    step = train.make_train_step(
+      model,
+      tx,
+      train.step_options(c),
+      train.learning_rate_schedule(c.optimizer, c.total_steps),
+      mesh,
+      shardings,
+      {k: v.shape for k, v in batches[0].items()},
+    )
     losses = []
     for b in batches:
       state, out = step(state, sharding.make_global_batch(b, mesh), jax.random.key(1))
@@ -110,16 +128,21 @@ def test_production_step_scanned_remat_bf16_matches_plain_float32():
   # first steps already exercise every block).
   cfg = mmdit.config_from_preset(**ref.model)
   rng = np.random.default_rng(0)
-  plain = jax.tree.map(lambda a: np.asarray(a) if np.asarray(a).any() else
-                       (0.02 * rng.standard_normal(a.shape)).astype(np.float32),
-                       mmdit.unstack_block_params(jax.device_get(p_state.params), cfg))
+  plain = jax.tree.map(
+    lambda a: np.asarray(a) if np.asarray(a).any() else (0.02 * rng.standard_normal(a.shape)).astype(np.float32),
+    mmdit.unstack_block_params(jax.device_get(p_state.params), cfg),
+  )
   r_model, r_tx = train.make_model(ref), train.make_optimizer(ref)
   _, r_sh = train.state_shardings(r_model, r_tx, mesh1)
   copy = lambda tree: jax.tree.map(np.array, tree)  # distinct buffers: the step donates the state
 
   def state(tx, params, shardings):
-    return jax.device_put(train.TrainState(step=jnp.zeros((), jnp.int32), params=copy(params),
-                                           opt_state=copy(tx.init(params)), ema_params=copy(params)), shardings)
+    return jax.device_put(
+      train.TrainState(
+        step=jnp.zeros((), jnp.int32), params=copy(params), opt_state=copy(tx.init(params)), ema_params=copy(params)
+      ),
+      shardings,
+    )
 
   r_state = state(r_tx, plain, r_sh)
   p_state = state(p_tx, mmdit.stack_block_params(plain, cfg), p_sh)
@@ -177,10 +200,10 @@ def _compiled_step_hlo(c, mesh):
   model, tx, opts = train.make_model(c), train.make_optimizer(c), train.step_options(c)
   abstract, shardings = train.state_shardings(model, tx, mesh)
   shapes = train.batch_shapes(c)
-  batch = {k: jax.ShapeDtypeStruct(s, jnp.float16, sharding=sharding.batch_sharding(mesh, len(s)))
-           for k, s in shapes.items()}
-  rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                             sharding=sharding.replicated(mesh))
+  batch = {
+    k: jax.ShapeDtypeStruct(s, jnp.float16, sharding=sharding.batch_sharding(mesh, len(s))) for k, s in shapes.items()
+  }
+  rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sharding.replicated(mesh))
   schedule = train.learning_rate_schedule(c.optimizer, c.total_steps)
   step = train.make_train_step(model, tx, opts, schedule, mesh, shardings, shapes)
   return step.lower(abstract, batch, rng).compile().as_text()
@@ -190,8 +213,9 @@ def test_gradient_accumulation_moves_no_batch_between_devices():
   """Each microbatch keeps the batch sharding: the accumulated step has no all-to-all or
   collective-permute (a reshard of the batch) that the plain step lacks."""
   mesh = _mesh((2, 4, 1))
-  count = lambda hlo: {op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(")
-                       for op in ("all-to-all", "collective-permute")}
+  count = lambda hlo: {
+    op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(") for op in ("all-to-all", "collective-permute")
+  }
   plain = count(_compiled_step_hlo(_config(global_batch_size=32), mesh))
   accum = count(_compiled_step_hlo(_config(global_batch_size=32, grad_accum_steps=4), mesh))
   for op in plain:
@@ -237,15 +261,28 @@ def _read_metrics(workdir):
 
 
 def _main(workdir, *flags, env=None, **popen):
-  cmd = [sys.executable, "-m", "sd3_jax.main", "--config", os.path.join(REPO, "configs/tiny.py"),
-         "--workdir", workdir, *flags]
+  cmd = [
+    sys.executable,
+    "-m",
+    "sd3_jax.main",
+    "--config",
+    os.path.join(REPO, "configs/tiny.py"),
+    "--workdir",
+    workdir,
+    *flags,
+  ]
   e = dict(os.environ, **(env or {}))
-  return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, **popen)
+  return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-COMMON = ["--config.total_steps=16", "--config.log_every=2", "--config.checkpoint_every=4",
-          "--config.val.every=8", "--config.mesh.fsdp=4", "--config.mesh.data=2"]
+COMMON = [
+  "--config.total_steps=16",
+  "--config.log_every=2",
+  "--config.checkpoint_every=4",
+  "--config.val.every=8",
+  "--config.mesh.fsdp=4",
+  "--config.mesh.data=2",
+]
 
 
 def test_resume_after_kill_is_exact(tmp_path):
@@ -277,12 +314,18 @@ def test_resume_after_kill_is_exact(tmp_path):
 
 def test_restore_onto_different_mesh(tmp_path):
   wd = str(tmp_path / "w")
-  p = _main(wd, "--config.total_steps=4", "--config.checkpoint_every=4", "--config.val.every=0",
-            "--config.mesh.fsdp=8")
+  p = _main(wd, "--config.total_steps=4", "--config.checkpoint_every=4", "--config.val.every=0", "--config.mesh.fsdp=8")
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
-  p = _main(wd, "--config.total_steps=6", "--config.checkpoint_every=2", "--config.val.every=0",
-            "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.mesh.data=2")
+  p = _main(
+    wd,
+    "--config.total_steps=6",
+    "--config.checkpoint_every=2",
+    "--config.val.every=0",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.tensor=2",
+    "--config.mesh.data=2",
+  )
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
   assert "resumed from step 4" in out
@@ -295,9 +338,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
   # Resume with an absurd learning rate: the parameters overflow and the loss turns NaN/Inf.
-  p = _main(wd, "--config.total_steps=12", "--config.checkpoint_every=2", "--config.log_every=1",
-            "--config.val.every=0", "--config.optimizer.learning_rate=1e30",
-            "--config.optimizer.warmup_steps=0", "--config.optimizer.grad_clip=0")
+  p = _main(
+    wd,
+    "--config.total_steps=12",
+    "--config.checkpoint_every=2",
+    "--config.log_every=1",
+    "--config.val.every=0",
+    "--config.optimizer.learning_rate=1e30",
+    "--config.optimizer.warmup_steps=0",
+    "--config.optimizer.grad_clip=0",
+  )
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 3, out
   assert "non-finite training values" in out and "last good checkpoint" in out
@@ -307,6 +357,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert steps and steps[-1] >= 4
   # Every kept checkpoint restores to finite parameters.
   from sd3_jax import checkpoint as ckpt_lib
+
   c = _config()
   mesh = _mesh((1, 8, 1))
   model, tx = train.make_model(c), train.make_optimizer(c)
@@ -321,6 +372,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_sharded_forward_of_random_model_equals_unsharded(shape):
   """adaLN-Zero hides sharding bugs at init (modulations are zero), so randomise everything."""
   from sd3_jax.models import mmdit
+
   c = _config(**{"model.qk_norm": True, "model.dual_attention_layers": (0,)})
   model = train.make_model(c)
   params = mmdit.init_params(model, jax.random.key(0))
@@ -350,15 +402,30 @@ def test_periodic_sample_grids(tmp_path, monkeypatch):
   deterministic function: real text encoders need tokenizer files, tested elsewhere)."""
   from PIL import Image
   from sd3_jax import text_conditioning
-  c = _config(total_steps=2, log_every=1, checkpoint_every=2, **{
-      "val.every": 0, "sample.every": 1, "sample.prompts": ("a", "b"), "sample.num_steps": 2,
-      "sample.pixel_space": True, "sample.text_encoders": "unused", "model.in_channels": 3,
-      "model.out_channels": 3, "data.latent_channels": 3})
+
+  c = _config(
+    total_steps=2,
+    log_every=1,
+    checkpoint_every=2,
+    **{
+      "val.every": 0,
+      "sample.every": 1,
+      "sample.prompts": ("a", "b"),
+      "sample.num_steps": 2,
+      "sample.pixel_space": True,
+      "sample.text_encoders": "unused",
+      "model.in_channels": 3,
+      "model.out_channels": 3,
+      "data.latent_channels": 3,
+    },
+  )
 
   def conditioner(prompts):
     n = len(prompts)
-    return (np.full((n, c.data.context_len, c.data.context_dim), 0.1, np.float32),
-            np.full((n, c.data.pooled_dim), 0.1, np.float32))
+    return (
+      np.full((n, c.data.context_len, c.data.context_dim), 0.1, np.float32),
+      np.full((n, c.data.pooled_dim), 0.1, np.float32),
+    )
 
   monkeypatch.setattr(text_conditioning, "load_conditioner", lambda path, **kw: conditioner)
   train.train_and_evaluate(c, str(tmp_path))

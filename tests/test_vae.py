@@ -4,6 +4,7 @@ converted by tools/convert_weights/vae_keys.py; the conversion tables; the asymm
 Every torch weight (GroupNorm affine parameters and biases included) is random, so each layer
 contributes to the outputs.
 """
+
 import json
 
 import jax
@@ -22,13 +23,17 @@ from sd3_jax.models import vae as V
 from sd3_jax.convert import vae_keys as K
 
 CASES = {
-    # name: (VAEConfig, image H, W, batch)
-    # 16 latent channels, 2 resnets per level, non-square even image.
-    "sd3_like": (V.VAEConfig(block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8), 16, 12, 2),
-    # 4 latent channels, a channel change inside the decoder's last level, ODD image sides
-    # (only the asymmetric downsample padding gives torch's 3x3 latent shape), clamped logvar.
-    "odd_clamped": (V.VAEConfig(latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-                                norm_num_groups=16), 15, 13, 1),
+  # name: (VAEConfig, image H, W, batch)
+  # 16 latent channels, 2 resnets per level, non-square even image.
+  "sd3_like": (V.VAEConfig(block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8), 16, 12, 2),
+  # 4 latent channels, a channel change inside the decoder's last level, ODD image sides
+  # (only the asymmetric downsample padding gives torch's 3x3 latent shape), clamped logvar.
+  "odd_clamped": (
+    V.VAEConfig(latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=16),
+    15,
+    13,
+    1,
+  ),
 }
 
 
@@ -82,9 +87,15 @@ def test_matches_diffusers(case):
     apply = lambda method, *a: model.apply({"params": params}, *a, method=method)
     mean, logvar = apply("encode", x)
     z = apply("latents_from_images", x)
-    return dict(mean=mean, logvar=logvar, dec=apply("decode", raw), z=z,
-                rec=apply("images_from_latents", z), call=model.apply({"params": params}, x),
-                sampled=apply("latents_from_images", x, key))
+    return dict(
+      mean=mean,
+      logvar=logvar,
+      dec=apply("decode", raw),
+      z=z,
+      rec=apply("images_from_latents", z),
+      call=model.apply({"params": params}, x),
+      sampled=apply("latents_from_images", x, key),
+    )
 
   out = {k: np.asarray(v) for k, v in ours(params, nhwc(images), nhwc(raw)).items()}
   assert nchw(out["mean"]).shape == t_mean.shape
@@ -108,8 +119,11 @@ def test_matches_diffusers(case):
 def test_odd_sizes_shapes():
   """15x13 with three levels: torch's pad-(0,1,0,1) downsample gives 7x6 then 3x3."""
   config = CASES["odd_clamped"][0]
-  shapes = jax.eval_shape(lambda p, x: V.AutoencoderKL(config).apply({"params": p}, x, method="encode"),
-                          nn.unbox(V.abstract_params(V.AutoencoderKL(config))), jnp.zeros((1, 15, 13, 3)))
+  shapes = jax.eval_shape(
+    lambda p, x: V.AutoencoderKL(config).apply({"params": p}, x, method="encode"),
+    nn.unbox(V.abstract_params(V.AutoencoderKL(config))),
+    jnp.zeros((1, 15, 13, 3)),
+  )
   assert shapes[0].shape == (1, 3, 3, 4)
 
 
@@ -153,7 +167,7 @@ def test_conversion_round_trips_bit_exact():
     assert np.array_equal(np.asarray(via_diffusers[k]), sd[k]), k
   # A whole single file (other components ignored) and bare LDM keys read back bit-exactly.
   single = {**orig, "model.diffusion_model.x_embedder.proj.weight": np.zeros((2, 2), np.float32)}
-  bare = {k[len("first_stage_model."):]: v for k, v in orig.items()}
+  bare = {k[len("first_stage_model.") :]: v for k, v in orig.items()}
   for state_dict in (single, bare):
     cfg2, params2 = K.diffusers_state_dict_to_vae_params(state_dict, None)
     assert cfg2 == cfg
@@ -169,8 +183,9 @@ def test_conversion_round_trips_bit_exact():
 def test_diffusers_from_pretrained_loads_export(tmp_path):
   config = CASES["sd3_like"][0]
   model = V.AutoencoderKL(config)
-  _, params = K.diffusers_state_dict_to_vae_params(torch_vae(config, seed=5).state_dict(),
-                                                   K.diffusers_vae_config(config))
+  _, params = K.diffusers_state_dict_to_vae_params(
+    torch_vae(config, seed=5).state_dict(), K.diffusers_vae_config(config)
+  )
   rs = np.random.RandomState(6)
   params = jax.tree.map(lambda p: (p + 0.01 * rs.randn(*p.shape)).astype(np.float32), params)
   (tmp_path / "config.json").write_text(json.dumps(K.diffusers_vae_config(config)))
@@ -209,8 +224,7 @@ def test_sd3_table_matches_diffusers_shapes():
 
 def test_bfloat16_compute_is_close():
   config = V.TINY_VAE
-  _, params = K.diffusers_state_dict_to_vae_params(torch_vae(config).state_dict(),
-                                                   K.diffusers_vae_config(config))
+  _, params = K.diffusers_state_dict_to_vae_params(torch_vae(config).state_dict(), K.diffusers_vae_config(config))
   x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (1, 8, 8, 3)).astype(np.float32))
   run = lambda dtype: jax.jit(V.AutoencoderKL(config, dtype=dtype).apply)({"params": params}, x)
   f32, bf16 = run(jnp.float32), run(jnp.bfloat16)
@@ -227,14 +241,16 @@ def test_config_round_trips_and_errors():
   with pytest.raises(ValueError, match="not divisible by norm_num_groups"):
     V.VAEConfig(block_out_channels=(24, 48), norm_num_groups=32)
   good = K.diffusers_vae_config(c)
-  for bad, match in (({"use_quant_conv": True}, "use_quant_conv=True"),
-                     ({"use_post_quant_conv": True}, "use_post_quant_conv=True"),
-                     ({"act_fn": "gelu"}, "act_fn='gelu'"),
-                     ({"down_block_types": ["DownBlock2D"] * 3}, "down_block_types"),
-                     ({"mid_block_add_attention": False}, "mid_block_add_attention"),
-                     ({"latents_mean": [0.0] * 4}, "latents_mean"),
-                     ({"conv_kernel": 5}, "unknown keys \\['conv_kernel'\\]"),
-                     ({"_class_name": "AutoencoderTiny"}, "AutoencoderTiny")):
+  for bad, match in (
+    ({"use_quant_conv": True}, "use_quant_conv=True"),
+    ({"use_post_quant_conv": True}, "use_post_quant_conv=True"),
+    ({"act_fn": "gelu"}, "act_fn='gelu'"),
+    ({"down_block_types": ["DownBlock2D"] * 3}, "down_block_types"),
+    ({"mid_block_add_attention": False}, "mid_block_add_attention"),
+    ({"latents_mean": [0.0] * 4}, "latents_mean"),
+    ({"conv_kernel": 5}, "unknown keys \\['conv_kernel'\\]"),
+    ({"_class_name": "AutoencoderTiny"}, "AutoencoderTiny"),
+  ):
     with pytest.raises(ValueError, match=match):
       V.VAEConfig.from_diffusers_config({**good, **bad})
   # Missing keys take diffusers' defaults, and use_quant_conv defaults to True there.
@@ -253,16 +269,19 @@ def test_conversion_errors():
   with pytest.raises(ValueError, match=r"unexpected \(1\): encoder.extra.weight"):
     K.diffusers_state_dict_to_vae_params({**sd, "encoder.extra.weight": np.zeros(1)}, cj)
   wrong = {**sd, "encoder.conv_out.weight": np.zeros((8, 32, 3, 3), np.float32)}
-  with pytest.raises(ValueError,
-                     match=r"encoder.conv_out.weight: found \[8, 32, 3, 3\], expected \[32, 32, 3, 3\]"):
+  with pytest.raises(ValueError, match=r"encoder.conv_out.weight: found \[8, 32, 3, 3\], expected \[32, 32, 3, 3\]"):
     K.diffusers_state_dict_to_vae_params(wrong, cj)
   with pytest.raises(ValueError, match="quant_conv"):
     K.diffusers_state_dict_to_vae_params({**sd, "quant_conv.weight": np.zeros((32, 32, 1, 1))}, None)
   with pytest.raises(ValueError, match="not a VAE state dict"):
     K.diffusers_state_dict_to_vae_params({"transformer_blocks.0.x": np.zeros(1)}, None)
   # A 4-group model: the weights cannot tell, so inference refuses without config.json.
-  sd16 = {k: v.numpy() for k, v in torch_vae(V.VAEConfig(block_out_channels=(16,), layers_per_block=1,
-                                                         norm_num_groups=4)).state_dict().items()}
+  sd16 = {
+    k: v.numpy()
+    for k, v in torch_vae(V.VAEConfig(block_out_channels=(16,), layers_per_block=1, norm_num_groups=4))
+    .state_dict()
+    .items()
+  }
   with pytest.raises(ValueError, match="cannot infer norm_num_groups"):
     K.diffusers_state_dict_to_vae_params(sd16, None)
   # Writing checks the parameter tree against the config.

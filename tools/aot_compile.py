@@ -21,6 +21,7 @@ the one with the least recomputation that fits (ties: least memory).
 With aspect buckets (config.data.buckets) every bucket's step is compiled; the figures shown
 are the largest bucket's, `fits` holds only if all fit, and `buckets` (--json) has each one.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,22 +51,24 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5p:8x8x8", "TPU topology name, e.g
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 _FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Search the largest global batch that fits.")
-_POLICIES = flags.DEFINE_list("remat_policies", [], "Compile each of these remat policies "
-                              f"({', '.join(remat_lib.POLICIES)}) and report each.")
-_PICK = flags.DEFINE_bool("pick_remat", False, "Pick the policy with the least recomputation that "
-                          "fits (among --remat_policies, default all).")
+_POLICIES = flags.DEFINE_list(
+  "remat_policies", [], f"Compile each of these remat policies ({', '.join(remat_lib.POLICIES)}) and report each."
+)
+_PICK = flags.DEFINE_bool(
+  "pick_remat", False, "Pick the policy with the least recomputation that fits (among --remat_policies, default all)."
+)
 flags.mark_flags_as_required(["config"])
 
-GiB = 1024 ** 3
+GiB = 1024**3
 # HBM per chip (bytes) by jax device_kind prefix.
 HBM_BYTES = {
-    "TPU v4": 32 * GiB,
-    "TPU v5 lite": 16 * GiB,   # v5e
-    "TPU v5e": 16 * GiB,
-    "TPU v5p": 95 * GiB,
-    "TPU v5": 95 * GiB,        # v5p reports "TPU v5"
-    "TPU v6 lite": 32 * GiB,   # v6e (Trillium)
-    "TPU v6e": 32 * GiB,
+  "TPU v4": 32 * GiB,
+  "TPU v5 lite": 16 * GiB,  # v5e
+  "TPU v5e": 16 * GiB,
+  "TPU v5p": 95 * GiB,
+  "TPU v5": 95 * GiB,  # v5p reports "TPU v5"
+  "TPU v6 lite": 32 * GiB,  # v6e (Trillium)
+  "TPU v6e": 32 * GiB,
 }
 
 
@@ -78,12 +81,16 @@ def hbm_bytes(device_kind: str) -> int | None:
 
 def topology_devices(name: str, num_slices: int = 1):
   from jax.experimental import topologies
+
   try:
-    topo = topologies.get_topology_desc(topology_name=name, platform="tpu",
-                                        **({"num_slices": num_slices} if num_slices > 1 else {}))
+    topo = topologies.get_topology_desc(
+      topology_name=name, platform="tpu", **({"num_slices": num_slices} if num_slices > 1 else {})
+    )
   except Exception as e:  # libtpu missing or unknown name
-    raise SystemExit(f"cannot build TPU topology {name!r}: {e}\n(install the tpu extra: "
-                     "pip install -e '.[tpu]'; names look like v5p:8x8x8, v6e:16x16)") from e
+    raise SystemExit(
+      f"cannot build TPU topology {name!r}: {e}\n(install the tpu extra: "
+      "pip install -e '.[tpu]'; names look like v5p:8x8x8, v6e:16x16)"
+    ) from e
   return topo.devices
 
 
@@ -96,10 +103,10 @@ def compile_step(config, devices, latent_hw=None):
   abstract_state, shardings = train.state_shardings(model, tx, mesh)
   shapes = train.batch_shapes(config, latent_hw)
   # Batches arrive in the records' stored dtype (float16) and are cast inside the step.
-  batch = {k: jax.ShapeDtypeStruct(s, jnp.float16, sharding=sharding.batch_sharding(mesh, len(s)))
-           for k, s in shapes.items()}
-  rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                             sharding=sharding.replicated(mesh))
+  batch = {
+    k: jax.ShapeDtypeStruct(s, jnp.float16, sharding=sharding.batch_sharding(mesh, len(s))) for k, s in shapes.items()
+  }
+  rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sharding.replicated(mesh))
   schedule = train.learning_rate_schedule(config.optimizer, config.total_steps)
   step = train.make_train_step(model, tx, opts, schedule, mesh, shardings, shapes)
   args = (abstract_state, batch, rng)
@@ -110,7 +117,7 @@ def compile_step(config, devices, latent_hw=None):
     raise
 
 
-_UNITS = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 def _parse_oom(message: str) -> int | None:
@@ -142,8 +149,11 @@ def analyse(config, devices) -> dict:
     return next(iter(results.values()))
   worst = max(results.values(), key=lambda r: (r["fits"] is False, r["peak_bytes_per_device"] or 0))
   fits = [r["fits"] for r in results.values()]
-  return dict(worst, fits=False if False in fits else (None if None in fits else True),
-              buckets={k: dict(r, latent_hw=list(hw)) for (k, r), hw in zip(results.items(), sizes)})
+  return dict(
+    worst,
+    fits=False if False in fits else (None if None in fits else True),
+    buckets={k: dict(r, latent_hw=list(hw)) for (k, r), hw in zip(results.items(), sizes)},
+  )
 
 
 def analyse_bucket(config, devices, latent_hw) -> dict:
@@ -155,15 +165,20 @@ def analyse_bucket(config, devices, latent_hw) -> dict:
   model_flops = flops.train_step_flops(mcfg, h, w, d.context_len, config.global_batch_size)
   impl = train.make_model(config, platform=devices[0].platform).attention_impl
   # Attention inside a kernel is invisible in the HLO: compare like with like.
-  attn = 3 * config.global_batch_size * flops.mmdit_forward_flops_breakdown(
-      mcfg, h, w, d.context_len)["attention"]
+  attn = 3 * config.global_batch_size * flops.mmdit_forward_flops_breakdown(mcfg, h, w, d.context_len)["attention"]
   attn += 3 * config.global_batch_size * _attn2_core_flops(mcfg, h, w)
   visible = model_flops - (attn if impl.startswith("splash") or impl == "cudnn" else 0)
-  r = {"topology": _TOPOLOGY.value, "device_kind": kind, "num_devices": len(devices),
-       "global_batch_size": config.global_batch_size,
-       "batch_per_device": config.global_batch_size / len(devices),
-       "hbm_bytes_per_device": hbm, "remat": config.remat, "attention_impl": impl,
-       "model_flops_per_step": model_flops}
+  r = {
+    "topology": _TOPOLOGY.value,
+    "device_kind": kind,
+    "num_devices": len(devices),
+    "global_batch_size": config.global_batch_size,
+    "batch_per_device": config.global_batch_size / len(devices),
+    "hbm_bytes_per_device": hbm,
+    "remat": config.remat,
+    "attention_impl": impl,
+    "model_flops_per_step": model_flops,
+  }
   try:
     compiled, mesh, abstract_args = compile_step(config, devices, latent_hw)
   except jax.errors.JaxRuntimeError as e:
@@ -173,21 +188,28 @@ def analyse_bucket(config, devices, latent_hw) -> dict:
     mesh, abstract_args = e.mesh, e.abstract_args  # attached by compile_step
     args = _bytes_per_device(abstract_args)
     temps = _parse_oom(str(e))
-    r.update({"mesh": dict(mesh.shape), "argument_bytes_per_device": args,
-              "output_bytes_per_device": None, "alias_bytes_per_device": None,
-              "temp_bytes_per_device": temps,
-              "peak_bytes_per_device": None if temps is None else args + temps,
-              "fits": False, "compiled_flops_per_device": None,
-              "compile_error": str(e).splitlines()[0][:500]})
+    r.update(
+      {
+        "mesh": dict(mesh.shape),
+        "argument_bytes_per_device": args,
+        "output_bytes_per_device": None,
+        "alias_bytes_per_device": None,
+        "temp_bytes_per_device": temps,
+        "peak_bytes_per_device": None if temps is None else args + temps,
+        "fits": False,
+        "compiled_flops_per_device": None,
+        "compile_error": str(e).splitlines()[0][:500],
+      }
+    )
     return r
   ma = compiled.memory_analysis()
   ca = compiled.cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   # Conservative per-chip total (as maxtext reports it): live arguments and outputs (donated
   # buffers counted once) plus temporaries. XLA's own peak_memory_in_bytes is kept alongside.
-  peak = int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-             + ma.temp_size_in_bytes)
-  r.update({
+  peak = int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
+  r.update(
+    {
       "xla_peak_bytes_per_device": int(ma.peak_memory_in_bytes),
       "mesh": dict(mesh.shape),
       "argument_bytes_per_device": int(ma.argument_size_in_bytes),
@@ -197,12 +219,17 @@ def analyse_bucket(config, devices, latent_hw) -> dict:
       "peak_bytes_per_device": peak,
       "fits": None if hbm is None else peak <= hbm,
       "compiled_flops_per_device": float(ca.get("flops", float("nan"))) if ca else None,
-  })
+    }
+  )
   counted = hlo_flops.matmul_flops(compiled.as_text())
-  r.update({"hlo_matmul_flops_per_device": counted["flops"],
-            "kernel_calls_per_step": counted["custom_calls"],
-            "recompute_ratio": counted["flops"] * len(devices) / visible,
-            "unknown_trip_counts": counted["unknown_trip_counts"]})
+  r.update(
+    {
+      "hlo_matmul_flops_per_device": counted["flops"],
+      "kernel_calls_per_step": counted["custom_calls"],
+      "recompute_ratio": counted["flops"] * len(devices) / visible,
+      "unknown_trip_counts": counted["unknown_trip_counts"],
+    }
+  )
   return r
 
 
@@ -222,9 +249,13 @@ def compare_policies(config, devices, names) -> list[dict]:
     r = analyse(c, devices)
     peak = r["peak_bytes_per_device"]
     ratio = r.get("recompute_ratio")
-    print(f"  remat {name:22s} peak {'?' if peak is None else f'{peak / GiB:.2f}'} GiB, "
-          f"recompute {'?' if ratio is None else f'{ratio:.3f}'}x, "
-          f"{'fits' if r['fits'] else 'does not fit'}", file=sys.stderr, flush=True)
+    print(
+      f"  remat {name:22s} peak {'?' if peak is None else f'{peak / GiB:.2f}'} GiB, "
+      f"recompute {'?' if ratio is None else f'{ratio:.3f}'}x, "
+      f"{'fits' if r['fits'] else 'does not fit'}",
+      file=sys.stderr,
+      flush=True,
+    )
     rows.append(r)
   return rows
 
@@ -259,23 +290,27 @@ def find_max_batch(config, devices, first: dict, max_compiles: int = 7) -> dict:
     r = analyse(c, devices)
     peak = r["peak_bytes_per_device"]
     peak_s = "?" if peak is None else f"{peak / GiB:.2f}"
-    print(f"  batch {batch:>7d} ({batch / len(devices):.2f}/chip): peak {peak_s} GiB -> "
-          f"{'fits' if r['fits'] else 'does not fit'}", file=sys.stderr, flush=True)
+    print(
+      f"  batch {batch:>7d} ({batch / len(devices):.2f}/chip): peak {peak_s} GiB -> "
+      f"{'fits' if r['fits'] else 'does not fit'}",
+      file=sys.stderr,
+      flush=True,
+    )
     return r
 
   round_down = lambda b: max(unit, int(b) // unit * unit)
   points = {config.global_batch_size: first}
-  lo = config.global_batch_size if first["fits"] else None   # largest batch seen to fit
-  hi = None if first["fits"] else config.global_batch_size   # smallest batch seen not to fit
+  lo = config.global_batch_size if first["fits"] else None  # largest batch seen to fit
+  hi = None if first["fits"] else config.global_batch_size  # smallest batch seen not to fit
   for i in range(max_compiles):
     if lo is not None and hi is not None and hi <= round_down(lo * 1.05) + unit:
       break  # bracketed within 5%
     guess = None
-    near = sorted(((b, r["peak_bytes_per_device"]) for b, r in points.items()
-                   if r["peak_bytes_per_device"] and b in (lo, hi)))
+    near = sorted(
+      ((b, r["peak_bytes_per_device"]) for b, r in points.items() if r["peak_bytes_per_device"] and b in (lo, hi))
+    )
     if len(near) < 2:  # extrapolate from the two largest batches compiled so far
-      near = sorted((b, r["peak_bytes_per_device"]) for b, r in points.items()
-                    if r["peak_bytes_per_device"])[-2:]
+      near = sorted((b, r["peak_bytes_per_device"]) for b, r in points.items() if r["peak_bytes_per_device"])[-2:]
     if i % 2 == 0 and len(near) == 2 and near[1][1] > near[0][1]:
       (b0, p0), (b1, p1) = near  # secant through the bracket (or the last two points)
       guess = round_down(b0 + (hbm - p0) * (b1 - b0) / (p1 - p0))
@@ -313,8 +348,10 @@ def main(argv):
     for r in rows:
       peak = r["peak_bytes_per_device"]
       ratio = r.get("recompute_ratio")
-      print(f"  {r['remat']:22s} {'?' if peak is None else f'{peak / GiB:14.2f}'} "
-            f"{'?' if ratio is None else f'{ratio:9.3f}x'} {r['fits']}")
+      print(
+        f"  {r['remat']:22s} {'?' if peak is None else f'{peak / GiB:14.2f}'} "
+        f"{'?' if ratio is None else f'{ratio:9.3f}x'} {r['fits']}"
+      )
     if _PICK.value:
       print(f"picked remat: {out['picked_remat']}")
     return
@@ -329,11 +366,18 @@ def main(argv):
     print(json.dumps(r))
     return
   g = lambda k: f"{r[k] / GiB:8.2f} GiB" if r[k] is not None else "   unknown"
-  print(f"topology {r['topology']} ({r['num_devices']} x {r['device_kind']}), mesh {r['mesh']}, "
-        f"global batch {r['global_batch_size']} ({r['batch_per_device']:.2f}/chip)")
-  for label, key in [("arguments", "argument_bytes_per_device"), ("outputs", "output_bytes_per_device"),
-                     ("aliased", "alias_bytes_per_device"), ("temporaries", "temp_bytes_per_device"),
-                     ("peak", "peak_bytes_per_device"), ("HBM", "hbm_bytes_per_device")]:
+  print(
+    f"topology {r['topology']} ({r['num_devices']} x {r['device_kind']}), mesh {r['mesh']}, "
+    f"global batch {r['global_batch_size']} ({r['batch_per_device']:.2f}/chip)"
+  )
+  for label, key in [
+    ("arguments", "argument_bytes_per_device"),
+    ("outputs", "output_bytes_per_device"),
+    ("aliased", "alias_bytes_per_device"),
+    ("temporaries", "temp_bytes_per_device"),
+    ("peak", "peak_bytes_per_device"),
+    ("HBM", "hbm_bytes_per_device"),
+  ]:
     if key not in r:
       continue
     print(f"  {label:12s} {g(key)} per chip")
@@ -341,20 +385,27 @@ def main(argv):
   if r.get("compile_error"):
     print(f"  the TPU compiler refused it: {r['compile_error']}")
   else:
-    print(f"  compiled FLOPs per chip per step {r['compiled_flops_per_device']:.4g} (XLA counts a "
-          f"scanned loop body once); model FLOPs per step {r['model_flops_per_step']:.4g}")
-    print(f"  matmul FLOPs per chip, loops unrolled {r['hlo_matmul_flops_per_device']:.4g}: "
-          f"recompute ratio {r['recompute_ratio']:.3f} (remat {r['remat']}, attention "
-          f"{r['attention_impl']})")
+    print(
+      f"  compiled FLOPs per chip per step {r['compiled_flops_per_device']:.4g} (XLA counts a "
+      f"scanned loop body once); model FLOPs per step {r['model_flops_per_step']:.4g}"
+    )
+    print(
+      f"  matmul FLOPs per chip, loops unrolled {r['hlo_matmul_flops_per_device']:.4g}: "
+      f"recompute ratio {r['recompute_ratio']:.3f} (remat {r['remat']}, attention "
+      f"{r['attention_impl']})"
+    )
   for name, b in r.get("buckets", {}).items():
     peak = "unknown" if b["peak_bytes_per_device"] is None else f"{b['peak_bytes_per_device'] / GiB:.2f} GiB"
-    print(f"  bucket {name:9s} peak {peak} per chip, fits {b['fits']}, model FLOPs per step "
-          f"{b['model_flops_per_step']:.4g}")
+    print(
+      f"  bucket {name:9s} peak {peak} per chip, fits {b['fits']}, model FLOPs per step {b['model_flops_per_step']:.4g}"
+    )
   if _FIND_MAX.value:
     over = r["smallest_global_batch_seen_not_to_fit"]
-    print(f"  largest global batch that fits: {r['max_global_batch_that_fits']} "
-          f"({r['max_batch_per_device_that_fits']}/chip)"
-          + (f"; {over} ({over / r['num_devices']:.2f}/chip) does not" if over else ""))
+    print(
+      f"  largest global batch that fits: {r['max_global_batch_that_fits']} "
+      f"({r['max_batch_per_device_that_fits']}/chip)"
+      + (f"; {over} ({over / r['num_devices']:.2f}/chip) does not" if over else "")
+    )
 
 
 if __name__ == "__main__":

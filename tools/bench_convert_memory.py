@@ -14,6 +14,7 @@ itself at exit) with a breakdown of anonymous vs file-backed pages sampled from 
 3x the checkpoint at peak (source, jax copy, one output); everything lives under a temporary
 directory that is removed at the end (unless --keep).
 """
+
 from __future__ import annotations
 
 import os
@@ -57,7 +58,7 @@ def generate(path: str, cfg: MMDiTConfig, seed: int = 0) -> int:
       out, pos, start = np.empty(n, pool.dtype), 0, int(rng.integers(0, pool.size))
       while pos < n:  # pool[start:], then wrap around
         m = min(n - pos, pool.size - start)
-        out[pos:pos + m] = pool[start:start + m]
+        out[pos : pos + m] = pool[start : start + m]
         pos, start = pos + m, 0
       w.write(K.SD3_PREFIX + e.name, out.reshape(e.shape))
       total += out.nbytes
@@ -122,9 +123,13 @@ def run_measured(cli_args: list[str]) -> dict:
   if not hwm:
     raise RuntimeError(f"no peak RSS reported by {' '.join(cli_args)}:\n{out}")
   msgs = [l for l in lines if l.startswith("wrote ")]
-  return {"wall_s": time.time() - t0, "peak_rss_gib": hwm[0] / GiB,
-          "sampled_peak_anon_gib": peaks["anon"] / GiB, "sampled_peak_file_gib": peaks["file"] / GiB,
-          "output": msgs[-1] if msgs else ""}
+  return {
+    "wall_s": time.time() - t0,
+    "peak_rss_gib": hwm[0] / GiB,
+    "sampled_peak_anon_gib": peaks["anon"] / GiB,
+    "sampled_peak_file_gib": peaks["file"] / GiB,
+    "output": msgs[-1] if msgs else "",
+  }
 
 
 def compare_files(a: str, b: str) -> int:
@@ -159,24 +164,33 @@ def main() -> int:
   work = tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir)
   src, jx = os.path.join(work, "gen.safetensors"), os.path.join(work, "jax")
   mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
-  results: dict = {"machine": {"cpus": os.cpu_count(), "mem_gib": round(mem, 1), "platform": platform.platform()},
-                   "config": cfg.to_dict(), "runs": {}}
+  results: dict = {
+    "machine": {"cpus": os.cpu_count(), "mem_gib": round(mem, 1), "platform": platform.platform()},
+    "config": cfg.to_dict(),
+    "runs": {},
+  }
   try:
     t0 = time.time()
     nbytes = generate(src, cfg)
     results["checkpoint_gib"] = nbytes / GiB
     results["params"] = nbytes // 2
     results["generate_s"] = time.time() - t0
-    print(f"generated d={cfg.depth} ({nbytes // 2 / 1e9:.3f}B params, {nbytes / GiB:.2f} GiB bf16) "
-          f"in {results['generate_s']:.0f}s", flush=True)
+    print(
+      f"generated d={cfg.depth} ({nbytes // 2 / 1e9:.3f}B params, {nbytes / GiB:.2f} GiB bf16) "
+      f"in {results['generate_s']:.0f}s",
+      flush=True,
+    )
 
     def step(name, argv, out):
       r = run_measured(argv)
       r["output_gib"] = du(out) / GiB
       results["runs"][name] = r
-      print(f"{name:18s} peak RSS {r['peak_rss_gib']:6.2f} GiB (sampled: anon "
-            f"{r['sampled_peak_anon_gib']:.2f}, file {r['sampled_peak_file_gib']:.2f})  "
-            f"wall {r['wall_s']:6.1f}s  output {r['output_gib']:.2f} GiB", flush=True)
+      print(
+        f"{name:18s} peak RSS {r['peak_rss_gib']:6.2f} GiB (sampled: anon "
+        f"{r['sampled_peak_anon_gib']:.2f}, file {r['sampled_peak_file_gib']:.2f})  "
+        f"wall {r['wall_s']:6.1f}s  output {r['output_gib']:.2f} GiB",
+        flush=True,
+      )
 
     step("sd3 -> jax", ["--src", src, "--dst", jx, "--to", "jax"], jx)
     out_sd3 = os.path.join(work, "back.safetensors")

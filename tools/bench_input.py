@@ -12,6 +12,7 @@ assumption: the default is diffusers' SD3 d=24 256^2 step with torch.compile on 
 README "Performance"). The records are read through the OS file cache after being written;
 a cold read from a slower disk can only be slower.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ def ensure_records(directory: str, num_records: int, resolution: int) -> records
 
 
 def measure(source, batch: int, batches: int, workers: int) -> dict:
-  it = input_pipeline.make_train_iterator(source, global_batch_size=batch, seed=0, process_index=0,
-                                          process_count=1, dtype=None, worker_count=workers)
+  it = input_pipeline.make_train_iterator(
+    source, global_batch_size=batch, seed=0, process_index=0, process_count=1, dtype=None, worker_count=workers
+  )
   for _ in range(2):
     next(it)
   nbytes = 0
@@ -57,8 +59,12 @@ def measure(source, batch: int, batches: int, workers: int) -> dict:
   for _ in range(batches):
     nbytes += sum(v.nbytes for v in next(it).values())
   dt = time.perf_counter() - t0
-  return {"worker_count": workers, "records_per_sec": batch * batches / dt,
-          "mb_per_sec": nbytes / dt / 1e6, "seconds": dt}
+  return {
+    "worker_count": workers,
+    "records_per_sec": batch * batches / dt,
+    "mb_per_sec": nbytes / dt / 1e6,
+    "seconds": dt,
+  }
 
 
 def main(argv):
@@ -67,19 +73,22 @@ def main(argv):
   src = ensure_records(_DIR.value, _N.value, _RES.value)
   rows = [measure(src, _BATCH.value, _BATCHES.value, int(w)) for w in _WORKERS.value]
   best = max(r["records_per_sec"] for r in rows)
-  out = {"resolution": _RES.value, "num_records": len(src), "cpu_count": os.cpu_count(),
-         "batch": _BATCH.value, "rows": rows, "chip_images_per_sec_assumed": _CHIP.value,
-         "chips_fed_per_host": best / _CHIP.value}
+  out = {
+    "resolution": _RES.value,
+    "num_records": len(src),
+    "cpu_count": os.cpu_count(),
+    "batch": _BATCH.value,
+    "rows": rows,
+    "chip_images_per_sec_assumed": _CHIP.value,
+    "chips_fed_per_host": best / _CHIP.value,
+  }
   if _JSON.value:
     print(json.dumps(out))
     return
-  print(f"{len(src)} records at {_RES.value}^2 in {_DIR.value}, host batch {_BATCH.value}, "
-        f"{os.cpu_count()} CPU cores")
+  print(f"{len(src)} records at {_RES.value}^2 in {_DIR.value}, host batch {_BATCH.value}, {os.cpu_count()} CPU cores")
   for r in rows:
-    print(f"  workers {r['worker_count']:2d}: {r['records_per_sec']:8.1f} records/s "
-          f"({r['mb_per_sec']:.0f} MB/s)")
-  print(f"  one host feeds {out['chips_fed_per_host']:.1f} chips at {_CHIP.value} images/s per chip "
-        "(assumed)")
+    print(f"  workers {r['worker_count']:2d}: {r['records_per_sec']:8.1f} records/s ({r['mb_per_sec']:.0f} MB/s)")
+  print(f"  one host feeds {out['chips_fed_per_host']:.1f} chips at {_CHIP.value} images/s per chip (assumed)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ peak device memory (the allocator's high-water mark where the backend reports it
 compiled program's memory analysis). Model FLOPs are ``sd3_jax.models.flops.train_step_flops``
 (matmuls and attention, 3x forward; recomputation not counted), as in the README's MFU.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ from sd3_jax.models import flops, mmdit
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one compile-and-warm-up step).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a report.")
-_MATMUL = flags.DEFINE_integer("matmul_size", 0, "Side n of the peak-measuring matmul; 0 = 8192 "
-                               "on accelerators, 1024 on CPU.")
+_MATMUL = flags.DEFINE_integer(
+  "matmul_size", 0, "Side n of the peak-measuring matmul; 0 = 8192 on accelerators, 1024 on CPU."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -56,7 +58,7 @@ def measure_matmul_peak(dtype, n: int, device=None) -> float:
     return x
 
   jax.block_until_ready(chain(a))
-  return 10 * 2.0 * n ** 3 / _time(chain, a, reps=3)
+  return 10 * 2.0 * n**3 / _time(chain, a, reps=3)
 
 
 def _peak_memory(compiled) -> tuple[int | None, str]:
@@ -83,8 +85,9 @@ def run(config, steps: int, matmul_size: int = 0) -> dict:
 
   def synthetic(key):
     keys = jax.random.split(key, len(shapes))
-    return {k: jax.random.normal(kk, s, jnp.float32).astype(jnp.float16)
-            for kk, (k, s) in zip(keys, sorted(shapes.items()))}
+    return {
+      k: jax.random.normal(kk, s, jnp.float32).astype(jnp.float16) for kk, (k, s) in zip(keys, sorted(shapes.items()))
+    }
 
   batch_sh = {k: sharding.batch_sharding(mesh, len(s)) for k, s in shapes.items()}
   batch = jax.jit(synthetic, out_shardings=batch_sh)(jax.random.key(1))
@@ -103,8 +106,9 @@ def run(config, steps: int, matmul_size: int = 0) -> dict:
   step_time = (time.perf_counter() - t0) / steps
 
   d = config.data
-  model_flops = flops.train_step_flops(mmdit.config_from_preset(**config.model), d.latent_size,
-                                       d.latent_size, d.context_len, config.global_batch_size)
+  model_flops = flops.train_step_flops(
+    mmdit.config_from_preset(**config.model), d.latent_size, d.latent_size, d.context_len, config.global_batch_size
+  )
   n_dev = len(devices)
   per_device = model_flops / step_time / n_dev
   kind = devices[0].device_kind
@@ -114,24 +118,36 @@ def run(config, steps: int, matmul_size: int = 0) -> dict:
   measured = measure_matmul_peak(jnp.dtype(config.dtype), n, devices[0])
   mem, mem_source = _peak_memory(compiled)
   return {
-      "device_kind": kind, "platform": devices[0].platform, "num_devices": n_dev,
-      "mesh": dict(mesh.shape), "global_batch_size": config.global_batch_size,
-      "latent_size": d.latent_size, "dtype": config.dtype, "remat": config.remat,
-      "attention_impl": model.attention_impl, "steps": steps, "compile_s": compile_s,
-      "step_time_s": step_time, "images_per_sec": config.global_batch_size / step_time,
-      "model_flops_per_step": model_flops, "model_tflops_per_sec_per_device": per_device / 1e12,
-      "datasheet_peak_tflops_per_device": None if datasheet is None else datasheet / 1e12,
-      "mfu_vs_datasheet": None if datasheet is None else per_device / datasheet,
-      "matmul_size": n, "measured_matmul_tflops_per_device": measured / 1e12,
-      "mfu_vs_measured_matmul": per_device / measured,
-      "peak_memory_bytes_per_device": mem, "peak_memory_source": mem_source,
-      "final_loss": float(out["loss"]),
+    "device_kind": kind,
+    "platform": devices[0].platform,
+    "num_devices": n_dev,
+    "mesh": dict(mesh.shape),
+    "global_batch_size": config.global_batch_size,
+    "latent_size": d.latent_size,
+    "dtype": config.dtype,
+    "remat": config.remat,
+    "attention_impl": model.attention_impl,
+    "steps": steps,
+    "compile_s": compile_s,
+    "step_time_s": step_time,
+    "images_per_sec": config.global_batch_size / step_time,
+    "model_flops_per_step": model_flops,
+    "model_tflops_per_sec_per_device": per_device / 1e12,
+    "datasheet_peak_tflops_per_device": None if datasheet is None else datasheet / 1e12,
+    "mfu_vs_datasheet": None if datasheet is None else per_device / datasheet,
+    "matmul_size": n,
+    "measured_matmul_tflops_per_device": measured / 1e12,
+    "mfu_vs_measured_matmul": per_device / measured,
+    "peak_memory_bytes_per_device": mem,
+    "peak_memory_source": mem_source,
+    "final_loss": float(out["loss"]),
   }
 
 
 def _report(r: dict) -> str:
   pct = lambda x: "n/a (no datasheet peak for this device)" if x is None else f"{100 * x:.1f}%"
-  return "\n".join([
+  return "\n".join(
+    [
       f"{r['num_devices']} x {r['device_kind']} ({r['platform']}), mesh {r['mesh']}, global batch "
       f"{r['global_batch_size']} at latent {r['latent_size']}^2, {r['dtype']}, remat {r['remat']}, "
       f"attention {r['attention_impl']}",
@@ -142,8 +158,9 @@ def _report(r: dict) -> str:
       f"  MFU vs datasheet    {pct(r['mfu_vs_datasheet'])}",
       f"  MFU vs matmul       {pct(r['mfu_vs_measured_matmul'])} (measured {r['matmul_size']}^3 "
       f"matmul: {r['measured_matmul_tflops_per_device']:.3f} TFLOP/s per device)",
-      f"  peak memory/dev     {r['peak_memory_bytes_per_device'] / 2 ** 30:.3f} GiB ({r['peak_memory_source']})",
-  ])
+      f"  peak memory/dev     {r['peak_memory_bytes_per_device'] / 2**30:.3f} GiB ({r['peak_memory_source']})",
+    ]
+  )
 
 
 def main(argv):

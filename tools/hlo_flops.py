@@ -12,6 +12,7 @@ HLO text (``compiled.as_text()``) instead:
 
 Kernels (Pallas/Mosaic, cuDNN custom calls) have no visible FLOPs: they are counted by number.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,7 +32,7 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 
 
 def _dims(shape: str) -> list[int]:
-  inner = shape[shape.index("[") + 1:shape.index("]")]
+  inner = shape[shape.index("[") + 1 : shape.index("]")]
   return [int(x) for x in inner.split(",") if x]
 
 
@@ -170,5 +171,4 @@ def matmul_flops(hlo_text: str) -> dict:
 
   flops, cc = total(entry[0], lambda n: n, {}) if entry else (0.0, 0)
   once, _ = total(entry[0], lambda n: 1, {}) if entry else (0.0, 0)
-  return {"flops": flops, "flops_loops_once": once, "custom_calls": cc,
-          "unknown_trip_counts": unknown}
+  return {"flops": flops, "flops_loops_once": once, "custom_calls": cc, "unknown_trip_counts": unknown}

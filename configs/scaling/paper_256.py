@@ -14,6 +14,7 @@ budgets (1e20 to 1e21 FLOPs) span what Liang et al. 2024 extrapolated to; raise 
 d=38 end to see its optimum. The base config is configs/sd3_medium.py (lr 1e-4, 1000 warm-up
 steps, bf16, full remat); add --config.multihost flags to the printed lines as the pod needs.
 """
+
 import os
 
 from sd3_jax.scaling.sweep import dotted, sweep_config
@@ -23,11 +24,17 @@ def get_config(data_dir: str = "/data/sd3_records"):
   s = sweep_config()
   s.name = "paper_256"
   s.base_config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sd3_medium.py")
-  s.base_overrides = dotted({
-      "data.source": "records", "data.path": os.path.join(data_dir, "train"),
-      "data.val_path": os.path.join(data_dir, "val"), "val.num_examples": 4096, "val.batch_size": 512,
-      "log_every": 100, "keep_checkpoints": 2,
-  })
+  s.base_overrides = dotted(
+    {
+      "data.source": "records",
+      "data.path": os.path.join(data_dir, "train"),
+      "data.val_path": os.path.join(data_dir, "val"),
+      "val.num_examples": 4096,
+      "val.batch_size": 512,
+      "log_every": 100,
+      "keep_checkpoints": 2,
+    }
+  )
   s.width_per_depth = 64
   s.val_points = 8
   s.grids = [dict(name="isoflop", depths=(15, 18, 21, 24, 30, 38), budgets=(1e20, 2e20, 5e20, 1e21))]

@@ -14,6 +14,7 @@ Every run logs the validation loss 4 times (a curve, not a point). About an hour
 The argument after ':' is the directory holding the demo's records (train/, val/), written by
 ``python -m sd3_jax.scaling toy_data --workdir WORKDIR``.
 """
+
 import os
 
 from sd3_jax.demo import config as demo_config
@@ -25,16 +26,26 @@ def get_config(data_dir: str = "workdirs/scaling_demo/data"):
   s.name = "toy"
   s.base_config = os.path.abspath(demo_config.__file__)
   data_dir = os.path.abspath(data_dir)
-  s.base_overrides = dotted({
-      "data.path": os.path.join(data_dir, "train"), "data.val_path": os.path.join(data_dir, "val"),
-      "global_batch_size": 16, "log_every": 50, "keep_checkpoints": 1,
-      "val.num_examples": 128, "val.batch_size": 64,
-  })
+  s.base_overrides = dotted(
+    {
+      "data.path": os.path.join(data_dir, "train"),
+      "data.val_path": os.path.join(data_dir, "val"),
+      "global_batch_size": 16,
+      "log_every": 50,
+      "keep_checkpoints": 1,
+      "val.num_examples": 128,
+      "val.batch_size": 64,
+    }
+  )
   s.width_per_depth = 16
   s.val_points = 4
   s.grids = [
-      dict(name="scaling", depths=(1, 2, 3, 4), lengths=(400, 1200)),
-      dict(name="samplers", depths=(2,), lengths=(400, 1200),
-           axes={"flow.sampler": ("logit_normal", "uniform", "cosmap", "mode")}),
+    dict(name="scaling", depths=(1, 2, 3, 4), lengths=(400, 1200)),
+    dict(
+      name="samplers",
+      depths=(2,),
+      lengths=(400, 1200),
+      axes={"flow.sampler": ("logit_normal", "uniform", "cosmap", "mode")},
+    ),
   ]
   return s

@@ -31,6 +31,7 @@ Key tables and transforms: mmdit_keys.py, text_keys.py, vae_keys.py; file format
 (MM-DiT, detection) and encoders.py (text encoders, VAE); safetensors streaming:
 safetensors_io.py; our own format: sd3_jax/pretrained.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,18 +43,46 @@ from sd3_jax import pretrained
 from sd3_jax.models.mmdit import MMDiTConfig
 from sd3_jax.convert import mmdit_keys, runs, text_keys
 from sd3_jax.convert.encoders import TEXT_WRITERS, convert_vae, copy_tokenizer, open_text_source
-from sd3_jax.convert.formats import (WRITERS, Source, detect_format, detect_model, iter_native, open_source,
-                                     source_from_params, source_from_state_dict)
+from sd3_jax.convert.formats import (
+  WRITERS,
+  Source,
+  detect_format,
+  detect_model,
+  iter_native,
+  open_source,
+  source_from_params,
+  source_from_state_dict,
+)
 from sd3_jax.convert.safetensors_io import parse_size
 
-__all__ = ["convert", "detect_format", "detect_model", "open_source", "open_text_source",
-           "state_dict_to_params", "params_to_state_dict", "Source", "mmdit_keys", "text_keys"]
+__all__ = [
+  "convert",
+  "detect_format",
+  "detect_model",
+  "open_source",
+  "open_text_source",
+  "state_dict_to_params",
+  "params_to_state_dict",
+  "Source",
+  "mmdit_keys",
+  "text_keys",
+]
 TARGETS = ("jax", "diffusers", "sd3", "transformers")
 
 
-def convert(src, dst, to: str, *, dtype=None, num_heads: int | None = None,
-            head_dim: int | None = None, max_shard_size: str | int = "10GB",
-            overwrite: bool = False, verify: bool = True, ema: bool | None = None):
+def convert(
+  src,
+  dst,
+  to: str,
+  *,
+  dtype=None,
+  num_heads: int | None = None,
+  head_dim: int | None = None,
+  max_shard_size: str | int = "10GB",
+  overwrite: bool = False,
+  verify: bool = True,
+  ema: bool | None = None,
+):
   """Converts the checkpoint at ``src`` (model and format detected) to format ``to`` at ``dst``.
 
   to: MM-DiT 'jax' | 'diffusers' | 'sd3'; VAE 'jax' | 'diffusers'; text encoder 'jax' |
@@ -83,23 +112,24 @@ def convert(src, dst, to: str, *, dtype=None, num_heads: int | None = None,
     WRITERS[to](source, dst, dtype=dtype, overwrite=overwrite, **kwargs)
     return source.config
   if ema is not None:
-    raise ValueError(f"--ema/--no-ema choose the weights of a training run; {src} is not one "
-                     "(a workdir with checkpoints/, or WORKDIR/checkpoints/<step>)")
+    raise ValueError(
+      f"--ema/--no-ema choose the weights of a training run; {src} is not one "
+      "(a workdir with checkpoints/, or WORKDIR/checkpoints/<step>)"
+    )
   kind, _, _ = detect_model(src)
   if kind == "vae":
     max_shard = parse_size(max_shard_size)
     if num_heads is not None or head_dim is not None:
       raise ValueError("num_heads / head_dim apply to MM-DiT checkpoints only")
-    return convert_vae(src, dst, to, dtype=dtype, overwrite=overwrite, max_shard_bytes=max_shard,
-                       verify=verify)
+    return convert_vae(src, dst, to, dtype=dtype, overwrite=overwrite, max_shard_bytes=max_shard, verify=verify)
   if kind in ("clip_text", "t5_encoder", "clip", "clip_vision"):
     target = "transformers" if to == "diffusers" else to
     if target not in TEXT_WRITERS:
-      raise ValueError(f"{src} is a transformers model ({kind}); it converts to 'jax' or "
-                       f"'transformers', not {to!r}")
+      raise ValueError(f"{src} is a transformers model ({kind}); it converts to 'jax' or 'transformers', not {to!r}")
     if num_heads is not None or head_dim is not None:
-      raise ValueError("num_heads / head_dim apply to MM-DiT checkpoints only; a transformers "
-                       "model's config says its heads")
+      raise ValueError(
+        "num_heads / head_dim apply to MM-DiT checkpoints only; a transformers model's config says its heads"
+      )
     kwargs = {"max_shard_bytes": parse_size(max_shard_size)} if target == "transformers" else {}
     text_source = open_text_source(src, verify)
     TEXT_WRITERS[target](text_source, dst, dtype=dtype, overwrite=overwrite, **kwargs)
@@ -116,17 +146,16 @@ def convert(src, dst, to: str, *, dtype=None, num_heads: int | None = None,
   return source.config
 
 
-def state_dict_to_params(state_dict: Mapping, *, num_heads: int | None = None,
-                         diffusers_config: Mapping | None = None, dtype=None
-                         ) -> tuple[MMDiTConfig, dict]:
+def state_dict_to_params(
+  state_dict: Mapping, *, num_heads: int | None = None, diffusers_config: Mapping | None = None, dtype=None
+) -> tuple[MMDiTConfig, dict]:
   """diffusers or original (prefixed or bare) state dict -> (config, unscanned params)."""
   source = source_from_state_dict(state_dict, num_heads=num_heads, diffusers_config=diffusers_config)
   flat = {e.name: np.ascontiguousarray(a) for e, a in iter_native(source, "jax", dtype)}
   return source.config, pretrained.unflatten(flat)
 
 
-def params_to_state_dict(params: Mapping, config: MMDiTConfig, fmt: str, *, dtype=None
-                         ) -> dict[str, np.ndarray]:
+def params_to_state_dict(params: Mapping, config: MMDiTConfig, fmt: str, *, dtype=None) -> dict[str, np.ndarray]:
   """Our parameters (unscanned or scanned) -> 'sd3' (prefixed keys) or 'diffusers' state dict."""
   if fmt not in ("sd3", "diffusers"):
     raise ValueError(f"fmt must be 'sd3' or 'diffusers', got {fmt!r}")

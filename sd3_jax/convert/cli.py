@@ -1,5 +1,6 @@
 """The converter command: ``sd3-convert`` = ``python -m tools.convert_weights`` =
 ``python -m sd3_jax.convert``, ``--src SRC --dst DST --to {jax,diffusers,sd3,transformers}``."""
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host-only; skip accelerator probing
@@ -64,64 +65,109 @@ def describe(cfg) -> str:
   """One line about a converted model's configuration."""
   name = type(cfg).__name__
   if name == "MMDiTConfig":
-    return (f"depth {cfg.depth}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, qk_norm {cfg.qk_norm}, "
-            f"dual layers {list(cfg.dual_attention_layers)}, pos grid {cfg.pos_embed_max_size}")
+    return (
+      f"depth {cfg.depth}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, qk_norm {cfg.qk_norm}, "
+      f"dual layers {list(cfg.dual_attention_layers)}, pos grid {cfg.pos_embed_max_size}"
+    )
   if name == "CLIPTextConfig":
-    return (f"CLIP text encoder: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}, "
-            f"{cfg.hidden_act}, projection {cfg.projection_dim}, vocab {cfg.vocab_size}")
+    return (
+      f"CLIP text encoder: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}, "
+      f"{cfg.hidden_act}, projection {cfg.projection_dim}, vocab {cfg.vocab_size}"
+    )
   if name == "CLIPVisionConfig":
-    return (f"CLIP image tower: {cfg.num_layers} layers, hidden {cfg.hidden_size}, patch {cfg.patch_size}, "
-            f"image {cfg.image_size}, {cfg.hidden_act}, projection {cfg.projection_dim}")
+    return (
+      f"CLIP image tower: {cfg.num_layers} layers, hidden {cfg.hidden_size}, patch {cfg.patch_size}, "
+      f"image {cfg.image_size}, {cfg.hidden_act}, projection {cfg.projection_dim}"
+    )
   if name == "CLIPConfig":
-    return (f"CLIP model: image tower {describe(cfg.vision)}; text tower {describe(cfg.text)}")
+    return f"CLIP model: image tower {describe(cfg.vision)}; text tower {describe(cfg.text)}"
   if name == "VAEConfig":
-    return (f"VAE: latent channels {cfg.latent_channels}, blocks {list(cfg.block_out_channels)}, "
-            f"scale {cfg.scaling_factor}, shift {cfg.shift_factor}")
+    return (
+      f"VAE: latent channels {cfg.latent_channels}, blocks {list(cfg.block_out_channels)}, "
+      f"scale {cfg.scaling_factor}, shift {cfg.shift_factor}"
+    )
   if name == "T5EncoderConfig":
-    return (f"T5 encoder: {cfg.num_layers} layers, d_model {cfg.d_model}, heads {cfg.num_heads}, "
-            f"d_ff {cfg.d_ff}, {cfg.feed_forward_proj}, vocab {cfg.vocab_size}")
+    return (
+      f"T5 encoder: {cfg.num_layers} layers, d_model {cfg.d_model}, heads {cfg.num_heads}, "
+      f"d_ff {cfg.d_ff}, {cfg.feed_forward_proj}, vocab {cfg.vocab_size}"
+    )
   return name
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(
-      prog="sd3-convert",
-      description="Lossless SD3/SD3.5 checkpoint conversion: the MM-DiT between sd3_jax (JAX/orbax), "
-                  "diffusers and the original SD3 single-file format; the VAE between sd3_jax and "
-                  "diffusers; the text encoders (CLIP-L, OpenCLIP bigG, T5) between sd3_jax and "
-                  "transformers directories.",
-      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog="sd3-convert",
+    description="Lossless SD3/SD3.5 checkpoint conversion: the MM-DiT between sd3_jax (JAX/orbax), "
+    "diffusers and the original SD3 single-file format; the VAE between sd3_jax and "
+    "diffusers; the text encoders (CLIP-L, OpenCLIP bigG, T5) between sd3_jax and "
+    "transformers directories.",
+    epilog=EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--src", required=True, help="source checkpoint (file or directory; format detected)")
-  p.add_argument("--dst", required=True,
-                 help="output: a directory for --to jax/diffusers/transformers, a .safetensors file "
-                      "for --to sd3")
-  p.add_argument("--to", required=True, choices=["jax", "diffusers", "sd3", "transformers"],
-                 help="output format (see 'targets' below)")
-  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                 help="cast every tensor to this dtype (default: keep the source dtypes)")
+  p.add_argument(
+    "--dst",
+    required=True,
+    help="output: a directory for --to jax/diffusers/transformers, a .safetensors file for --to sd3",
+  )
+  p.add_argument(
+    "--to",
+    required=True,
+    choices=["jax", "diffusers", "sd3", "transformers"],
+    help="output format (see 'targets' below)",
+  )
+  p.add_argument(
+    "--dtype",
+    choices=["float32", "bfloat16", "float16"],
+    default=None,
+    help="cast every tensor to this dtype (default: keep the source dtypes)",
+  )
   heads = p.add_mutually_exclusive_group()
-  heads.add_argument("--num-heads", type=int, default=None,
-                     help="MM-DiT: attention heads, for original files without qk-norm whose head dim "
-                          "is not 64 (default: from the qk-norm weights or the config, else hidden/64)")
+  heads.add_argument(
+    "--num-heads",
+    type=int,
+    default=None,
+    help="MM-DiT: attention heads, for original files without qk-norm whose head dim "
+    "is not 64 (default: from the qk-norm weights or the config, else hidden/64)",
+  )
   heads.add_argument("--head-dim", type=int, default=None, help="the same, given as the head dimension")
-  p.add_argument("--max-shard-size", default="10GB",
-                 help="diffusers/transformers output: shard above this size, with an index file "
-                      "(default 10GB)")
+  p.add_argument(
+    "--max-shard-size",
+    default="10GB",
+    help="diffusers/transformers output: shard above this size, with an index file (default 10GB)",
+  )
   p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
-  p.add_argument("--no-verify", dest="verify", action="store_false",
-                 help="jax sources: skip checking every parameter against the checksum written with "
-                      "it (faster; a damaged leaf is then converted as it is)")
-  p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                 help="--src is a training run: export its EMA weights (--ema, the default) or its "
-                      "raw parameters (--no-ema)")
+  p.add_argument(
+    "--no-verify",
+    dest="verify",
+    action="store_false",
+    help="jax sources: skip checking every parameter against the checksum written with "
+    "it (faster; a damaged leaf is then converted as it is)",
+  )
+  p.add_argument(
+    "--ema",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="--src is a training run: export its EMA weights (--ema, the default) or its raw parameters (--no-ema)",
+  )
   args = p.parse_args(argv)
 
   from sd3_jax.convert import convert  # heavy imports after argument parsing
+
   t0 = time.time()
   try:
-    cfg = convert(args.src, args.dst, args.to, dtype=args.dtype, num_heads=args.num_heads,
-                  head_dim=args.head_dim, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                  verify=args.verify, ema=args.ema)
+    cfg = convert(
+      args.src,
+      args.dst,
+      args.to,
+      dtype=args.dtype,
+      num_heads=args.num_heads,
+      head_dim=args.head_dim,
+      max_shard_size=args.max_shard_size,
+      overwrite=args.overwrite,
+      verify=args.verify,
+      ema=args.ema,
+    )
   except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

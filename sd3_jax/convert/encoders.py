@@ -3,6 +3,7 @@ of ``formats``: a text encoder (CLIP-L, CLIP-G, T5; ``text_keys``) is read from 
 transformers model directory (config.json + model.safetensors or shards with an index), e.g.
 text_encoder{,_2,_3}/ of a diffusers pipeline; the VAE (``vae_keys``; small, converted in memory)
 from or to a diffusers AutoencoderKL directory, e.g. vae/."""
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,25 @@ import numpy as np
 from sd3_jax import pretrained
 from sd3_jax.convert import text_keys as TK
 from sd3_jax.convert.safetensors_io import check_float_dtypes
-from sd3_jax.convert.formats import (DEFAULT_MAX_SHARD_BYTES, DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS,
-                                     TRANSFORMERS_INDEX, TRANSFORMERS_WEIGHTS, check_dst,
-                                     detect_format, group_reader, is_diffusers_dir,
-                                     open_weights_dir, read_json, write_weights_dir)
+from sd3_jax.convert.formats import (
+  DEFAULT_MAX_SHARD_BYTES,
+  DIFFUSERS_INDEX,
+  DIFFUSERS_WEIGHTS,
+  TRANSFORMERS_INDEX,
+  TRANSFORMERS_WEIGHTS,
+  check_dst,
+  detect_format,
+  group_reader,
+  is_diffusers_dir,
+  open_weights_dir,
+  read_json,
+  write_weights_dir,
+)
 
 
 TEXT_AND_CLIP_CONFIGS = (TK.CLIPTextConfig, TK.T5EncoderConfig, TK.CLIPVisionConfig, TK.CLIPConfig)
 # The tokenizer files of a transformers CLIP directory (hub CLIPModel repositories ship them).
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def open_text_source(path, verify: bool = True) -> TK.TextSource:
@@ -34,12 +44,15 @@ def open_text_source(path, verify: bool = True) -> TK.TextSource:
   if fmt == "jax":
     config = pretrained.read_config(path, expected_format=None)
     if not isinstance(config, TEXT_AND_CLIP_CONFIGS):
-      raise ValueError(f"{path} holds a {pretrained.read_format(path).description}, not a text encoder "
-                       "or CLIP model")
+      raise ValueError(f"{path} holds a {pretrained.read_format(path).description}, not a text encoder or CLIP model")
     stored = pretrained.stored_params(path)
-    return TK.TextSource(config, ours_shapes={k: v[0] for k, v in stored.items()},
-                         ours_dtypes={k: v[1] for k, v in stored.items()}, read_ours=group_reader(path, verify),
-                         description=f"sd3_jax checkpoint {path}")
+    return TK.TextSource(
+      config,
+      ours_shapes={k: v[0] for k, v in stored.items()},
+      ours_dtypes={k: v[1] for k, v in stored.items()},
+      read_ours=group_reader(path, verify),
+      description=f"sd3_jax checkpoint {path}",
+    )
   if fmt != "transformers":
     raise ValueError(f"{path} is a {fmt} MM-DiT checkpoint, not a text encoder")
   cfg_path = os.path.join(path, "config.json")
@@ -47,9 +60,14 @@ def open_text_source(path, verify: bool = True) -> TK.TextSource:
   config = TK.config_from_hf(hf, cfg_path)
   desc = f"transformers model {path}"
   where = open_weights_dir(path, TRANSFORMERS_WEIGHTS, TRANSFORMERS_INDEX, desc)
-  return TK.source_from_hf_tensors(config, {k: r.shape(k) for k, r in where.items()},
-                                   {k: r.dtype(k) for k, r in where.items()}, lambda k: where[k].read(k),
-                                   projection=TK.has_projection(hf), description=desc)
+  return TK.source_from_hf_tensors(
+    config,
+    {k: r.shape(k) for k, r in where.items()},
+    {k: r.dtype(k) for k, r in where.items()},
+    lambda k: where[k].read(k),
+    projection=TK.has_projection(hf),
+    description=desc,
+  )
 
 
 def _text_dtype(source: TK.TextSource, e: TK.Entry, dtype) -> np.dtype:
@@ -62,17 +80,20 @@ def write_text_jax(source: TK.TextSource, dst, *, dtype=None, overwrite: bool = 
   for e in source.entries:
     dt = _text_dtype(source, e, dtype)
     leaves[e.ours] = pretrained.LazyArray(
-        e.ours_shape, dt, lambda e=e, dt=dt: source.read_ours(e.ours).astype(dt, copy=False))
+      e.ours_shape, dt, lambda e=e, dt=dt: source.read_ours(e.ours).astype(dt, copy=False)
+    )
   pretrained.write_checkpoint(dst, source.config, leaves, overwrite=overwrite)
 
 
 def _is_transformers_dir(p: str) -> bool:
   return os.path.isfile(os.path.join(p, "config.json")) and any(
-      n.startswith("model") and n.endswith((".safetensors", ".json")) for n in os.listdir(p))
+    n.startswith("model") and n.endswith((".safetensors", ".json")) for n in os.listdir(p)
+  )
 
 
-def write_text_transformers(source: TK.TextSource, dst, *, dtype=None, overwrite: bool = False,
-                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+def write_text_transformers(
+  source: TK.TextSource, dst, *, dtype=None, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> None:
   """A transformers directory (CLIPTextModelWithProjection / T5EncoderModel: config.json +
   model.safetensors, sharded with model.safetensors.index.json above max_shard_bytes)."""
   dst = os.fspath(dst).rstrip("/")
@@ -88,8 +109,16 @@ def write_text_transformers(source: TK.TextSource, dst, *, dtype=None, overwrite
       json.dump(source.config.to_hf_config(), f, indent=2)
       f.write("\n")
 
-  write_weights_dir(dst, specs, stream(), max_shard_bytes, TRANSFORMERS_WEIGHTS,
-                     "model-{i:05d}-of-{n:05d}.safetensors", TRANSFORMERS_INDEX, write_config)
+  write_weights_dir(
+    dst,
+    specs,
+    stream(),
+    max_shard_bytes,
+    TRANSFORMERS_WEIGHTS,
+    "model-{i:05d}-of-{n:05d}.safetensors",
+    TRANSFORMERS_INDEX,
+    write_config,
+  )
 
 
 TEXT_WRITERS = {"jax": write_text_jax, "transformers": write_text_transformers}
@@ -115,11 +144,20 @@ def copy_tokenizer(src, dst, target: str) -> bool:
 # VAE: diffusers AutoencoderKL directories <-> our checkpoints (in memory: ~84M parameters)
 
 
-def convert_vae(src, dst, to: str, *, dtype=None, overwrite: bool = False,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True):
+def convert_vae(
+  src,
+  dst,
+  to: str,
+  *,
+  dtype=None,
+  overwrite: bool = False,
+  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+  verify: bool = True,
+):
   """diffusers AutoencoderKL directory -> our sd3_jax.vae checkpoint ('jax'), or back
   ('diffusers'). Returns the VAEConfig."""
   from sd3_jax.convert import vae_keys  # imports the VAE model only when needed
+
   fmt, path = detect_format(src)
   dtype = None if dtype is None else np.dtype(dtype)
   if to == "jax":
@@ -153,6 +191,14 @@ def convert_vae(src, dst, to: str, *, dtype=None, overwrite: bool = False,
       f.write("\n")
 
   specs = [(k, v.dtype, v.shape) for k, v in state_dict.items()]
-  write_weights_dir(dst, specs, iter(state_dict.items()), max_shard_bytes, DIFFUSERS_WEIGHTS,
-                     "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors", DIFFUSERS_INDEX, write_config)
+  write_weights_dir(
+    dst,
+    specs,
+    iter(state_dict.items()),
+    max_shard_bytes,
+    DIFFUSERS_WEIGHTS,
+    "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors",
+    DIFFUSERS_INDEX,
+    write_config,
+  )
   return config

@@ -14,6 +14,7 @@ opening and then hands out ORIGINAL-layout tensors by original key (``read_origi
 writers pull those in order, convert each (mmdit_keys) and write it out before reading the
 next, so memory stays at a few tensors (a jax source reads one block's group at a time).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,13 @@ from sd3_jax import fileutil, integrity, pretrained
 from sd3_jax.models.mmdit import MMDiTConfig
 from sd3_jax.convert import mmdit_keys as K
 from sd3_jax.convert import text_keys as TK
-from sd3_jax.convert.safetensors_io import (SafetensorsReader, SafetensorsWriter, as_numpy, check_float_dtypes,
-                                            plan_shards)
+from sd3_jax.convert.safetensors_io import (
+  SafetensorsReader,
+  SafetensorsWriter,
+  as_numpy,
+  check_float_dtypes,
+  plan_shards,
+)
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -62,8 +68,9 @@ def detect_format(path) -> tuple[str, str]:
   if os.path.isfile(path):
     if path.endswith(".safetensors"):
       return "sd3", path
-    raise ValueError(f"{path}: a single-file checkpoint must be a .safetensors file "
-                     "(pickled .ckpt/.pt files are not read)")
+    raise ValueError(
+      f"{path}: a single-file checkpoint must be a .safetensors file (pickled .ckpt/.pt files are not read)"
+    )
   if pretrained.is_checkpoint(path):
     return "jax", path
   if os.path.isfile(os.path.join(path, "config.json")):
@@ -74,21 +81,27 @@ def detect_format(path) -> tuple[str, str]:
     if TK.model_kind(hf) is not None:
       if TRANSFORMERS_WEIGHTS in names or TRANSFORMERS_INDEX in names:
         return "transformers", path
-      raise ValueError(f"{path} is a transformers {hf.get('model_type')} model without "
-                       f"{TRANSFORMERS_WEIGHTS} or {TRANSFORMERS_INDEX} (found "
-                       f"{sorted(n for n in names if n.startswith(('model', 'pytorch_model')))}); only "
-                       "safetensors weights are read")
-    raise ValueError(f"{path} has a config.json but no {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX} "
-                     f"(found {sorted(n for n in names if n.startswith('diffusion_pytorch_model'))}), "
-                     "and it is not a CLIP text model or T5 encoder; only unsuffixed safetensors "
-                     "weights are read")
+      raise ValueError(
+        f"{path} is a transformers {hf.get('model_type')} model without "
+        f"{TRANSFORMERS_WEIGHTS} or {TRANSFORMERS_INDEX} (found "
+        f"{sorted(n for n in names if n.startswith(('model', 'pytorch_model')))}); only "
+        "safetensors weights are read"
+      )
+    raise ValueError(
+      f"{path} has a config.json but no {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX} "
+      f"(found {sorted(n for n in names if n.startswith('diffusion_pytorch_model'))}), "
+      "and it is not a CLIP text model or T5 encoder; only unsuffixed safetensors "
+      "weights are read"
+    )
   sub = os.path.join(path, "transformer")
   if os.path.isdir(sub):
     return detect_format(sub)
-  raise ValueError(f"cannot tell the format of {path}: expected an sd3_jax checkpoint directory "
-                   f"({pretrained.CONFIG_FILE}), a diffusers model directory (config.json + "
-                   f"{DIFFUSERS_WEIGHTS}), a diffusers pipeline (transformer/), a transformers text "
-                   f"encoder directory (config.json + {TRANSFORMERS_WEIGHTS}), or a .safetensors file")
+  raise ValueError(
+    f"cannot tell the format of {path}: expected an sd3_jax checkpoint directory "
+    f"({pretrained.CONFIG_FILE}), a diffusers model directory (config.json + "
+    f"{DIFFUSERS_WEIGHTS}), a diffusers pipeline (transformer/), a transformers text "
+    f"encoder directory (config.json + {TRANSFORMERS_WEIGHTS}), or a .safetensors file"
+  )
 
 
 def detect_model(path) -> tuple[str, str, str]:
@@ -113,8 +126,15 @@ def detect_model(path) -> tuple[str, str, str]:
 class Source:
   """Native tensors of one format plus the inferred config; serves original-layout tensors."""
 
-  def __init__(self, fmt: str, config: MMDiTConfig, shapes: Mapping[str, tuple],
-               dtypes: Mapping[str, np.dtype], read: Callable[[str], np.ndarray], description: str):
+  def __init__(
+    self,
+    fmt: str,
+    config: MMDiTConfig,
+    shapes: Mapping[str, tuple],
+    dtypes: Mapping[str, np.dtype],
+    read: Callable[[str], np.ndarray],
+    description: str,
+  ):
     self.format, self.config, self.description = fmt, config, description
     self.entries = K.entries(config, fmt)
     pretrained.check_shapes(shapes, {e.name: e.shape for e in self.entries}, description)
@@ -141,8 +161,9 @@ def _sd3_prefix(keys, source: str) -> str:
   if "x_embedder.proj.weight" in keys:
     return ""  # a bare MM-DiT state dict
   if "pos_embed.proj.weight" in keys or any(k.startswith("transformer_blocks.") for k in keys):
-    raise ValueError(f"{source} holds diffusers key names; pass the diffusers model directory "
-                     "(config.json + safetensors) instead")
+    raise ValueError(
+      f"{source} holds diffusers key names; pass the diffusers model directory (config.json + safetensors) instead"
+    )
   raise ValueError(f"{source} holds no MM-DiT tensors ({K.SD3_PREFIX}*)")
 
 
@@ -152,7 +173,7 @@ def _sd3_native(keys, prefix: str) -> dict[str, str]:
   out = {}
   for k in keys:
     if prefix and k.startswith(prefix):
-      name = k[len(prefix):]
+      name = k[len(prefix) :]
     elif not k.startswith(K.SD3_OTHER_PREFIXES):
       name = k
     else:
@@ -178,8 +199,9 @@ def open_sd3(path, *, num_heads: int | None = None, head_dim: int | None = None)
       raise ValueError(f"{desc}: {SD3_METADATA_KEY} metadata must be a JSON object, got {str(hints)[:100]}")
   shapes = {k: reader.shape(v) for k, v in names.items()}
   config = K.infer_config(shapes, "sd3", num_heads=num_heads, head_dim=head_dim, hints=hints, source=desc)
-  return Source("sd3", config, shapes, {k: reader.dtype(v) for k, v in names.items()},
-                lambda k: reader.read(names[k]), desc)
+  return Source(
+    "sd3", config, shapes, {k: reader.dtype(v) for k, v in names.items()}, lambda k: reader.read(names[k]), desc
+  )
 
 
 def open_weights_dir(path: str, single: str, index_name: str, desc: str) -> dict[str, SafetensorsReader]:
@@ -188,9 +210,11 @@ def open_weights_dir(path: str, single: str, index_name: str, desc: str) -> dict
   if os.path.isfile(index):
     weight_map = read_json(index, "a safetensors index").get("weight_map")
     if not isinstance(weight_map, dict) or not all(
-        isinstance(v, str) and v and os.path.basename(v) == v for v in weight_map.values()):
-      raise ValueError(f"{index}: \"weight_map\" must map tensor names to shard file names in "
-                       f"{path}, got {str(weight_map)[:200]}")
+      isinstance(v, str) and v and os.path.basename(v) == v for v in weight_map.values()
+    ):
+      raise ValueError(
+        f'{index}: "weight_map" must map tensor names to shard file names in {path}, got {str(weight_map)[:200]}'
+      )
     readers = {fn: SafetensorsReader(os.path.join(path, fn)) for fn in sorted(set(weight_map.values()))}
     where = {}
     for fn, r in readers.items():
@@ -213,10 +237,10 @@ def open_diffusers(path, *, num_heads: int | None = None, head_dim: int | None =
   hints = K.hints_from_diffusers_config(read_json(cfg_path, "a diffusers config"), cfg_path)
   where = open_weights_dir(path, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX, desc)
   shapes = {k: r.shape(k) for k, r in where.items()}
-  config = K.infer_config(shapes, "diffusers", num_heads=num_heads, head_dim=head_dim, hints=hints,
-                          source=desc)
-  return Source("diffusers", config, shapes, {k: r.dtype(k) for k, r in where.items()},
-                lambda k: where[k].read(k), desc)
+  config = K.infer_config(shapes, "diffusers", num_heads=num_heads, head_dim=head_dim, hints=hints, source=desc)
+  return Source(
+    "diffusers", config, shapes, {k: r.dtype(k) for k, r in where.items()}, lambda k: where[k].read(k), desc
+  )
 
 
 def group_reader(path, verify: bool = True) -> Callable[[str], np.ndarray]:
@@ -231,8 +255,7 @@ def group_reader(path, verify: bool = True) -> Callable[[str], np.ndarray]:
     with lock:  # one top-level group (e.g. one joint block) in memory at a time
       if cache["group"] != group:
         cache["leaves"] = {}
-        cache["leaves"] = pretrained.flatten(pretrained.load_params(path, [group], verify=verify,
-                                                                    checksums=sums))
+        cache["leaves"] = pretrained.flatten(pretrained.load_params(path, [group], verify=verify, checksums=sums))
         cache["group"] = group
       return cache["leaves"][name]
 
@@ -244,12 +267,17 @@ def open_jax(path, verify: bool = True) -> Source:
   stored = pretrained.stored_params(path)
   integrity.check_stored_grid(config, stored, path)
   read = group_reader(path, verify)
-  return Source("jax", config, {k: v[0] for k, v in stored.items()},
-                {k: v[1] for k, v in stored.items()}, read, f"sd3_jax checkpoint {path}")
+  return Source(
+    "jax",
+    config,
+    {k: v[0] for k, v in stored.items()},
+    {k: v[1] for k, v in stored.items()},
+    read,
+    f"sd3_jax checkpoint {path}",
+  )
 
 
-def open_source(path, *, num_heads: int | None = None, head_dim: int | None = None,
-                verify: bool = True) -> Source:
+def open_source(path, *, num_heads: int | None = None, head_dim: int | None = None, verify: bool = True) -> Source:
   """Opens any of the three formats (detected automatically) and validates it.
 
   num_heads / head_dim: only needed for original files without qk-norm (and without our
@@ -258,40 +286,61 @@ def open_source(path, *, num_heads: int | None = None, head_dim: int | None = No
   fmt, path = detect_format(path)
   if fmt == "jax":
     cfg = pretrained.read_config(path)
-    if (num_heads is not None and num_heads != cfg.num_heads) or (
-        head_dim is not None and head_dim != cfg.head_dim):
-      raise ValueError(f"num_heads={num_heads} / head_dim={head_dim} conflict with {path} "
-                       f"(num_heads={cfg.num_heads}, head_dim={cfg.head_dim})")
+    if (num_heads is not None and num_heads != cfg.num_heads) or (head_dim is not None and head_dim != cfg.head_dim):
+      raise ValueError(
+        f"num_heads={num_heads} / head_dim={head_dim} conflict with {path} "
+        f"(num_heads={cfg.num_heads}, head_dim={cfg.head_dim})"
+      )
     return open_jax(path, verify)
   opener = open_sd3 if fmt == "sd3" else open_diffusers
   return opener(path, num_heads=num_heads, head_dim=head_dim)
 
 
-def source_from_state_dict(state_dict: Mapping, *, num_heads: int | None = None,
-                           diffusers_config: Mapping | None = None) -> Source:
+def source_from_state_dict(
+  state_dict: Mapping, *, num_heads: int | None = None, diffusers_config: Mapping | None = None
+) -> Source:
   """An in-memory 'sd3' (prefixed or bare original keys) or 'diffusers' state dict as a Source."""
   arrays = {k: as_numpy(v) for k, v in state_dict.items()}
   if any(k.startswith("transformer_blocks.") for k in arrays):
     hints = K.hints_from_diffusers_config(diffusers_config, "diffusers config") if diffusers_config else {}
-    config = K.infer_config({k: a.shape for k, a in arrays.items()}, "diffusers",
-                            num_heads=num_heads, hints=hints, source="diffusers state dict")
-    return Source("diffusers", config, {k: a.shape for k, a in arrays.items()},
-                  {k: a.dtype for k, a in arrays.items()}, arrays.__getitem__, "diffusers state dict")
+    config = K.infer_config(
+      {k: a.shape for k, a in arrays.items()},
+      "diffusers",
+      num_heads=num_heads,
+      hints=hints,
+      source="diffusers state dict",
+    )
+    return Source(
+      "diffusers",
+      config,
+      {k: a.shape for k, a in arrays.items()},
+      {k: a.dtype for k, a in arrays.items()},
+      arrays.__getitem__,
+      "diffusers state dict",
+    )
   names = _sd3_native(arrays, _sd3_prefix(arrays, "state dict"))
   shapes = {k: arrays[v].shape for k, v in names.items()}
   config = K.infer_config(shapes, "sd3", num_heads=num_heads, source="sd3 state dict")
-  return Source("sd3", config, shapes, {k: arrays[v].dtype for k, v in names.items()},
-                lambda k: arrays[names[k]], "sd3 state dict")
+  return Source(
+    "sd3", config, shapes, {k: arrays[v].dtype for k, v in names.items()}, lambda k: arrays[names[k]], "sd3 state dict"
+  )
 
 
 def source_from_params(params: Mapping, config: MMDiTConfig) -> Source:
   """In-memory parameters (unscanned or scanned layout) as a 'jax' Source."""
   from sd3_jax.models import mmdit
+
   if any(k.startswith("scan_blocks_") for k in params):
     params = mmdit.unstack_block_params(params, config)
   flat = {k: as_numpy(v) for k, v in pretrained.flatten(params).items()}
-  return Source("jax", config, {k: a.shape for k, a in flat.items()},
-                {k: a.dtype for k, a in flat.items()}, flat.__getitem__, "parameters")
+  return Source(
+    "jax",
+    config,
+    {k: a.shape for k, a in flat.items()},
+    {k: a.dtype for k, a in flat.items()},
+    flat.__getitem__,
+    "parameters",
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,11 +409,13 @@ def write_sd3(source: Source, dst, *, dtype=None, overwrite: bool = False) -> No
 
 def is_diffusers_dir(p: str) -> bool:
   return os.path.isfile(os.path.join(p, "config.json")) and any(
-      n.startswith("diffusion_pytorch_model") for n in os.listdir(p))
+    n.startswith("diffusion_pytorch_model") for n in os.listdir(p)
+  )
 
 
-def write_diffusers(source: Source, dst, *, dtype=None, overwrite: bool = False,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+def write_diffusers(
+  source: Source, dst, *, dtype=None, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> None:
   """A SD3Transformer2DModel directory, sharded with an index above ``max_shard_bytes``."""
   dst = os.fspath(dst).rstrip("/")
   check_dst(dst, overwrite, is_diffusers_dir, "diffusers model directory")
@@ -378,8 +429,16 @@ def write_diffusers(source: Source, dst, *, dtype=None, overwrite: bool = False,
       f.write("\n")
 
   stream = ((e.name, a) for e, a in iter_native(source, "diffusers", dtype))
-  write_weights_dir(dst, specs, stream, max_shard_bytes, DIFFUSERS_WEIGHTS,
-                     "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors", DIFFUSERS_INDEX, write_config)
+  write_weights_dir(
+    dst,
+    specs,
+    stream,
+    max_shard_bytes,
+    DIFFUSERS_WEIGHTS,
+    "diffusion_pytorch_model-{i:05d}-of-{n:05d}.safetensors",
+    DIFFUSERS_INDEX,
+    write_config,
+  )
 
 
 def write_jax(source: Source, dst, *, dtype=None, overwrite: bool = False) -> None:
@@ -389,15 +448,24 @@ def write_jax(source: Source, dst, *, dtype=None, overwrite: bool = False) -> No
   for e in K.entries(source.config, "jax"):
     dt = _out_dtype(source, e, dtype)
     leaves[e.name] = pretrained.LazyArray(
-        e.shape, dt, lambda e=e, dt=dt: K.to_native(e, originals(e.orig)).astype(dt, copy=False))
+      e.shape, dt, lambda e=e, dt=dt: K.to_native(e, originals(e.orig)).astype(dt, copy=False)
+    )
   pretrained.write_checkpoint(dst, source.config, leaves, overwrite=overwrite)
 
 
 WRITERS = {"jax": write_jax, "sd3": write_sd3, "diffusers": write_diffusers}
 
 
-def write_weights_dir(dst: str, specs, stream, max_shard_bytes: int, single: str, pattern: str,
-                       index_name: str, write_config: Callable[[str], None]) -> None:
+def write_weights_dir(
+  dst: str,
+  specs,
+  stream,
+  max_shard_bytes: int,
+  single: str,
+  pattern: str,
+  index_name: str,
+  write_config: Callable[[str], None],
+) -> None:
   """A huggingface weights directory written tensor by tensor into a temporary sibling, then
   renamed: ``single`` or shards named ``pattern`` with an index."""
   shards = plan_shards(specs, max_shard_bytes)
@@ -412,8 +480,10 @@ def write_weights_dir(dst: str, specs, stream, max_shard_bytes: int, single: str
           w.write(name, a)
     if n > 1:
       total = sum(int(np.prod(s[2], dtype=np.int64)) * np.dtype(s[1]).itemsize for s in specs)
-      index = {"metadata": {"total_size": total},
-               "weight_map": {name: fn for fn, shard in zip(files, shards) for name, _, _ in shard}}
+      index = {
+        "metadata": {"total_size": total},
+        "weight_map": {name: fn for fn, shard in zip(files, shards) for name, _, _ in shard},
+      }
       with open(os.path.join(tmp, index_name), "w") as f:
         json.dump(index, f, indent=2)
         f.write("\n")

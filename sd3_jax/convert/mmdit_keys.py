@@ -17,6 +17,7 @@ the original tensor it comes from and the op. ``to_native`` makes the tensor fro
 any other one tensor at a time. Every op is a reshape, transpose, split, concatenation or row
 swap, so round trips are bit-exact.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,57 +37,63 @@ SD3_OTHER_PREFIXES = ("first_stage_model.", "text_encoders.")
 
 # Our module path -> original module path (top level; leaves: kernel/scale -> weight, bias).
 _TOP = {
-    "x_embedder/proj": "x_embedder.proj",
-    "t_embedder/mlp_0": "t_embedder.mlp.0",
-    "t_embedder/mlp_2": "t_embedder.mlp.2",
-    "y_embedder/mlp_0": "y_embedder.mlp.0",
-    "y_embedder/mlp_2": "y_embedder.mlp.2",
-    "context_embedder": "context_embedder",
-    "final_layer/adaLN_modulation": "final_layer.adaLN_modulation.1",
-    "final_layer/linear": "final_layer.linear",
+  "x_embedder/proj": "x_embedder.proj",
+  "t_embedder/mlp_0": "t_embedder.mlp.0",
+  "t_embedder/mlp_2": "t_embedder.mlp.2",
+  "y_embedder/mlp_0": "y_embedder.mlp.0",
+  "y_embedder/mlp_2": "y_embedder.mlp.2",
+  "context_embedder": "context_embedder",
+  "final_layer/adaLN_modulation": "final_layer.adaLN_modulation.1",
+  "final_layer/linear": "final_layer.linear",
 }
 # Inside joint_blocks_{i}/{context_block,x_block} <-> joint_blocks.{i}.{stream}.
 _STREAM = {
-    "adaLN_modulation": "adaLN_modulation.1",
-    "attn/qkv": "attn.qkv", "attn/ln_q": "attn.ln_q", "attn/ln_k": "attn.ln_k", "attn/proj": "attn.proj",
-    "attn2/qkv": "attn2.qkv", "attn2/ln_q": "attn2.ln_q", "attn2/ln_k": "attn2.ln_k",
-    "attn2/proj": "attn2.proj",
-    "mlp/fc1": "mlp.fc1", "mlp/fc2": "mlp.fc2",
+  "adaLN_modulation": "adaLN_modulation.1",
+  "attn/qkv": "attn.qkv",
+  "attn/ln_q": "attn.ln_q",
+  "attn/ln_k": "attn.ln_k",
+  "attn/proj": "attn.proj",
+  "attn2/qkv": "attn2.qkv",
+  "attn2/ln_q": "attn2.ln_q",
+  "attn2/ln_k": "attn2.ln_k",
+  "attn2/proj": "attn2.proj",
+  "mlp/fc1": "mlp.fc1",
+  "mlp/fc2": "mlp.fc2",
 }
 _LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight"}
 
 # Original -> diffusers (as diffusers' convert_sd3_to_diffusers.py). Top level:
 _DF_TOP = {
-    "pos_embed": "pos_embed.pos_embed",
-    "x_embedder.proj": "pos_embed.proj",
-    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
-    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
-    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
-    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
-    "context_embedder": "context_embedder",
-    "final_layer.linear": "proj_out",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",  # swapped
+  "pos_embed": "pos_embed.pos_embed",
+  "x_embedder.proj": "pos_embed.proj",
+  "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+  "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+  "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+  "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+  "context_embedder": "context_embedder",
+  "final_layer.linear": "proj_out",
+  "final_layer.adaLN_modulation.1": "norm_out.linear",  # swapped
 }
 # Per block: joint_blocks.{i}.{stream}.{module} -> transformer_blocks.{i}.{diffusers module(s)}.
 _DF_STREAM = {
-    ("x_block", "adaLN_modulation.1"): "norm1.linear",
-    ("x_block", "attn.qkv"): ("attn.to_q", "attn.to_k", "attn.to_v"),
-    ("x_block", "attn.ln_q"): "attn.norm_q",
-    ("x_block", "attn.ln_k"): "attn.norm_k",
-    ("x_block", "attn.proj"): "attn.to_out.0",
-    ("x_block", "attn2.qkv"): ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
-    ("x_block", "attn2.ln_q"): "attn2.norm_q",
-    ("x_block", "attn2.ln_k"): "attn2.norm_k",
-    ("x_block", "attn2.proj"): "attn2.to_out.0",
-    ("x_block", "mlp.fc1"): "ff.net.0.proj",
-    ("x_block", "mlp.fc2"): "ff.net.2",
-    ("context_block", "adaLN_modulation.1"): "norm1_context.linear",  # swapped in the last block
-    ("context_block", "attn.qkv"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    ("context_block", "attn.ln_q"): "attn.norm_added_q",
-    ("context_block", "attn.ln_k"): "attn.norm_added_k",
-    ("context_block", "attn.proj"): "attn.to_add_out",
-    ("context_block", "mlp.fc1"): "ff_context.net.0.proj",
-    ("context_block", "mlp.fc2"): "ff_context.net.2",
+  ("x_block", "adaLN_modulation.1"): "norm1.linear",
+  ("x_block", "attn.qkv"): ("attn.to_q", "attn.to_k", "attn.to_v"),
+  ("x_block", "attn.ln_q"): "attn.norm_q",
+  ("x_block", "attn.ln_k"): "attn.norm_k",
+  ("x_block", "attn.proj"): "attn.to_out.0",
+  ("x_block", "attn2.qkv"): ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+  ("x_block", "attn2.ln_q"): "attn2.norm_q",
+  ("x_block", "attn2.ln_k"): "attn2.norm_k",
+  ("x_block", "attn2.proj"): "attn2.to_out.0",
+  ("x_block", "mlp.fc1"): "ff.net.0.proj",
+  ("x_block", "mlp.fc2"): "ff.net.2",
+  ("context_block", "adaLN_modulation.1"): "norm1_context.linear",  # swapped in the last block
+  ("context_block", "attn.qkv"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+  ("context_block", "attn.ln_q"): "attn.norm_added_q",
+  ("context_block", "attn.ln_k"): "attn.norm_added_k",
+  ("context_block", "attn.proj"): "attn.to_add_out",
+  ("context_block", "mlp.fc1"): "ff_context.net.0.proj",
+  ("context_block", "mlp.fc2"): "ff_context.net.2",
 }
 
 
@@ -97,6 +104,7 @@ class Entry:
   op: 'copy', 'swap' (exchange the two row halves), 'chunk' (part `part` of 3 row chunks),
   'dense' (jax kernel with `n_in` input axes), 'bias' (jax bias, flat in torch), 'conv'.
   """
+
   name: str
   shape: tuple[int, ...]
   orig: str
@@ -242,7 +250,7 @@ def to_original(es: Sequence[Entry], arrays: Sequence[np.ndarray]) -> np.ndarray
   if e.op == "swap":
     return _swap_halves(a)
   if e.op == "dense":
-    return a.reshape(math.prod(e.shape[:e.n_in]), -1).T
+    return a.reshape(math.prod(e.shape[: e.n_in]), -1).T
   if e.op == "bias":
     return a.reshape(-1)
   if e.op == "conv":
@@ -255,24 +263,40 @@ def to_original(es: Sequence[Entry], arrays: Sequence[np.ndarray]) -> np.ndarray
 
 
 _PROBES = {
-    "sd3": dict(
-        patch="x_embedder.proj.weight", pooled="y_embedder.mlp.0.weight",
-        context="context_embedder.weight", final="final_layer.linear.weight", pos="pos_embed",
-        block=r"joint_blocks\.(\d+)\.", fc1="joint_blocks.0.x_block.mlp.fc1.weight",
-        qk=r"joint_blocks\.\d+\.(?:x_block|context_block)\.attn2?\.ln_[qk]\.weight",
-        dual=r"joint_blocks\.(\d+)\.x_block\.attn2\."),
-    "diffusers": dict(
-        patch="pos_embed.proj.weight", pooled="time_text_embed.text_embedder.linear_1.weight",
-        context="context_embedder.weight", final="proj_out.weight", pos="pos_embed.pos_embed",
-        block=r"transformer_blocks\.(\d+)\.", fc1="transformer_blocks.0.ff.net.0.proj.weight",
-        qk=r"transformer_blocks\.\d+\.attn2?\.norm_(?:added_)?[qk]\.weight",
-        dual=r"transformer_blocks\.(\d+)\.attn2\."),
+  "sd3": dict(
+    patch="x_embedder.proj.weight",
+    pooled="y_embedder.mlp.0.weight",
+    context="context_embedder.weight",
+    final="final_layer.linear.weight",
+    pos="pos_embed",
+    block=r"joint_blocks\.(\d+)\.",
+    fc1="joint_blocks.0.x_block.mlp.fc1.weight",
+    qk=r"joint_blocks\.\d+\.(?:x_block|context_block)\.attn2?\.ln_[qk]\.weight",
+    dual=r"joint_blocks\.(\d+)\.x_block\.attn2\.",
+  ),
+  "diffusers": dict(
+    patch="pos_embed.proj.weight",
+    pooled="time_text_embed.text_embedder.linear_1.weight",
+    context="context_embedder.weight",
+    final="proj_out.weight",
+    pos="pos_embed.pos_embed",
+    block=r"transformer_blocks\.(\d+)\.",
+    fc1="transformer_blocks.0.ff.net.0.proj.weight",
+    qk=r"transformer_blocks\.\d+\.attn2?\.norm_(?:added_)?[qk]\.weight",
+    dual=r"transformer_blocks\.(\d+)\.attn2\.",
+  ),
 }
 
 
-def infer_config(shapes: Mapping[str, Sequence[int]], fmt: str, *, num_heads: int | None = None,
-                 head_dim: int | None = None, hints: Mapping | None = None,
-                 source: str = "checkpoint") -> MMDiTConfig:
+def infer_config(
+  shapes: Mapping[str, Sequence[int]],
+  fmt: str,
+  *,
+  num_heads: int | None = None,
+  head_dim: int | None = None,
+  hints: Mapping | None = None,
+  source: str = "checkpoint",
+) -> MMDiTConfig:
   """MMDiTConfig from tensor names and shapes of an 'sd3' (no prefix) or 'diffusers' state.
 
   Heads: from the qk-norm weight length (head dim) when present; otherwise ``num_heads`` (or
@@ -287,8 +311,7 @@ def infer_config(shapes: Mapping[str, Sequence[int]], fmt: str, *, num_heads: in
 
   def need(role):
     if p[role] not in shapes:
-      raise ValueError(f"cannot infer the model configuration of {source}: tensor "
-                       f"{p[role]!r} is missing")
+      raise ValueError(f"cannot infer the model configuration of {source}: tensor {p[role]!r} is missing")
     return shapes[p[role]]
 
   pw = need("patch")
@@ -331,26 +354,37 @@ def infer_config(shapes: Mapping[str, Sequence[int]], fmt: str, *, num_heads: in
     heads = hidden // head_dim
     asked = num_heads if num_heads is not None else hint_heads
     if asked is not None and asked != heads:
-      raise ValueError(f"num_heads={asked} conflicts with the qk-norm weights of {source} "
-                       f"(head dim {head_dim}, so {heads} heads)")
+      raise ValueError(
+        f"num_heads={asked} conflicts with the qk-norm weights of {source} (head dim {head_dim}, so {heads} heads)"
+      )
   elif num_heads is not None or hint_heads is not None:
     heads = num_heads if num_heads is not None else hint_heads
   elif hidden % 64 == 0:
     heads = hidden // 64  # the reference's rule: head dim 64
   else:
-    raise ValueError(f"cannot infer the number of heads of {source}: no qk-norm weights and hidden "
-                     f"size {hidden} is not a multiple of 64; pass --num-heads or --head-dim")
+    raise ValueError(
+      f"cannot infer the number of heads of {source}: no qk-norm weights and hidden "
+      f"size {hidden} is not a multiple of 64; pass --num-heads or --head-dim"
+    )
 
-  inferred = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch,
-                  in_channels=in_ch, out_channels=final // (patch * patch),
-                  pooled_dim=need("pooled")[1], context_dim=need("context")[1],
-                  pos_embed_max_size=grid, qk_norm=has_qk,
-                  dual_attention_layers=tuple(dual), mlp_ratio=fc1 // hidden)
+  inferred = dict(
+    depth=depth,
+    hidden_size=hidden,
+    num_heads=heads,
+    patch_size=patch,
+    in_channels=in_ch,
+    out_channels=final // (patch * patch),
+    pooled_dim=need("pooled")[1],
+    context_dim=need("context")[1],
+    pos_embed_max_size=grid,
+    qk_norm=has_qk,
+    dual_attention_layers=tuple(dual),
+    mlp_ratio=fc1 // hidden,
+  )
   for k, v in hints.items():
     if k in inferred and k != "num_heads" and _norm(v) != _norm(inferred[k]):
       raise ValueError(f"{source} says {k}={v!r}, but its tensors imply {inferred[k]!r}")
-  extra = {k: hints[k] for k in ("pos_embed_base_size", "pos_embed_scale", "sample_size")
-           if hints.get(k) is not None}
+  extra = {k: hints[k] for k in ("pos_embed_base_size", "pos_embed_scale", "sample_size") if hints.get(k) is not None}
   try:
     config = MMDiTConfig(**inferred, **extra)
   except ValueError as e:
@@ -374,24 +408,23 @@ def diffusers_config(config: MMDiTConfig) -> dict:
   if config.mlp_ratio != 4:
     raise ValueError(f"diffusers' SD3Transformer2DModel has MLP ratio 4; this model has {config.mlp_ratio}")
   return {
-      "_class_name": "SD3Transformer2DModel",
-      "_diffusers_version": "0.31.0",
-      # Only the default pipeline resolution and the unused initial table depend on it.
-      "sample_size": config.sample_size if config.sample_size is not None else config.default_sample_size,
-      "patch_size": config.patch_size,
-      "in_channels": config.in_channels,
-      "num_layers": config.depth,
-      "attention_head_dim": config.head_dim,
-      "num_attention_heads": config.num_heads,
-      "joint_attention_dim": config.context_dim,
-      "caption_projection_dim": config.hidden_size,
-      "pooled_projection_dim": config.pooled_dim,
-      "out_channels": config.out_channels,
-      "pos_embed_max_size": config.pos_embed_max_size,
-      "qk_norm": "rms_norm" if config.qk_norm else None,
-      "dual_attention_layers": list(config.dual_attention_layers),
-      "_sd3_jax": {"pos_embed_base_size": config.pos_embed_base_size,
-                   "pos_embed_scale": config.pos_embed_scale},
+    "_class_name": "SD3Transformer2DModel",
+    "_diffusers_version": "0.31.0",
+    # Only the default pipeline resolution and the unused initial table depend on it.
+    "sample_size": config.sample_size if config.sample_size is not None else config.default_sample_size,
+    "patch_size": config.patch_size,
+    "in_channels": config.in_channels,
+    "num_layers": config.depth,
+    "attention_head_dim": config.head_dim,
+    "num_attention_heads": config.num_heads,
+    "joint_attention_dim": config.context_dim,
+    "caption_projection_dim": config.hidden_size,
+    "pooled_projection_dim": config.pooled_dim,
+    "out_channels": config.out_channels,
+    "pos_embed_max_size": config.pos_embed_max_size,
+    "qk_norm": "rms_norm" if config.qk_norm else None,
+    "dual_attention_layers": list(config.dual_attention_layers),
+    "_sd3_jax": {"pos_embed_base_size": config.pos_embed_base_size, "pos_embed_scale": config.pos_embed_scale},
   }
 
 
@@ -404,17 +437,25 @@ def hints_from_diffusers_config(cfg: Mapping, source: str) -> dict:
   if qk not in (None, "rms_norm"):
     raise ValueError(f"{source}: qk_norm={qk!r} is not supported (only 'rms_norm' or null)")
   hints: dict = {}
-  names = dict(num_layers="depth", num_attention_heads="num_heads", patch_size="patch_size",
-               in_channels="in_channels", out_channels="out_channels",
-               joint_attention_dim="context_dim", pooled_projection_dim="pooled_dim",
-               pos_embed_max_size="pos_embed_max_size")
+  names = dict(
+    num_layers="depth",
+    num_attention_heads="num_heads",
+    patch_size="patch_size",
+    in_channels="in_channels",
+    out_channels="out_channels",
+    joint_attention_dim="context_dim",
+    pooled_projection_dim="pooled_dim",
+    pos_embed_max_size="pos_embed_max_size",
+  )
   for k in (*names, "attention_head_dim", "caption_projection_dim", "sample_size"):
     v = cfg.get(k)
     if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
       raise ValueError(f"{source}: {k} must be a positive integer, got {v!r}")
   dual = cfg.get("dual_attention_layers")
-  if dual is not None and (not isinstance(dual, (list, tuple))
-                           or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in dual)):
+  if dual is not None and (
+    not isinstance(dual, (list, tuple))
+    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in dual)
+  ):
     raise ValueError(f"{source}: dual_attention_layers must be a list of block indices, got {dual!r}")
   if not isinstance(cfg.get("_sd3_jax") or {}, dict):
     raise ValueError(f"{source}: _sd3_jax must be an object, got {cfg.get('_sd3_jax')!r}")
@@ -428,8 +469,10 @@ def hints_from_diffusers_config(cfg: Mapping, source: str) -> dict:
     hints["hidden_size"] = inner
     cap = cfg.get("caption_projection_dim")
     if cap is not None and cap != inner:
-      raise ValueError(f"{source}: caption_projection_dim={cap} differs from num_attention_heads * "
-                       f"attention_head_dim = {inner}; SD3 needs them equal")
+      raise ValueError(
+        f"{source}: caption_projection_dim={cap} differs from num_attention_heads * "
+        f"attention_head_dim = {inner}; SD3 needs them equal"
+      )
   hints["qk_norm"] = qk == "rms_norm"
   hints["dual_attention_layers"] = tuple(cfg.get("dual_attention_layers") or ())
   if cfg.get("sample_size") is not None:

@@ -7,6 +7,7 @@ parameters are restored without the optimizer state (``checkpoint.load_workdir``
 unscanned when the run used scanned layers. Unlike the streamed conversions, the chosen
 weights are held in host memory once (4 bytes per parameter in float32).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -39,10 +40,12 @@ def run_location(path) -> Optional[tuple[str, Optional[int]]]:
 def open_run(path, *, use_ema: bool = True) -> Source:
   """The EMA (``use_ema``) or raw parameters of a run's checkpoint as a 'jax' Source."""
   from sd3_jax import checkpoint  # jax/orbax only when a run is exported
+
   location = run_location(path)
   if location is None:
-    raise ValueError(f"{path} is not a training workdir (no {CHECKPOINTS}/) nor a "
-                     f"{CHECKPOINTS}/<step> directory of one")
+    raise ValueError(
+      f"{path} is not a training workdir (no {CHECKPOINTS}/) nor a {CHECKPOINTS}/<step> directory of one"
+    )
   workdir, step = location
   model, params, _, step = checkpoint.load_workdir(workdir, step, use_ema=use_ema, dtype="float32")
   source = source_from_params(params, model.config)

@@ -10,6 +10,7 @@ File format (https://github.com/huggingface/safetensors): 8-byte little-endian h
 a JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
 {str: str}}`` padded with spaces to a multiple of 8, then the raw little-endian data.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,18 @@ import numpy as np
 import safetensors
 
 _DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(np.bool_),
+  "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+  "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit (MAX_HEADER_SIZE)
@@ -41,8 +49,9 @@ def _no_duplicates(pairs):
   out = {}
   for k, v in pairs:
     if k in out:
-      raise HeaderError(f"tensor {k!r}: the name appears twice in the header (a second entry would silently "
-                        "replace the first)")
+      raise HeaderError(
+        f"tensor {k!r}: the name appears twice in the header (a second entry would silently replace the first)"
+      )
     out[k] = v
   return out
 
@@ -57,8 +66,10 @@ def read_header(path: str) -> tuple[object, int]:
       raise HeaderError(f"{path} is not a safetensors file (shorter than 8 bytes)")
     (n,) = struct.unpack("<Q", raw)
     if n > _MAX_HEADER or 8 + n > size:
-      raise HeaderError(f"{path} is not a safetensors file or is truncated: its header claims "
-                        f"{n} bytes, the file has {size - 8} after the length field (limit {_MAX_HEADER})")
+      raise HeaderError(
+        f"{path} is not a safetensors file or is truncated: its header claims "
+        f"{n} bytes, the file has {size - 8} after the length field (limit {_MAX_HEADER})"
+      )
     text = f.read(n)
   try:
     return json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates), 8 + n
@@ -72,8 +83,9 @@ def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
-def validate_header(path: str, header, data_size: int
-                    ) -> tuple[dict[str, str], dict[str, tuple[np.dtype, tuple[int, ...], int, int]]]:
+def validate_header(
+  path: str, header, data_size: int
+) -> tuple[dict[str, str], dict[str, tuple[np.dtype, tuple[int, ...], int, int]]]:
   """Checks a parsed header as the safetensors format defines it and returns (metadata,
   {name: (dtype, shape, begin, end)}).
 
@@ -83,12 +95,12 @@ def validate_header(path: str, header, data_size: int
   safetensors library then checks the file as well (``safe_open``), so anything it refuses is
   refused here too; our own checks come first because they name the tensor.
   """
+
   def bad(name, what):
     return HeaderError(f"{path}: tensor {name!r}: {what}")
 
   if not isinstance(header, dict):
-    raise HeaderError(f"{path} is not a safetensors file: the header is a JSON "
-                      f"{type(header).__name__}, not an object")
+    raise HeaderError(f"{path} is not a safetensors file: the header is a JSON {type(header).__name__}, not an object")
   metadata = header.get("__metadata__", {})
   if metadata is None:
     metadata = {}
@@ -108,30 +120,41 @@ def validate_header(path: str, header, data_size: int
       raise bad(name, f"unsupported dtype {code!r} (known: {sorted(_DTYPES)})")
     if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
       raise bad(name, f"shape {shape!r} is not a list of non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]):
+    if (
+      not isinstance(offsets, list)
+      or len(offsets) != 2
+      or not all(_is_int(o) for o in offsets)
+      or not 0 <= offsets[0] <= offsets[1]
+    ):
       raise bad(name, f"data_offsets {offsets!r} are not two integers 0 <= begin <= end")
     begin, end = offsets
     if end > data_size:
-      raise bad(name, f"data_offsets [{begin}, {end}] run past the end of the data section "
-                      f"({data_size} bytes): the file is truncated or the header lies")
+      raise bad(
+        name,
+        f"data_offsets [{begin}, {end}] run past the end of the data section "
+        f"({data_size} bytes): the file is truncated or the header lies",
+      )
     dt = _DTYPES[code]
     nbytes = math.prod(shape) * dt.itemsize
     if end - begin != nbytes:
-      raise bad(name, f"data_offsets [{begin}, {end}] hold {end - begin} bytes, but {code} {shape} "
-                      f"needs {nbytes}")
+      raise bad(name, f"data_offsets [{begin}, {end}] hold {end - begin} bytes, but {code} {shape} needs {nbytes}")
     entries[name] = (dt, tuple(shape), begin, end)
   pos, prev = 0, None
   for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
     if begin < pos:
       raise bad(name, f"data_offsets [{begin}, {end}] overlap tensor {prev!r} (which ends at {pos})")
     if begin > pos:
-      raise bad(name, f"data_offsets [{begin}, {end}] leave bytes {pos}..{begin} of the data "
-                      "section unused (entries must cover it exactly)")
+      raise bad(
+        name,
+        f"data_offsets [{begin}, {end}] leave bytes {pos}..{begin} of the data "
+        "section unused (entries must cover it exactly)",
+      )
     pos, prev = end, name
   if pos != data_size:
-    raise HeaderError(f"{path}: the tensors cover {pos} bytes of the {data_size}-byte data section "
-                      f"(last tensor {prev!r}); the file has trailing data or the header lies")
+    raise HeaderError(
+      f"{path}: the tensors cover {pos} bytes of the {data_size}-byte data section "
+      f"(last tensor {prev!r}); the file has trailing data or the header lies"
+    )
   try:
     with safetensors.safe_open(path, "numpy"):
       pass
@@ -192,8 +215,12 @@ class SafetensorsWriter:
   ``write`` in exactly that order. ``close`` checks that all were written.
   """
 
-  def __init__(self, path: str | os.PathLike, specs: Iterable[tuple[str, object, tuple[int, ...]]],
-               metadata: Mapping[str, str] | None = None):
+  def __init__(
+    self,
+    path: str | os.PathLike,
+    specs: Iterable[tuple[str, object, tuple[int, ...]]],
+    metadata: Mapping[str, str] | None = None,
+  ):
     self.path = os.fspath(path)
     self._specs = [(name, np.dtype(dt), tuple(int(s) for s in shape)) for name, dt, shape in specs]
     header: dict = {}
@@ -219,8 +246,9 @@ class SafetensorsWriter:
     if name != want:
       raise ValueError(f"{self.path}: expected tensor {want!r} next, got {name!r}")
     if array.dtype != dt or tuple(array.shape) != shape:
-      raise ValueError(f"{self.path}: tensor {name!r} is {array.dtype}{list(array.shape)}, "
-                       f"header says {dt}{list(shape)}")
+      raise ValueError(
+        f"{self.path}: tensor {name!r} is {array.dtype}{list(array.shape)}, header says {dt}{list(shape)}"
+      )
     self._f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
     self._next += 1
 
@@ -229,7 +257,7 @@ class SafetensorsWriter:
       return
     self._f.close()
     if self._next != len(self._specs):
-      missing = [s[0] for s in self._specs[self._next:]]
+      missing = [s[0] for s in self._specs[self._next :]]
       raise ValueError(f"{self.path}: {len(missing)} tensors were never written, e.g. {missing[:3]}")
 
   def abort(self) -> None:
@@ -245,8 +273,9 @@ class SafetensorsWriter:
       self.abort()
 
 
-def plan_shards(specs: list[tuple[str, object, tuple[int, ...]]], max_shard_bytes: int
-                ) -> list[list[tuple[str, object, tuple[int, ...]]]]:
+def plan_shards(
+  specs: list[tuple[str, object, tuple[int, ...]]], max_shard_bytes: int
+) -> list[list[tuple[str, object, tuple[int, ...]]]]:
   """Splits ordered specs into consecutive shards of at most max_shard_bytes each (a tensor
   larger than the limit gets a shard of its own), as huggingface sharding does."""
   shards: list[list] = [[]]
@@ -278,6 +307,7 @@ def as_numpy(x) -> np.ndarray:
   if hasattr(x, "detach"):  # torch, without importing it
     import ml_dtypes
     import torch
+
     x = x.detach().cpu().contiguous()
     if x.dtype == torch.bfloat16:
       return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -294,5 +324,7 @@ def check_float_dtypes(dtypes: Mapping[str, object], what: str) -> None:
   floats = {_DTYPES[c] for c in _FLOAT_CODES}
   for name, dt in dtypes.items():
     if np.dtype(dt) not in floats:
-      raise ValueError(f"{what}: tensor {name!r} has dtype {np.dtype(dt)}, but model weights are "
-                       f"floating point ({', '.join(_FLOAT_CODES)}); the file is damaged or mislabelled")
+      raise ValueError(
+        f"{what}: tensor {name!r} has dtype {np.dtype(dt)}, but model weights are "
+        f"floating point ({', '.join(_FLOAT_CODES)}); the file is damaged or mislabelled"
+      )

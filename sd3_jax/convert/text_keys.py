@@ -37,6 +37,7 @@ bit-exact and run one tensor at a time (``to_ours`` / ``to_hf``). Tensors of the
 a model (a CLIPModel's vision tower when only its text tower is read, T5's decoder and lm_head)
 and non-persistent buffers (position_ids) are ignored; anything else unknown is reported.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +54,8 @@ CLIP_PREFIX = "text_model."
 VISION_PREFIX = "vision_model."
 # Tensors of a transformers checkpoint that are not part of the text encoder.
 _CLIP_IGNORED = re.compile(
-    r"^(vision_model\.|visual_projection\.|logit_scale$|(text_model\.)?embeddings\.position_ids$)")
+  r"^(vision_model\.|visual_projection\.|logit_scale$|(text_model\.)?embeddings\.position_ids$)"
+)
 _T5_IGNORED = re.compile(r"^(decoder\.|lm_head\.)")
 _CLIP_MODEL_IGNORED = re.compile(r"^(text_model\.|vision_model\.)embeddings\.position_ids$")
 T5_EMBED_KEYS = ("shared.weight", "encoder.embed_tokens.weight")
@@ -66,9 +68,9 @@ T5_ARCHITECTURES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model")
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  hf: str                      # transformers name (CLIP: with the text_model. prefix)
-  ours: str                    # flat parameter name "a/b/kernel"
-  op: str                      # copy | linear | heads_in | heads_out | bias_heads
+  hf: str  # transformers name (CLIP: with the text_model. prefix)
+  ours: str  # flat parameter name "a/b/kernel"
+  op: str  # copy | linear | heads_in | heads_out | bias_heads
   ours_shape: tuple[int, ...]
   hf_shape: tuple[int, ...]
 
@@ -82,12 +84,13 @@ def clip_layer_entries(hp: str, op: str, d: int, h: int, dh: int, f: int) -> lis
   ('...encoder.layers.N.'), ours ``op`` ('.../layers_N/')."""
   es = []
   for n in ("q", "k", "v"):
-    es.append(Entry(f"{hp}self_attn.{n}_proj.weight", f"{op}self_attn/{n}_proj/kernel", "heads_in",
-                    (d, h, dh), (h * dh, d)))
-    es.append(Entry(f"{hp}self_attn.{n}_proj.bias", f"{op}self_attn/{n}_proj/bias", "bias_heads",
-                    (h, dh), (h * dh,)))
-  es.append(Entry(f"{hp}self_attn.out_proj.weight", f"{op}self_attn/out_proj/kernel", "heads_out",
-                  (h, dh, d), (d, h * dh)))
+    es.append(
+      Entry(f"{hp}self_attn.{n}_proj.weight", f"{op}self_attn/{n}_proj/kernel", "heads_in", (d, h, dh), (h * dh, d))
+    )
+    es.append(Entry(f"{hp}self_attn.{n}_proj.bias", f"{op}self_attn/{n}_proj/bias", "bias_heads", (h, dh), (h * dh,)))
+  es.append(
+    Entry(f"{hp}self_attn.out_proj.weight", f"{op}self_attn/out_proj/kernel", "heads_out", (h, dh, d), (d, h * dh))
+  )
   es.append(Entry(f"{hp}self_attn.out_proj.bias", f"{op}self_attn/out_proj/bias", "copy", (d,), (d,)))
   for n in ("layer_norm1", "layer_norm2"):
     es.append(Entry(f"{hp}{n}.weight", f"{op}{n}/scale", "copy", (d,), (d,)))
@@ -100,17 +103,31 @@ def clip_layer_entries(hp: str, op: str, d: int, h: int, dh: int, f: int) -> lis
 
 
 def _norm(hf: str, ours: str, d: int) -> list[Entry]:
-  return [Entry(f"{hf}.weight", f"{ours}/scale", "copy", (d,), (d,)),
-          Entry(f"{hf}.bias", f"{ours}/bias", "copy", (d,), (d,))]
+  return [
+    Entry(f"{hf}.weight", f"{ours}/scale", "copy", (d,), (d,)),
+    Entry(f"{hf}.bias", f"{ours}/bias", "copy", (d,), (d,)),
+  ]
 
 
 def clip_entries(c: CLIPTextConfig, ours_prefix: str = "") -> list[Entry]:
   d, h, dh, f = c.hidden_size, c.num_heads, c.head_dim, c.intermediate_size
   p, o = CLIP_PREFIX, ours_prefix
-  es = [Entry(p + "embeddings.token_embedding.weight", o + "embeddings/token_embedding/embedding", "copy",
-              (c.vocab_size, d), (c.vocab_size, d)),
-        Entry(p + "embeddings.position_embedding.weight", o + "embeddings/position_embedding/embedding", "copy",
-              (c.max_position_embeddings, d), (c.max_position_embeddings, d))]
+  es = [
+    Entry(
+      p + "embeddings.token_embedding.weight",
+      o + "embeddings/token_embedding/embedding",
+      "copy",
+      (c.vocab_size, d),
+      (c.vocab_size, d),
+    ),
+    Entry(
+      p + "embeddings.position_embedding.weight",
+      o + "embeddings/position_embedding/embedding",
+      "copy",
+      (c.max_position_embeddings, d),
+      (c.max_position_embeddings, d),
+    ),
+  ]
   for i in range(c.num_layers):
     es += clip_layer_entries(f"{p}encoder.layers.{i}.", f"{o}layers_{i}/", d, h, dh, f)
   es += _norm(p + "final_layer_norm", o + "final_layer_norm", d)
@@ -122,11 +139,23 @@ def clip_vision_entries(c: CLIPVisionConfig, ours_prefix: str = "") -> list[Entr
   """CLIPVisionModelWithProjection (models/clip_vision.py CLIPVisionEncoder)."""
   d, h, dh, f, p = c.hidden_size, c.num_heads, c.head_dim, c.intermediate_size, c.patch_size
   v, o = VISION_PREFIX, ours_prefix
-  es = [Entry(v + "embeddings.class_embedding", o + "class_embedding", "copy", (d,), (d,)),
-        Entry(v + "embeddings.patch_embedding.weight", o + "patch_embedding/kernel", "conv",
-              (p, p, c.num_channels, d), (d, c.num_channels, p, p)),
-        Entry(v + "embeddings.position_embedding.weight", o + "position_embedding/embedding", "copy",
-              (c.num_positions, d), (c.num_positions, d))]
+  es = [
+    Entry(v + "embeddings.class_embedding", o + "class_embedding", "copy", (d,), (d,)),
+    Entry(
+      v + "embeddings.patch_embedding.weight",
+      o + "patch_embedding/kernel",
+      "conv",
+      (p, p, c.num_channels, d),
+      (d, c.num_channels, p, p),
+    ),
+    Entry(
+      v + "embeddings.position_embedding.weight",
+      o + "position_embedding/embedding",
+      "copy",
+      (c.num_positions, d),
+      (c.num_positions, d),
+    ),
+  ]
   es += _norm(v + "pre_layrnorm", o + "pre_layrnorm", d)
   for i in range(c.num_layers):
     es += clip_layer_entries(f"{v}encoder.layers.{i}.", f"{o}layers_{i}/", d, h, dh, f)
@@ -137,25 +166,32 @@ def clip_vision_entries(c: CLIPVisionConfig, ours_prefix: str = "") -> list[Entr
 
 def clip_model_entries(c: CLIPConfig) -> list[Entry]:
   """CLIPModel (models/clip_vision.py CLIPModel): both towers and logit_scale."""
-  return (clip_entries(c.text, "text_model/") + clip_vision_entries(c.vision, "vision_model/")
-          + [Entry("logit_scale", "logit_scale", "copy", (), ())])
+  return (
+    clip_entries(c.text, "text_model/")
+    + clip_vision_entries(c.vision, "vision_model/")
+    + [Entry("logit_scale", "logit_scale", "copy", (), ())]
+  )
 
 
 def t5_entries(c: T5EncoderConfig) -> list[Entry]:
   d, h, dk, f = c.d_model, c.num_heads, c.d_kv, c.d_ff
-  es = [Entry("shared.weight", "shared/embedding", "copy", (c.vocab_size, d), (c.vocab_size, d)),
-        Entry("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-              "relative_attention_bias/embedding", "copy",
-              (c.relative_attention_num_buckets, h), (c.relative_attention_num_buckets, h))]
+  es = [
+    Entry("shared.weight", "shared/embedding", "copy", (c.vocab_size, d), (c.vocab_size, d)),
+    Entry(
+      "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+      "relative_attention_bias/embedding",
+      "copy",
+      (c.relative_attention_num_buckets, h),
+      (c.relative_attention_num_buckets, h),
+    ),
+  ]
   for i in range(c.num_layers):
     hp, op = f"encoder.block.{i}.layer.", f"blocks_{i}/"
     for n in ("q", "k", "v"):
-      es.append(Entry(f"{hp}0.SelfAttention.{n}.weight", f"{op}attn/{n}/kernel", "heads_in",
-                      (d, h, dk), (h * dk, d)))
-    es.append(Entry(f"{hp}0.SelfAttention.o.weight", f"{op}attn/o/kernel", "heads_out", (h, dk, d),
-                    (d, h * dk)))
+      es.append(Entry(f"{hp}0.SelfAttention.{n}.weight", f"{op}attn/{n}/kernel", "heads_in", (d, h, dk), (h * dk, d)))
+    es.append(Entry(f"{hp}0.SelfAttention.o.weight", f"{op}attn/o/kernel", "heads_out", (h, dk, d), (d, h * dk)))
     es.append(Entry(f"{hp}0.layer_norm.weight", f"{op}attn_norm/scale", "copy", (d,), (d,)))
-    for n in (("wi_0", "wi_1") if c.is_gated else ("wi",)):
+    for n in ("wi_0", "wi_1") if c.is_gated else ("wi",):
       es.append(_linear(f"{hp}1.DenseReluDense.{n}.weight", f"{op}ffn/{n}/kernel", d, f))
     es.append(_linear(f"{hp}1.DenseReluDense.wo.weight", f"{op}ffn/wo/kernel", f, d))
     es.append(Entry(f"{hp}1.layer_norm.weight", f"{op}ffn_norm/scale", "copy", (d,), (d,)))
@@ -192,7 +228,7 @@ def to_hf(e: Entry, x: np.ndarray) -> np.ndarray:
     return x.T
   if e.op == "conv":
     return x.transpose(3, 2, 0, 1)
-  if e.op == "heads_in":   # [D, H, Dh] -> [D, H*Dh] -> [H*Dh, D]
+  if e.op == "heads_in":  # [D, H, Dh] -> [D, H*Dh] -> [H*Dh, D]
     return x.reshape(x.shape[0], -1).T
   if e.op == "heads_out":  # [H, Dh, D] -> [H*Dh, D] -> [D, H*Dh]
     return x.reshape(-1, x.shape[-1]).T
@@ -232,10 +268,12 @@ def config_from_hf(hf_config: Mapping, source: str = "config.json"):
       return CLIPVisionConfig.from_hf_config(hf_config)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{source}: {e}") from None
-  raise ValueError(f"{source}: not a text encoder we convert (model_type {hf_config.get('model_type')!r}, "
-                   f"architectures {hf_config.get('architectures')}); expected a CLIP text model "
-                   f"({', '.join(CLIP_ARCHITECTURES)}), a T5 encoder ({', '.join(T5_ARCHITECTURES)}), "
-                   f"a CLIP image tower ({', '.join(CLIP_VISION_ARCHITECTURES)}) or a CLIPModel")
+  raise ValueError(
+    f"{source}: not a text encoder we convert (model_type {hf_config.get('model_type')!r}, "
+    f"architectures {hf_config.get('architectures')}); expected a CLIP text model "
+    f"({', '.join(CLIP_ARCHITECTURES)}), a T5 encoder ({', '.join(T5_ARCHITECTURES)}), "
+    f"a CLIP image tower ({', '.join(CLIP_VISION_ARCHITECTURES)}) or a CLIPModel"
+  )
 
 
 def has_projection(hf_config: Mapping) -> bool:
@@ -284,6 +322,7 @@ def canonical_names(keys: Iterable[str], config) -> tuple[dict[str, str], list[s
 
 def check_shapes(found: Mapping[str, tuple], expected: Mapping[str, tuple], what: str) -> None:
   from sd3_jax import pretrained
+
   pretrained.check_shapes(found, expected, what)
 
 
@@ -291,12 +330,18 @@ class TextSource:
   """A text encoder's tensors in transformers naming (``read_hf``) or ours (``read_ours``),
   validated against the config on construction; reads are lazy, one tensor at a time."""
 
-  def __init__(self, config, *, hf_shapes: Mapping[str, tuple] | None = None,
-               hf_dtypes: Mapping[str, np.dtype] | None = None,
-               read_hf: Callable[[str], np.ndarray] | None = None,
-               ours_shapes: Mapping[str, tuple] | None = None,
-               ours_dtypes: Mapping[str, np.dtype] | None = None,
-               read_ours: Callable[[str], np.ndarray] | None = None, description: str = "text encoder"):
+  def __init__(
+    self,
+    config,
+    *,
+    hf_shapes: Mapping[str, tuple] | None = None,
+    hf_dtypes: Mapping[str, np.dtype] | None = None,
+    read_hf: Callable[[str], np.ndarray] | None = None,
+    ours_shapes: Mapping[str, tuple] | None = None,
+    ours_dtypes: Mapping[str, np.dtype] | None = None,
+    read_ours: Callable[[str], np.ndarray] | None = None,
+    description: str = "text encoder",
+  ):
     if (read_hf is None) == (read_ours is None):
       raise ValueError("give exactly one of read_hf / read_ours")
     self.config, self.description = config, description
@@ -328,9 +373,15 @@ class TextSource:
     return to_hf(e, self._read_ours(e.ours))
 
 
-def source_from_hf_tensors(config, shapes: Mapping[str, tuple], dtypes: Mapping[str, np.dtype],
-                           read: Callable[[str], np.ndarray], *, projection: bool = True,
-                           description: str = "transformers state dict") -> TextSource:
+def source_from_hf_tensors(
+  config,
+  shapes: Mapping[str, tuple],
+  dtypes: Mapping[str, np.dtype],
+  read: Callable[[str], np.ndarray],
+  *,
+  projection: bool = True,
+  description: str = "transformers state dict",
+) -> TextSource:
   """A TextSource over stored transformers tensors (keys as stored; see canonical_names).
 
   projection=False (a bare CLIPTextModel): text_projection is the identity, as diffusers'
@@ -344,8 +395,10 @@ def source_from_hf_tensors(config, shapes: Mapping[str, tuple], dtypes: Mapping[
     if "text_projection.weight" in names:
       raise ValueError(f"{description}: a CLIPTextModel checkpoint holds a text_projection tensor")
     if config.projection_dim != config.hidden_size:
-      raise ValueError(f"{description}: no text_projection, but projection_dim {config.projection_dim} "
-                       f"!= hidden_size {config.hidden_size}; cannot use the identity")
+      raise ValueError(
+        f"{description}: no text_projection, but projection_dim {config.projection_dim} "
+        f"!= hidden_size {config.hidden_size}; cannot use the identity"
+      )
     eye = "text_projection.weight"
     hf_shapes[eye] = (config.hidden_size, config.hidden_size)
     hf_dtypes[eye] = hf_dtypes.get(CLIP_PREFIX + "final_layer_norm.weight", np.dtype(np.float32))
@@ -357,12 +410,13 @@ def source_from_hf_tensors(config, shapes: Mapping[str, tuple], dtypes: Mapping[
     if name == "shared.weight" and len(embed_keys) == 2:
       other = read(embed_keys[1] if names[name] == embed_keys[0] else embed_keys[0])
       if other.shape != x.shape or not np.array_equal(other, x):
-        raise ValueError(f"{description}: shared.weight and encoder.embed_tokens.weight differ; "
-                         "T5EncoderModel ties them, so this checkpoint is inconsistent")
+        raise ValueError(
+          f"{description}: shared.weight and encoder.embed_tokens.weight differ; "
+          "T5EncoderModel ties them, so this checkpoint is inconsistent"
+        )
     return x
 
-  return TextSource(config, hf_shapes=hf_shapes, hf_dtypes=hf_dtypes, read_hf=read_hf,
-                    description=description)
+  return TextSource(config, hf_shapes=hf_shapes, hf_dtypes=hf_dtypes, read_hf=read_hf, description=description)
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
@@ -375,11 +429,16 @@ def state_dict_to_params(state_dict: Mapping, hf_config: Mapping, *, dtype=None)
 
   params is our nested parameter tree of numpy arrays (source dtypes unless ``dtype``)."""
   from sd3_jax import pretrained
+
   config = config_from_hf(hf_config)
   arrays = {k: as_numpy(v) for k, v in state_dict.items()}
-  src = source_from_hf_tensors(config, {k: a.shape for k, a in arrays.items()},
-                               {k: a.dtype for k, a in arrays.items()}, arrays.__getitem__,
-                               projection=has_projection(hf_config))
+  src = source_from_hf_tensors(
+    config,
+    {k: a.shape for k, a in arrays.items()},
+    {k: a.dtype for k, a in arrays.items()},
+    arrays.__getitem__,
+    projection=has_projection(hf_config),
+  )
   flat = {}
   for e in src.entries:
     a = src.read_ours(e.ours)
@@ -391,10 +450,15 @@ def params_to_state_dict(params: Mapping, config, *, dtype=None) -> dict[str, np
   """Our parameters -> transformers state dict (CLIPTextModelWithProjection / T5EncoderModel
   names, loadable with ``load_state_dict``), numpy arrays."""
   from sd3_jax import pretrained
+
   flat = {k: np.asarray(v) for k, v in pretrained.flatten(params).items()}
-  src = TextSource(config, ours_shapes={k: a.shape for k, a in flat.items()},
-                   ours_dtypes={k: a.dtype for k, a in flat.items()}, read_ours=flat.__getitem__,
-                   description="parameters")
+  src = TextSource(
+    config,
+    ours_shapes={k: a.shape for k, a in flat.items()},
+    ours_dtypes={k: a.dtype for k, a in flat.items()},
+    read_ours=flat.__getitem__,
+    description="parameters",
+  )
   out = {}
   for e in src.entries:
     a = src.read_hf(e.hf)

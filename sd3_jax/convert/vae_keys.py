@@ -19,6 +19,7 @@ so conversions are bit-exact:
     /upsamplers_0/conv         .upsamplers.0.conv                     .upsample.conv
     /resnets_{j}               .resnets.{j}                           .block.{j}
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,17 +40,16 @@ _QUANT_KEYS = ("quant_conv.weight", "post_quant_conv.weight")
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  ours: str                       # flat parameter name, "encoder/conv_in/kernel"
-  diffusers: str                  # "encoder.conv_in.weight"
-  original: str                   # "encoder.conv_in.weight" (without first_stage_model.)
-  kind: str                       # 'conv' | 'linear' | 'vector'
+  ours: str  # flat parameter name, "encoder/conv_in/kernel"
+  diffusers: str  # "encoder.conv_in.weight"
+  original: str  # "encoder.conv_in.weight" (without first_stage_model.)
+  kind: str  # 'conv' | 'linear' | 'vector'
   diffusers_shape: tuple[int, ...]
 
   @property
   def ours_shape(self) -> tuple[int, ...]:
     s = self.diffusers_shape
-    return {"conv": lambda: (s[2], s[3], s[1], s[0]), "linear": lambda: (s[1], s[0]),
-            "vector": lambda: s}[self.kind]()
+    return {"conv": lambda: (s[2], s[3], s[1], s[0]), "linear": lambda: (s[1], s[0]), "vector": lambda: s}[self.kind]()
 
   @property
   def original_shape(self) -> tuple[int, ...]:
@@ -148,14 +148,16 @@ def detect_layout(keys) -> tuple[str, str]:
   only those keys are the VAE (the rest of an SD3 single file is ignored)."""
   keys = list(keys)
   prefix = ORIGINAL_PREFIX if any(k.startswith(ORIGINAL_PREFIX) for k in keys) else ""
-  bare = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+  bare = [k[len(prefix) :] for k in keys if k.startswith(prefix)]
   if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in bare):
     return "diffusers", prefix
   if any(k.startswith(("encoder.down.", "decoder.up.")) for k in bare):
     return "original", prefix
-  raise ValueError("not a VAE state dict: no 'encoder.down_blocks.*' (diffusers) or "
-                   "'[first_stage_model.]encoder.down.*' (original LDM) keys; first keys: "
-                   f"{keys[:5]}")
+  raise ValueError(
+    "not a VAE state dict: no 'encoder.down_blocks.*' (diffusers) or "
+    "'[first_stage_model.]encoder.down.*' (original LDM) keys; first keys: "
+    f"{keys[:5]}"
+  )
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]], layout: str) -> VAEConfig:
@@ -172,24 +174,37 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], layout: str) -> VAEConfi
     return tuple(shapes[key])
 
   levels = sorted({int(m.group(1)) for k in shapes for m in [re.match(rf"encoder\.{down}\.(\d+)\.", k)] if m})
-  layers = {int(m.group(1)) for k in shapes
-            for m in [re.match(rf"encoder\.{down}\.0\.{block}\.(\d+)\.", k)] if m}
+  layers = {int(m.group(1)) for k in shapes for m in [re.match(rf"encoder\.{down}\.0\.{block}\.(\d+)\.", k)] if m}
   if not levels or levels != list(range(len(levels))) or not layers:
-    raise ValueError(f"cannot infer the VAE configuration: encoder levels {levels}, "
-                     f"level-0 resnets {sorted(layers)} in the {layout} state dict")
+    raise ValueError(
+      f"cannot infer the VAE configuration: encoder levels {levels}, "
+      f"level-0 resnets {sorted(layers)} in the {layout} state dict"
+    )
   chans = tuple(get(f"encoder.{down}.{i}.{block}.0.conv1.weight")[0] for i in range(len(levels)))
-  conv_in, dec_in, dec_out = (get("encoder.conv_in.weight"), get("decoder.conv_in.weight"),
-                              get("decoder.conv_out.weight"))
+  conv_in, dec_in, dec_out = (
+    get("encoder.conv_in.weight"),
+    get("decoder.conv_in.weight"),
+    get("decoder.conv_out.weight"),
+  )
   groups = 32
   if any(c % groups for c in chans):
-    raise ValueError(f"cannot infer norm_num_groups: channels {list(chans)} are not all divisible by "
-                     "32 (the weights do not record it); pass the diffusers config.json")
-  return VAEConfig(in_channels=conv_in[1], out_channels=dec_out[0], latent_channels=dec_in[1],
-                   block_out_channels=chans, layers_per_block=max(layers) + 1, norm_num_groups=groups)
+    raise ValueError(
+      f"cannot infer norm_num_groups: channels {list(chans)} are not all divisible by "
+      "32 (the weights do not record it); pass the diffusers config.json"
+    )
+  return VAEConfig(
+    in_channels=conv_in[1],
+    out_channels=dec_out[0],
+    latent_channels=dec_in[1],
+    block_out_channels=chans,
+    layers_per_block=max(layers) + 1,
+    norm_num_groups=groups,
+  )
 
 
-def diffusers_state_dict_to_vae_params(state_dict: Mapping, config_json: Mapping | None = None,
-                                       *, dtype=None) -> tuple[VAEConfig, dict]:
+def diffusers_state_dict_to_vae_params(
+  state_dict: Mapping, config_json: Mapping | None = None, *, dtype=None
+) -> tuple[VAEConfig, dict]:
   """A diffusers AutoencoderKL state dict, or the original LDM VAE keys (bare or with
   ``first_stage_model.``, e.g. a whole SD3 single file), -> (VAEConfig, nested params).
 
@@ -199,14 +214,15 @@ def diffusers_state_dict_to_vae_params(state_dict: Mapping, config_json: Mapping
   """
   layout, prefix = detect_layout(state_dict.keys())
   src = "first_stage_model.* keys" if prefix else f"{layout} VAE state dict"
-  tensors = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  tensors = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
   quant = [k for k in _QUANT_KEYS if k in tensors]
   if quant:
-    raise ValueError(f"{src} has {quant}: a VAE with quant_conv/post_quant_conv (SD1/SDXL style) is "
-                     "not supported; the SD3 VAE has none")
+    raise ValueError(
+      f"{src} has {quant}: a VAE with quant_conv/post_quant_conv (SD1/SDXL style) is "
+      "not supported; the SD3 VAE has none"
+    )
   shapes = {k: tuple(getattr(v, "shape")) for k, v in tensors.items()}
-  config = (VAEConfig.from_diffusers_config(config_json) if config_json is not None
-            else infer_config(shapes, layout))
+  config = VAEConfig.from_diffusers_config(config_json) if config_json is not None else infer_config(shapes, layout)
   es = entries(config)
   check_shapes(shapes, {e.name(layout): e.shape(layout) for e in es}, src)
   flat = {}
@@ -222,8 +238,7 @@ def diffusers_state_dict_to_vae_params(state_dict: Mapping, config_json: Mapping
 
 def _flat_params(params: Mapping, es: list[Entry]) -> dict[str, np.ndarray]:
   flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(params), sep="/").items()}
-  check_shapes({k: v.shape for k, v in flat.items()}, {e.ours: e.ours_shape for e in es},
-               "VAE parameter tree")
+  check_shapes({k: v.shape for k, v in flat.items()}, {e.ours: e.ours_shape for e in es}, "VAE parameter tree")
   return flat
 
 
@@ -234,8 +249,9 @@ def vae_params_to_diffusers_state_dict(params: Mapping, config: VAEConfig) -> di
   return {e.diffusers: _from_ours(e, flat[e.ours], "diffusers") for e in es}
 
 
-def vae_params_to_original_state_dict(params: Mapping, config: VAEConfig,
-                                      prefix: str = ORIGINAL_PREFIX) -> dict[str, np.ndarray]:
+def vae_params_to_original_state_dict(
+  params: Mapping, config: VAEConfig, prefix: str = ORIGINAL_PREFIX
+) -> dict[str, np.ndarray]:
   """Our parameter tree -> the original LDM keys (``first_stage_model.`` of an SD3 single file)."""
   es = entries(config)
   flat = _flat_params(params, es)
@@ -246,24 +262,24 @@ def diffusers_vae_config(config: VAEConfig) -> dict:
   """config.json for diffusers' ``AutoencoderKL.from_pretrained`` (no quant convs)."""
   n = len(config.block_out_channels)
   return {
-      "_class_name": "AutoencoderKL",
-      "_diffusers_version": "0.31.0",
-      "in_channels": config.in_channels,
-      "out_channels": config.out_channels,
-      "down_block_types": ["DownEncoderBlock2D"] * n,
-      "up_block_types": ["UpDecoderBlock2D"] * n,
-      "block_out_channels": list(config.block_out_channels),
-      "layers_per_block": config.layers_per_block,
-      "act_fn": "silu",
-      "latent_channels": config.latent_channels,
-      "norm_num_groups": config.norm_num_groups,
-      "sample_size": 1024,  # only diffusers' tiling threshold
-      "scaling_factor": config.scaling_factor,
-      "shift_factor": config.shift_factor,
-      "latents_mean": None,
-      "latents_std": None,
-      "force_upcast": True,
-      "use_quant_conv": False,
-      "use_post_quant_conv": False,
-      "mid_block_add_attention": True,
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.31.0",
+    "in_channels": config.in_channels,
+    "out_channels": config.out_channels,
+    "down_block_types": ["DownEncoderBlock2D"] * n,
+    "up_block_types": ["UpDecoderBlock2D"] * n,
+    "block_out_channels": list(config.block_out_channels),
+    "layers_per_block": config.layers_per_block,
+    "act_fn": "silu",
+    "latent_channels": config.latent_channels,
+    "norm_num_groups": config.norm_num_groups,
+    "sample_size": 1024,  # only diffusers' tiling threshold
+    "scaling_factor": config.scaling_factor,
+    "shift_factor": config.shift_factor,
+    "latents_mean": None,
+    "latents_std": None,
+    "force_upcast": True,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
   }

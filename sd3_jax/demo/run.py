@@ -3,6 +3,7 @@ random text encoders, records of generated scenes, the real trainer, then held-o
 sampled and scored by the scenes checker into summary.json. Every stage resumes. What it writes
 and what it reaches are in the README ("The embedded demo").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,14 +70,17 @@ def write_clip_tokenizer(path: str, captions: Sequence[str], pad_token: str) -> 
   library. The vocabulary is CLIP's: 256 byte symbols, the same with ``</w>``, the learned
   merges, then BOS and EOS (EOS has the largest id, as CLIP's pooling expects). Returns its size."""
   from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
   chars = clip_byte_chars()
   tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
   tok.normalizer = normalizers.Lowercase()
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.train_from_iterator(captions, trainers.BpeTrainer(
-      vocab_size=10_000, min_frequency=1, end_of_word_suffix="</w>", show_progress=False))
-  merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-            for m in json.loads(tok.to_str())["model"]["merges"]]
+  tok.train_from_iterator(
+    captions, trainers.BpeTrainer(vocab_size=10_000, min_frequency=1, end_of_word_suffix="</w>", show_progress=False)
+  )
+  merges = [
+    tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]
+  ]
   vocab = {c: i for i, c in enumerate(chars)}
   vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
   for a, b in merges:
@@ -89,9 +93,18 @@ def write_clip_tokenizer(path: str, captions: Sequence[str], pad_token: str) -> 
   with open(os.path.join(path, "merges.txt"), "w") as f:
     f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
   with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "CLIPTokenizer", "bos_token": CLIP_SPECIALS[0], "eos_token": CLIP_SPECIALS[1],
-               "unk_token": CLIP_SPECIALS[1], "pad_token": pad_token, "model_max_length": 77,
-               "do_lower_case": True}, f)
+    json.dump(
+      {
+        "tokenizer_class": "CLIPTokenizer",
+        "bos_token": CLIP_SPECIALS[0],
+        "eos_token": CLIP_SPECIALS[1],
+        "unk_token": CLIP_SPECIALS[1],
+        "pad_token": pad_token,
+        "model_max_length": 77,
+        "do_lower_case": True,
+      },
+      f,
+    )
   return len(vocab)
 
 
@@ -100,6 +113,7 @@ def write_t5_tokenizer(path: str, captions: Sequence[str]) -> int:
   frequency in ``captions`` (the unigram model's estimate for whole-word pieces), plus single
   letters so that any lowercase text still tokenizes. Returns its vocabulary size."""
   import transformers
+
   counts = collections.Counter(w for c in captions for w in c.lower().split())
   total = sum(counts.values())
   pieces = [(s, 0.0) for s in T5_SPECIALS] + [("▁", -10.0)]
@@ -113,8 +127,9 @@ def write_t5_tokenizer(path: str, captions: Sequence[str]) -> int:
 # Random encoders of the real architectures
 
 
-def make_text_encoders(out_dir: str, captions: Sequence[str], *, clip_l_dim: int, clip_g_dim: int,
-                       t5_dim: int, seed: int = 0) -> None:
+def make_text_encoders(
+  out_dir: str, captions: Sequence[str], *, clip_l_dim: int, clip_g_dim: int, t5_dim: int, seed: int = 0
+) -> None:
   """Writes tokenizer{,_2,_3}/ and randomly initialised text_encoder{,_2,_3}/ (our checkpoint
   format) under ``out_dir``, atomically (a half-written directory is never left behind)."""
   import jax
@@ -127,14 +142,21 @@ def make_text_encoders(out_dir: str, captions: Sequence[str], *, clip_l_dim: int
     t5_vocab = write_t5_tokenizer(os.path.join(tmp, "tokenizer_3"), captions)
     clip = dict(vocab_size=clip_vocab, num_layers=2, num_heads=4, max_position_embeddings=77)
     configs = {
-        # CLIP-L: quick_gelu; CLIP-G: gelu (as the released encoders). eos_token_id 2 is the
-        # released configs' legacy value: pool at argmax(ids), i.e. at EOS (the largest id).
-        "text_encoder": te.CLIPTextConfig(hidden_size=clip_l_dim, intermediate_size=4 * clip_l_dim,
-                                          projection_dim=clip_l_dim, hidden_act="quick_gelu", **clip),
-        "text_encoder_2": te.CLIPTextConfig(hidden_size=clip_g_dim, intermediate_size=4 * clip_g_dim,
-                                            projection_dim=clip_g_dim, hidden_act="gelu", **clip),
-        "text_encoder_3": te.T5EncoderConfig(vocab_size=t5_vocab, d_model=t5_dim, d_kv=t5_dim // 4,
-                                             d_ff=2 * t5_dim, num_layers=2, num_heads=4),
+      # CLIP-L: quick_gelu; CLIP-G: gelu (as the released encoders). eos_token_id 2 is the
+      # released configs' legacy value: pool at argmax(ids), i.e. at EOS (the largest id).
+      "text_encoder": te.CLIPTextConfig(
+        hidden_size=clip_l_dim,
+        intermediate_size=4 * clip_l_dim,
+        projection_dim=clip_l_dim,
+        hidden_act="quick_gelu",
+        **clip,
+      ),
+      "text_encoder_2": te.CLIPTextConfig(
+        hidden_size=clip_g_dim, intermediate_size=4 * clip_g_dim, projection_dim=clip_g_dim, hidden_act="gelu", **clip
+      ),
+      "text_encoder_3": te.T5EncoderConfig(
+        vocab_size=t5_vocab, d_model=t5_dim, d_kv=t5_dim // 4, d_ff=2 * t5_dim, num_layers=2, num_heads=4
+      ),
     }
     for i, (name, config) in enumerate(configs.items()):
       module = te.build(config)
@@ -164,24 +186,40 @@ class SceneSource:
 
   def __getitem__(self, i: int) -> dict:
     from PIL import Image
-    return {"id": f"{self.name}-{i:07d}", "caption": self.scene(i).caption, "caption2": None,
-            "image": Image.fromarray(self.image(i))}
+
+    return {
+      "id": f"{self.name}-{i:07d}",
+      "caption": self.scene(i).caption,
+      "caption2": None,
+      "image": Image.fromarray(self.image(i)),
+    }
 
 
 def build_records(source, out_dir: str, conditioner, *, resolution: int) -> dict:
   from sd3_jax import build_dataset
+
   info = os.path.join(out_dir, "dataset_info.json")
   if os.path.exists(info):
     with open(info) as f:
       found = json.load(f)
     if found.get("num_records") != len(source):
-      raise ValueError(f"{out_dir} holds {found.get('num_records')} records but {len(source)} were asked "
-                       f"for; remove {out_dir} to rebuild it")
+      raise ValueError(
+        f"{out_dir} holds {found.get('num_records')} records but {len(source)} were asked "
+        f"for; remove {out_dir} to rebuild it"
+      )
     return found
   result = build_dataset.build(
-      source, out_dir, image_encoder=build_dataset.identity_image_encoder, text_encoder=conditioner.encode,
-      resolution=resolution, batch_size=256, chunk_size=5000, records_per_shard=5000, latent_dtype="float16",
-      metadata={"source": f"sd3_jax.demo {source.name}", "vae": "identity (pixel space)"})
+    source,
+    out_dir,
+    image_encoder=build_dataset.identity_image_encoder,
+    text_encoder=conditioner.encode,
+    resolution=resolution,
+    batch_size=256,
+    chunk_size=5000,
+    records_per_shard=5000,
+    latent_dtype="float16",
+    metadata={"source": f"sd3_jax.demo {source.name}", "vae": "identity (pixel space)"},
+  )
   return result["summary"]
 
 
@@ -189,8 +227,9 @@ def build_records(source, out_dir: str, conditioner, *, resolution: int) -> dict
 # Evaluation
 
 
-def chance_accuracy(images: Sequence[np.ndarray], scenes: Sequence[scene_lib.Scene], trials: int = 20,
-                    seed: int = 0) -> dict[str, float]:
+def chance_accuracy(
+  images: Sequence[np.ndarray], scenes: Sequence[scene_lib.Scene], trials: int = 20, seed: int = 0
+) -> dict[str, float]:
   """The checker's score for the same images against shuffled captions: each prompt's images
   are scored against a different held-out prompt (a random derangement), averaged over trials."""
   rng = np.random.default_rng(seed)
@@ -211,11 +250,13 @@ def chance_accuracy(images: Sequence[np.ndarray], scenes: Sequence[scene_lib.Sce
   return dict(totals)
 
 
-def write_labelled_grid(images: np.ndarray, prompts: Sequence[str], per_prompt: int, path: str,
-                        scale: int = 2, rows_per_block: int = 12) -> None:
+def write_labelled_grid(
+  images: np.ndarray, prompts: Sequence[str], per_prompt: int, path: str, scale: int = 2, rows_per_block: int = 12
+) -> None:
   """Each prompt's text followed by its ``per_prompt`` samples (upscaled ``scale``x, nearest);
   prompts run down blocks of ``rows_per_block`` rows, blocks side by side."""
   from PIL import Image, ImageDraw
+
   _, h, w, _ = images.shape
   h, w, pad, text_w = h * scale, w * scale, 4, 215
   rows = min(rows_per_block, len(prompts))
@@ -237,7 +278,7 @@ def interior_val_loss(record: dict) -> float | None:
   """Mean of a validation record's per-level losses over 0 < t < 1 (the t = 0 level cannot go
   below ~1: the clean input says nothing about the noise in the velocity target; t = 1 sees
   pure noise)."""
-  levels = {float(k[len("val/loss_t"):]): v for k, v in record.items() if k.startswith("val/loss_t")}
+  levels = {float(k[len("val/loss_t") :]): v for k, v in record.items() if k.startswith("val/loss_t")}
   inner = [v for t, v in levels.items() if 0.0 < t < 1.0]
   return float(np.mean(inner)) if inner else None
 
@@ -257,8 +298,10 @@ def plot_losses(records: Sequence[dict], out_path: str) -> None:
   """Training loss, validation loss and its interior levels (``interior_val_loss``) of
   ``read_metrics`` records, log scale."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   train, val, interior = [], [], []
   for rec in records:
     if "loss" in rec:
@@ -289,9 +332,21 @@ def plot_losses(records: Sequence[dict], out_path: str) -> None:
 # The whole demo
 
 
-def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = None, num_train: int = 20_000,
-        num_val: int = 512, num_heldout: int = 24, samples_per_prompt: int = 8, sampling_steps: int = 28,
-        cfg_scale: float = 3.0, use_ema: bool = True, seed: int = 0, overrides: dict | None = None) -> dict:
+def run(
+  workdir: str,
+  *,
+  config_path: str = DEFAULT_CONFIG,
+  steps: int | None = None,
+  num_train: int = 20_000,
+  num_val: int = 512,
+  num_heldout: int = 24,
+  samples_per_prompt: int = 8,
+  sampling_steps: int = 28,
+  cfg_scale: float = 3.0,
+  use_ema: bool = True,
+  seed: int = 0,
+  overrides: dict | None = None,
+) -> dict:
   """Runs (or resumes) every stage into ``workdir``; returns the summary written to summary.json.
 
   ``overrides``: {"dotted.config.key": value} applied to the config (tests shrink the model)."""
@@ -310,8 +365,9 @@ def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = 
   if config.data.latent_channels != 3 or config.model.in_channels != 3 or config.model.out_channels != 3:
     raise ValueError("the demo trains in pixel space: data.latent_channels and the model's in/out channels must be 3")
   if t5_tokens < 1:
-    raise ValueError(f"data.context_len {config.data.context_len} leaves no T5 tokens after "
-                     f"text.clip_tokens {clip_tokens}")
+    raise ValueError(
+      f"data.context_len {config.data.context_len} leaves no T5 tokens after text.clip_tokens {clip_tokens}"
+    )
 
   train_scenes, heldout = scene_lib.split_scenes(num_heldout, seed=seed)
   stages: dict[str, float] = {}
@@ -320,21 +376,34 @@ def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = 
   t0 = time.time()
   text_dir = os.path.join(workdir, "text_encoders")
   if not os.path.isdir(text_dir):
-    make_text_encoders(text_dir, [s.caption for s in scene_lib.all_scenes()], clip_l_dim=config.text.clip_l_dim,
-                       clip_g_dim=config.text.clip_g_dim, t5_dim=config.data.context_dim, seed=seed)
+    make_text_encoders(
+      text_dir,
+      [s.caption for s in scene_lib.all_scenes()],
+      clip_l_dim=config.text.clip_l_dim,
+      clip_g_dim=config.text.clip_g_dim,
+      t5_dim=config.data.context_dim,
+      seed=seed,
+    )
   conditioner = text_conditioning.SD3TextConditioner.from_pretrained(
-      text_dir, clip_length=clip_tokens, t5_length=t5_tokens)
+    text_dir, clip_length=clip_tokens, t5_length=t5_tokens
+  )
   if conditioner.layout.pooled_dim != config.data.pooled_dim or conditioner.context_dim != config.data.context_dim:
-    raise ValueError(f"{text_dir} gives pooled {conditioner.layout.pooled_dim} / context width "
-                     f"{conditioner.context_dim}, the config expects {config.data.pooled_dim} / "
-                     f"{config.data.context_dim}: remove {text_dir} to rebuild it")
+    raise ValueError(
+      f"{text_dir} gives pooled {conditioner.layout.pooled_dim} / context width "
+      f"{conditioner.context_dim}, the config expects {config.data.pooled_dim} / "
+      f"{config.data.context_dim}: remove {text_dir} to rebuild it"
+    )
   stages["text_encoders_s"] = time.time() - t0
 
   # 2. Records (train: 408 combinations; val: the held-out ones).
   t0 = time.time()
   data_dir = os.path.join(workdir, "data")
-  train_info = build_records(SceneSource(train_scenes, num_train, size=size, seed=seed, name="train"),
-                             os.path.join(data_dir, "train"), conditioner, resolution=size)
+  train_info = build_records(
+    SceneSource(train_scenes, num_train, size=size, seed=seed, name="train"),
+    os.path.join(data_dir, "train"),
+    conditioner,
+    resolution=size,
+  )
   val_source = SceneSource(heldout, num_val, size=size, seed=seed + 1, name="val")
   build_records(val_source, os.path.join(data_dir, "val"), conditioner, resolution=size)
   stages["data_s"] = time.time() - t0
@@ -352,10 +421,18 @@ def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = 
   t0 = time.time()
   model, params, _, step = checkpoint.load_workdir(workdir, use_ema=use_ema)
   prompts = [s.caption for s in heldout]
-  images = generation.generate(model, params, conditioner, prompts, latent_shape=(size, size, 3),
-                               num_per_prompt=samples_per_prompt, num_steps=sampling_steps,
-                               shift=config.flow.shift,
-                               cfg_scale=cfg_scale, seed=seed)
+  images = generation.generate(
+    model,
+    params,
+    conditioner,
+    prompts,
+    latent_shape=(size, size, 3),
+    num_per_prompt=samples_per_prompt,
+    num_steps=sampling_steps,
+    shift=config.flow.shift,
+    cfg_scale=cfg_scale,
+    seed=seed,
+  )
   scenes = [s for s in heldout for _ in range(samples_per_prompt)]
   acc = scene_lib.accuracy(list(images), scenes)
   chance = chance_accuracy(list(images), scenes, seed=seed)
@@ -369,26 +446,37 @@ def run(workdir: str, *, config_path: str = DEFAULT_CONFIG, steps: int | None = 
   plot_losses(records, os.path.join(workdir, "loss.png"))
   val = _last(records, "val/loss")
   summary = {
-      "val_loss": val.get("val/loss"),
-      "val_loss_interior": interior_val_loss(val),
-      "train_loss": _last(records, "loss").get("loss"),
-      "sample_accuracy": acc["all"],
-      "chance_accuracy": chance["all"],
-      "sample_accuracy_parts": acc,
-      "chance_accuracy_parts": chance,
-      "checker_accuracy_on_real_images": truth["all"],
-      "heldout_prompts": prompts,
-      "samples_per_prompt": samples_per_prompt,
-      "sampler": {"steps": sampling_steps, "cfg_scale": cfg_scale, "shift": config.flow.shift,
-                  "weights": "ema" if use_ema else "raw", "checkpoint_step": step},
-      "train": {"steps": config.total_steps, "global_batch_size": config.global_batch_size,
-                "num_train_records": num_train, "train_combinations": len(train_scenes),
-                "model": dict(config.model), "step_time_s": _last(records, "step_time").get("step_time")},
-      "seconds": dict(stages, total_s=time.time() - t_start),
-      "text_encoders": "randomly initialised CLIP-L/CLIP-G/T5 (real architectures, small widths); "
-                       "tokenizers trained on the demo captions",
+    "val_loss": val.get("val/loss"),
+    "val_loss_interior": interior_val_loss(val),
+    "train_loss": _last(records, "loss").get("loss"),
+    "sample_accuracy": acc["all"],
+    "chance_accuracy": chance["all"],
+    "sample_accuracy_parts": acc,
+    "chance_accuracy_parts": chance,
+    "checker_accuracy_on_real_images": truth["all"],
+    "heldout_prompts": prompts,
+    "samples_per_prompt": samples_per_prompt,
+    "sampler": {
+      "steps": sampling_steps,
+      "cfg_scale": cfg_scale,
+      "shift": config.flow.shift,
+      "weights": "ema" if use_ema else "raw",
+      "checkpoint_step": step,
+    },
+    "train": {
+      "steps": config.total_steps,
+      "global_batch_size": config.global_batch_size,
+      "num_train_records": num_train,
+      "train_combinations": len(train_scenes),
+      "model": dict(config.model),
+      "step_time_s": _last(records, "step_time").get("step_time"),
+    },
+    "seconds": dict(stages, total_s=time.time() - t_start),
+    "text_encoders": "randomly initialised CLIP-L/CLIP-G/T5 (real architectures, small widths); "
+    "tokenizers trained on the demo captions",
   }
   from sd3_jax import fileutil
+
   fileutil.atomic_json(os.path.join(workdir, "summary.json"), summary, indent=2)
   return summary
 
@@ -401,8 +489,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(prog="sd3-demo", description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                              formatter_class=_HelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="sd3-demo", description=__doc__.split("\n\n")[0], epilog=EPILOG, formatter_class=_HelpFormatter
+  )
   p.add_argument("--workdir", default="workdirs/demo", help="where everything is written")
   p.add_argument("--config", default=DEFAULT_CONFIG, help="trainer config")
   p.add_argument("--steps", type=int, help="training steps (none: the config's total_steps)")
@@ -420,11 +509,35 @@ def main(argv: Sequence[str] | None = None) -> dict:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
   logging.getLogger("matplotlib").setLevel(logging.WARNING)
-  summary = run(args.workdir, config_path=args.config, steps=args.steps, num_train=args.num_train,
-                num_val=args.num_val, num_heldout=args.num_heldout, samples_per_prompt=args.samples_per_prompt,
-                sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale, use_ema=args.ema, seed=args.seed)
-  print(json.dumps({k: summary[k] for k in ("val_loss", "val_loss_interior", "sample_accuracy", "chance_accuracy",
-                                            "checker_accuracy_on_real_images", "seconds")}, indent=2))
+  summary = run(
+    args.workdir,
+    config_path=args.config,
+    steps=args.steps,
+    num_train=args.num_train,
+    num_val=args.num_val,
+    num_heldout=args.num_heldout,
+    samples_per_prompt=args.samples_per_prompt,
+    sampling_steps=args.sampling_steps,
+    cfg_scale=args.cfg_scale,
+    use_ema=args.ema,
+    seed=args.seed,
+  )
+  print(
+    json.dumps(
+      {
+        k: summary[k]
+        for k in (
+          "val_loss",
+          "val_loss_interior",
+          "sample_accuracy",
+          "chance_accuracy",
+          "checker_accuracy_on_real_images",
+          "seconds",
+        )
+      },
+      indent=2,
+    )
+  )
   print(f"wrote {args.workdir}/summary.json, loss.png, samples_heldout.png")
   return summary
 

@@ -6,6 +6,7 @@ generated image back (which colours are present, where their centroids are, how 
 bounding box each fills) so that a text-to-image model can be scored on held-out caption
 combinations without any learned classifier.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,10 @@ from typing import Iterator
 import numpy as np
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 235), "yellow": (235, 220, 40),
+  "red": (230, 40, 40),
+  "green": (40, 200, 60),
+  "blue": (50, 80, 235),
+  "yellow": (235, 220, 40),
 }
 SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("above", "below", "left of", "right of")
@@ -40,9 +44,11 @@ class Scene:
 
 def all_scenes() -> list[Scene]:
   """Every caption combination (two different colours): 4*3*4*3*3 = 432."""
-  return [Scene(c1, s1, r, c2, s2)
-          for c1, c2 in itertools.permutations(COLORS, 2)
-          for s1, s2, r in itertools.product(SHAPES, SHAPES, RELATIONS)]
+  return [
+    Scene(c1, s1, r, c2, s2)
+    for c1, c2 in itertools.permutations(COLORS, 2)
+    for s1, s2, r in itertools.product(SHAPES, SHAPES, RELATIONS)
+  ]
 
 
 def split_scenes(num_heldout: int = 24, seed: int = 0) -> tuple[list[Scene], list[Scene]]:
@@ -109,6 +115,7 @@ def examples(scenes: list[Scene], n: int, size: int = 32, seed: int = 0) -> Iter
 @dataclasses.dataclass(frozen=True)
 class Reading:
   """What the checker sees for one colour of a scene: None when that colour is absent."""
+
   centroid: tuple[float, float] | None
   shape: str | None
 
@@ -119,8 +126,8 @@ def _classify(mask: np.ndarray) -> str:
   fill = mask.sum() / float(h * w)
   # Triangle: the top third of its box is much thinner than the bottom third.
   third = max(h // 3, 1)
-  top = mask[ys.min():ys.min() + third].sum()
-  bottom = mask[ys.max() - third + 1:ys.max() + 1].sum()
+  top = mask[ys.min() : ys.min() + third].sum()
+  bottom = mask[ys.max() - third + 1 : ys.max() + 1].sum()
   if bottom > 0 and top / bottom < 0.6:
     return "triangle"
   return "square" if fill > 0.88 else "circle"
@@ -148,10 +155,13 @@ def check(image: np.ndarray, scene: Scene) -> dict[str, bool]:
   if present:
     dy, dx = a.centroid[0] - b.centroid[0], a.centroid[1] - b.centroid[1]
     vertical = abs(dy) > abs(dx)
-    relation = {"above": vertical and dy < 0, "below": vertical and dy > 0,
-                "left of": (not vertical) and dx < 0, "right of": (not vertical) and dx > 0}[scene.relation]
-  out = {"colors": present, "shape1": a.shape == scene.shape1, "shape2": b.shape == scene.shape2,
-         "relation": relation}
+    relation = {
+      "above": vertical and dy < 0,
+      "below": vertical and dy > 0,
+      "left of": (not vertical) and dx < 0,
+      "right of": (not vertical) and dx > 0,
+    }[scene.relation]
+  out = {"colors": present, "shape1": a.shape == scene.shape1, "shape2": b.shape == scene.shape2, "relation": relation}
   out["all"] = all(out.values())
   return out
 

@@ -14,6 +14,7 @@ is laid out over the mesh's batch axes ('data', 'fsdp') with ``jax.make_array_fr
 each process keeps the rows its devices computed (``LocalRows``) and the statistics are merged
 across processes afterwards (``stats.FeatureStats.all_reduce``, ``stats.all_reduce_sum``).
 """
+
 from __future__ import annotations
 
 import os
@@ -33,6 +34,7 @@ HESSEL_SCALE = 100.0  # the common CLIP-score convention (Hessel et al. use 2.5 
 class LocalRows(NamedTuple):
   """The rows of a global [N, ...] result that this process computed: ``index`` [n] row
   numbers and ``values`` [n, ...] (float32)."""
+
   index: np.ndarray
   values: np.ndarray
 
@@ -67,11 +69,22 @@ class CLIPFeatures:
   (FID): 'round' is clean-fid's torchvision centre crop; CLIP scores always crop as
   transformers' CLIPImageProcessor ('floor')."""
 
-  def __init__(self, model: cv.CLIPModel, params, tokenizer=None, *, mesh=None, batch_size: int = 64,
-               crop_rounding: str = "round", description: Optional[dict] = None):
+  def __init__(
+    self,
+    model: cv.CLIPModel,
+    params,
+    tokenizer=None,
+    *,
+    mesh=None,
+    batch_size: int = 64,
+    crop_rounding: str = "round",
+    description: Optional[dict] = None,
+  ):
     if not isinstance(model, cv.CLIPModel):
-      raise ValueError(f"CLIP metrics need a CLIPModel (both towers), got {type(model).__name__}; convert a "
-                       "transformers CLIPModel directory with `python -m tools.convert_weights --to jax`")
+      raise ValueError(
+        f"CLIP metrics need a CLIPModel (both towers), got {type(model).__name__}; convert a "
+        "transformers CLIPModel directory with `python -m tools.convert_weights --to jax`"
+      )
     self.model, self.tokenizer = model, tokenizer
     self.mesh = mesh if mesh is not None else sharding.make_mesh(1, -1, 1)
     self.params = jax.device_put(params, sharding.replicated(self.mesh))
@@ -80,8 +93,9 @@ class CLIPFeatures:
     self.crop_rounding = crop_rounding
     v = model.config.vision
     self.image_size = v.image_size
-    self.description = dict(description or {}, image_size=v.image_size, projection_dim=v.projection_dim,
-                            crop_rounding=crop_rounding)
+    self.description = dict(
+      description or {}, image_size=v.image_size, projection_dim=v.projection_dim, crop_rounding=crop_rounding
+    )
     batch = lambda ndim: sharding.batch_sharding(self.mesh, ndim)
     rep = sharding.replicated(self.mesh)
     mean, std = jnp.asarray(cv.OPENAI_CLIP_MEAN), jnp.asarray(cv.OPENAI_CLIP_STD)
@@ -97,14 +111,14 @@ class CLIPFeatures:
       return HESSEL_SCALE * jnp.maximum(cos, 0.0)
 
     self._images = jax.jit(images_fn, in_shardings=(rep, batch(4), rep, rep), out_shardings=batch(2))
-    self._images_each = jax.jit(images_fn, in_shardings=(rep, batch(4), batch(3), batch(3)),
-                                out_shardings=batch(2))
+    self._images_each = jax.jit(images_fn, in_shardings=(rep, batch(4), batch(3), batch(3)), out_shardings=batch(2))
     self._scores = jax.jit(scores_fn, in_shardings=(rep, batch(4), rep, rep, batch(2)), out_shardings=batch(1))
 
   @classmethod
   def from_pretrained(cls, path, *, tokenizer_path: Optional[str] = None, dtype=jnp.float32, **kwargs):
     """From our converted CLIP checkpoint; the tokenizer from ``tokenizer_path`` or DIR/tokenizer."""
     from sd3_jax import pretrained, text_conditioning
+
     model, params = pretrained.load_pretrained(path, dtype=dtype)
     tok_dir = tokenizer_path or os.path.join(os.fspath(path), "tokenizer")
     tokenizer = text_conditioning.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
@@ -132,11 +146,15 @@ class CLIPFeatures:
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     if self.tokenizer is None:
-      raise ValueError("CLIP score needs the CLIP tokenizer: convert a transformers CLIPModel directory that "
-                       "holds vocab.json/merges.txt (copied to DIR/tokenizer), or pass tokenizer_path")
+      raise ValueError(
+        "CLIP score needs the CLIP tokenizer: convert a transformers CLIPModel directory that "
+        "holds vocab.json/merges.txt (copied to DIR/tokenizer), or pass tokenizer_path"
+      )
     from sd3_jax import text_conditioning
-    return text_conditioning.tokenize_clip(self.tokenizer, prompts,
-                                           length=self.model.config.text.max_position_embeddings)
+
+    return text_conditioning.tokenize_clip(
+      self.tokenizer, prompts, length=self.model.config.text.max_position_embeddings
+    )
 
   def image_features(self, images: np.ndarray) -> LocalRows:
     """This process's rows of the [N, P] image embeddings of uint8 images [N, H, W, 3]."""
@@ -184,8 +202,9 @@ class CLIPFeatures:
     rows, cols = (jnp.asarray(m) for m in pp.resize_crop_matrices(*images.shape[1:3], size=s, crop_size=s))
     parts = []
     for a, b in self._batches(len(images)):
-      out = self._scores(self.params, self._global(self._pad(images[a:b])), rows, cols,
-                         self._global(self._pad(ids[a:b])))
+      out = self._scores(
+        self.params, self._global(self._pad(images[a:b])), rows, cols, self._global(self._pad(ids[a:b]))
+      )
       r = _local_rows(out, b - a)
       parts.append(LocalRows(r.index + a, r.values))
     return LocalRows(np.concatenate([p.index for p in parts]), np.concatenate([p.values for p in parts]))

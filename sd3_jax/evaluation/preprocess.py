@@ -20,6 +20,7 @@ device as int32 matmuls, bit-exact with PIL.
 torchvision's (round half to even), which clean-fid uses. They differ by one pixel when h - 224
 is odd.
 """
+
 from __future__ import annotations
 
 import functools
@@ -84,8 +85,9 @@ def _crop_offset(size: int, crop: int, rounding: str) -> int:
   return int(round((size - crop) / 2.0))
 
 
-def resize_crop_matrices(h: int, w: int, *, size: int = 224, crop_size: int = 224,
-                         crop_rounding: str = "floor") -> tuple[np.ndarray, np.ndarray]:
+def resize_crop_matrices(
+  h: int, w: int, *, size: int = 224, crop_size: int = 224, crop_rounding: str = "floor"
+) -> tuple[np.ndarray, np.ndarray]:
   """(rows [crop, h], cols [crop, w]) int32: the resize coefficients of the rows and columns
   that the centre crop keeps. An axis that keeps its size gets the identity (PIL skips it;
   the fixed-point identity is exact)."""
@@ -99,7 +101,7 @@ def resize_crop_matrices(h: int, w: int, *, size: int = 224, crop_size: int = 22
   top, left = _crop_offset(nh, crop_size, crop_rounding), _crop_offset(nw, crop_size, crop_rounding)
   rows = np.eye(h, dtype=np.int32) << PRECISION_BITS if nh == h else pil_bicubic_matrix(h, nh)
   cols = np.eye(w, dtype=np.int32) << PRECISION_BITS if nw == w else pil_bicubic_matrix(w, nw)
-  return rows[top:top + crop_size], cols[left:left + crop_size]
+  return rows[top : top + crop_size], cols[left : left + crop_size]
 
 
 def _pass(x: jax.Array, m: jax.Array, spec: str) -> jax.Array:
@@ -123,28 +125,46 @@ _resize_crop_normalize = jax.jit(resize_crop_normalize)
 
 def check_uint8(images, what: str):
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"{what} must be uint8 RGB images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}; "
-                     "convert float images with sd3_jax.generation.to_uint8")
+    raise ValueError(
+      f"{what} must be uint8 RGB images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}; "
+      "convert float images with sd3_jax.generation.to_uint8"
+    )
 
 
-def preprocess(images, *, size: int = 224, crop_size: int = 224, crop_rounding: str = "floor",
-               mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD) -> jax.Array:
+def preprocess(
+  images,
+  *,
+  size: int = 224,
+  crop_size: int = 224,
+  crop_rounding: str = "floor",
+  mean: Sequence[float] = OPENAI_CLIP_MEAN,
+  std: Sequence[float] = OPENAI_CLIP_STD,
+) -> jax.Array:
   """uint8 [B, H, W, 3] (numpy or jax, any size) -> CLIP pixel values float32 [B, crop, crop, 3]
   (channels last), computed on device. See the module docstring."""
   check_uint8(images, "images")
-  rows, cols = resize_crop_matrices(images.shape[1], images.shape[2], size=size, crop_size=crop_size,
-                                    crop_rounding=crop_rounding)
-  return _resize_crop_normalize(jnp.asarray(images), rows, cols, jnp.asarray(mean, jnp.float32),
-                                jnp.asarray(std, jnp.float32))
+  rows, cols = resize_crop_matrices(
+    images.shape[1], images.shape[2], size=size, crop_size=crop_size, crop_rounding=crop_rounding
+  )
+  return _resize_crop_normalize(
+    jnp.asarray(images), rows, cols, jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+  )
 
 
 def bucket(n: int, multiple: int = 64) -> int:
   return int(math.ceil(n / multiple) * multiple)
 
 
-def preprocess_list(images: Sequence[np.ndarray], *, size: int = 224, crop_size: int = 224,
-                    crop_rounding: str = "floor", mean: Sequence[float] = OPENAI_CLIP_MEAN,
-                    std: Sequence[float] = OPENAI_CLIP_STD, multiple: int = 64) -> jax.Array:
+def preprocess_list(
+  images: Sequence[np.ndarray],
+  *,
+  size: int = 224,
+  crop_size: int = 224,
+  crop_rounding: str = "floor",
+  mean: Sequence[float] = OPENAI_CLIP_MEAN,
+  std: Sequence[float] = OPENAI_CLIP_STD,
+  multiple: int = 64,
+) -> jax.Array:
   """Images of different sizes (uint8 [Hi, Wi, 3] each) -> float32 [N, crop, crop, 3].
 
   Every image is zero-padded to the batch's largest height and width rounded up to
@@ -165,5 +185,10 @@ def preprocess_list(images: Sequence[np.ndarray], *, size: int = 224, crop_size:
     batch[i, :h, :w] = im
     r, c = resize_crop_matrices(h, w, size=size, crop_size=crop_size, crop_rounding=crop_rounding)
     rows[i, :, :h], cols[i, :, :w] = r, c
-  return _resize_crop_normalize(jnp.asarray(batch), jnp.asarray(rows), jnp.asarray(cols),
-                                jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
+  return _resize_crop_normalize(
+    jnp.asarray(batch),
+    jnp.asarray(rows),
+    jnp.asarray(cols),
+    jnp.asarray(mean, jnp.float32),
+    jnp.asarray(std, jnp.float32),
+  )

@@ -19,6 +19,7 @@ Metrics (``EvalResult.metrics``):
                statistics (only with ``reference``)
   num_images
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,22 +36,26 @@ from sd3_jax.evaluation.clip_metrics import CLIPFeatures
 @dataclasses.dataclass
 class EvalResult:
   metrics: dict[str, Any]
-  grid_images: np.ndarray          # the first ``grid_size`` images, uint8 [n, h, w, 3]
-  stats: stats_lib.FeatureStats    # of the samples' CLIP features, merged over processes
+  grid_images: np.ndarray  # the first ``grid_size`` images, uint8 [n, h, w, 3]
+  stats: stats_lib.FeatureStats  # of the samples' CLIP features, merged over processes
 
 
 def check_reference(reference: dict, clip: CLIPFeatures) -> None:
   """Reference statistics must come from the same CLIP and preprocessing as ours."""
   mu = reference["mu"]
   if mu.shape != (clip.model.config.projection_dim,):
-    raise ValueError(f"reference statistics have {mu.shape[0]}-d features but the CLIP model gives "
-                     f"{clip.model.config.projection_dim}-d ones; compute them with the same CLIP checkpoint")
+    raise ValueError(
+      f"reference statistics have {mu.shape[0]}-d features but the CLIP model gives "
+      f"{clip.model.config.projection_dim}-d ones; compute them with the same CLIP checkpoint"
+    )
   theirs = reference.get("feature_extractor") or {}
   for key in ("config", "crop_rounding", "image_size"):
     if key in theirs and theirs[key] != clip.description.get(key):
-      raise ValueError(f"reference statistics were computed with a different CLIP setting {key!r} "
-                       f"({theirs[key]!r}, here {clip.description.get(key)!r}); recompute them with "
-                       "`python -m sd3_jax.reference_stats` and the same CLIP checkpoint")
+      raise ValueError(
+        f"reference statistics were computed with a different CLIP setting {key!r} "
+        f"({theirs[key]!r}, here {clip.description.get(key)!r}); recompute them with "
+        "`python -m sd3_jax.reference_stats` and the same CLIP checkpoint"
+      )
 
 
 def expand_prompts(prompts: Sequence[str], num_images: Optional[int]) -> list[str]:
@@ -62,12 +67,28 @@ def expand_prompts(prompts: Sequence[str], num_images: Optional[int]) -> list[st
   return [prompts[i % len(prompts)] for i in range(n)]
 
 
-def evaluate(model, params, conditioner, prompts: Sequence[str], *, clip: CLIPFeatures,
-             fid_clip: Optional[CLIPFeatures] = None, latent_shape: Sequence[int], reference: Optional[dict] = None, num_images: Optional[int] = None,
-             batch_size: int = 16, decoder: Optional[Callable] = None, num_steps: int = 28,
-             cfg_scale: float = 7.0, shift: float = 3.0, seed: int = 0, mesh=None, grid_size: int = 16,
-             progress: bool = False, on_batch: Optional[Callable[[int, np.ndarray, list], None]] = None
-             ) -> EvalResult:
+def evaluate(
+  model,
+  params,
+  conditioner,
+  prompts: Sequence[str],
+  *,
+  clip: CLIPFeatures,
+  fid_clip: Optional[CLIPFeatures] = None,
+  latent_shape: Sequence[int],
+  reference: Optional[dict] = None,
+  num_images: Optional[int] = None,
+  batch_size: int = 16,
+  decoder: Optional[Callable] = None,
+  num_steps: int = 28,
+  cfg_scale: float = 7.0,
+  shift: float = 3.0,
+  seed: int = 0,
+  mesh=None,
+  grid_size: int = 16,
+  progress: bool = False,
+  on_batch: Optional[Callable[[int, np.ndarray, list], None]] = None,
+) -> EvalResult:
   """Samples ``num_images`` images (default: one per prompt) and scores them (module docstring).
 
   ``on_batch(start, images, prompts)`` is called on every process with each generated batch
@@ -83,12 +104,23 @@ def evaluate(model, params, conditioner, prompts: Sequence[str], *, clip: CLIPFe
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm import tqdm
+
     bar = tqdm(total=len(items), desc="evaluate", unit="img")
   for k, start in enumerate(range(0, len(items), batch_size)):
-    batch_prompts = items[start:start + batch_size]
-    images = generation.generate(model, params, conditioner, batch_prompts, latent_shape=latent_shape,
-                                 decoder=decoder, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale,
-                                 seed=seed + k, mesh=mesh)
+    batch_prompts = items[start : start + batch_size]
+    images = generation.generate(
+      model,
+      params,
+      conditioner,
+      batch_prompts,
+      latent_shape=latent_shape,
+      decoder=decoder,
+      num_steps=num_steps,
+      shift=shift,
+      cfg_scale=cfg_scale,
+      seed=seed + k,
+      mesh=mesh,
+    )
     if on_batch is not None:
       on_batch(start, images, batch_prompts)
     scores = clip.clip_scores(images, batch_prompts)
@@ -96,7 +128,7 @@ def evaluate(model, params, conditioner, prompts: Sequence[str], *, clip: CLIPFe
     score_count += len(scores.values)
     feats.update(fid_clip.image_features(images).values)
     if len(grid) < grid_size:
-      grid.extend(images[:grid_size - len(grid)])
+      grid.extend(images[: grid_size - len(grid)])
     if bar is not None:
       bar.update(len(batch_prompts))
   if bar is not None:
@@ -111,21 +143,22 @@ def evaluate(model, params, conditioner, prompts: Sequence[str], *, clip: CLIPFe
   return EvalResult(metrics, np.stack(grid), merged)
 
 
-def reference_statistics(clip: CLIPFeatures, paths: Sequence[str], *, progress: bool = False
-                         ) -> stats_lib.FeatureStats:
+def reference_statistics(clip: CLIPFeatures, paths: Sequence[str], *, progress: bool = False) -> stats_lib.FeatureStats:
   """CLIP-feature statistics of real images (files readable by PIL, converted to RGB), read
   ``clip.batch_size`` at a time on every process; merged over processes."""
   from PIL import Image
+
   if len(paths) < 2:
     raise ValueError(f"need at least 2 images for a covariance, found {len(paths)}")
   feats = stats_lib.FeatureStats(clip.model.config.projection_dim)
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm import tqdm
+
     bar = tqdm(total=len(paths), desc="reference", unit="img")
   for start in range(0, len(paths), clip.batch_size):
     images = []
-    for p in paths[start:start + clip.batch_size]:
+    for p in paths[start : start + clip.batch_size]:
       with Image.open(p) as im:
         images.append(np.asarray(im.convert("RGB")))
     feats.update(clip.image_features_of_list(images).values)
@@ -142,8 +175,15 @@ class PeriodicEvaluator:
 
   SETTINGS = ("prompts", "num_images", "batch_size", "num_steps", "cfg_scale", "shift", "seed")
 
-  def __init__(self, clip: CLIPFeatures, *, fid_clip: Optional[CLIPFeatures] = None,
-               reference: Optional[dict] = None, mesh=None, **settings):
+  def __init__(
+    self,
+    clip: CLIPFeatures,
+    *,
+    fid_clip: Optional[CLIPFeatures] = None,
+    reference: Optional[dict] = None,
+    mesh=None,
+    **settings,
+  ):
     unknown = set(settings) - set(self.SETTINGS)
     if unknown:
       raise ValueError(f"unknown evaluation settings {sorted(unknown)}")
@@ -158,8 +198,10 @@ class PeriodicEvaluator:
   def from_settings(cls, e: dict, mesh) -> "PeriodicEvaluator":
     """From config.eval's values (see sd3_jax/config.py)."""
     if not e.get("clip"):
-      raise ValueError("config.eval.every > 0 needs config.eval.clip: a CLIP model converted with "
-                       "`python -m tools.convert_weights --src CLIPModel_DIR --dst DIR --to jax`")
+      raise ValueError(
+        "config.eval.every > 0 needs config.eval.clip: a CLIP model converted with "
+        "`python -m tools.convert_weights --src CLIPModel_DIR --dst DIR --to jax`"
+      )
     kw = dict(mesh=mesh, batch_size=e.get("clip_batch_size", 64))
     clip = CLIPFeatures.from_pretrained(e["clip"], **kw)
     fid_clip = CLIPFeatures.from_pretrained(e["fid_clip"], **kw) if e.get("fid_clip") else None
@@ -171,6 +213,17 @@ class PeriodicEvaluator:
   def __call__(self, model, params, conditioner, *, latent_shape, decoder=None) -> dict[str, Any]:
     kw = dict(self.settings)
     prompts = kw.pop("prompts")
-    result = evaluate(model, params, conditioner, prompts, clip=self.clip, fid_clip=self.fid_clip,
-                      reference=self.reference, latent_shape=latent_shape, decoder=decoder, mesh=self.mesh, **kw)
+    result = evaluate(
+      model,
+      params,
+      conditioner,
+      prompts,
+      clip=self.clip,
+      fid_clip=self.fid_clip,
+      reference=self.reference,
+      latent_shape=latent_shape,
+      decoder=decoder,
+      mesh=self.mesh,
+      **kw,
+    )
     return {f"eval/{k}": v for k, v in result.metrics.items()}

@@ -16,6 +16,7 @@ The covariance is the unbiased one (``np.cov(features, rowvar=False)``), as clea
 Collectives carry float64 as raw bits (uint32 pairs), so nothing is rounded to float32 on the
 way.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ import numpy as np
 def _allgather_float64(x: np.ndarray) -> np.ndarray:
   """[P, *x.shape] float64: every process's ``x``, bit-exact (jax has no float64 without x64)."""
   from jax.experimental import multihost_utils
+
   x = np.ascontiguousarray(np.asarray(x, np.float64))
   bits = x.reshape(-1).view(np.uint32)
   gathered = np.asarray(multihost_utils.process_allgather(bits))  # [P, 2 * size]
@@ -118,8 +120,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-    raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
-                     f"{sigma2.shape}; were both computed with the same feature extractor?")
+    raise ValueError(
+      f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+      f"{sigma2.shape}; were both computed with the same feature extractor?"
+    )
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * matrix_sqrt_trace(sigma1, sigma2))
 
@@ -131,8 +135,13 @@ def save_stats(path: str, stats: FeatureStats, feature_extractor: Mapping | None
   if not path.endswith(".npz"):
     raise ValueError(f"reference statistics are written as .npz, got {path!r}")
   tmp = f"{path[:-4]}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, mu=stats.mean, sigma=stats.cov, count=np.int64(stats.count),
-           feature_extractor=np.array(json.dumps(dict(feature_extractor or {}), sort_keys=True)))
+  np.savez(
+    tmp,
+    mu=stats.mean,
+    sigma=stats.cov,
+    count=np.int64(stats.count),
+    feature_extractor=np.array(json.dumps(dict(feature_extractor or {}), sort_keys=True)),
+  )
   os.replace(tmp, path)
 
 
@@ -141,12 +150,17 @@ def load_stats(path: str) -> dict:
   clean-fid's statistics files too."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no reference statistics file {path}; compute one with "
-                            "`python -m sd3_jax.reference_stats --images DIR --clip CLIP --out ref.npz`")
+    raise FileNotFoundError(
+      f"no reference statistics file {path}; compute one with "
+      "`python -m sd3_jax.reference_stats --images DIR --clip CLIP --out ref.npz`"
+    )
   with np.load(path) as f:
     if "mu" not in f or "sigma" not in f:
       raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (found {sorted(f.files)})")
-    out = {"mu": np.asarray(f["mu"], np.float64), "sigma": np.asarray(f["sigma"], np.float64),
-           "count": int(f["count"]) if "count" in f else None,
-           "feature_extractor": json.loads(str(f["feature_extractor"])) if "feature_extractor" in f else {}}
+    out = {
+      "mu": np.asarray(f["mu"], np.float64),
+      "sigma": np.asarray(f["sigma"], np.float64),
+      "count": int(f["count"]) if "count" in f else None,
+      "feature_extractor": json.loads(str(f["feature_extractor"])) if "feature_extractor" in f else {},
+    }
   return out

@@ -13,6 +13,7 @@
 - 'auto': resolved once per run by ``resolve_impl(requested, platform, dtype)``: splash on TPU,
   cudnn on GPU in bf16/fp16 (float32 on GPU falls back to xla with a log line), xla elsewhere.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,18 +48,24 @@ def resolve_impl(requested: str, platform: str, dtype) -> str:
     if platform == "gpu" and half:
       return "cudnn"
     if platform == "gpu":
-      log.info("attention_impl='auto': cuDNN flash attention needs bfloat16/float16 compute, "
-               "the compute dtype is %s; using the XLA attention", jnp.dtype(dtype).name)
+      log.info(
+        "attention_impl='auto': cuDNN flash attention needs bfloat16/float16 compute, "
+        "the compute dtype is %s; using the XLA attention",
+        jnp.dtype(dtype).name,
+      )
     return "xla"
   if requested == "splash" and platform != "tpu":
-    raise ValueError(f"attention_impl='splash' is a TPU kernel, but the devices are {platform!r}; "
-                     "use 'auto' (or 'xla'), or 'splash_interpret' to run the kernel slowly on CPU")
+    raise ValueError(
+      f"attention_impl='splash' is a TPU kernel, but the devices are {platform!r}; "
+      "use 'auto' (or 'xla'), or 'splash_interpret' to run the kernel slowly on CPU"
+    )
   if requested == "cudnn" and platform != "gpu":
-    raise ValueError(f"attention_impl='cudnn' needs NVIDIA GPUs, but the devices are {platform!r}; "
-                     "use 'auto' or 'xla'")
+    raise ValueError(f"attention_impl='cudnn' needs NVIDIA GPUs, but the devices are {platform!r}; use 'auto' or 'xla'")
   if requested == "cudnn" and not half:
-    raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 compute, got "
-                     f"{jnp.dtype(dtype).name}; set --config.dtype=bfloat16 or use attention_impl='xla'")
+    raise ValueError(
+      f"attention_impl='cudnn' needs bfloat16 or float16 compute, got "
+      f"{jnp.dtype(dtype).name}; set --config.dtype=bfloat16 or use attention_impl='xla'"
+    )
   return requested
 
 
@@ -76,6 +83,7 @@ def default_block(seq_len: int) -> int:
 class SplashBlocks:
   """Splash tile sizes; 0 = ``default_block`` of the sequence length. ``block_q``/``block_kv``
   apply to the forward and both backward kernels."""
+
   block_q: int = 0
   block_kv: int = 0
 
@@ -93,15 +101,23 @@ def _splash_local(q, k, v, *, blocks: tuple[int, int], interpret: bool):
   the padded keys (segment id 0 against 1 for real tokens)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
   _, length, heads, dh = q.shape
   bq, bkv = blocks
   unit = math.lcm(bq, bkv)
   padded = -(-length // unit) * unit
   mask = sm.MultiHeadMask([sm.FullMask((padded, padded)) for _ in range(heads)])
-  sizes = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
-                        block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-  kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
-                              interpret=interpret)
+  sizes = sk.BlockSizes(
+    block_q=bq,
+    block_kv=bkv,
+    block_kv_compute=bkv,
+    block_q_dkv=bq,
+    block_kv_dkv=bkv,
+    block_kv_dkv_compute=bkv,
+    block_q_dq=bq,
+    block_kv_dq=bkv,
+  )
+  kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
   seg = jnp.asarray(np.arange(padded) < length, jnp.int32)
   segments = sk.SegmentIds(q=seg, kv=seg)
 
@@ -142,7 +158,9 @@ def attention(q, k, v, implementation: str = "xla", blocks: SplashBlocks = Splas
     return splash_attention(q, k, v, blocks=blocks, interpret=implementation == "splash_interpret")
   if implementation == "cudnn":
     if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-      raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}; "
-                       "set the compute dtype to bfloat16 or use attention_impl='xla'")
+      raise ValueError(
+        f"attention_impl='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}; "
+        "set the compute dtype to bfloat16 or use attention_impl='xla'"
+      )
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   raise ValueError(f"attention_impl must be one of {IMPLEMENTATIONS}, got {implementation!r}")

@@ -6,6 +6,7 @@ Configs arrive from JSON files (our ``sd3_jax_config.json``, transformers / diff
 much later as a wrong model, a ``ZeroDivisionError`` or a JAX shape error. Every error names the
 class and the field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,9 @@ def _is_real(v) -> bool:
   return isinstance(v, (numbers.Real, np.floating, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def check_config(config, *, positive: Iterable[str] = (), non_negative: Iterable[str] = (),
-                 positive_real: Iterable[str] = ()) -> None:
+def check_config(
+  config, *, positive: Iterable[str] = (), non_negative: Iterable[str] = (), positive_real: Iterable[str] = ()
+) -> None:
   """Raises ValueError naming the first field whose value does not fit its annotation
   (int, float, bool, str, tuple[int, ...], optionally None) or its range.
 

@@ -5,6 +5,7 @@ the 3x-forward train-step convention used for MFU, ``approx_train_flops`` the 6N
 approximation beside it, and ``count_matmul_flops`` a jaxpr walk that checks the formula against
 what the model actually traces.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features (layers.tim
 # Model FLOPs
 
 
-def mmdit_forward_flops_breakdown(config: MMDiTConfig, latent_h: int, latent_w: int,
-                                  context_len: int) -> dict[str, int]:
+def mmdit_forward_flops_breakdown(
+  config: MMDiTConfig, latent_h: int, latent_w: int, context_len: int
+) -> dict[str, int]:
   """Matmul FLOPs of one forward pass for ONE example, by component (see mmdit_forward_flops)."""
   p = config.patch_size
   if latent_h % p or latent_w % p:
@@ -36,9 +38,23 @@ def mmdit_forward_flops_breakdown(config: MMDiTConfig, latent_h: int, latent_w: 
   def attention(q_len, kv_len):  # QK^T and AV over all heads: 2 * 2*q*kv*h
     return 4 * q_len * kv_len * h
 
-  terms = dict.fromkeys(("patch_embed", "t_embedder_in", "y_embedder_in", "embedders_out",
-                         "context_embedder", "adaln", "qkv", "attention", "proj", "mlp",
-                         "attn2", "final_layer"), 0)
+  terms = dict.fromkeys(
+    (
+      "patch_embed",
+      "t_embedder_in",
+      "y_embedder_in",
+      "embedders_out",
+      "context_embedder",
+      "adaln",
+      "qkv",
+      "attention",
+      "proj",
+      "mlp",
+      "attn2",
+      "final_layer",
+    ),
+    0,
+  )
   terms["patch_embed"] = 2 * n * (p * p * config.in_channels) * h
   terms["t_embedder_in"] = 2 * TIMESTEP_FREQ_DIM * h
   terms["y_embedder_in"] = 2 * config.pooled_dim * h
@@ -83,8 +99,7 @@ def mmdit_forward_flops(config: MMDiTConfig, latent_h: int, latent_w: int, conte
   return sum(mmdit_forward_flops_breakdown(config, latent_h, latent_w, context_len).values())
 
 
-def train_step_flops(config: MMDiTConfig, latent_h: int, latent_w: int, context_len: int,
-                     batch_size: int) -> int:
+def train_step_flops(config: MMDiTConfig, latent_h: int, latent_w: int, context_len: int, batch_size: int) -> int:
   """Model FLOPs of one train step: 3 x forward x batch (forward + backward = 2x forward).
 
   The usual MFU convention (as in diffusers' and maxtext's benchmarks): matmuls and attention only; recomputation by

@@ -5,6 +5,7 @@ map logical names ('embed', 'mlp', 'heads', ...) to mesh axes with one rule tabl
 (``sd3_jax.sharding``). Parameters are float32; ``dtype`` is the compute dtype. Norm
 statistics, softmax and the timestep embedding are always computed in float32.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,7 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 # Logical names of activation axes (mapped to mesh axes by sharding.LOGICAL_RULES).
-ACT_BATCH, ACT_LENGTH, ACT_EMBED, ACT_HEADS, ACT_MLP = (
-    "act_batch", "act_length", "act_embed", "act_heads", "act_mlp")
+ACT_BATCH, ACT_LENGTH, ACT_EMBED, ACT_HEADS, ACT_MLP = ("act_batch", "act_length", "act_embed", "act_heads", "act_mlp")
 
 
 def _as_tuple(x) -> tuple:
@@ -35,6 +35,7 @@ class Dense(nn.Module):
   The kernel has shape ``x.shape[-n_in:] + features`` and logical names ``axes`` (one name
   per kernel axis); the bias has the names of the feature axes.
   """
+
   features: int | tuple[int, ...]
   axes: tuple[str | None, ...]
   n_in: int = 1
@@ -47,20 +48,21 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     features = _as_tuple(self.features)
-    in_shape = x.shape[-self.n_in:]
+    in_shape = x.shape[-self.n_in :]
     kshape = tuple(in_shape) + features
     if len(self.axes) != len(kshape):
       raise ValueError(f"{self.name}: {len(self.axes)} axis names for a kernel of shape {kshape}")
     n_k = len(kshape)
     init = self.kernel_init or nn.initializers.xavier_uniform(
-        in_axis=tuple(range(self.n_in)), out_axis=tuple(range(self.n_in, n_k)))
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), kshape,
-                        self.param_dtype)
+      in_axis=tuple(range(self.n_in)), out_axis=tuple(range(self.n_in, n_k))
+    )
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), kshape, self.param_dtype)
     contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.axes[self.n_in:]),
-                        features, self.param_dtype)
+      bias = self.param(
+        "bias", nn.with_logical_partitioning(self.bias_init, self.axes[self.n_in :]), features, self.param_dtype
+      )
       y = y + bias.astype(self.dtype)
     return y
 
@@ -75,13 +77,15 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 class RMSNorm(nn.Module):
   """RMSNorm over the last axis with a learnable scale (QK-norm); float32 statistics."""
+
   eps: float = 1e-6
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("kv",)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("kv",)), (x.shape[-1],), self.param_dtype
+    )
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
@@ -92,8 +96,7 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          implementation: str = "xla") -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
   """Unmasked softmax attention, q/k/v [B, L, H, Dh] -> [B, L, H, Dh].
 
   'xla' computes the logits and softmax in float32 explicitly (numerically safe in bf16 and
@@ -129,8 +132,7 @@ def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
   return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def sincos_2d_table(dim: int, grid_size: int, base_size: int = 16,
-                    scale: float = 1.0) -> np.ndarray:
+def sincos_2d_table(dim: int, grid_size: int, base_size: int = 16, scale: float = 1.0) -> np.ndarray:
   """The 2-D positional table [grid_size**2, dim] (the reference implementation's ``get_2d_sincos_pos_embed``), rows in row-major (y, x).
 
   Positions follow the paper (s5.3.2): ``(p - (grid_size - base_size*scale)/2) / scale`` on each
@@ -149,12 +151,13 @@ def crop_pos_embed(table: jax.Array, grid_size: int, h: int, w: int) -> jax.Arra
   """Centre crop of a [1, M*M, D] table to [1, h*w, D] (floor offsets, as the reference)."""
   if h > grid_size or w > grid_size:
     raise ValueError(
-        f"latent patch grid {h}x{w} is larger than the positional grid {grid_size}x{grid_size}; "
-        f"use a smaller resolution (at most {2 * grid_size * 8} px per side for patch 2, f=8) "
-        "or a model with a larger pos_embed_max_size")
+      f"latent patch grid {h}x{w} is larger than the positional grid {grid_size}x{grid_size}; "
+      f"use a smaller resolution (at most {2 * grid_size * 8} px per side for patch 2, f=8) "
+      "or a model with a larger pos_embed_max_size"
+    )
   top, left = (grid_size - h) // 2, (grid_size - w) // 2
   d = table.shape[-1]
-  pe = table.reshape(1, grid_size, grid_size, d)[:, top:top + h, left:left + w, :]
+  pe = table.reshape(1, grid_size, grid_size, d)[:, top : top + h, left : left + w, :]
   return pe.reshape(1, h * w, d)
 
 
@@ -164,12 +167,12 @@ def crop_pos_embed(table: jax.Array, grid_size: int, h: int, w: int) -> jax.Arra
 
 # transformers' activation names (ACT2FN) -> functions.
 ACTIVATIONS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  "gelu": functools.partial(jax.nn.gelu, approximate=False),
+  "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+  "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+  "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
 }
 
 
@@ -190,28 +193,34 @@ def hf_get(d: Mapping, key: str, default):
 
 class Embed(nn.Module):
   """Embedding table [num, features] with logical axes; float32 lookup."""
+
   num: int
   features: int
   axes: tuple[str | None, str | None] = ("vocab", "embed")
 
   @nn.compact
   def __call__(self, ids: jax.Array) -> jax.Array:
-    table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
-                       (self.num, self.features), jnp.float32)
+    table = self.param(
+      "embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+      (self.num, self.features),
+      jnp.float32,
+    )
     return jnp.take(table, ids, axis=0)
 
 
 class LayerNorm(nn.Module):
   """LayerNorm with scale and bias over the last axis; float32 statistics and output."""
+
   eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                       (d,), jnp.float32)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                      (d,), jnp.float32)
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)), (d,), jnp.float32
+    )
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)), (d,), jnp.float32)
     x = x.astype(jnp.float32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
@@ -220,12 +229,14 @@ class LayerNorm(nn.Module):
 
 class T5LayerNorm(nn.Module):
   """T5's RMS norm: x / rms(x) * scale, no mean subtraction, no bias; float32."""
+
   eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                       (x.shape[-1],), jnp.float32)
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)), (x.shape[-1],), jnp.float32
+    )
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps) * scale
 

@@ -4,6 +4,7 @@
 t [B] flow time in [0, 1] (scaled by 1000 inside, as the reference feeds sigma*1000), pooled
 [B,P] and context [B,L,D] returns the velocity, shape of x, in float32.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,9 +17,17 @@ from flax import linen as nn
 
 from sd3_jax.models import attention as A
 from sd3_jax.models import layers as L
+
 # The configuration API lives beside the model and is part of its namespace (mmdit.get_config).
-from sd3_jax.models.mmdit_config import (PRESETS, MMDiTConfig, block_segments, config_for_depth,  # noqa: F401
-                                         config_from_preset, get_config, iter_blocks)
+from sd3_jax.models.mmdit_config import (
+  PRESETS,
+  MMDiTConfig,
+  block_segments,
+  config_for_depth,  # noqa: F401
+  config_from_preset,
+  get_config,
+  iter_blocks,
+)
 from sd3_jax.models import remat as R
 
 Dtype = Any
@@ -43,6 +52,7 @@ def _replicated_features(mod_BxN):
 
 class AttentionProjections(nn.Module):
   """qkv projection (+ optional QK RMSNorm) and output projection of one stream."""
+
   hidden: int
   heads: int
   qk_norm: bool
@@ -72,6 +82,7 @@ class AttentionProjections(nn.Module):
 
 class StreamBlock(nn.Module):
   """One stream of a joint block (the reference's DismantledBlock): adaLN, attention, MLP."""
+
   hidden: int
   heads: int
   mlp_ratio: int = 4
@@ -85,10 +96,10 @@ class StreamBlock(nn.Module):
   def setup(self):
     n_mods = 2 if self.pre_only else (9 if self.dual else 6)
     zeros = nn.initializers.zeros_init()
-    self.adaLN_modulation = L.Dense(n_mods * self.hidden, ("embed", "mlp"), dtype=self.dtype,
-                                    kernel_init=zeros)
-    self.attn = AttentionProjections(self.hidden, self.heads, self.qk_norm,
-                                     has_proj=not self.pre_only, dtype=self.dtype)
+    self.adaLN_modulation = L.Dense(n_mods * self.hidden, ("embed", "mlp"), dtype=self.dtype, kernel_init=zeros)
+    self.attn = AttentionProjections(
+      self.hidden, self.heads, self.qk_norm, has_proj=not self.pre_only, dtype=self.dtype
+    )
     if self.dual:
       self.attn2 = AttentionProjections(self.hidden, self.heads, self.qk_norm, dtype=self.dtype)
     if not self.pre_only:
@@ -136,6 +147,7 @@ class JointBlock(nn.Module):
   Called as ``(ctx, x), _ = block((ctx, x), c)`` so that it can be scanned; the last block
   (``context_pre_only``) returns ctx unchanged-by-MLP (its attention output is discarded).
   """
+
   hidden: int
   heads: int
   mlp_ratio: int = 4
@@ -149,17 +161,28 @@ class JointBlock(nn.Module):
   @nn.compact
   def __call__(self, carry, c_BxD):
     ctx, x = carry
-    kw = dict(hidden=self.hidden, heads=self.heads, mlp_ratio=self.mlp_ratio,
-              qk_norm=self.qk_norm, dtype=self.dtype, attention_impl=self.attention_impl,
-              attention_blocks=self.attention_blocks)
+    kw = dict(
+      hidden=self.hidden,
+      heads=self.heads,
+      mlp_ratio=self.mlp_ratio,
+      qk_norm=self.qk_norm,
+      dtype=self.dtype,
+      attention_impl=self.attention_impl,
+      attention_blocks=self.attention_blocks,
+    )
     context_block = StreamBlock(pre_only=self.context_pre_only, name="context_block", **kw)
     x_block = StreamBlock(dual=self.dual, name="x_block", **kw)
     (cq, ck, cv), c_saved = context_block.pre_attention(ctx, c_BxD)
     (xq, xk, xv), x_saved = x_block.pre_attention(x, c_BxD)
     n_ctx = ctx.shape[1]
     # Reference order: context tokens first, then image tokens.
-    a = A.attention(jnp.concatenate([cq, xq], 1), jnp.concatenate([ck, xk], 1),
-                    jnp.concatenate([cv, xv], 1), self.attention_impl, self.attention_blocks)
+    a = A.attention(
+      jnp.concatenate([cq, xq], 1),
+      jnp.concatenate([ck, xk], 1),
+      jnp.concatenate([cv, xv], 1),
+      self.attention_impl,
+      self.attention_blocks,
+    )
     a = R.tag(a, R.ATTN_OUT)
     if not self.context_pre_only:
       ctx = context_block.post_attention(a[:, :n_ctx], c_saved)
@@ -169,6 +192,7 @@ class JointBlock(nn.Module):
 
 class MlpEmbedder(nn.Module):
   """Linear -> SiLU -> Linear (the reference's TimestepEmbedder / VectorEmbedder mlp)."""
+
   hidden: int
   dtype: Dtype = jnp.float32
   init_std: float | None = None
@@ -177,8 +201,7 @@ class MlpEmbedder(nn.Module):
   def __call__(self, x):
     init = nn.initializers.normal(self.init_std) if self.init_std else None
     x = L.Dense(self.hidden, ("cond", "embed"), dtype=self.dtype, kernel_init=init, name="mlp_0")(x)
-    return L.Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, kernel_init=init,
-                   name="mlp_2")(nn.silu(x))
+    return L.Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, kernel_init=init, name="mlp_2")(nn.silu(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,6 +231,7 @@ class MMDiT(nn.Module):
   With ``scan_layers`` runs of equal blocks are stacked under ``scan_blocks_{start}_{stop}``
   (leading 'layers' axis); ``stack_block_params`` / ``unstack_block_params`` convert.
   """
+
   config: MMDiTConfig
   dtype: Dtype = jnp.float32
   remat: str = "none"
@@ -235,10 +259,18 @@ class MMDiT(nn.Module):
     cls, pol = JointBlock, R.policy(self.remat)
     if self.remat != "none":
       cls = nn.remat(cls, policy=pol, prevent_cse=not self.scan_layers)
-    return cls, dict(hidden=cfg.hidden_size, heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                     qk_norm=cfg.qk_norm, context_pre_only=pre_only, dual=dual, dtype=self.dtype,
-                     attention_impl=self.attention_impl, attention_blocks=self.attention_blocks,
-                     name=name)
+    return cls, dict(
+      hidden=cfg.hidden_size,
+      heads=cfg.num_heads,
+      mlp_ratio=cfg.mlp_ratio,
+      qk_norm=cfg.qk_norm,
+      context_pre_only=pre_only,
+      dual=dual,
+      dtype=self.dtype,
+      attention_impl=self.attention_impl,
+      attention_blocks=self.attention_blocks,
+      name=name,
+    )
 
   @nn.compact
   def __call__(self, x, t, pooled, context, *, skip_layers: tuple[int, ...] = ()):
@@ -253,12 +285,16 @@ class MMDiT(nn.Module):
     # Patch embedding: a p x p stride-p conv written as an einsum (kernel [p, p, C, h]).
     x_emb = PatchEmbed(d, p, dtype=self.dtype, name="x_embedder")(x.astype(self.dtype))
     table = self.param(
-        "pos_embed",
-        nn.with_logical_partitioning(
-            lambda *_: jnp.asarray(L.sincos_2d_table(d, cfg.pos_embed_max_size, cfg.pos_embed_base_size,
-                                                     cfg.pos_embed_scale)[None], jnp.float32),
-            (None, None, "embed")),
-        (1, cfg.pos_embed_max_size ** 2, d), jnp.float32)
+      "pos_embed",
+      nn.with_logical_partitioning(
+        lambda *_: jnp.asarray(
+          L.sincos_2d_table(d, cfg.pos_embed_max_size, cfg.pos_embed_base_size, cfg.pos_embed_scale)[None], jnp.float32
+        ),
+        (None, None, "embed"),
+      ),
+      (1, cfg.pos_embed_max_size**2, d),
+      jnp.float32,
+    )
     pos = L.crop_pos_embed(jax.lax.stop_gradient(table), cfg.pos_embed_max_size, hp, wp)
     x_tok = x_emb.reshape(b, hp * wp, d) + pos.astype(self.dtype)  # row-major (h, w) tokens
     x_tok = nn.with_logical_constraint(x_tok, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_EMBED))
@@ -275,9 +311,14 @@ class MMDiT(nn.Module):
         raise ValueError("skip_layers needs an unscanned model (scan_layers=False)")
       for start, stop, dual in block_segments(cfg):
         cls, kw = self._block(start, dual, False, f"scan_blocks_{start}_{stop}")
-        scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(nn.broadcast,), length=stop - start,
-                          metadata_params={nn.PARTITION_NAME: "layers"})
+        scanned = nn.scan(
+          cls,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(nn.broadcast,),
+          length=stop - start,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+        )
         carry, _ = scanned(**kw)(carry, c)
     else:
       for i in range(cfg.depth - 1):
@@ -318,12 +359,14 @@ class FinalLayer(nn.Module):
   @nn.compact
   def __call__(self, x, c):
     zeros = nn.initializers.zeros_init()
-    mod = _replicated_features(L.Dense(2 * self.hidden, ("embed", "mlp"), dtype=self.dtype,
-                                       kernel_init=zeros, name="adaLN_modulation")(nn.silu(c)))
+    mod = _replicated_features(
+      L.Dense(2 * self.hidden, ("embed", "mlp"), dtype=self.dtype, kernel_init=zeros, name="adaLN_modulation")(
+        nn.silu(c)
+      )
+    )
     shift, scale = jnp.split(mod, 2, axis=-1)  # original order: shift first
     x = L.modulate(L.layer_norm(x), shift, scale)
-    return L.Dense(self.out_features, ("embed", None), dtype=self.dtype, kernel_init=zeros,
-                   name="linear")(x)
+    return L.Dense(self.out_features, ("embed", None), dtype=self.dtype, kernel_init=zeros, name="linear")(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,8 +375,12 @@ class FinalLayer(nn.Module):
 
 def dummy_inputs(config: MMDiTConfig, batch: int = 1, latent_size: int = 8, context_len: int = 8):
   x = jnp.zeros((batch, latent_size, latent_size, config.in_channels), jnp.float32)
-  return (x, jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, config.pooled_dim), jnp.float32),
-          jnp.zeros((batch, context_len, config.context_dim), jnp.float32))
+  return (
+    x,
+    jnp.zeros((batch,), jnp.float32),
+    jnp.zeros((batch, config.pooled_dim), jnp.float32),
+    jnp.zeros((batch, context_len, config.context_dim), jnp.float32),
+  )
 
 
 def init_params(model: MMDiT, rng: jax.Array, boxed: bool = False):

@@ -2,6 +2,7 @@
 d heads, head dim 64), and the block structure a config implies. No model code here, so a
 config can be read, validated and counted without building a model (``sd3_jax.models.mmdit``
 re-exports all of it)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,6 +33,7 @@ class MMDiTConfig:
       calls ``sample_size`` (its pipelines derive their default resolution from it). None means
       ``default_sample_size``; a converted checkpoint keeps its source's value.
   """
+
   depth: int
   hidden_size: int | None = None
   num_heads: int | None = None
@@ -49,10 +51,25 @@ class MMDiTConfig:
   sample_size: int | None = None
 
   def __post_init__(self):
-    check_config(self, positive=("depth", "hidden_size", "num_heads", "patch_size", "in_channels",
-                                 "out_channels", "pooled_dim", "context_dim", "pos_embed_max_size",
-                                 "mlp_ratio", "pos_embed_base_size", "sample_size"),
-                 non_negative=("dual_attention_layers",), positive_real=("pos_embed_scale",))
+    check_config(
+      self,
+      positive=(
+        "depth",
+        "hidden_size",
+        "num_heads",
+        "patch_size",
+        "in_channels",
+        "out_channels",
+        "pooled_dim",
+        "context_dim",
+        "pos_embed_max_size",
+        "mlp_ratio",
+        "pos_embed_base_size",
+        "sample_size",
+      ),
+      non_negative=("dual_attention_layers",),
+      positive_real=("pos_embed_scale",),
+    )
     object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
     if self.hidden_size is None:
       object.__setattr__(self, "hidden_size", 64 * self.depth)
@@ -95,10 +112,9 @@ def config_for_depth(depth: int, **overrides) -> MMDiTConfig:
 
 
 PRESETS: dict[str, MMDiTConfig] = {
-    "sd3-medium": MMDiTConfig(depth=24),
-    "sd3.5-large": MMDiTConfig(depth=38, qk_norm=True),
-    "sd3.5-medium": MMDiTConfig(depth=24, qk_norm=True, dual_attention_layers=tuple(range(13)),
-                                pos_embed_max_size=384),
+  "sd3-medium": MMDiTConfig(depth=24),
+  "sd3.5-large": MMDiTConfig(depth=38, qk_norm=True),
+  "sd3.5-medium": MMDiTConfig(depth=24, qk_norm=True, dual_attention_layers=tuple(range(13)), pos_embed_max_size=384),
 }
 
 

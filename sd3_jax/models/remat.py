@@ -23,6 +23,7 @@ Policies, from most memory / least recomputation to least memory / most recomput
 The offload policies need a backend with host memory spaces (TPU, GPU). ``tools.aot_compile
 --pick_remat`` measures memory and recomputation per policy for a TPU topology.
 """
+
 from __future__ import annotations
 
 import jax
@@ -34,21 +35,24 @@ _cp = jax.checkpoint_policies
 
 def _offload(*names):
   return _cp.save_and_offload_only_these_names(
-      names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
-      offload_src="device", offload_dst="pinned_host")
+    names_which_can_be_saved=[],
+    names_which_can_be_offloaded=list(names),
+    offload_src="device",
+    offload_dst="pinned_host",
+  )
 
 
 POLICIES = {
-    "none": None,
-    "dots": _cp.checkpoint_dots,
-    "dots_no_batch": _cp.checkpoint_dots_with_no_batch_dims,
-    "save_qkv_attn_mlp": _cp.save_only_these_names(QKV, ATTN_OUT, MLP_IN),
-    "save_attn_mlp": _cp.save_only_these_names(ATTN_OUT, MLP_IN),
-    "save_qkv_attn": _cp.save_only_these_names(QKV, ATTN_OUT),
-    "save_attn": _cp.save_only_these_names(ATTN_OUT),
-    "offload_qkv_attn_mlp": _offload(QKV, ATTN_OUT, MLP_IN),
-    "offload_attn": _offload(ATTN_OUT),
-    "full": _cp.nothing_saveable,
+  "none": None,
+  "dots": _cp.checkpoint_dots,
+  "dots_no_batch": _cp.checkpoint_dots_with_no_batch_dims,
+  "save_qkv_attn_mlp": _cp.save_only_these_names(QKV, ATTN_OUT, MLP_IN),
+  "save_attn_mlp": _cp.save_only_these_names(ATTN_OUT, MLP_IN),
+  "save_qkv_attn": _cp.save_only_these_names(QKV, ATTN_OUT),
+  "save_attn": _cp.save_only_these_names(ATTN_OUT),
+  "offload_qkv_attn_mlp": _offload(QKV, ATTN_OUT, MLP_IN),
+  "offload_attn": _offload(ATTN_OUT),
+  "full": _cp.nothing_saveable,
 }
 OFFLOAD_POLICIES = ("offload_qkv_attn_mlp", "offload_attn")
 

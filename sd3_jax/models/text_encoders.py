@@ -1,6 +1,7 @@
 """SD3's text encoders (the paper, section 5.2.1), inference only: the CLIP-L/14 and OpenCLIP
 bigG/14 text transformers (``CLIPTextEncoder``), the presets of all three encoders with T5-v1.1-XXL
 (``models/t5.py``), and building / initialising any of them from its config."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sd3_jax.models.layers import (ACTIVATIONS, Dense, Embed, LayerNorm, dataclass_from_dict, hf_get,
-                                   masked_attention)
+from sd3_jax.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, dataclass_from_dict, hf_get, masked_attention
 from sd3_jax.models.config_check import check_config
 from sd3_jax.models.t5 import T5Encoder, T5EncoderConfig
 
@@ -35,6 +35,7 @@ class CLIPTextConfig:
   the FIRST occurrence of that id. hidden_layer indexes transformers' ``hidden_states`` tuple
   (0 = embeddings, i = after layer i, negative from the end): -2 is SD3's choice.
   """
+
   vocab_size: int = 49408
   hidden_size: int = 768
   intermediate_size: int = 3072
@@ -50,17 +51,29 @@ class CLIPTextConfig:
   hidden_layer: int = -2
 
   def __post_init__(self):
-    check_config(self, positive=("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                                 "max_position_embeddings", "projection_dim"),
-                 non_negative=("eos_token_id", "bos_token_id", "pad_token_id"),
-                 positive_real=("layer_norm_eps",))
+    check_config(
+      self,
+      positive=(
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "max_position_embeddings",
+        "projection_dim",
+      ),
+      non_negative=("eos_token_id", "bos_token_id", "pad_token_id"),
+      positive_real=("layer_norm_eps",),
+    )
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"unsupported CLIP hidden_act {self.hidden_act!r}; known: {sorted(ACTIVATIONS)}")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     if not -(self.num_layers + 1) <= self.hidden_layer <= self.num_layers:
-      raise ValueError(f"hidden_layer {self.hidden_layer} is out of range for {self.num_layers} layers "
-                       f"(transformers' hidden_states has {self.num_layers + 1} entries)")
+      raise ValueError(
+        f"hidden_layer {self.hidden_layer} is out of range for {self.num_layers} layers "
+        f"(transformers' hidden_states has {self.num_layers + 1} entries)"
+      )
 
   @property
   def head_dim(self) -> int:
@@ -83,36 +96,52 @@ class CLIPTextConfig:
       projection_dim = hf_get(d, "projection_dim", 512)
       d = d.get("text_config") or {}
     kw = dict(
-        vocab_size=hf_get(d, "vocab_size", 49408), hidden_size=hf_get(d, "hidden_size", 512),
-        intermediate_size=hf_get(d, "intermediate_size", 2048),
-        num_layers=hf_get(d, "num_hidden_layers", 12), num_heads=hf_get(d, "num_attention_heads", 8),
-        max_position_embeddings=hf_get(d, "max_position_embeddings", 77),
-        hidden_act=hf_get(d, "hidden_act", "quick_gelu"), layer_norm_eps=hf_get(d, "layer_norm_eps", 1e-5),
-        projection_dim=projection_dim if projection_dim is not None else hf_get(d, "projection_dim", 512),
-        eos_token_id=hf_get(d, "eos_token_id", 49407), bos_token_id=hf_get(d, "bos_token_id", 49406),
-        pad_token_id=hf_get(d, "pad_token_id", 1))
+      vocab_size=hf_get(d, "vocab_size", 49408),
+      hidden_size=hf_get(d, "hidden_size", 512),
+      intermediate_size=hf_get(d, "intermediate_size", 2048),
+      num_layers=hf_get(d, "num_hidden_layers", 12),
+      num_heads=hf_get(d, "num_attention_heads", 8),
+      max_position_embeddings=hf_get(d, "max_position_embeddings", 77),
+      hidden_act=hf_get(d, "hidden_act", "quick_gelu"),
+      layer_norm_eps=hf_get(d, "layer_norm_eps", 1e-5),
+      projection_dim=projection_dim if projection_dim is not None else hf_get(d, "projection_dim", 512),
+      eos_token_id=hf_get(d, "eos_token_id", 49407),
+      bos_token_id=hf_get(d, "bos_token_id", 49406),
+      pad_token_id=hf_get(d, "pad_token_id", 1),
+    )
     kw.update(overrides)
     return cls(**kw)
 
   def to_hf_config(self) -> dict:
     """config.json of the equivalent transformers CLIPTextModelWithProjection."""
     return {
-        "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model",
-        "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
-        "num_attention_heads": self.num_heads, "max_position_embeddings": self.max_position_embeddings,
-        "hidden_act": self.hidden_act, "layer_norm_eps": self.layer_norm_eps,
-        "projection_dim": self.projection_dim, "eos_token_id": self.eos_token_id,
-        "bos_token_id": self.bos_token_id, "pad_token_id": self.pad_token_id,
-        "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02,
-        "dtype": "float32",
+      "architectures": ["CLIPTextModelWithProjection"],
+      "model_type": "clip_text_model",
+      "vocab_size": self.vocab_size,
+      "hidden_size": self.hidden_size,
+      "intermediate_size": self.intermediate_size,
+      "num_hidden_layers": self.num_layers,
+      "num_attention_heads": self.num_heads,
+      "max_position_embeddings": self.max_position_embeddings,
+      "hidden_act": self.hidden_act,
+      "layer_norm_eps": self.layer_norm_eps,
+      "projection_dim": self.projection_dim,
+      "eos_token_id": self.eos_token_id,
+      "bos_token_id": self.bos_token_id,
+      "pad_token_id": self.pad_token_id,
+      "attention_dropout": 0.0,
+      "dropout": 0.0,
+      "initializer_factor": 1.0,
+      "initializer_range": 0.02,
+      "dtype": "float32",
     }
 
 
 # SD3's encoders (the configs of stable-diffusion-3-medium-diffusers text_encoder{,_2,_3}).
 CLIP_L = CLIPTextConfig()
-CLIP_G = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20,
-                        hidden_act="gelu", projection_dim=1280)
+CLIP_G = CLIPTextConfig(
+  hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20, hidden_act="gelu", projection_dim=1280
+)
 T5_XXL = T5EncoderConfig()
 PRESETS = {"clip_l": CLIP_L, "clip_g": CLIP_G, "t5_xxl": T5_XXL}
 
@@ -124,9 +153,9 @@ def get_config(name: str):
 
 
 class CLIPTextOutput(NamedTuple):
-  hidden: jax.Array      # [B, L, D] hidden_states[config.hidden_layer], no final LN
-  pooled: jax.Array      # [B, D] final-LN state at the EOS position
-  projected: jax.Array   # [B, P] text_projection(pooled)
+  hidden: jax.Array  # [B, L, D] hidden_states[config.hidden_layer], no final LN
+  pooled: jax.Array  # [B, D] final-LN state at the EOS position
+  projected: jax.Array  # [B, P] text_projection(pooled)
 
 
 class CLIPEmbeddings(nn.Module):
@@ -136,14 +165,16 @@ class CLIPEmbeddings(nn.Module):
   def __call__(self, input_ids: jax.Array) -> jax.Array:  # [B, L] -> [B, L, D] float32
     c = self.config
     tok = Embed(c.vocab_size, c.hidden_size, name="token_embedding")(input_ids)
-    pos = Embed(c.max_position_embeddings, c.hidden_size, (None, "embed"),
-                name="position_embedding")(jnp.arange(input_ids.shape[1]))
+    pos = Embed(c.max_position_embeddings, c.hidden_size, (None, "embed"), name="position_embedding")(
+      jnp.arange(input_ids.shape[1])
+    )
     return tok + pos[None]
 
 
 class CLIPAttention(nn.Module):
   """CLIP self-attention; ``causal`` for the text tower, bidirectional for the vision tower
   (models/clip_vision.py), which reuses these layers with its own config."""
+
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
   causal: bool = True
@@ -152,9 +183,10 @@ class CLIPAttention(nn.Module):
   def __call__(self, y: jax.Array) -> jax.Array:  # [B, L, D] -> [B, L, D]
     c = self.config
     h, dh = c.num_heads, c.head_dim
-    q, k, v = (Dense((h, dh), ("embed", "heads", "kv"), dtype=self.dtype, name=f"{n}_proj")(y)
-               for n in ("q", "k", "v"))  # each [B, L, H, Dh]
-    o = masked_attention(q, k, v, scale=dh ** -0.5, causal=self.causal)
+    q, k, v = (
+      Dense((h, dh), ("embed", "heads", "kv"), dtype=self.dtype, name=f"{n}_proj")(y) for n in ("q", "k", "v")
+    )  # each [B, L, H, Dh]
+    o = masked_attention(q, k, v, scale=dh**-0.5, causal=self.causal)
     return Dense(c.hidden_size, ("heads", "kv", "embed"), n_in=2, dtype=self.dtype, name="out_proj")(o)
 
 
@@ -219,6 +251,7 @@ class CLIPTextEncoder(nn.Module):
           blocks_{i}/ffn_norm/scale, blocks_{i}/ffn/{wi_0, wi_1 (gated) | wi, wo}/kernel
           final_layer_norm/scale
   """
+
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
 
@@ -241,8 +274,9 @@ class CLIPTextEncoder(nn.Module):
     else:
       pos = jnp.argmax(input_ids == c.eos_token_id, axis=-1)  # first EOS (0 when there is none)
     pooled = x[jnp.arange(b), pos]  # [B, D]
-    projected = Dense(c.projection_dim, ("embed", None), use_bias=False, dtype=self.dtype,
-                      name="text_projection")(pooled.astype(self.dtype))
+    projected = Dense(c.projection_dim, ("embed", None), use_bias=False, dtype=self.dtype, name="text_projection")(
+      pooled.astype(self.dtype)
+    )
     return CLIPTextOutput(hidden, pooled, projected.astype(jnp.float32))
 
 

@@ -5,6 +5,7 @@ use_post_quant_conv=False`` (the LDM encoder/decoder with ch_mult, GroupNorm(eps
 a mid block with one single-head attention). Images are [B,H,W,3] in [-1, 1]; latents are
 [B,H/8,W/8,16] for the SD3 preset.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,6 +37,7 @@ class VAEConfig:
     norm_num_groups: GroupNorm groups (eps 1e-6 everywhere).
     scaling_factor / shift_factor: the latent normalisation z = (x - shift) * scale.
   """
+
   in_channels: int = 3
   out_channels: int = 3
   latent_channels: int = 16
@@ -46,8 +48,17 @@ class VAEConfig:
   shift_factor: float = 0.0609
 
   def __post_init__(self):
-    check_config(self, positive=("in_channels", "out_channels", "latent_channels", "block_out_channels",
-                                 "layers_per_block", "norm_num_groups"))
+    check_config(
+      self,
+      positive=(
+        "in_channels",
+        "out_channels",
+        "latent_channels",
+        "block_out_channels",
+        "layers_per_block",
+        "norm_num_groups",
+      ),
+    )
     object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
     if not self.block_out_channels:
       raise ValueError("block_out_channels must name at least one level")
@@ -55,8 +66,10 @@ class VAEConfig:
       raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
     bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
     if bad:
-      raise ValueError(f"block_out_channels {list(self.block_out_channels)}: {bad} not divisible by "
-                       f"norm_num_groups={self.norm_num_groups}")
+      raise ValueError(
+        f"block_out_channels {list(self.block_out_channels)}: {bad} not divisible by "
+        f"norm_num_groups={self.norm_num_groups}"
+      )
     if min(self.in_channels, self.out_channels, self.latent_channels) < 1:
       raise ValueError("in_channels, out_channels and latent_channels must be positive")
     if self.scaling_factor == 0:
@@ -88,8 +101,9 @@ class VAEConfig:
     """
     unknown = sorted(k for k in d if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
     if unknown:
-      raise ValueError(f"diffusers VAE config: unknown keys {unknown}; this AutoencoderKL understands "
-                       f"{sorted(_DIFFUSERS_DEFAULTS)}")
+      raise ValueError(
+        f"diffusers VAE config: unknown keys {unknown}; this AutoencoderKL understands {sorted(_DIFFUSERS_DEFAULTS)}"
+      )
     cls_name = d.get("_class_name", "AutoencoderKL")
     if cls_name != "AutoencoderKL":
       raise ValueError(f"diffusers VAE config: _class_name is {cls_name!r}, expected 'AutoencoderKL'")
@@ -103,8 +117,10 @@ class VAEConfig:
     problems = []
     for k in ("use_quant_conv", "use_post_quant_conv"):
       if c[k]:
-        problems.append(f"{k}=True (the SD3 VAE has no quant/post-quant 1x1 convs; set it to false "
-                        "only if the checkpoint really has no quant_conv weights)")
+        problems.append(
+          f"{k}=True (the SD3 VAE has no quant/post-quant 1x1 convs; set it to false "
+          "only if the checkpoint really has no quant_conv weights)"
+        )
     n = len(c["block_out_channels"])
     for k, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
       types = list(c[k])
@@ -116,26 +132,44 @@ class VAEConfig:
       problems.append("mid_block_add_attention=False (the mid block always has one attention)")
     for k in ("latents_mean", "latents_std"):
       if c[k] is not None:
-        problems.append(f"{k} is set (per-channel latent statistics are not supported; SD3 uses "
-                        "scaling_factor/shift_factor)")
+        problems.append(
+          f"{k} is set (per-channel latent statistics are not supported; SD3 uses scaling_factor/shift_factor)"
+        )
     if problems:
       raise ValueError("unsupported diffusers AutoencoderKL config:\n  " + "\n  ".join(problems))
     # No int()/float() casts: "3" or 3.5 in a config.json is an error (check_config names it).
-    return cls(in_channels=c["in_channels"], out_channels=c["out_channels"],
-               latent_channels=c["latent_channels"], block_out_channels=tuple(c["block_out_channels"]),
-               layers_per_block=c["layers_per_block"], norm_num_groups=c["norm_num_groups"],
-               scaling_factor=c["scaling_factor"],
-               shift_factor=0.0 if c["shift_factor"] is None else c["shift_factor"])  # None: no shift
+    return cls(
+      in_channels=c["in_channels"],
+      out_channels=c["out_channels"],
+      latent_channels=c["latent_channels"],
+      block_out_channels=tuple(c["block_out_channels"]),
+      layers_per_block=c["layers_per_block"],
+      norm_num_groups=c["norm_num_groups"],
+      scaling_factor=c["scaling_factor"],
+      shift_factor=0.0 if c["shift_factor"] is None else c["shift_factor"],
+    )  # None: no shift
 
 
 # diffusers.AutoencoderKL.__init__ defaults (0.42), used for keys a config.json leaves out.
 _DIFFUSERS_DEFAULTS = {
-    "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",),
-    "up_block_types": ("UpDecoderBlock2D",), "block_out_channels": (64,), "layers_per_block": 1,
-    "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 32, "sample_size": 32,
-    "scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None, "latents_std": None,
-    "force_upcast": True, "use_quant_conv": True, "use_post_quant_conv": True,
-    "mid_block_add_attention": True,
+  "in_channels": 3,
+  "out_channels": 3,
+  "down_block_types": ("DownEncoderBlock2D",),
+  "up_block_types": ("UpDecoderBlock2D",),
+  "block_out_channels": (64,),
+  "layers_per_block": 1,
+  "act_fn": "silu",
+  "latent_channels": 4,
+  "norm_num_groups": 32,
+  "sample_size": 32,
+  "scaling_factor": 0.18215,
+  "shift_factor": None,
+  "latents_mean": None,
+  "latents_std": None,
+  "force_upcast": True,
+  "use_quant_conv": True,
+  "use_post_quant_conv": True,
+  "mid_block_add_attention": True,
 }
 
 SD3_VAE = VAEConfig()
@@ -156,6 +190,7 @@ def get_config(name: str) -> VAEConfig:
 
 class Conv(nn.Module):
   """k x k convolution, NHWC, kernel [k, k, in, out]; ``padding`` ((top, bottom), (left, right))."""
+
   features: int
   kernel_size: int = 3
   stride: int = 1
@@ -168,18 +203,28 @@ class Conv(nn.Module):
     k, cin = self.kernel_size, x_BxHxWxC.shape[-1]
     # torch's default Conv2d init (uniform, bound 1/sqrt(fan_in)).
     init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, (None, None, _IN, _OUT)),
-                        (k, k, cin, self.features), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (_OUT,)),
-                      (self.features,), self.param_dtype)
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(init, (None, None, _IN, _OUT)),
+      (k, k, cin, self.features),
+      self.param_dtype,
+    )
+    bias = self.param(
+      "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (_OUT,)), (self.features,), self.param_dtype
+    )
     y = jax.lax.conv_general_dilated(
-        x_BxHxWxC.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
-        self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x_BxHxWxC.astype(self.dtype),
+      kernel.astype(self.dtype),
+      (self.stride, self.stride),
+      self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     return y + bias.astype(self.dtype)
 
 
 class GroupNorm(nn.Module):
   """GroupNorm over (H, W, channels of a group) with affine scale/bias, all in float32."""
+
   num_groups: int
   eps: float = 1e-6
 
@@ -189,10 +234,8 @@ class GroupNorm(nn.Module):
     g = self.num_groups
     if c % g:
       raise ValueError(f"GroupNorm: {c} channels are not divisible by {g} groups")
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (_OUT,)),
-                       (c,), jnp.float32)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (_OUT,)),
-                      (c,), jnp.float32)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (_OUT,)), (c,), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (_OUT,)), (c,), jnp.float32)
     x = x_BxHxWxC.astype(jnp.float32).reshape(b, h, w, g, c // g)  # channel groups are contiguous
     mean = jnp.mean(x, axis=(1, 2, 4), keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=(1, 2, 4), keepdims=True)
@@ -202,6 +245,7 @@ class GroupNorm(nn.Module):
 
 class ResnetBlock(nn.Module):
   """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus x (1x1 conv_shortcut when in != out)."""
+
   features: int
   groups: int
   dtype: Dtype = jnp.float32
@@ -219,6 +263,7 @@ class ResnetBlock(nn.Module):
 
 class Attention(nn.Module):
   """diffusers' mid-block Attention: GroupNorm, one head over all channels, residual."""
+
   groups: int
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
@@ -253,6 +298,7 @@ class Downsample(nn.Module):
   Not ``padding=1``: that shifts the sampling grid by one pixel (and gives a different output
   size for odd inputs). Output side = floor((n + 1 - 3) / 2) + 1 = floor(n / 2).
   """
+
   features: int
   dtype: Dtype = jnp.float32
 
@@ -265,6 +311,7 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
   """Nearest-neighbour x2, then a 3x3 conv."""
+
   features: int
   dtype: Dtype = jnp.float32
 
@@ -276,6 +323,7 @@ class Upsample(nn.Module):
 
 class DownBlock(nn.Module):
   """``layers_per_block`` resnets, then (all but the last level) the stride-2 downsampler."""
+
   features: int
   num_layers: int
   groups: int
@@ -293,6 +341,7 @@ class DownBlock(nn.Module):
 
 class UpBlock(nn.Module):
   """``layers_per_block + 1`` resnets, then (all but the last level) the x2 upsampler."""
+
   features: int
   num_layers: int
   groups: int
@@ -310,6 +359,7 @@ class UpBlock(nn.Module):
 
 class Encoder(nn.Module):
   """images [B,H,W,in] -> moments [B,h,w,2*latent] (mean, logvar), h = ceil(H / 2^(levels-1))."""
+
   config: VAEConfig
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
@@ -320,8 +370,7 @@ class Encoder(nn.Module):
     chans = cfg.block_out_channels
     x = Conv(chans[0], dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
     for i, c in enumerate(chans):
-      x = DownBlock(c, cfg.layers_per_block, g, i < len(chans) - 1, self.dtype,
-                    name=f"down_blocks_{i}")(x)
+      x = DownBlock(c, cfg.layers_per_block, g, i < len(chans) - 1, self.dtype, name=f"down_blocks_{i}")(x)
     x = MidBlock(g, self.dtype, self.attention_impl, name="mid_block")(x)
     x = nn.silu(GroupNorm(g, name="conv_norm_out")(x))
     return Conv(2 * cfg.latent_channels, dtype=self.dtype, name="conv_out")(x)
@@ -329,6 +378,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
   """latents [B,h,w,latent] -> images [B,h*f,w*f,out]; up_blocks_0 is the deepest level."""
+
   config: VAEConfig
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
@@ -340,8 +390,7 @@ class Decoder(nn.Module):
     x = Conv(chans[0], dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
     x = MidBlock(g, self.dtype, self.attention_impl, name="mid_block")(x)
     for i, c in enumerate(chans):
-      x = UpBlock(c, cfg.layers_per_block + 1, g, i < len(chans) - 1, self.dtype,
-                  name=f"up_blocks_{i}")(x)
+      x = UpBlock(c, cfg.layers_per_block + 1, g, i < len(chans) - 1, self.dtype, name=f"up_blocks_{i}")(x)
     x = nn.silu(GroupNorm(g, name="conv_norm_out")(x))
     return Conv(cfg.out_channels, dtype=self.dtype, name="conv_out")(x)
 
@@ -384,6 +433,7 @@ class AutoencoderKL(nn.Module):
   'vae_out'), biases and norm parameters ('vae_out',). They are not in sharding.LOGICAL_RULES, so
   the (small, frozen) VAE is replicated unless a rule is added there.
   """
+
   config: VAEConfig
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
@@ -397,8 +447,7 @@ class AutoencoderKL(nn.Module):
     clamped to [-30, 20]. No normalisation (that is ``latents_from_images``)."""
     cfg = self.config
     if images_BxHxWxC.ndim != 4 or images_BxHxWxC.shape[-1] != cfg.in_channels:
-      raise ValueError(f"images must be NHWC [B,H,W,{cfg.in_channels}] in [-1, 1], "
-                       f"got shape {images_BxHxWxC.shape}")
+      raise ValueError(f"images must be NHWC [B,H,W,{cfg.in_channels}] in [-1, 1], got shape {images_BxHxWxC.shape}")
     moments = self.encoder(images_BxHxWxC).astype(jnp.float32)
     mean, logvar = jnp.split(moments, 2, axis=-1)  # channel order: mean first, as diffusers
     return mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
@@ -407,8 +456,7 @@ class AutoencoderKL(nn.Module):
     """Raw (unnormalised) latents -> images (roughly [-1, 1], not clipped)."""
     cfg = self.config
     if latents_BxhxwxC.ndim != 4 or latents_BxhxwxC.shape[-1] != cfg.latent_channels:
-      raise ValueError(f"latents must be NHWC [B,h,w,{cfg.latent_channels}], "
-                       f"got shape {latents_BxhxwxC.shape}")
+      raise ValueError(f"latents must be NHWC [B,h,w,{cfg.latent_channels}], got shape {latents_BxhxwxC.shape}")
     return self.decoder(latents_BxhxwxC).astype(jnp.float32)
 
   def latents_from_images(self, images_BxHxWxC: jax.Array, rng: jax.Array | None = None) -> jax.Array:

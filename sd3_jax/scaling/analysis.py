@@ -7,6 +7,7 @@ and compute come from the config (``family``); every validation row of a run is 
 sample accuracy. The fits and the held-out prediction are described in the README, "Scaling-law
 studies".
 """
+
 from __future__ import annotations
 
 import collections
@@ -26,8 +27,15 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 # Config keys that place a run in the family or its length, not what a comparison varies.
-FAMILY_KEYS = ("model.depth", "model.hidden_size", "model.num_heads", "total_steps", "val.every",
-               "checkpoint_every", "log_every")
+FAMILY_KEYS = (
+  "model.depth",
+  "model.hidden_size",
+  "model.num_heads",
+  "total_steps",
+  "val.every",
+  "checkpoint_every",
+  "log_every",
+)
 
 
 def find_runs(dirs: Sequence[str]) -> list[str]:
@@ -49,14 +57,16 @@ def find_runs(dirs: Sequence[str]) -> list[str]:
 def read_config(run_dir: str) -> dict:
   """The experiment config a run saved with its latest committed checkpoint."""
   from sd3_jax import checkpoint
+
   ckpt = os.path.join(run_dir, "checkpoints")
   for step in reversed(checkpoint.committed_steps(ckpt)):
     path = os.path.join(ckpt, str(step), checkpoint.CONFIG, "metadata")  # orbax's JSON item file
     if os.path.isfile(path):
       with open(path) as f:
         return json.load(f)
-  raise FileNotFoundError(f"{run_dir} has no committed checkpoint with its config yet; analyze it after its "
-                          "first checkpoint")
+  raise FileNotFoundError(
+    f"{run_dir} has no committed checkpoint with its config yet; analyze it after its first checkpoint"
+  )
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -71,8 +81,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _levels(row: dict) -> dict[float, float]:
-  return {float(k[len("val/loss_t"):]): v for k, v in row.items()
-          if k.startswith("val/loss_t") and v is not None}
+  return {float(k[len("val/loss_t") :]): v for k, v in row.items() if k.startswith("val/loss_t") and v is not None}
 
 
 def loss_of(row: dict, loss: str = "val/loss", levels: str | None = None) -> float | None:
@@ -100,8 +109,9 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
   cfg = read_config(run_dir)
   mcfg = mmdit.config_from_preset(**cfg["model"])
   d = cfg["data"]
-  per_step = family.run_compute(mcfg, latent_size=d["latent_size"], context_len=d["context_len"],
-                                batch_size=cfg["global_batch_size"], steps=1)
+  per_step = family.run_compute(
+    mcfg, latent_size=d["latent_size"], context_len=d["context_len"], batch_size=cfg["global_batch_size"], steps=1
+  )
   rows: dict[int, dict] = {}
   with open(os.path.join(run_dir, METRICS)) as f:
     for line in f:
@@ -114,14 +124,23 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
           rows[int(r["step"])] = r  # a resumed run logs a step again: keep the last
   points = []
   for step in sorted(rows):
-    c = family.run_compute(mcfg, latent_size=d["latent_size"], context_len=d["context_len"],
-                           batch_size=cfg["global_batch_size"], steps=step)
+    c = family.run_compute(
+      mcfg, latent_size=d["latent_size"], context_len=d["context_len"], batch_size=cfg["global_batch_size"], steps=step
+    )
     value = loss_of(rows[step], loss, levels)
     if value is None or not np.isfinite(value) or value <= 0:
       continue
-    points.append({"step": step, "images": c.images, "compute": c.flops, "compute_6nd": c.flops_6nd,
-                   "loss": value, "val_loss": rows[step].get("val/loss"),
-                   "levels": {f"val/loss_t{t:.3f}": v for t, v in sorted(_levels(rows[step]).items())}})
+    points.append(
+      {
+        "step": step,
+        "images": c.images,
+        "compute": c.flops,
+        "compute_6nd": c.flops_6nd,
+        "loss": value,
+        "val_loss": rows[step].get("val/loss"),
+        "levels": {f"val/loss_t{t:.3f}": v for t, v in sorted(_levels(rows[step]).items())},
+      }
+    )
   extra = {}
   for name in ("scaling_run.json", "sample_eval.json"):
     path = os.path.join(run_dir, name)
@@ -129,12 +148,21 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
       with open(path) as f:
         extra[name] = json.load(f)
   sample = extra.get("sample_eval.json", {})
-  return {"name": os.path.basename(run_dir), "dir": run_dir, "config": _flatten(cfg),
-          "depth": mcfg.depth, "width_per_depth": mcfg.hidden_size / mcfg.depth,
-          "params": family.param_counts(mcfg), "flops_per_step": per_step.flops_per_step,
-          "total_steps": cfg["total_steps"], "budget": extra.get("scaling_run.json", {}).get("budget"),
-          "finished": bool(points) and points[-1]["step"] == cfg["total_steps"], "points": points,
-          "sample_accuracy": sample.get("sample_accuracy"), "part_accuracy": sample.get("part_accuracy")}
+  return {
+    "name": os.path.basename(run_dir),
+    "dir": run_dir,
+    "config": _flatten(cfg),
+    "depth": mcfg.depth,
+    "width_per_depth": mcfg.hidden_size / mcfg.depth,
+    "params": family.param_counts(mcfg),
+    "flops_per_step": per_step.flops_per_step,
+    "total_steps": cfg["total_steps"],
+    "budget": extra.get("scaling_run.json", {}).get("budget"),
+    "finished": bool(points) and points[-1]["step"] == cfg["total_steps"],
+    "points": points,
+    "sample_accuracy": sample.get("sample_accuracy"),
+    "part_accuracy": sample.get("part_accuracy"),
+  }
 
 
 def varying_keys(runs: Sequence[dict]) -> list[str]:
@@ -198,9 +226,19 @@ def _try(what: str, fn):
     return None, str(e)
 
 
-def analyze(dirs: Sequence[str], out: str, *, loss: str = "val/loss", levels: str | None = None,
-            holdout: str | None = None, where: dict[str, Any] | None = None, num_bootstrap: int = 200,
-            seed: int = 0, param_count: str = "non_embedding", plots: bool = True) -> dict:
+def analyze(
+  dirs: Sequence[str],
+  out: str,
+  *,
+  loss: str = "val/loss",
+  levels: str | None = None,
+  holdout: str | None = None,
+  where: dict[str, Any] | None = None,
+  num_bootstrap: int = 200,
+  seed: int = 0,
+  param_count: str = "non_embedding",
+  plots: bool = True,
+) -> dict:
   """Reads the runs under ``dirs``, writes OUT/runs.csv and OUT/scaling.json (and plots)."""
   if param_count not in ("non_embedding", "total"):
     raise ValueError(f"param_count must be 'non_embedding' or 'total', got {param_count!r}")
@@ -221,31 +259,64 @@ def analyze(dirs: Sequence[str], out: str, *, loss: str = "val/loss", levels: st
   held = _holdout(fit_runs if not holdout or holdout == "largest" else runs, holdout)
   train_runs = [r for r in fit_runs if r["name"] not in held]
   result: dict[str, Any] = {
-      "loss": levels and f"mean of levels {levels}" or loss, "param_count": param_count,
-      "runs": [{k: r[k] for k in ("name", "depth", "width_per_depth", "params", "flops_per_step", "total_steps",
-                                  "budget", "finished", "sample_accuracy", "part_accuracy")}
-               | {"final_loss": r["points"][-1]["loss"], "final_step": r["points"][-1]["step"],
-                  "compute": r["points"][-1]["compute"], "compute_6nd": r["points"][-1]["compute_6nd"],
-                  "compute_6nd_over_exact": r["points"][-1]["compute_6nd"] / r["points"][-1]["compute"],
-                  "axes": {k: r["config"].get(k) for k in varying_keys(runs)}} for r in runs],
-      "fit_runs": [r["name"] for r in train_runs], "holdout_runs": held,
+    "loss": levels and f"mean of levels {levels}" or loss,
+    "param_count": param_count,
+    "runs": [
+      {
+        k: r[k]
+        for k in (
+          "name",
+          "depth",
+          "width_per_depth",
+          "params",
+          "flops_per_step",
+          "total_steps",
+          "budget",
+          "finished",
+          "sample_accuracy",
+          "part_accuracy",
+        )
+      }
+      | {
+        "final_loss": r["points"][-1]["loss"],
+        "final_step": r["points"][-1]["step"],
+        "compute": r["points"][-1]["compute"],
+        "compute_6nd": r["points"][-1]["compute_6nd"],
+        "compute_6nd_over_exact": r["points"][-1]["compute_6nd"] / r["points"][-1]["compute"],
+        "axes": {k: r["config"].get(k) for k in varying_keys(runs)},
+      }
+      for r in runs
+    ],
+    "fit_runs": [r["name"] for r in train_runs],
+    "holdout_runs": held,
   }
   names, n, d, c, y = _points(train_runs, param_count)
   front = isoflop.frontier(c, y) if len(c) else np.array([], int)
-  law, why = _try("compute frontier", lambda: fits.fit_power_law(c[front], y[front], num_bootstrap=num_bootstrap,
-                                                                  seed=seed))
-  result["frontier"] = {"fit": law.to_dict() if law else None, "error": why,
-                        "points": [{"run": str(names[i]), "compute": c[i], "loss": y[i]} for i in front]}
-  par, why = _try("parametric law", lambda: fits.fit_parametric(n, d, y, num_bootstrap=num_bootstrap, seed=seed,
-                                                                 groups=names))
+  law, why = _try(
+    "compute frontier", lambda: fits.fit_power_law(c[front], y[front], num_bootstrap=num_bootstrap, seed=seed)
+  )
+  result["frontier"] = {
+    "fit": law.to_dict() if law else None,
+    "error": why,
+    "points": [{"run": str(names[i]), "compute": c[i], "loss": y[i]} for i in front],
+  }
+  par, why = _try(
+    "parametric law", lambda: fits.fit_parametric(n, d, y, num_bootstrap=num_bootstrap, seed=seed, groups=names)
+  )
   result["parametric"] = {"fit": par.to_dict() if par else None, "error": why, "num_runs": len(train_runs)}
   budgeted = [r for r in train_runs if r["budget"]]
   result["isoflop"] = None
   if len({r["budget"] for r in budgeted}) >= 2:
-    iso, why = _try("isoFLOP", lambda: isoflop.fit_isoflop([r["budget"] for r in budgeted],
-                                                           [r["params"][param_count] for r in budgeted],
-                                                           [r["points"][-1]["loss"] for r in budgeted],
-                                                           num_bootstrap=num_bootstrap, seed=seed))
+    iso, why = _try(
+      "isoFLOP",
+      lambda: isoflop.fit_isoflop(
+        [r["budget"] for r in budgeted],
+        [r["params"][param_count] for r in budgeted],
+        [r["points"][-1]["loss"] for r in budgeted],
+        num_bootstrap=num_bootstrap,
+        seed=seed,
+      ),
+    )
     result["isoflop"] = {"fit": iso.to_dict() if iso else None, "error": why}
   result["holdout"] = [_predict(r, law, par, param_count) for r in runs if r["name"] in held]
   result["comparisons"] = comparisons(runs)
@@ -253,6 +324,7 @@ def analyze(dirs: Sequence[str], out: str, *, loss: str = "val/loss", levels: st
   fileutil.atomic_json(os.path.join(out, "scaling.json"), result, indent=1)
   if plots:
     from sd3_jax.scaling import plots as plots_lib
+
     plots_lib.write_all(runs, result, out, law=law, param_count=param_count)
   return result
 
@@ -262,15 +334,21 @@ def _predict(run: dict, law, par, param_count: str) -> dict:
   out = {"run": run["name"], "points": []}
   for p in run["points"]:
     pred = float(par.predict(run["params"][param_count], p["images"])) if par else None
-    out["points"].append({"step": p["step"], "compute": p["compute"], "measured": p["loss"], "predicted": pred,
-                          "rel_error": None if pred is None else (pred - p["loss"]) / p["loss"]})
+    out["points"].append(
+      {
+        "step": p["step"],
+        "compute": p["compute"],
+        "measured": p["loss"],
+        "predicted": pred,
+        "rel_error": None if pred is None else (pred - p["loss"]) / p["loss"],
+      }
+    )
   errs = [abs(q["rel_error"]) for q in out["points"] if q["rel_error"] is not None]
   out["parametric_mean_abs_rel_error"] = float(np.mean(errs)) if errs else None
   out["parametric_final_rel_error"] = out["points"][-1]["rel_error"]
   last = run["points"][-1]
   out["frontier_final_predicted"] = float(law.predict(last["compute"])) if law else None
-  out["frontier_final_rel_error"] = ((out["frontier_final_predicted"] - last["loss"]) / last["loss"]
-                                     if law else None)
+  out["frontier_final_rel_error"] = (out["frontier_final_predicted"] - last["loss"]) / last["loss"] if law else None
   return out
 
 
@@ -288,16 +366,33 @@ def comparisons(runs: Sequence[dict]) -> list[dict]:
       if len({repr(m["config"].get(k)) for m in members}) < 2:
         continue
       ranked = sorted(members, key=lambda m: m["points"][-1]["loss"])
-      out.append({"key": k, "depth": depth, "steps": steps, "compute": ranked[0]["points"][-1]["compute"],
-                  "rows": [{"value": m["config"].get(k), "run": m["name"], "final_loss": m["points"][-1]["loss"],
-                            "val_loss": m["points"][-1]["val_loss"], "sample_accuracy": m["sample_accuracy"],
-                            "part_accuracy": m["part_accuracy"], "rank": i + 1} for i, m in enumerate(ranked)]})
+      out.append(
+        {
+          "key": k,
+          "depth": depth,
+          "steps": steps,
+          "compute": ranked[0]["points"][-1]["compute"],
+          "rows": [
+            {
+              "value": m["config"].get(k),
+              "run": m["name"],
+              "final_loss": m["points"][-1]["loss"],
+              "val_loss": m["points"][-1]["val_loss"],
+              "sample_accuracy": m["sample_accuracy"],
+              "part_accuracy": m["part_accuracy"],
+              "rank": i + 1,
+            }
+            for i, m in enumerate(ranked)
+          ],
+        }
+      )
   return out
 
 
 def spearman(runs: Sequence[dict]) -> dict | None:
   """Rank correlation of final loss with sample accuracy across every scored run."""
   from scipy import stats
+
   scored = [r for r in runs if r["sample_accuracy"] is not None]
   if len(scored) < 3:
     return None
@@ -313,8 +408,23 @@ def write_csv(runs: Sequence[dict], path: str) -> None:
   """One row per validation point of every run."""
   axes = varying_keys(runs)
   level_keys = sorted({k for r in runs for p in r["points"] for k in p["levels"]})
-  header = ["run", "depth", "width_per_depth", "params_total", "params_non_embedding", "step", "images_seen",
-            "compute", "compute_6nd", "val_loss", "fit_loss", *level_keys, *axes, "sample_accuracy", "part_accuracy"]
+  header = [
+    "run",
+    "depth",
+    "width_per_depth",
+    "params_total",
+    "params_non_embedding",
+    "step",
+    "images_seen",
+    "compute",
+    "compute_6nd",
+    "val_loss",
+    "fit_loss",
+    *level_keys,
+    *axes,
+    "sample_accuracy",
+    "part_accuracy",
+  ]
   tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "w", newline="") as f:
     w = csv.writer(f)
@@ -322,17 +432,35 @@ def write_csv(runs: Sequence[dict], path: str) -> None:
     for r in runs:
       for i, p in enumerate(r["points"]):
         last = i == len(r["points"]) - 1
-        w.writerow([r["name"], r["depth"], r["width_per_depth"], r["params"]["total"], r["params"]["non_embedding"],
-                    p["step"], p["images"], p["compute"], p["compute_6nd"], p["val_loss"], p["loss"],
-                    *[p["levels"].get(k) for k in level_keys], *[r["config"].get(k) for k in axes],
-                    r["sample_accuracy"] if last else "", r["part_accuracy"] if last else ""])
+        w.writerow(
+          [
+            r["name"],
+            r["depth"],
+            r["width_per_depth"],
+            r["params"]["total"],
+            r["params"]["non_embedding"],
+            p["step"],
+            p["images"],
+            p["compute"],
+            p["compute_6nd"],
+            p["val_loss"],
+            p["loss"],
+            *[p["levels"].get(k) for k in level_keys],
+            *[r["config"].get(k) for k in axes],
+            r["sample_accuracy"] if last else "",
+            r["part_accuracy"] if last else "",
+          ]
+        )
   os.replace(tmp, path)
 
 
 def headline(result: dict) -> dict:
   """The numbers a user reads first."""
-  out: dict[str, Any] = {"runs": len(result["runs"]), "fit_runs": len(result["fit_runs"]),
-                         "holdout_runs": result["holdout_runs"]}
+  out: dict[str, Any] = {
+    "runs": len(result["runs"]),
+    "fit_runs": len(result["fit_runs"]),
+    "holdout_runs": result["holdout_runs"],
+  }
   law = (result.get("frontier") or {}).get("fit")
   if law:
     out["frontier"] = {k: law[k] for k in ("e", "a", "alpha", "r2_log", "ci")}
@@ -340,8 +468,9 @@ def headline(result: dict) -> dict:
   if par:
     out["parametric"] = {k: par[k] for k in ("e", "a", "b", "alpha", "beta", "r2_log")}
   for h in result.get("holdout", []):
-    out[f"holdout {h['run']}"] = {k: h[k] for k in ("parametric_mean_abs_rel_error", "parametric_final_rel_error",
-                                                    "frontier_final_rel_error")}
+    out[f"holdout {h['run']}"] = {
+      k: h[k] for k in ("parametric_mean_abs_rel_error", "parametric_final_rel_error", "frontier_final_rel_error")
+    }
   if result.get("spearman"):
     out["spearman"] = result["spearman"]
   return out

@@ -1,15 +1,16 @@
 r"""Scaling-law studies from the command line (``python -m sd3_jax.scaling`` or ``sd3-scaling``).
 
-  run SWEEP[:ARG] --sweep_dir DIR [--print_commands] [--only NAME ...] [--set KEY=VALUE ...]
-      train every run of a sweep file here, one after another (finished runs are skipped, a
-      killed sweep resumes), or print one `python -m sd3_jax.main ...` line per run
-  analyze RUN_OR_SWEEP_DIR ... --out DIR [--loss val/loss | --levels interior | --levels 0.143,0.286]
-          [--holdout largest | --holdout NAME,NAME] [--where KEY=VALUE ...] [--num_bootstrap N]
-      runs.csv, scaling.json (fits with bootstrap 95% intervals) and plots
-  toy_data --workdir DIR      the toy study's text encoders and coloured-shapes records
-  score RUN_OR_SWEEP_DIR ... --text_encoders DIR
-      held-out sample accuracy of each run (the demo's shapes checker), RUN/sample_eval.json
+run SWEEP[:ARG] --sweep_dir DIR [--print_commands] [--only NAME ...] [--set KEY=VALUE ...]
+    train every run of a sweep file here, one after another (finished runs are skipped, a
+    killed sweep resumes), or print one `python -m sd3_jax.main ...` line per run
+analyze RUN_OR_SWEEP_DIR ... --out DIR [--loss val/loss | --levels interior | --levels 0.143,0.286]
+        [--holdout largest | --holdout NAME,NAME] [--where KEY=VALUE ...] [--num_bootstrap N]
+    runs.csv, scaling.json (fits with bootstrap 95% intervals) and plots
+toy_data --workdir DIR      the toy study's text encoders and coloured-shapes records
+score RUN_OR_SWEEP_DIR ... --text_encoders DIR
+    held-out sample accuracy of each run (the demo's shapes checker), RUN/sample_eval.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ from sd3_jax import command
 
 def _run(args) -> None:
   from sd3_jax.scaling import runner, sweep as sweep_lib
+
   overrides = dict(sweep_lib.parse_assignment(a) for a in args.set)
   sweep = sweep_lib.load_sweep(args.sweep, overrides)
   if args.print_commands:
@@ -38,36 +40,60 @@ def _run(args) -> None:
 
 def _analyze(args) -> None:
   from sd3_jax.scaling import analysis
+
   where = dict(_parse_where(w) for w in args.where)
-  result = analysis.analyze(args.dirs, args.out, loss=args.loss, levels=args.levels, holdout=args.holdout,
-                            where=where, num_bootstrap=args.num_bootstrap, seed=args.seed,
-                            param_count=args.params, plots=not args.no_plots)
+  result = analysis.analyze(
+    args.dirs,
+    args.out,
+    loss=args.loss,
+    levels=args.levels,
+    holdout=args.holdout,
+    where=where,
+    num_bootstrap=args.num_bootstrap,
+    seed=args.seed,
+    param_count=args.params,
+    plots=not args.no_plots,
+  )
   print(json.dumps(analysis.headline(result), indent=1))
-  print(f"wrote {os.path.join(args.out, 'runs.csv')}, {os.path.join(args.out, 'scaling.json')}"
-        + ("" if args.no_plots else " and plots"))
+  print(
+    f"wrote {os.path.join(args.out, 'runs.csv')}, {os.path.join(args.out, 'scaling.json')}"
+    + ("" if args.no_plots else " and plots")
+  )
 
 
 def _parse_where(text: str):
   from sd3_jax.scaling import sweep as sweep_lib
+
   return sweep_lib.parse_assignment(text)
 
 
 def _toy_data(args) -> None:
   from sd3_jax.scaling import toy
+
   print(json.dumps(toy.prepare_data(args.workdir, num_train=args.num_train, num_val=args.num_val), indent=1))
 
 
 def _score(args) -> None:
   from sd3_jax.scaling import analysis, toy
+
   for run_dir in analysis.find_runs(args.dirs):
-    r = toy.score_run(run_dir, args.text_encoders, samples_per_prompt=args.samples_per_prompt,
-                      sampling_steps=args.sampling_steps, cfg_scale=args.cfg_scale)
+    r = toy.score_run(
+      run_dir,
+      args.text_encoders,
+      samples_per_prompt=args.samples_per_prompt,
+      sampling_steps=args.sampling_steps,
+      cfg_scale=args.cfg_scale,
+    )
     print(f"{os.path.basename(run_dir)}: sample accuracy {r['sample_accuracy']:.3f}, parts {r['part_accuracy']:.3f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m sd3_jax.scaling", description=__doc__.split("\n\n")[0],
-                              epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m sd3_jax.scaling",
+    description=__doc__.split("\n\n")[0],
+    epilog=__doc__.split("\n\n", 1)[1],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   sub = p.add_subparsers(dest="command", required=True)
 
   r = sub.add_parser("run", help="train (or print the commands of) every run of a sweep")
@@ -82,14 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
   a.add_argument("dirs", nargs="+", help="run directories or directories holding runs")
   a.add_argument("--out", required=True, help="output directory")
   a.add_argument("--loss", default="val/loss", help="the logged key to fit (default val/loss)")
-  a.add_argument("--levels", help="fit the mean of these logged t levels instead: 'interior' (0 < t < 1) "
-                                  "or a comma list such as 0.143,0.286")
-  a.add_argument("--holdout", help="'largest' (the deepest model) or comma-separated run names, left out of "
-                                   "the fits and predicted")
-  a.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                 help="fit only runs whose config has KEY=VALUE (default: each varied key at its most common value)")
-  a.add_argument("--params", default="non_embedding", choices=("non_embedding", "total"),
-                 help="N of the fits: joint-block parameters, or all but the positional table")
+  a.add_argument(
+    "--levels",
+    help="fit the mean of these logged t levels instead: 'interior' (0 < t < 1) or a comma list such as 0.143,0.286",
+  )
+  a.add_argument(
+    "--holdout", help="'largest' (the deepest model) or comma-separated run names, left out of the fits and predicted"
+  )
+  a.add_argument(
+    "--where",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="fit only runs whose config has KEY=VALUE (default: each varied key at its most common value)",
+  )
+  a.add_argument(
+    "--params",
+    default="non_embedding",
+    choices=("non_embedding", "total"),
+    help="N of the fits: joint-block parameters, or all but the positional table",
+  )
   a.add_argument("--num_bootstrap", type=int, default=200, help="bootstrap resamples per fit")
   a.add_argument("--seed", type=int, default=0, help="bootstrap seed")
   a.add_argument("--no_plots", action="store_true", help="skip the PNG plots")

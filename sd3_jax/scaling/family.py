@@ -6,6 +6,7 @@ width_per_depth). Parameter counts are closed-form (no model is built, nothing i
 agree with ``mmdit.count_params``; training compute is the exact train-step FLOPs
 (``models.flops.train_step_flops``) times steps, with the 6ND approximation beside it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,9 @@ def family_config(depth: int, width_per_depth: int = PAPER_WIDTH_PER_DEPTH, **fi
   if depth < 1 or width_per_depth < 1:
     raise ValueError(f"depth ({depth}) and width_per_depth ({width_per_depth}) must be >= 1")
   if "hidden_size" in fields or "num_heads" in fields:
-    raise ValueError("hidden_size and num_heads follow from the family (width_per_depth x depth, depth heads); "
-                     "do not pass them")
+    raise ValueError(
+      "hidden_size and num_heads follow from the family (width_per_depth x depth, depth heads); do not pass them"
+    )
   return MMDiTConfig(depth=depth, hidden_size=width_per_depth * depth, num_heads=depth, **fields)
 
 
@@ -57,27 +59,39 @@ def param_counts(config: MMDiTConfig) -> dict[str, int]:
   """
   h, p = config.hidden_size, config.patch_size
   # Block i: the context stream (pre-only in the last block) and the image stream (dual or not).
-  blocks = sum(_stream(config, pre_only=i == config.depth - 1, dual=False)
-               + _stream(config, pre_only=False, dual=i in config.dual_attention_layers)
-               for i in range(config.depth))
-  embedding = (_dense(p * p * config.in_channels, h)                   # x_embedder (patch conv)
-               + _dense(TIMESTEP_FREQ_DIM, h) + _dense(h, h)           # t_embedder
-               + _dense(config.pooled_dim, h) + _dense(h, h)           # y_embedder
-               + _dense(config.context_dim, h)                         # context_embedder
-               + _dense(h, 2 * h) + _dense(h, p * p * config.out_channels))  # final_layer
-  return {"total": blocks + embedding, "non_embedding": blocks, "embedding": embedding,
-          "pos_embed": config.pos_embed_max_size ** 2 * h}
+  blocks = sum(
+    _stream(config, pre_only=i == config.depth - 1, dual=False)
+    + _stream(config, pre_only=False, dual=i in config.dual_attention_layers)
+    for i in range(config.depth)
+  )
+  embedding = (
+    _dense(p * p * config.in_channels, h)  # x_embedder (patch conv)
+    + _dense(TIMESTEP_FREQ_DIM, h)
+    + _dense(h, h)  # t_embedder
+    + _dense(config.pooled_dim, h)
+    + _dense(h, h)  # y_embedder
+    + _dense(config.context_dim, h)  # context_embedder
+    + _dense(h, 2 * h)
+    + _dense(h, p * p * config.out_channels)
+  )  # final_layer
+  return {
+    "total": blocks + embedding,
+    "non_embedding": blocks,
+    "embedding": embedding,
+    "pos_embed": config.pos_embed_max_size**2 * h,
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class RunCompute:
   """What one training run of a family member costs."""
-  flops_per_step: int       # exact train-step model FLOPs (3 x forward x batch)
+
+  flops_per_step: int  # exact train-step model FLOPs (3 x forward x batch)
   steps: int
-  images: int               # images seen = steps x global batch
-  tokens: int               # joint-sequence positions seen = images x (image tokens + text tokens)
-  flops: int                # flops_per_step x steps
-  flops_6nd: int            # 6 x parameters (total) x tokens
+  images: int  # images seen = steps x global batch
+  tokens: int  # joint-sequence positions seen = images x (image tokens + text tokens)
+  flops: int  # flops_per_step x steps
+  flops_6nd: int  # 6 x parameters (total) x tokens
 
   @property
   def approx_ratio(self) -> float:
@@ -85,17 +99,21 @@ class RunCompute:
     return self.flops_6nd / self.flops if self.flops else float("nan")
 
 
-def run_compute(config: MMDiTConfig, *, latent_size: int, context_len: int, batch_size: int,
-                steps: int) -> RunCompute:
+def run_compute(config: MMDiTConfig, *, latent_size: int, context_len: int, batch_size: int, steps: int) -> RunCompute:
   """Training compute of ``steps`` steps at global batch ``batch_size`` on square latents."""
   if steps < 0 or batch_size < 1:
     raise ValueError(f"steps ({steps}) must be >= 0 and batch_size ({batch_size}) >= 1")
   per_step = flops.train_step_flops(config, latent_size, latent_size, context_len, batch_size)
   images = steps * batch_size
   tokens = images * ((latent_size // config.patch_size) ** 2 + context_len)
-  return RunCompute(flops_per_step=per_step, steps=steps, images=images, tokens=tokens,
-                    flops=per_step * steps,
-                    flops_6nd=flops.approx_train_flops(param_counts(config)["total"], tokens))
+  return RunCompute(
+    flops_per_step=per_step,
+    steps=steps,
+    images=images,
+    tokens=tokens,
+    flops=per_step * steps,
+    flops_6nd=flops.approx_train_flops(param_counts(config)["total"], tokens),
+  )
 
 
 def steps_for_budget(budget: float, flops_per_step: int) -> int:

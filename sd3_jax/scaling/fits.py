@@ -15,6 +15,7 @@ Confidence intervals are percentile bootstrap 95% intervals; ``groups`` (e.g. th
 point of a loss curve) makes the bootstrap resample whole groups, since points of one curve are
 not independent. Everything is deterministic for a given ``seed``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,9 @@ def positive_array(name: str, values, n: int | None = None) -> np.ndarray:
 
 def _check_count(what: str, num_points: int, num_params: int) -> None:
   if num_points < num_params:
-    raise ValueError(f"{what} has {num_params} parameters but only {num_points} points were given; "
-                     f"it needs at least {num_params}")
+    raise ValueError(
+      f"{what} has {num_params} parameters but only {num_points} points were given; it needs at least {num_params}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +74,7 @@ def _lse_terms(theta: np.ndarray, features: Sequence[np.ndarray]) -> tuple[np.nd
   """log(E + sum_k A_k x_k^-p_k) and its Jacobian for theta = (e, a_1..a_K, p_1..p_K), where
   E = exp(e), A_k = exp(a_k) and features are log x_k (centred)."""
   k = len(features)
-  e, a, p = theta[0], theta[1:1 + k], theta[1 + k:]
+  e, a, p = theta[0], theta[1 : 1 + k], theta[1 + k :]
   terms = np.stack([np.full_like(features[0], e)] + [a[i] - p[i] * features[i] for i in range(k)])
   top = terms.max(axis=0)
   w = np.exp(terms - top)
@@ -90,6 +92,7 @@ def _lse_terms(theta: np.ndarray, features: Sequence[np.ndarray]) -> tuple[np.nd
 def _minimise(features, log_y, starts, bounds, delta, keep: int = 1) -> tuple[np.ndarray, list[np.ndarray]]:
   """The best L-BFGS-B solution over ``starts`` of the summed Huber loss of log residuals, and
   the ``keep`` best starting points (to warm-start bootstrap refits)."""
+
   def objective(theta):
     log_pred, jac = _lse_terms(theta, features)
     value, grad_r = _huber(log_pred - log_y, delta)
@@ -102,8 +105,9 @@ def _minimise(features, log_y, starts, bounds, delta, keep: int = 1) -> tuple[np
   with threadpool_limits(limits=1):
     for start in starts:
       start = np.clip(start, lo, hi)
-      res = optimize.minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds,
-                              options=dict(maxiter=200, ftol=1e-9, gtol=1e-6))
+      res = optimize.minimize(
+        objective, start, jac=True, method="L-BFGS-B", bounds=bounds, options=dict(maxiter=200, ftol=1e-9, gtol=1e-6)
+      )
       if np.isfinite(res.fun):
         results.append((float(res.fun), res.x, start))
   if not results:
@@ -112,8 +116,9 @@ def _minimise(features, log_y, starts, bounds, delta, keep: int = 1) -> tuple[np
   return results[0][1], [r[2] for r in results[:keep]]
 
 
-def _bootstrap(fit_once: Callable[[np.ndarray], np.ndarray], n: int, groups, num_bootstrap: int,
-               seed: int) -> np.ndarray:
+def _bootstrap(
+  fit_once: Callable[[np.ndarray], np.ndarray], n: int, groups, num_bootstrap: int, seed: int
+) -> np.ndarray:
   """Parameter vectors refitted on ``num_bootstrap`` resamples (of points, or of whole groups)."""
   if num_bootstrap < 0:
     raise ValueError(f"num_bootstrap must be >= 0, got {num_bootstrap}")
@@ -137,8 +142,10 @@ def _bootstrap(fit_once: Callable[[np.ndarray], np.ndarray], n: int, groups, num
 
 def _intervals(names: Sequence[str], samples: np.ndarray) -> dict[str, tuple[float, float]]:
   lo, hi = 100 * (1 - CI_LEVEL) / 2, 100 * (1 + CI_LEVEL) / 2
-  return {name: (float(np.percentile(samples[:, i], lo)), float(np.percentile(samples[:, i], hi)))
-          for i, name in enumerate(names)}
+  return {
+    name: (float(np.percentile(samples[:, i], lo)), float(np.percentile(samples[:, i], hi)))
+    for i, name in enumerate(names)
+  }
 
 
 def r2_log(pred, loss) -> float:
@@ -156,6 +163,7 @@ def r2_log(pred, loss) -> float:
 @dataclasses.dataclass(frozen=True)
 class PowerLawFit:
   """L(C) = e + a C^-alpha; ``ci`` maps each parameter to its bootstrap 95% interval."""
+
   e: float
   a: float
   alpha: float
@@ -166,7 +174,7 @@ class PowerLawFit:
 
   def predict(self, compute) -> np.ndarray:
     c = np.asarray(compute, np.float64)
-    return self.e + self.a * c ** -self.alpha
+    return self.e + self.a * c**-self.alpha
 
   def to_dict(self) -> dict:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in dataclasses.asdict(self).items()}
@@ -183,8 +191,9 @@ def _power_law_theta(x, log_y, delta, extra_starts=(), grid=True):
   return _minimise([x], log_y, starts, bounds, delta)
 
 
-def fit_power_law(compute, loss, *, num_bootstrap: int = 200, seed: int = 0,
-                  huber_delta: float = HUBER_DELTA, groups=None) -> PowerLawFit:
+def fit_power_law(
+  compute, loss, *, num_bootstrap: int = 200, seed: int = 0, huber_delta: float = HUBER_DELTA, groups=None
+) -> PowerLawFit:
   """Fits L(C) = E + A C^-alpha to (compute, loss) pairs; see the module docstring."""
   c = positive_array("compute", compute)
   y = positive_array("loss", loss, len(c))
@@ -207,8 +216,15 @@ def fit_power_law(compute, loss, *, num_bootstrap: int = 200, seed: int = 0,
   params = to_params(theta)
   samples = _bootstrap(fit_once, len(c), groups, num_bootstrap, seed)
   ci = _intervals(("e", "a", "alpha"), samples) if len(samples) else {}
-  fit = PowerLawFit(e=float(params[0]), a=float(params[1]), alpha=float(params[2]), ci=ci, r2_log=0.0,
-                    num_points=len(c), num_bootstrap=num_bootstrap)
+  fit = PowerLawFit(
+    e=float(params[0]),
+    a=float(params[1]),
+    alpha=float(params[2]),
+    ci=ci,
+    r2_log=0.0,
+    num_points=len(c),
+    num_bootstrap=num_bootstrap,
+  )
   return dataclasses.replace(fit, r2_log=r2_log(fit.predict(c), y))
 
 
@@ -219,6 +235,7 @@ def fit_power_law(compute, loss, *, num_bootstrap: int = 200, seed: int = 0,
 @dataclasses.dataclass(frozen=True)
 class ParametricFit:
   """L(N, D) = e + a / N^alpha + b / D^beta; ``ci``: bootstrap 95% interval per parameter."""
+
   e: float
   a: float
   b: float
@@ -231,7 +248,7 @@ class ParametricFit:
 
   def predict(self, n, d) -> np.ndarray:
     n, d = np.asarray(n, np.float64), np.asarray(d, np.float64)
-    return self.e + self.a * n ** -self.alpha + self.b * d ** -self.beta
+    return self.e + self.a * n**-self.alpha + self.b * d**-self.beta
 
   def to_dict(self) -> dict:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in dataclasses.asdict(self).items()}
@@ -251,8 +268,9 @@ def _parametric_theta(xn, xd, log_y, delta, extra_starts=(), grid=True):
   return _minimise([xn, xd], log_y, starts, bounds, delta)
 
 
-def fit_parametric(n, d, loss, *, num_bootstrap: int = 200, seed: int = 0, huber_delta: float = HUBER_DELTA,
-                   groups=None) -> ParametricFit:
+def fit_parametric(
+  n, d, loss, *, num_bootstrap: int = 200, seed: int = 0, huber_delta: float = HUBER_DELTA, groups=None
+) -> ParametricFit:
   """Fits L(N, D) = E + A / N^alpha + B / D^beta (N parameters, D data seen, e.g. images)."""
   n_ = positive_array("n", n)
   d_ = positive_array("d", d, len(n_))
@@ -278,6 +296,15 @@ def fit_parametric(n, d, loss, *, num_bootstrap: int = 200, seed: int = 0, huber
   params = to_params(theta)
   samples = _bootstrap(fit_once, len(n_), groups, num_bootstrap, seed)
   ci = _intervals(("e", "a", "b", "alpha", "beta"), samples) if len(samples) else {}
-  fit = ParametricFit(e=float(params[0]), a=float(params[1]), b=float(params[2]), alpha=float(params[3]),
-                      beta=float(params[4]), ci=ci, r2_log=0.0, num_points=len(n_), num_bootstrap=num_bootstrap)
+  fit = ParametricFit(
+    e=float(params[0]),
+    a=float(params[1]),
+    b=float(params[2]),
+    alpha=float(params[3]),
+    beta=float(params[4]),
+    ci=ci,
+    r2_log=0.0,
+    num_points=len(n_),
+    num_bootstrap=num_bootstrap,
+  )
   return dataclasses.replace(fit, r2_log=r2_log(fit.predict(n_, d_), y))

@@ -7,6 +7,7 @@ fits N_opt(C) = k C^a over the budgets, with a bootstrap 95% interval (points re
 each budget). Parabolas are biased when the sizes are not centred on the optimum (Besiroglu et
 al. 2024); each profile reports whether its vertex lies inside the sizes it was fitted on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,8 @@ def frontier(compute, loss) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class IsoFlopFit:
   """One parabola per budget and N_opt(C) = k C^a across budgets."""
-  profiles: list[dict]     # {budget, coeffs (c2, c1, c0 in log N), n_opt, loss_opt, inside, num_points}
+
+  profiles: list[dict]  # {budget, coeffs (c2, c1, c0 in log N), n_opt, loss_opt, inside, num_points}
   a: float
   k: float
   ci: dict[str, tuple[float, float]]
@@ -57,8 +59,15 @@ def _vertices(c, log_n, log_y, budgets):
     if c2 <= 0:
       continue
     x = -c1 / (2 * c2)
-    out.append((b, float(np.exp(x)), float(np.exp(c0 - c1 * c1 / (4 * c2))), (float(c2), float(c1), float(c0)),
-                bool(log_n[m].min() <= x <= log_n[m].max())))
+    out.append(
+      (
+        b,
+        float(np.exp(x)),
+        float(np.exp(c0 - c1 * c1 / (4 * c2))),
+        (float(c2), float(c1), float(c0)),
+        bool(log_n[m].min() <= x <= log_n[m].max()),
+      )
+    )
   return out
 
 
@@ -74,8 +83,10 @@ def fit_isoflop(budget, n, loss, *, num_bootstrap: int = 200, seed: int = 0) -> 
   log_n, log_y = np.log(n_), np.log(y)
   found = _vertices(c, log_n, log_y, budgets)
   if len(found) < 2:
-    raise ValueError(f"an isoFLOP fit needs at least two budgets with >= 3 distinct sizes and a minimum; "
-                     f"got {len(found)} of {len(budgets)} budgets")
+    raise ValueError(
+      f"an isoFLOP fit needs at least two budgets with >= 3 distinct sizes and a minimum; "
+      f"got {len(found)} of {len(budgets)} budgets"
+    )
   a, log_k = np.polyfit(np.log([f[0] for f in found]), np.log([f[1] for f in found]), 1)
   rng = np.random.default_rng(seed)
   samples = []
@@ -89,8 +100,19 @@ def fit_isoflop(budget, n, loss, *, num_bootstrap: int = 200, seed: int = 0) -> 
   lo, hi = 100 * (1 - CI_LEVEL) / 2, 100 * (1 + CI_LEVEL) / 2
   ci = {}
   if len(samples):
-    ci = {"a": (float(np.percentile(samples[:, 0], lo)), float(np.percentile(samples[:, 0], hi))),
-          "k": (float(np.percentile(samples[:, 1], lo)), float(np.percentile(samples[:, 1], hi)))}
-  profiles = [{"budget": f[0], "n_opt": f[1], "loss_opt": f[2], "coeffs": list(f[3]), "inside": f[4],
-               "num_points": int(np.sum(c == f[0]))} for f in found]
+    ci = {
+      "a": (float(np.percentile(samples[:, 0], lo)), float(np.percentile(samples[:, 0], hi))),
+      "k": (float(np.percentile(samples[:, 1], lo)), float(np.percentile(samples[:, 1], hi))),
+    }
+  profiles = [
+    {
+      "budget": f[0],
+      "n_opt": f[1],
+      "loss_opt": f[2],
+      "coeffs": list(f[3]),
+      "inside": f[4],
+      "num_points": int(np.sum(c == f[0])),
+    }
+    for f in found
+  ]
   return IsoFlopFit(profiles=profiles, a=float(a), k=float(np.exp(log_k)), ci=ci, num_bootstrap=num_bootstrap)

@@ -7,6 +7,7 @@
 * ``holdout.png``: held-out runs, measured against predicted by L(N, D);
 * ``loss_vs_accuracy.png``: final loss against held-out sample accuracy (scored runs only).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,10 @@ import numpy as np
 
 def _plt():
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   return plt
 
 
@@ -44,17 +47,32 @@ def loss_vs_compute(runs, result, path, law=None) -> None:
     c = [p["compute"] for p in r["points"]]
     y = [p["loss"] for p in r["points"]]
     style = "o-" if r["name"] in fit_names else ("s--" if r["name"] in held else "x:")
-    ax.plot(c, y, style, color=colors[r["depth"]], ms=4, lw=1.2, alpha=1.0 if r["name"] in fit_names | held else 0.5,
-            label=f"d={r['depth']}" + (" (held out)" if r["name"] in held else "")
-            + ("" if r["name"] in fit_names | held else f" {r['name']}"))
+    ax.plot(
+      c,
+      y,
+      style,
+      color=colors[r["depth"]],
+      ms=4,
+      lw=1.2,
+      alpha=1.0 if r["name"] in fit_names | held else 0.5,
+      label=f"d={r['depth']}"
+      + (" (held out)" if r["name"] in held else "")
+      + ("" if r["name"] in fit_names | held else f" {r['name']}"),
+    )
   front = result["frontier"]["points"]
   if front:
     ax.plot([p["compute"] for p in front], [p["loss"] for p in front], "k*", ms=9, label="frontier (fitted)")
   if law is not None:
     all_c = [p["compute"] for r in runs for p in r["points"]]
     grid = np.logspace(np.log10(min(all_c)), np.log10(max(all_c)), 100)
-    ax.plot(grid, law.predict(grid), "k-", lw=1.5, alpha=0.7,
-            label=f"L = {law.e:.3g} + {law.a:.3g} C^-{law.alpha:.3g} (R² log {law.r2_log:.3f})")
+    ax.plot(
+      grid,
+      law.predict(grid),
+      "k-",
+      lw=1.5,
+      alpha=0.7,
+      label=f"L = {law.e:.3g} + {law.a:.3g} C^-{law.alpha:.3g} (R² log {law.r2_log:.3f})",
+    )
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel("training compute (FLOPs, exact train-step count x steps)")
@@ -73,8 +91,14 @@ def loss_vs_steps(runs, result, path) -> None:
   colors = _colors(runs)
   fig, ax = plt.subplots(figsize=(7, 4.8), dpi=110)
   for r in runs:
-    ax.plot([p["step"] for p in r["points"]], [p["loss"] for p in r["points"]], "o-", ms=3,
-            color=colors[r["depth"]], label=_label(r, result))
+    ax.plot(
+      [p["step"] for p in r["points"]],
+      [p["loss"] for p in r["points"]],
+      "o-",
+      ms=3,
+      color=colors[r["depth"]],
+      label=_label(r, result),
+    )
   ax.set_yscale("log")
   ax.set_xlabel("step")
   ax.set_ylabel(f"validation loss ({result['loss']})")
@@ -120,8 +144,12 @@ def holdout_plot(result, path) -> None:
     pts = [p for p in h["points"] if p["predicted"] is not None]
     ax.plot([p["step"] for p in h["points"]], [p["measured"] for p in h["points"]], "o-", label=f"{h['run']} measured")
     if pts:
-      ax.plot([p["step"] for p in pts], [p["predicted"] for p in pts], "s--",
-              label=f"{h['run']} predicted by L(N, D) (mean |err| {h['parametric_mean_abs_rel_error']:.1%})")
+      ax.plot(
+        [p["step"] for p in pts],
+        [p["predicted"] for p in pts],
+        "s--",
+        label=f"{h['run']} predicted by L(N, D) (mean |err| {h['parametric_mean_abs_rel_error']:.1%})",
+      )
   ax.set_xlabel("step")
   ax.set_ylabel(f"validation loss ({result['loss']})")
   ax.set_title("held-out run: predicted from the smaller runs")
@@ -140,8 +168,9 @@ def accuracy_plot(runs, result, path) -> None:
     if r["sample_accuracy"] is None:
       continue
     ax.plot(r["points"][-1]["loss"], r["part_accuracy"], "o", color=colors[r["depth"]], ms=7)
-    ax.annotate(r["name"], (r["points"][-1]["loss"], r["part_accuracy"]), fontsize=6, xytext=(3, 3),
-                textcoords="offset points")
+    ax.annotate(
+      r["name"], (r["points"][-1]["loss"], r["part_accuracy"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+    )
   s = result["spearman"]
   rho = s["part_accuracy"]["rho"] if s else None
   ax.set_xlabel(f"final validation loss ({result['loss']})")
@@ -153,8 +182,9 @@ def accuracy_plot(runs, result, path) -> None:
   plt.close(fig)
 
 
-def write_all(runs: Sequence[dict], result: dict, out: str, *, law=None,
-              param_count: str = "non_embedding") -> list[str]:
+def write_all(
+  runs: Sequence[dict], result: dict, out: str, *, law=None, param_count: str = "non_embedding"
+) -> list[str]:
   """Every figure that applies to this study; returns their paths."""
   paths = [os.path.join(out, "loss_vs_compute.png"), os.path.join(out, "loss_vs_steps.png")]
   loss_vs_compute(runs, result, paths[0], law)

@@ -5,6 +5,7 @@
 compute). A run whose final step is committed is skipped; an unfinished one resumes from its
 last checkpoint (the trainer's exact resume), so rerunning a killed sweep continues it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,11 @@ def write_plan(sweep: ml_collections.ConfigDict, runs: Sequence[sweep_lib.Run], 
   """SWEEP_DIR/sweep.json: the sweep config and every planned run with its compute."""
   os.makedirs(sweep_dir, exist_ok=True)
   path = os.path.join(sweep_dir, SWEEP_FILE)
-  fileutil.atomic_json(path, {"sweep": sweep.to_dict(), "runs": [r.to_dict() for r in runs],
-                              "total": sweep_lib.total_compute(runs)}, indent=1)
+  fileutil.atomic_json(
+    path,
+    {"sweep": sweep.to_dict(), "runs": [r.to_dict() for r in runs], "total": sweep_lib.total_compute(runs)},
+    indent=1,
+  )
   return path
 
 
@@ -57,8 +61,15 @@ def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str, *, only: Sequenc
       continue
     os.makedirs(workdir, exist_ok=True)
     fileutil.atomic_json(os.path.join(workdir, RUN_FILE), dict(run.to_dict(), sweep=sweep.name), indent=1)
-    log.info("[%d/%d] %s: %d steps, %.3g FLOPs, %s parameters", i + 1, len(runs), run.name, run.steps,
-             run.compute.flops, f"{run.params['total']:,}")
+    log.info(
+      "[%d/%d] %s: %d steps, %.3g FLOPs, %s parameters",
+      i + 1,
+      len(runs),
+      run.name,
+      run.steps,
+      run.compute.flops,
+      f"{run.params['total']:,}",
+    )
     t0 = time.time()
     train.train_and_evaluate(sweep_lib.run_config(sweep, run), workdir)
     log.info("%s: done in %.0f s", run.name, time.time() - t0)

@@ -17,6 +17,7 @@ Every (grid, depth, length or budget, axis values) is one run, named from what i
 (``d4_s1200``, ``d4_s1200_sampler-uniform``, ``d6_C2e13``); a value equal to the base config's
 is left out of the name, so grids that share a run share its directory.
 """
+
 from __future__ import annotations
 
 import ast
@@ -33,15 +34,21 @@ from sd3_jax.models import mmdit
 from sd3_jax.scaling import family
 
 # Keys a sweep sets itself for every run; an axis or base override must not set them.
-RUN_KEYS = ("model.depth", "model.hidden_size", "model.num_heads", "total_steps", "val.every",
-            "checkpoint_every")
+RUN_KEYS = ("model.depth", "model.hidden_size", "model.num_heads", "total_steps", "val.every", "checkpoint_every")
 
 
 def sweep_config() -> ml_collections.ConfigDict:
   """The sweep schema with its defaults (see the module docstring)."""
-  return ml_collections.ConfigDict(dict(
-      name="sweep", base_config="", base_overrides=dotted({}), width_per_depth=family.PAPER_WIDTH_PER_DEPTH,
-      val_points=8, grids=[]))
+  return ml_collections.ConfigDict(
+    dict(
+      name="sweep",
+      base_config="",
+      base_overrides=dotted({}),
+      width_per_depth=family.PAPER_WIDTH_PER_DEPTH,
+      val_points=8,
+      grids=[],
+    )
+  )
 
 
 def dotted(overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -52,6 +59,7 @@ def dotted(overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One training run of a sweep: its name, grids, place in the family and config overrides."""
+
   name: str
   grids: tuple[str, ...]
   depth: int
@@ -62,10 +70,17 @@ class Run:
   compute: family.RunCompute
 
   def to_dict(self) -> dict:
-    return {"name": self.name, "grids": list(self.grids), "depth": self.depth, "steps": self.steps,
-            "budget": self.budget, "overrides": {k: _jsonable(v) for k, v in self.overrides.items()},
-            "params": self.params, "compute": dataclasses.asdict(self.compute),
-            "compute_6nd_over_exact": self.compute.approx_ratio}
+    return {
+      "name": self.name,
+      "grids": list(self.grids),
+      "depth": self.depth,
+      "steps": self.steps,
+      "budget": self.budget,
+      "overrides": {k: _jsonable(v) for k, v in self.overrides.items()},
+      "params": self.params,
+      "compute": dataclasses.asdict(self.compute),
+      "compute_6nd_over_exact": self.compute.approx_ratio,
+    }
 
 
 def _jsonable(v):
@@ -78,8 +93,10 @@ def load_sweep(path: str, overrides: Mapping[str, Any] | None = None) -> ml_coll
   if not os.path.isfile(path) and ":" in path:
     path, arg = path.rsplit(":", 1)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no sweep file {path!r}: give the path of a Python file whose get_config() "
-                            "returns sd3_jax.scaling.sweep_config() filled in")
+    raise FileNotFoundError(
+      f"no sweep file {path!r}: give the path of a Python file whose get_config() "
+      "returns sd3_jax.scaling.sweep_config() filled in"
+    )
   sweep = config_lib.load_config_file(path, arg=arg)
   sweep.unlock()
   for key, value in (overrides or {}).items():
@@ -94,8 +111,9 @@ def load_sweep(path: str, overrides: Mapping[str, Any] | None = None) -> ml_coll
     sweep.base_config = os.path.abspath(beside if os.path.isfile(beside) else base)
   sweep.base_config = os.path.normpath(sweep.base_config)
   if not os.path.isfile(sweep.base_config):
-    raise FileNotFoundError(f"the sweep's base_config {base!r} does not exist (looked beside {path} and in "
-                            f"{os.getcwd()})")
+    raise FileNotFoundError(
+      f"the sweep's base_config {base!r} does not exist (looked beside {path} and in {os.getcwd()})"
+    )
   return sweep
 
 
@@ -135,8 +153,9 @@ def _check_grid(grid: Mapping, index: int) -> None:
   name = grid.get("name", f"grid{index}")
   unknown = set(grid) - {"name", "depths", "lengths", "budgets", "axes"}
   if unknown:
-    raise ValueError(f"grid {name!r} has unknown keys {sorted(unknown)}; a grid has name, depths, "
-                     "lengths or budgets, and axes")
+    raise ValueError(
+      f"grid {name!r} has unknown keys {sorted(unknown)}; a grid has name, depths, lengths or budgets, and axes"
+    )
   if not grid.get("depths"):
     raise ValueError(f"grid {name!r} lists no depths")
   if bool(grid.get("lengths")) == bool(grid.get("budgets")):
@@ -166,31 +185,57 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
     lengths = [("steps", int(s)) for s in grid.get("lengths") or ()]
     budgets = [("budget", float(b)) for b in grid.get("budgets") or ()]
     for depth, (kind, amount), values in itertools.product(
-        [int(d) for d in grid["depths"]], lengths + budgets, itertools.product(*axes.values())):
+      [int(d) for d in grid["depths"]], lengths + budgets, itertools.product(*axes.values())
+    ):
       # A value equal to the base config's changes nothing: left out of the overrides and the
       # name, so that grids sharing a run share its directory.
       axis_values = {k: v for k, v in zip(axes, values) if v != _lookup(base, k)}
-      family_overrides = {"model.depth": depth, "model.hidden_size": sweep.width_per_depth * depth,
-                          "model.num_heads": depth}
-      cfg = config_lib.load_config_file(sweep.base_config,
-                                        overrides={**base_overrides, **axis_values, **family_overrides})
+      family_overrides = {
+        "model.depth": depth,
+        "model.hidden_size": sweep.width_per_depth * depth,
+        "model.num_heads": depth,
+      }
+      cfg = config_lib.load_config_file(
+        sweep.base_config, overrides={**base_overrides, **axis_values, **family_overrides}
+      )
       mcfg = mmdit.config_from_preset(**cfg.model)
-      per_step = family.run_compute(mcfg, latent_size=cfg.data.latent_size, context_len=cfg.data.context_len,
-                                    batch_size=cfg.global_batch_size, steps=1).flops_per_step
+      per_step = family.run_compute(
+        mcfg,
+        latent_size=cfg.data.latent_size,
+        context_len=cfg.data.context_len,
+        batch_size=cfg.global_batch_size,
+        steps=1,
+      ).flops_per_step
       steps = amount if kind == "steps" else family.steps_for_budget(amount, per_step)
       if steps < 1:
         raise ValueError(f"grid {gname!r}: training lengths must be >= 1 step, got {steps}")
       every = max(1, steps // sweep.val_points)
-      overrides = {**base_overrides, **axis_values, **family_overrides, "total_steps": steps,
-                   "val.every": every, "checkpoint_every": every}
+      overrides = {
+        **base_overrides,
+        **axis_values,
+        **family_overrides,
+        "total_steps": steps,
+        "val.every": every,
+        "checkpoint_every": every,
+      }
       name = f"d{depth}_s{steps}" if kind == "steps" else f"d{depth}_C{_budget_name(amount)}"
       name += "".join(f"_{_short(k, v)}" for k, v in axis_values.items())
-      run = Run(name=name, grids=(gname,), depth=depth, steps=steps,
-                budget=amount if kind == "budget" else None, overrides=overrides,
-                params=family.param_counts(mcfg),
-                compute=family.run_compute(mcfg, latent_size=cfg.data.latent_size,
-                                           context_len=cfg.data.context_len, batch_size=cfg.global_batch_size,
-                                           steps=steps))
+      run = Run(
+        name=name,
+        grids=(gname,),
+        depth=depth,
+        steps=steps,
+        budget=amount if kind == "budget" else None,
+        overrides=overrides,
+        params=family.param_counts(mcfg),
+        compute=family.run_compute(
+          mcfg,
+          latent_size=cfg.data.latent_size,
+          context_len=cfg.data.context_len,
+          batch_size=cfg.global_batch_size,
+          steps=steps,
+        ),
+      )
       if name in runs:
         if runs[name].overrides != run.overrides:
           raise ValueError(f"two grids define run {name!r} differently: {runs[name].overrides} vs {run.overrides}")
@@ -207,8 +252,7 @@ def _flag_value(value: Any) -> str:
   return repr(value) if isinstance(value, float) else str(value)
 
 
-def command_line(sweep: ml_collections.ConfigDict, run: Run, sweep_dir: str,
-                 python: str = "python") -> str:
+def command_line(sweep: ml_collections.ConfigDict, run: Run, sweep_dir: str, python: str = "python") -> str:
   """The ``python -m sd3_jax.main ...`` line that trains ``run`` (for a pod scheduler or SLURM)."""
   workdir = f"{sweep_dir.rstrip('/')}/{run.name}" if "://" in sweep_dir else os.path.join(sweep_dir, run.name)
   parts = [python, "-m", "sd3_jax.main", "--config", sweep.base_config, "--workdir", workdir]
@@ -222,6 +266,8 @@ def run_config(sweep: ml_collections.ConfigDict, run: Run) -> ml_collections.Con
 
 
 def total_compute(runs: Sequence[Run]) -> dict[str, float]:
-  return {"flops": float(sum(r.compute.flops for r in runs)),
-          "flops_6nd": float(sum(r.compute.flops_6nd for r in runs)),
-          "images": float(sum(r.compute.images for r in runs))}
+  return {
+    "flops": float(sum(r.compute.flops for r in runs)),
+    "flops_6nd": float(sum(r.compute.flops_6nd for r in runs)),
+    "images": float(sum(r.compute.images for r in runs)),
+  }

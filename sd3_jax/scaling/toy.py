@@ -6,6 +6,7 @@ held-out ones). ``score_run`` samples the held-out prompts from a run's EMA weig
 back with the demo's checker (``sd3_jax.demo.scenes``), standing in for GenEval: it writes
 ``RUN/sample_eval.json``, which ``analyze`` joins to the run's validation loss.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 SAMPLE_FILE = "sample_eval.json"
 
 
-def prepare_data(workdir: str, *, num_train: int = 20_000, num_val: int = 512, num_heldout: int = 24,
-                 seed: int = 0) -> dict[str, str]:
+def prepare_data(
+  workdir: str, *, num_train: int = 20_000, num_val: int = 512, num_heldout: int = 24, seed: int = 0
+) -> dict[str, str]:
   """Text encoders and train/val records under ``workdir`` (skipped when present); returns
   their paths {text_encoders, train, val}."""
   from sd3_jax import text_conditioning
@@ -33,22 +35,45 @@ def prepare_data(workdir: str, *, num_train: int = 20_000, num_val: int = 512, n
   train_scenes, heldout = scene_lib.split_scenes(num_heldout, seed=seed)
   text_dir = os.path.join(workdir, "text_encoders")
   if not os.path.isdir(text_dir):
-    demo.make_text_encoders(text_dir, [s.caption for s in scene_lib.all_scenes()], clip_l_dim=demo_config.CLIP_L_DIM,
-                            clip_g_dim=demo_config.CLIP_G_DIM, t5_dim=demo_config.T5_DIM, seed=seed)
+    demo.make_text_encoders(
+      text_dir,
+      [s.caption for s in scene_lib.all_scenes()],
+      clip_l_dim=demo_config.CLIP_L_DIM,
+      clip_g_dim=demo_config.CLIP_G_DIM,
+      t5_dim=demo_config.T5_DIM,
+      seed=seed,
+    )
   conditioner = text_conditioning.SD3TextConditioner.from_pretrained(
-      text_dir, clip_length=demo_config.CLIP_TOKENS, t5_length=demo_config.T5_TOKENS)
+    text_dir, clip_length=demo_config.CLIP_TOKENS, t5_length=demo_config.T5_TOKENS
+  )
   size = demo_config.IMAGE_SIZE
-  paths = {"text_encoders": text_dir, "train": os.path.join(workdir, "data", "train"),
-           "val": os.path.join(workdir, "data", "val")}
-  demo.build_records(demo.SceneSource(train_scenes, num_train, size=size, seed=seed, name="train"),
-                     paths["train"], conditioner, resolution=size)
-  demo.build_records(demo.SceneSource(heldout, num_val, size=size, seed=seed + 1, name="val"),
-                     paths["val"], conditioner, resolution=size)
+  paths = {
+    "text_encoders": text_dir,
+    "train": os.path.join(workdir, "data", "train"),
+    "val": os.path.join(workdir, "data", "val"),
+  }
+  demo.build_records(
+    demo.SceneSource(train_scenes, num_train, size=size, seed=seed, name="train"),
+    paths["train"],
+    conditioner,
+    resolution=size,
+  )
+  demo.build_records(
+    demo.SceneSource(heldout, num_val, size=size, seed=seed + 1, name="val"), paths["val"], conditioner, resolution=size
+  )
   return paths
 
 
-def score_run(run_dir: str, text_encoders: str, *, num_heldout: int = 24, samples_per_prompt: int = 8,
-              sampling_steps: int = 28, cfg_scale: float = 3.0, seed: int = 0) -> dict:
+def score_run(
+  run_dir: str,
+  text_encoders: str,
+  *,
+  num_heldout: int = 24,
+  samples_per_prompt: int = 8,
+  sampling_steps: int = 28,
+  cfg_scale: float = 3.0,
+  seed: int = 0,
+) -> dict:
   """Held-out sample accuracy of a run's last checkpoint (EMA weights), written to
   ``RUN/sample_eval.json``; an existing file for the same checkpoint step is reused."""
   from sd3_jax import checkpoint, generation, text_conditioning
@@ -65,19 +90,34 @@ def score_run(run_dir: str, text_encoders: str, *, num_heldout: int = 24, sample
   _, heldout = scene_lib.split_scenes(num_heldout, seed=seed)
   clip_tokens = config["text"]["clip_tokens"]
   conditioner = text_conditioning.SD3TextConditioner.from_pretrained(
-      text_encoders, clip_length=clip_tokens, t5_length=config["data"]["context_len"] - clip_tokens)
+    text_encoders, clip_length=clip_tokens, t5_length=config["data"]["context_len"] - clip_tokens
+  )
   size = config["data"]["latent_size"]
-  images = generation.generate(model, params, conditioner, [s.caption for s in heldout],
-                               latent_shape=(size, size, config["data"]["latent_channels"]),
-                               num_per_prompt=samples_per_prompt, num_steps=sampling_steps,
-                               shift=config["flow"]["shift"], cfg_scale=cfg_scale, seed=seed)
+  images = generation.generate(
+    model,
+    params,
+    conditioner,
+    [s.caption for s in heldout],
+    latent_shape=(size, size, config["data"]["latent_channels"]),
+    num_per_prompt=samples_per_prompt,
+    num_steps=sampling_steps,
+    shift=config["flow"]["shift"],
+    cfg_scale=cfg_scale,
+    seed=seed,
+  )
   scenes = [s for s in heldout for _ in range(samples_per_prompt)]
   acc = scene_lib.accuracy(list(images), scenes)
   parts = [acc[k] for k in ("colors", "shape1", "shape2", "relation")]
-  result = {"step": step, "sample_accuracy": acc["all"], "part_accuracy": float(np.mean(parts)),
-            "parts": acc, "chance": demo.chance_accuracy(list(images), scenes, seed=seed),
-            "num_prompts": len(heldout), "samples_per_prompt": samples_per_prompt,
-            "sampler": {"steps": sampling_steps, "cfg_scale": cfg_scale, "weights": "ema"}}
+  result = {
+    "step": step,
+    "sample_accuracy": acc["all"],
+    "part_accuracy": float(np.mean(parts)),
+    "parts": acc,
+    "chance": demo.chance_accuracy(list(images), scenes, seed=seed),
+    "num_prompts": len(heldout),
+    "samples_per_prompt": samples_per_prompt,
+    "sampler": {"steps": sampling_steps, "cfg_scale": cfg_scale, "weights": "ema"},
+  }
   fileutil.atomic_json(path, result, indent=1)
   log.info("%s: sample accuracy %.3f (parts %.3f)", run_dir, result["sample_accuracy"], result["part_accuracy"])
   return result
@@ -85,5 +125,6 @@ def score_run(run_dir: str, text_encoders: str, *, num_heldout: int = 24, sample
 
 def _read(path: str) -> dict:
   import json
+
   with open(path) as f:
     return json.load(f)
