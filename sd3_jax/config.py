@@ -31,13 +31,17 @@ _MODEL_FIELDS = dict(
   mlp_ratio=int,
   pos_embed_base_size=int,
   pos_embed_scale=float,
+  backbone=str,  # 'mmdit' (default) | 'mmdit3' | 'dit' | 'crossdit' | 'uvit' (docs/backbones.md)
+  clip_tokens=int,  # 'mmdit3': context rows that are CLIP tokens (= text.clip_tokens)
+  uvit_res_blocks=int,  # 'uvit': conv blocks per stage
 )
 
 
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
   """config.model: a preset ('sd3-medium', 'sd3.5-large', 'sd3.5-medium', 'd<N>') plus any
   MMDiTConfig fields that override it (None = keep the preset's value). Changing `depth`
-  alone re-derives hidden size 64*d and d heads."""
+  alone re-derives hidden size 64*d and d heads. `backbone` picks the network of the paper's
+  architecture study (docs/backbones.md): --config.model.backbone=crossdit."""
   m = ml_collections.ConfigDict({"preset": preset})
   for name, typ in _MODEL_FIELDS.items():
     m[name] = overrides.pop(name) if name in overrides else config_dict.placeholder(typ)

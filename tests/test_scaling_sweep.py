@@ -69,6 +69,27 @@ def test_plan_names_steps_and_compute(sweep_file):
   assert "flow.sampler" not in runs[0].overrides and runs[1].overrides["flow.sampler"] == "uniform"
 
 
+def test_backbone_on_a_sweep_axis(sweep_file):
+  """model.backbone as an axis: one run per backbone and depth, each counted with its own
+  architecture (parameters in closed form, exact FLOPs), the family's width rule for all."""
+  from sd3_jax.models import backbones
+
+  sweep = sweep_lib.load_sweep(sweep_file)
+  sweep.grids = [dict(name="arch", depths=(1, 2), lengths=(4,), axes={"model.backbone": backbones.BACKBONES})]
+  runs = {r.name: r for r in sweep_lib.plan(sweep)}
+  assert set(runs) == {
+    f"d{d}_s4" + ("" if b == "mmdit" else f"_backbone-{b}") for d in (1, 2) for b in backbones.BACKBONES
+  }
+  counts = set()
+  for r in runs.values():
+    mcfg = mmdit.config_from_preset(**sweep_lib.run_config(sweep, r).model)
+    assert mcfg.hidden_size == 16 * r.depth and mcfg.num_heads == r.depth
+    assert r.params["total"] == backbones.count_params(mcfg)
+    assert r.compute.flops == 4 * flops.train_step_flops(mcfg, 8, 8, 8, 4)
+    counts.add((r.depth, r.params["total"]))
+  assert len(counts) == 2 * len(backbones.BACKBONES)  # every backbone differs
+
+
 @pytest.mark.parametrize(
   "grid, message",
   [

@@ -66,7 +66,7 @@ def describe(cfg) -> str:
   name = type(cfg).__name__
   if name == "MMDiTConfig":
     return (
-      f"depth {cfg.depth}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, qk_norm {cfg.qk_norm}, "
+      f"{'' if cfg.backbone == 'mmdit' else f'backbone {cfg.backbone}, '}depth {cfg.depth}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, qk_norm {cfg.qk_norm}, "
       f"dual layers {list(cfg.dual_attention_layers)}, pos grid {cfg.pos_embed_max_size}"
     )
   if name == "CLIPTextConfig":
