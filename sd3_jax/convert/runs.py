@@ -40,7 +40,7 @@ def run_location(path) -> Optional[tuple[str, Optional[int]]]:
 
 def load_run(path, *, use_ema: bool = True):
   """(model config, EMA (``use_ema``) or raw parameters, description) of a run's checkpoint."""
-  from sd3_jax import checkpoint  # jax/orbax only when a run is exported
+  from sd3_jax.storage import checkpoint  # jax/orbax only when a run is exported
 
   location = run_location(path)
   if location is None:

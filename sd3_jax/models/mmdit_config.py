@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Sequence
 
-from sd3_jax.models.config_check import check_config
+from sd3_jax.models.field_checks import check_config
 
 # The backbones of the paper's architecture study (section 5.2.3); docs/backbones.md.
 BACKBONES = ("mmdit", "mmdit3", "dit", "crossdit", "uvit")
