@@ -59,7 +59,8 @@ def _randomize(params, seed=0, std=0.2):
 
 
 def _init(cfg):
-  return jax.jit(functools.partial(M.init_params, B.build(cfg)))(jax.random.key(0))
+  # An 'rbg' key: the same initialisers, a quarter of the compile time of threefry's
+  return jax.jit(functools.partial(M.init_params, B.build(cfg)))(jax.random.key(0, impl="rbg"))
 
 
 def _loss(model):
@@ -72,14 +73,24 @@ def _loss(model):
 
 @pytest.fixture(scope="module", params=NEW)
 def plain(request):
-  """Per backbone: a randomised model, its unscanned forward and the scanned gradient program
-  (compiled once: its HLO is counted, its gradients compared)."""
+  """Per backbone, two compiled programs: the unscanned forward sharded on a (data 2, fsdp 2,
+  tensor 2) mesh (for the outputs), and the scanned gradient program on one device (its HLO is
+  counted, its output and gradients compared). Equal outputs show both sharded == unsharded and
+  scanned == unrolled at the cost of two compiles instead of three."""
   cfg = _cfg(request.param)
   fresh = _init(cfg)
   params = _randomize(fresh)
   inputs = _inputs(cfg)
   model = B.build(cfg)
-  fwd = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+  mesh = sharding.make_mesh(2, 2, 2)
+  shardings = sharding.logical_to_mesh_shardings(sharding.logical_specs(M.abstract_params(model)), mesh)
+  batch = tuple(sharding.batch_sharding(mesh, a.ndim) for a in inputs)
+
+  def apply(p, *a):
+    with sharding.logical_axes(mesh):
+      return model.apply({"params": p}, *a)
+
+  fwd = jax.jit(apply, in_shardings=(shardings, *batch))
   scanned = M.stack_block_params(params, cfg)
   compiled = jax.jit(jax.value_and_grad(_loss(B.build(cfg, scan_layers=True)), has_aux=True))
   compiled = compiled.lower(scanned, *inputs).compile()
@@ -120,8 +131,8 @@ def test_shapes_zero_init_and_finite_gradients(plain):
 
 
 def test_scan_remat_and_flops_against_the_compiled_program(plain):
-  """The scanned layout is what the scanned module creates; the scanned model computes the
-  unrolled one's output, and with a named remat policy its gradients; the FLOP formula is exact
+  """The scanned layout is what the scanned module creates; with a named remat policy the
+  scanned model has the same gradients; the FLOP formula is exact
   against the traced forward and against XLA's compiled gradient program (scanned layers
   counted per layer): the 3x convention less the input gradients nobody needs (latents,
   t features, pooled, text)."""
@@ -133,7 +144,6 @@ def test_scan_remat_and_flops_against_the_compiled_program(plain):
   assert [a.shape for a in jax.tree.leaves(abstract)] == [b.shape for b in jax.tree.leaves(scanned)]
   back = M.unstack_block_params(scanned, cfg)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
-  _close(plain["out_scanned"], plain["out"])
   with pytest.raises(ValueError, match="unscanned"):
     B.build(cfg, scan_layers=True).apply({"params": scanned}, *inputs, skip_layers=(0,))
 
@@ -147,25 +157,17 @@ def test_scan_remat_and_flops_against_the_compiled_program(plain):
   assert counted["unknown_trip_counts"] == 0
   assert counted["flops"] == F.train_step_flops(cfg, *HW, LC, b) - no_input_grad
 
-  remat = B.build(cfg, scan_layers=True, remat="save_qkv_attn_mlp")
-  grads, _ = jax.jit(jax.grad(_loss(remat), has_aux=True))(scanned, *inputs)
-  _close(M.unstack_block_params(grads, cfg), plain["grads"])
+  # The checkpoint names tagged in blocks of their own (cross-attention; the UViT's conv blocks
+  # under remat); the DiT and MM-DiT3 blocks are the MM-DiT's stream blocks (tests/test_remat.py).
+  if cfg.backbone in ("crossdit", "uvit"):
+    remat = B.build(cfg, scan_layers=True, remat="save_qkv_attn_mlp")
+    grads, _ = jax.jit(jax.grad(_loss(remat), has_aux=True))(scanned, *inputs)
+    _close(M.unstack_block_params(grads, cfg), plain["grads"])
 
 
-def test_sharded_forward_equals_unsharded(plain):
-  cfg, params, inputs, out = plain["cfg"], plain["params"], plain["inputs"], plain["out"]
-  model = B.build(cfg)
-  mesh = sharding.make_mesh(2, 2, 2)
-  shardings = sharding.logical_to_mesh_shardings(sharding.logical_specs(M.abstract_params(model)), mesh)
-  batch = tuple(jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in inputs)
-
-  @jax.jit
-  def fwd(p, *a):
-    with sharding.logical_axes(mesh):
-      return model.apply({"params": p}, *a)
-
-  got = fwd(jax.device_put(params, shardings), *batch)
-  rel = float(jnp.linalg.norm(got - out) / jnp.linalg.norm(out))
+def test_sharded_unrolled_equals_unsharded_scanned(plain):
+  out, ref = plain["out"], plain["out_scanned"]
+  rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
   assert rel < 1e-5, rel
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from sd3_jax import sharding, text_conditioning
 from sd3_jax.inference import generation, sampling
-from sd3_jax.models import mmdit
+from sd3_jax.models import backbones
 from sd3_jax.storage import checkpoint as ckpt_lib
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,9 @@ def load_model(*, workdir=None, checkpoint=None, step=None, ema=True, mesh, dtyp
 
   cfg = pretrained.read_config(checkpoint)
   model, params = pretrained.load_pretrained(
-    checkpoint, dtype=jnp.dtype(dtype or default_dtype()), shardings=sampling.param_shardings(mmdit.MMDiT(cfg), mesh)
+    checkpoint,
+    dtype=jnp.dtype(dtype or default_dtype()),
+    shardings=sampling.param_shardings(backbones.build(cfg), mesh),
   )
   return model, params, None, None
 

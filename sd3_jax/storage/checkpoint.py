@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from sd3_jax import sharding
-from sd3_jax.models import mmdit
+from sd3_jax.models import backbones, mmdit
 from sd3_jax.storage import fileutil
 
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -150,6 +150,13 @@ class Checkpointer:
     if shapes:
       raise ValueError(f"state shapes do not match {where}: {_listing(shapes)}")
 
+  def saved_config(self, step: int) -> Optional[dict]:
+    """The config saved with ``step`` (None when it was saved without one)."""
+    step_dir = self.directory / str(step)
+    if not (step_dir / CONFIG).exists():
+      return None
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / CONFIG)
+
   def restore(
     self, step: Optional[int] = None, *, abstract_state: Any, data_iterator: Any = None
   ) -> tuple[Any, Optional[dict]]:
@@ -242,7 +249,7 @@ def load_workdir(
     raise FileNotFoundError(f"{step_dir} has no config item (saved without config=...); cannot rebuild the model")
   config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / CONFIG)
   cfg = ml_collections.ConfigDict(config)
-  model = mmdit.MMDiT(
+  model = backbones.build(
     mmdit.config_from_preset(**cfg.model),
     dtype=jnp.dtype(dtype or cfg.dtype),
     scan_layers=cfg.scan_layers,

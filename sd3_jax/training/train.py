@@ -24,7 +24,7 @@ from sd3_jax import sharding, text_conditioning
 from sd3_jax.data import buckets, input_pipeline
 from sd3_jax.evaluation import scoring
 from sd3_jax.inference import generation
-from sd3_jax.models import flops, mmdit
+from sd3_jax.models import backbones, flops, mmdit
 from sd3_jax.storage import checkpoint as ckpt_lib
 from sd3_jax.training import config_checks, divergence, init_from, optimizer, preemption, prefetch
 from sd3_jax.training import metrics as metrics_lib
@@ -152,6 +152,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
 
   latest = checkpointer.latest_step()
   if latest is not None:
+    saved_model = (checkpointer.saved_config(latest) or {}).get("model") or {}
+    where = f"the checkpoint of step {latest} in {workdir / 'checkpoints'}"
+    backbones.check_backbone(saved_model.get("backbone") or "mmdit", model.config.backbone, where)
     state, _ = checkpointer.restore(latest, abstract_state=abstract, data_iterator=train_iter)
     log.info("resumed from step %d", latest)
   else:
