@@ -2,6 +2,7 @@ r"""Will this config fit that TPU topology? Compile the real train step ahead of
 
   python -m tools.aot_compile --config configs/sd3_8b.py --topology v5p:8x8x8 [--json]
   python -m tools.aot_compile --config configs/sd3_medium.py --topology v6e:16x16 --find_max_batch
+  python -m tools.aot_compile --config configs/sd3_medium.py --config.model.backbone=crossdit  # any backbone
 
 Uses libtpu's compile-only topologies (pip install 'jax[tpu]==0.10.2', the `tpu` extra; no TPU
 needed). Prints per-chip memory (arguments, temporaries, peak), the chip's HBM, whether it fits,

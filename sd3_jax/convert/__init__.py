@@ -49,11 +49,11 @@ from sd3_jax.convert.formats import (
   detect_format,
   detect_model,
   iter_native,
-  require_mmdit,
   open_source,
   source_from_params,
   source_from_state_dict,
 )
+from sd3_jax.convert.mmdit_keys import require_mmdit
 from sd3_jax.convert.safetensors_io import parse_size
 
 __all__ = [

@@ -124,19 +124,6 @@ def detect_model(path) -> tuple[str, str, str]:
 # Sources
 
 
-def require_mmdit(config, where: str) -> None:
-  """The key tables exist for the MM-DiT only (no PyTorch reference implements the other
-  backbones of the study): a one-line ValueError for any other."""
-  backbone = getattr(config, "backbone", "mmdit")
-  if backbone != "mmdit":
-    from sd3_jax.models.backbones import DESCRIPTIONS
-
-    raise ValueError(
-      f"conversion to PyTorch is MM-DiT only: {where} holds a {DESCRIPTIONS[backbone]} (backbone "
-      f"{backbone!r}), which no PyTorch reference implements; it stays in the sd3_jax format (--to jax)"
-    )
-
-
 class Source:
   """Native tensors of one format plus the inferred config; serves original-layout tensors."""
 
@@ -150,7 +137,7 @@ class Source:
     description: str,
   ):
     self.format, self.config, self.description = fmt, config, description
-    require_mmdit(config, description)
+    K.require_mmdit(config, description)
     self.entries = K.entries(config, fmt)
     trees.check_shapes(shapes, {e.name: e.shape for e in self.entries}, description)
     check_float_dtypes(dtypes, description)

@@ -14,7 +14,7 @@ from typing import Optional
 
 from etils import epath
 
-from sd3_jax.convert import formats
+from sd3_jax.convert import mmdit_keys
 from sd3_jax.convert.formats import Source, source_from_params
 
 CHECKPOINTS = "checkpoints"
@@ -55,7 +55,7 @@ def load_run(path, *, use_ema: bool = True):
 def open_run(path, *, use_ema: bool = True) -> Source:
   """The EMA (``use_ema``) or raw parameters of a run's checkpoint (an MM-DiT's) as a 'jax' Source."""
   config, params, description = load_run(path, use_ema=use_ema)
-  formats.require_mmdit(config, description)
+  mmdit_keys.require_mmdit(config, description)
   source = source_from_params(params, config)
   source.description = description
   return source
