@@ -40,6 +40,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
   ("qkv", None),  # the q/k/v selector (3)
   ("cond", None),  # conditioning input widths (256 timestep features, 2048 pooled, 4096 context)
   ("layers", None),  # the stacked axis of scanned blocks
+  ("conv_in", None),  # UViT conv-stage channels (small; widths such as 384 divide few meshes)
+  ("conv_out", None),
 )
 
 

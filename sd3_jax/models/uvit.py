@@ -41,6 +41,10 @@ from sd3_jax.models.mmdit_config import MMDiTConfig, check_inputs, uvit_widths
 
 Dtype = Any
 _MAP = (L.ACT_BATCH, None, None, L.ACT_EMBED)  # logical axes of a feature map [B, H, W, C]
+# Conv-stage channels (hidden/4, /8, ...) are named 'conv_in' / 'conv_out', replicated by the
+# default rules: they are a few percent of the parameters, and a width such as 384 (d=24) does
+# not divide a 512-way FSDP axis.
+CONV = ("conv_in", "conv_out")
 
 
 def _modulate_map(x_BxHxWxC, shift_BxC, scale_BxC):
@@ -57,13 +61,13 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWxC, c_BxD):
     shift, scale, gate = L.ada_modulation(c_BxD, 3, self.features, self.dtype)
-    h = L.Conv(self.features, ("embed", "mlp"), dtype=self.dtype, name="conv1")(nn.silu(L.layer_norm(x_BxHxWxC)))
-    h = nn.with_logical_constraint(h, (L.ACT_BATCH, None, None, L.ACT_MLP))
+    h = L.Conv(self.features, CONV, dtype=self.dtype, name="conv1")(nn.silu(L.layer_norm(x_BxHxWxC)))
+    h = nn.with_logical_constraint(h, _MAP)
     h = nn.silu(_modulate_map(L.layer_norm(h), shift, scale))
-    h = L.Conv(self.features, ("mlp", "embed"), dtype=self.dtype, name="conv2")(h)
+    h = L.Conv(self.features, CONV, dtype=self.dtype, name="conv2")(h)
     skip = x_BxHxWxC
     if x_BxHxWxC.shape[-1] != self.features:
-      skip = L.Dense(self.features, ("mlp", "embed"), dtype=self.dtype, name="skip")(x_BxHxWxC)
+      skip = L.Dense(self.features, CONV, dtype=self.dtype, name="skip")(x_BxHxWxC)
     return nn.with_logical_constraint(skip + gate[:, None, None, :] * h, _MAP)
 
 
@@ -72,11 +76,13 @@ class Upsample(nn.Module):
 
   features: int
   dtype: Dtype = jnp.float32
+  in_axis: str = "conv_in"  # 'embed' from the transformer's width
 
   @nn.compact
   def __call__(self, x_BxHxWxC):
     b, hh, ww, _ = x_BxHxWxC.shape
-    y = L.Dense((2, 2, self.features), ("embed", None, None, None), dtype=self.dtype, name="proj")(x_BxHxWxC)
+    axes = (self.in_axis, None, None, "conv_out")
+    y = L.Dense((2, 2, self.features), axes, dtype=self.dtype, name="proj")(x_BxHxWxC)
     y = y.transpose(0, 1, 3, 2, 4, 5)  # [B, H, p, W, q, C]
     return nn.with_logical_constraint(y.reshape(b, 2 * hh, 2 * ww, self.features), _MAP)
 
@@ -93,7 +99,7 @@ class FinalConv(nn.Module):
     shift, scale = L.ada_modulation(c_BxD, 2, x_BxHxWxC.shape[-1], self.dtype)
     x = _modulate_map(L.layer_norm(x_BxHxWxC), shift, scale)
     zeros = nn.initializers.zeros_init()
-    return L.Conv(self.out_channels, ("embed", None), dtype=self.dtype, kernel_init=zeros, name="conv")(x)
+    return L.Conv(self.out_channels, ("conv_in", None), dtype=self.dtype, kernel_init=zeros, name="conv")(x)
 
 
 class UViT(nn.Module):
@@ -115,14 +121,15 @@ class UViT(nn.Module):
     res = R.wrap(ResBlock, self.remat)
     c = L.conditioning(t, pooled, hidden, self.dtype)
 
-    h = L.Conv(widths[0], (None, "embed"), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+    h = L.Conv(widths[0], (None, "conv_out"), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
     skips = [h]
     for s, width in enumerate(widths):
       for j in range(n_res):
         h = res(width, dtype=self.dtype, name=f"down_{s}_{j}")(h, c)
         skips.append(h)
       wider = widths[s + 1] if s + 1 < len(widths) else hidden
-      h = L.PatchEmbed(wider, 2, dtype=self.dtype, name=f"downsample_{s}")(h)
+      out_axis = "conv_out" if s + 1 < len(widths) else "embed"
+      h = L.PatchEmbed(wider, 2, dtype=self.dtype, axes=(None, None, "conv_in", out_axis), name=f"downsample_{s}")(h)
       h = nn.with_logical_constraint(h, _MAP)
       if s + 1 < len(widths):
         skips.append(h)
@@ -136,7 +143,8 @@ class UViT(nn.Module):
     h = joint_transformer(self, cfg, ctx, tok, c, skip_layers).reshape(b, hp, wp, hidden)
 
     for s in reversed(range(len(widths))):
-      h = Upsample(widths[s], dtype=self.dtype, name=f"upsample_{s}")(h)
+      in_axis = "embed" if s + 1 == len(widths) else "conv_in"
+      h = Upsample(widths[s], dtype=self.dtype, in_axis=in_axis, name=f"upsample_{s}")(h)
       for j in range(n_res + 1):
         h = res(widths[s], dtype=self.dtype, name=f"up_{s}_{j}")(jnp.concatenate([h, skips.pop()], -1), c)
     out = FinalConv(cfg.out_channels, dtype=self.dtype, name="final_layer")(h, c)
