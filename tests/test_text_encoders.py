@@ -16,7 +16,8 @@ import pytest
 import torch
 import transformers
 
-from sd3_jax import flow, pretrained, text_conditioning as tc
+from sd3_jax import pretrained, text_conditioning as tc
+from sd3_jax.flow import conditioning
 from sd3_jax.demo.run import clip_byte_chars
 from sd3_jax.models import t5 as t5_lib
 from sd3_jax.models import text_encoders as te
@@ -461,7 +462,7 @@ def test_conditioner_matches_diffusers(tokenizers, pipeline_dir):
   d, (torch_l, torch_g, torch_t5_) = pipeline_dir
   _, (tok_l, tok_g, tok_t5) = tokenizers
   cond = tc.SD3TextConditioner.from_pretrained(d, t5_length=20)
-  assert cond.context_dim == 96 and cond.layout == flow.TextLayout(32, 48, 77)
+  assert cond.context_dim == 96 and cond.layout == conditioning.TextLayout(32, 48, 77)
   context, pooled = cond.encode(PROMPTS)
   assert context.shape == (3, 77 + 20, 96) and pooled.shape == (3, 80)
   pipe = StableDiffusion3Pipeline(
@@ -507,7 +508,7 @@ def test_conditioner_short_clip_length(pipeline_dir):
   d, _ = pipeline_dir
   full = tc.SD3TextConditioner.from_pretrained(d, t5_length=20)
   short = tc.SD3TextConditioner.from_pretrained(d, t5_length=20, clip_length=12)
-  assert short.layout == flow.TextLayout(32, 48, 12)
+  assert short.layout == conditioning.TextLayout(32, 48, 12)
   prompts = PROMPTS[:1] + PROMPTS[2:]  # the second prompt needs more than 12 tokens
   ctx_s, pool_s = short.encode(prompts)
   ctx_f, pool_f = full.encode(prompts)
