@@ -235,6 +235,21 @@ def test_rf_default_loss_is_todays():
   np.testing.assert_array_equal(f.time_input(t), t)
 
 
+def test_level_times_cover_what_each_formulation_can_take():
+  grid = np.asarray(flow.levels.val_t_levels(8))
+  for name, ends in (("rf", True), ("v/cos", True), ("eps/cos", True), ("eps/linear", False), ("edm/rf", False)):
+    own, covered = levels.level_times(flow.get_formulation(name), grid)
+    assert covered[1:-1].all() and covered[0] == ends and covered[-1] == ends, name
+  own, covered = levels.level_times(flow.get_formulation("v/cos"), grid)
+  np.testing.assert_allclose(own[[0, -1]], [0.0, 1.0])
+  # LDM's bounded SNR range and a narrow EDM's float32 reach leave out the outer levels of a fine grid
+  fine = np.linspace(0, 1, 41)
+  _, covered = levels.level_times(flow.get_formulation("eps/linear"), fine)
+  assert not covered[1] and covered[2] and covered[-4] and not covered[-3]  # t = 0.025 < 0.028, 0.95 > 0.936
+  _, covered = levels.level_times(flow.get_formulation("edm(0.00,0.30)"), fine)
+  assert covered[20] and not covered[-2]
+
+
 def _t_from_time_input(f, tin):
   """Inverts the network's time input (for a stand-in network that needs t)."""
   if isinstance(f.path, flow.paths.VEPath):

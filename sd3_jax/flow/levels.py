@@ -138,8 +138,8 @@ def level_times(f: Formulation, levels: ArrayLike) -> tuple[np.ndarray, np.ndarr
   # where t rounds to 1) is not covered either.
   with np.errstate(divide="ignore", invalid="ignore"):
     back = f.log_snr(own.astype(np.float64))
-    err = np.abs(back - np.where(covered, lam, 0.0))
-    covered &= np.isfinite(back) & (err <= 1e-3 * np.maximum(1.0, np.abs(lam)))
+    close = np.abs(back - lam) <= 1e-3 * np.maximum(1.0, np.abs(lam))
+  covered &= np.where(np.isinf(lam), back == lam, np.isfinite(back) & close)
   return np.where(covered, own, 0.0).astype(np.float32), covered
 
 
