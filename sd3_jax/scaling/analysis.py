@@ -7,7 +7,7 @@ and compute come from the config (``family``); every validation row of a run is 
 metrics and ``RUN/sample_eval.json`` (``toy.score_run``) add the run's sample metrics at each
 sampling step count. Runs that differ in one key are ranked by ``ranking`` (for formulations:
 by the yardstick and every sample metric). The fits and the held-out prediction are described in
-the README, "Scaling-law studies".
+docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from sd3_jax import config as config_lib
-from sd3_jax import fileutil, flow
+from sd3_jax import flow
+from sd3_jax.storage import fileutil
 from sd3_jax.models import mmdit
 from sd3_jax.scaling import family, fits, isoflop, ranking
 
@@ -59,7 +60,7 @@ def find_runs(dirs: Sequence[str]) -> list[str]:
 
 def read_config(run_dir: str) -> dict:
   """The experiment config a run saved with its latest committed checkpoint."""
-  from sd3_jax import checkpoint
+  from sd3_jax.storage import checkpoint
 
   ckpt = os.path.join(run_dir, "checkpoints")
   for step in reversed(checkpoint.committed_steps(ckpt)):
