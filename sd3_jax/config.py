@@ -222,6 +222,8 @@ def base_config() -> ml_collections.ConfigDict:
   # pixel_space / t5_length / clip_length. clip: our converted CLIP model (CLIP score; the
   # paper: CLIP-L/14); fid_clip: '' = clip (clean-fid: ViT-B/32); reference_stats: .npz from
   # sd3_jax.evaluation.reference_stats computed with fid_clip ('' = no FID); num_images: 0 = one per prompt.
+  # step_counts: sampling step counts to evaluate at instead of num_steps, each logged as
+  # eval/steps<N>/... (the paper compares 5, 10, 25 and 50; docs/formulations.md); () = num_steps.
   c.eval = ml_collections.ConfigDict(
     dict(
       every=0,
@@ -229,6 +231,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_images=0,
       batch_size=8,
       num_steps=28,
+      step_counts=(),
       cfg_scale=7.0,
       shift=3.0,
       seed=0,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from sd3_jax import flow
 from sd3_jax.flow import conditioning as C
 from sd3_jax.flow import levels as L
 from sd3_jax.flow import rectified as R
@@ -229,6 +230,9 @@ def test_assemble_conditioning_layout():
     C.assemble_conditioning(l_seq, g_seq, t5, g_pool, l_pool, context_dim=12)
 
 
+RF = flow.get_formulation("rf")
+
+
 def _toy_velocity(z, t):
   """A per-example stand-in for the model (no mixing across the batch)."""
   return 0.5 * jnp.tanh(z) - t[:, None, None, None] * z + 0.1
@@ -250,6 +254,12 @@ def test_validation_noise_depends_only_on_seed_and_id():
     L.fixed_validation_noise(3, np.array([2**32]), shape)
 
 
+def _means(x0, eps, levels, mask=None, predict=_toy_velocity):
+  own, rf, count = L.loss_sums(predict, RF, x0, eps, levels, mask)
+  np.testing.assert_array_equal(own, rf)  # for rectified flow the yardstick is the loss itself
+  return np.asarray(own) / float(count)
+
+
 def test_validation_losses_values_and_batch_independence():
   levels = L.val_t_levels()
   np.testing.assert_allclose(levels, np.arange(8) / 7, rtol=1e-6)
@@ -257,7 +267,7 @@ def test_validation_losses_values_and_batch_independence():
   ids = np.arange(10)
   x0 = jax.random.normal(jax.random.key(9), (10,) + shape)
   eps = L.fixed_validation_noise(0, ids, shape)
-  full = L.validation_losses(_toy_velocity, x0, eps, levels)
+  full = _means(x0, eps, levels)
   assert full.shape == (8,)
   # Reference in float64 numpy, one level at a time.
   x0n, epsn = np.float64(x0), np.float64(eps)
@@ -270,16 +280,27 @@ def test_validation_losses_values_and_batch_independence():
   perm = np.random.default_rng(0).permutation(10)
   sums, count = np.zeros(8), 0.0
   for part in (perm[:3], perm[3:]):
-    s, c = L.validation_loss_sums(_toy_velocity, x0[part], L.fixed_validation_noise(0, ids[part], shape), levels)
+    s, _, c = L.loss_sums(_toy_velocity, RF, x0[part], L.fixed_validation_noise(0, ids[part], shape), levels)
     sums, count = sums + np.asarray(s), count + float(c)
   np.testing.assert_allclose(sums / count, full, rtol=1e-5)
   # Padding rows with mask 0 do not count.
   xp = jnp.concatenate([x0, 100 * jnp.ones((2,) + shape)])
   ep = L.fixed_validation_noise(0, np.concatenate([ids, [-1, -1]]), shape)
-  masked = L.validation_losses(_toy_velocity, xp, ep, levels, mask=np.r_[np.ones(10), np.zeros(2)])
-  np.testing.assert_allclose(masked, full, rtol=1e-5)
+  np.testing.assert_allclose(_means(xp, ep, levels, mask=np.r_[np.ones(10), np.zeros(2)]), full, rtol=1e-5)
+
+  # The same operations as the validation loss before formulations (validation_loss_sums),
+  # so the same numbers for rectified flow.
+  def todays(x0, eps):
+    def one(t):
+      tb = jnp.full((x0.shape[0],), t, jnp.float32)
+      return jnp.sum(R.per_example_loss(_toy_velocity(R.noised(x0, eps, tb), tb), x0, eps))
+
+    return jax.lax.map(one, levels)
+
+  own = jax.jit(lambda x0, eps: L.loss_sums(_toy_velocity, RF, x0, eps, levels)[0])(x0, eps)
+  np.testing.assert_array_equal(own, jax.jit(todays)(x0, eps))
   # A zero predictor has loss mean((eps - x0)^2) at every level.
-  zero = L.validation_losses(lambda z, t: jnp.zeros_like(z), x0, eps, levels)
+  zero = _means(x0, eps, levels, predict=lambda z, t: jnp.zeros_like(z))
   np.testing.assert_allclose(zero, np.full(8, float(jnp.mean((eps - x0) ** 2))), rtol=1e-5)
 
 

@@ -120,3 +120,29 @@ def test_analysis_ranks_formulations_by_yardstick_and_sample_metrics(tmp_path):
     [str(tmp_path / "sweep")], out, where={"flow.formulation": "rf/lognorm(0,1)"}, num_bootstrap=0, plots=False
   )
   assert picked["fit_runs"] == ["run0"]
+
+
+def test_periodic_evaluation_at_several_step_counts(monkeypatch):
+  from sd3_jax.evaluation import scoring
+
+  calls = []
+
+  def fake_evaluate(model, params, conditioner, prompts, *, num_steps, formulation, **kw):
+    calls.append((num_steps, formulation))
+    return scoring.EvalResult({"clip_score": 20.0 + num_steps, "num_images": 2}, None, None)
+
+  monkeypatch.setattr(scoring, "evaluate", fake_evaluate)
+  f = flow.get_formulation("v/cos")
+  settings = dict(prompts=("a", "b"), num_steps=28)
+  one = scoring.PeriodicEvaluator(None, **settings)(None, None, None, latent_shape=(4, 4, 3), formulation=f)
+  assert one == {"eval/clip_score": 48.0, "eval/num_images": 2} and calls == [(28, f)]
+  calls.clear()
+  several = scoring.PeriodicEvaluator(None, step_counts=(5, 50), **settings)
+  out = several(None, None, None, latent_shape=(4, 4, 3), formulation=f)
+  assert out == {
+    "eval/steps5/clip_score": 25.0, "eval/steps5/num_images": 2,
+    "eval/steps50/clip_score": 70.0, "eval/steps50/num_images": 2,
+  }  # fmt: skip
+  assert calls == [(5, f), (50, f)]
+  with pytest.raises(ValueError, match="step_counts"):
+    scoring.PeriodicEvaluator(None, step_counts=(0,), **settings)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd3_jax import flow, sampling
+from sd3_jax import flow
+from sd3_jax.inference import sampling
 from sd3_jax.flow import solver
 
 NON_RF = ("eps/linear", "v/linear", "eps/cos", "v/cos", "edm(-1.20,1.20)", "edm(0.00,0.60)", "edm/cos", "edm/rf")

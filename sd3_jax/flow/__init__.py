@@ -164,15 +164,3 @@ def _build(key: str, name: str) -> Formulation:
     path = paths.VEPath(paths.RatioSigma(ref.path))
     return Formulation(canonical, path, "F", ClippedDensity(ref.density), weighting_of=ref, schedule="karras")
   raise _bad(name)
-
-
-# TEMPORARY (until the layout restructure lands and the trainer is moved onto formulations):
-# the names train.py and validation.py still use at their old path.
-from sd3_jax.flow.conditioning import TextLayout, drop_text_conditioning  # noqa: E402, F401
-from sd3_jax.flow.levels import (  # noqa: E402, F401
-  fixed_validation_noise,
-  summarize_validation,
-  val_t_levels,
-  validation_loss_sums,
-)
-from sd3_jax.flow.rectified import noised, per_example_loss, sample_t  # noqa: E402, F401

@@ -28,7 +28,7 @@ import numpy as np
 
 from sd3_jax.flow.formulations import Formulation
 from sd3_jax.flow.paths import RectifiedPath
-from sd3_jax.flow.rectified import noised, per_example_loss, velocity_target
+from sd3_jax.flow.rectified import velocity_target
 
 Array = jax.Array
 ArrayLike = Any
@@ -62,39 +62,6 @@ def fixed_validation_noise(seed: int, example_ids: ArrayLike, shape: Sequence[in
   return jax.vmap(lambda k: jax.random.normal(k, tuple(shape), dtype))(keys)
 
 
-def validation_loss_sums(
-  velocity_fn: Callable[[Array, Array], Array], x0: Array, eps: Array, levels: ArrayLike, mask: ArrayLike | None = None
-) -> tuple[Array, Array]:
-  """Per-level SUM of per-example losses and the number of examples: ([n_levels], []).
-
-  The additive form aggregates exactly over batches and processes (add sums and counts, then
-  divide). velocity_fn(z_t [B, ...], t [B]) -> v [B, ...]; every level uses the same eps.
-  mask [B] (1 = real example, 0 = padding) weights examples; None means all count.
-  """
-  levels = jnp.asarray(levels, jnp.float32)
-  b = x0.shape[0]
-  w = jnp.ones((b,), jnp.float32) if mask is None else jnp.asarray(mask).astype(jnp.float32)
-
-  def one_level(t):
-    tb = jnp.full((b,), t, jnp.float32)
-    v = velocity_fn(noised(x0, eps, tb), tb)
-    return jnp.sum(w * per_example_loss(v, x0, eps))
-
-  return jax.lax.map(one_level, levels), jnp.sum(w)  # traces velocity_fn once
-
-
-def validation_losses(
-  velocity_fn: Callable[[Array, Array], Array], x0: Array, eps: Array, levels: ArrayLike, mask: ArrayLike | None = None
-) -> Array:
-  """Per-level mean RF loss [n_levels] on one batch with FIXED noise eps ([P] s5.3.3, App. B.3).
-
-  Use ``fixed_validation_noise`` for eps and ``val_t_levels()`` for levels; combine batches
-  with ``validation_loss_sums`` and summarise with ``summarize_validation``.
-  """
-  sums, count = validation_loss_sums(velocity_fn, x0, eps, levels, mask)
-  return sums / jnp.maximum(count, 1.0)
-
-
 def summarize_validation(
   per_level: ArrayLike, levels: ArrayLike | None = None, prefix: str = "val"
 ) -> dict[str, float]:
@@ -107,7 +74,7 @@ def summarize_validation(
   E[eps^2] = 1 per element; including it adds a near-constant offset.
 
   Args:
-    per_level: [n_levels] mean losses (e.g. from ``validation_losses``).
+    per_level: [n_levels] mean losses (e.g. own sums / count from ``loss_sums``).
     levels: the t of each entry; defaults to ``val_t_levels(len(per_level))``. Levels equal to 1
       are left out of the mean (with the default grid: exactly the last one).
   Returns: {f'{prefix}/loss_t{t:.3f}': value for each level} and f'{prefix}/loss' (the mean).
