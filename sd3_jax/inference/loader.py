@@ -150,6 +150,7 @@ def generator_from_args(args: argparse.Namespace, conditioner=None, decoder=None
     raise ValueError("give --text_encoders DIR (our converted CLIP-L/CLIP-G/T5 checkpoints)")
   if decoder is None and not (args.vae or args.pixel_space):
     raise ValueError("give --vae DIR for latent models, or --pixel_space for models that output images")
+  requested = flow.get_formulation(args.formulation) if args.formulation else None  # a bad name fails first
   mesh = sharding.make_mesh(*args.mesh)
   model, params, config, step = load_model(
     workdir=args.workdir, checkpoint=args.checkpoint, step=args.step, ema=args.ema, mesh=mesh, dtype=args.dtype
@@ -170,8 +171,8 @@ def generator_from_args(args: argparse.Namespace, conditioner=None, decoder=None
       clip_length=args.clip_length,
       project_clip_l=args.project_clip_l,
     )
-  formulation = flow.get_formulation(
-    args.formulation or (config_lib.formulation_name(config) if config is not None else flow.DEFAULT)
+  formulation = requested or flow.get_formulation(
+    config_lib.formulation_name(config) if config is not None else flow.DEFAULT
   )
   return Generator(model, params, conditioner, decoder, shape, mesh, step, config, formulation)
 
