@@ -76,7 +76,7 @@ def run(config, steps: int, matmul_size: int = 0) -> dict:
   if steps < 1:
     raise ValueError(f"--steps must be >= 1, got {steps}")
   devices = jax.devices()
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  mesh = sharding.mesh_from_settings(config.mesh)
   model, tx, opts = train.make_model(config), train.make_optimizer(config), train.step_options(config)
   _, shardings = train.state_shardings(model, tx, mesh)
   state = train.create_sharded_state(model, tx, mesh, jax.random.key(config.seed), shardings)
