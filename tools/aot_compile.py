@@ -63,6 +63,9 @@ _POLICIES = flags.DEFINE_list(
 _PICK = flags.DEFINE_bool(
   "pick_remat", False, "Pick the policy with the least recomputation that fits (among --remat_policies, default all)."
 )
+_HLO_OUT = flags.DEFINE_string(
+  "hlo_out", "", "Also write the compiled program's HLO text here ('{bucket}' in the name: one file per bucket)."
+)
 flags.mark_flags_as_required(["config"])
 
 GiB = 1024**3
@@ -231,6 +234,9 @@ def analyse_bucket(config, devices, latent_hw) -> dict:
     }
   )
   text = compiled.as_text()
+  if _HLO_OUT.value:
+    with open(_HLO_OUT.value.replace("{bucket}", f"{h}x{w}"), "w") as f:
+      f.write(text)
   counted = hlo_flops.matmul_flops(text)
   moved = hlo_collectives.collective_bytes(text, [getattr(d, "slice_index", 0) for d in mesh.devices.flat])
   r.update(

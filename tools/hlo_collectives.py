@@ -95,7 +95,9 @@ def collective_bytes(hlo_text: str, slice_of_partition: Sequence[int] | None = N
       sizes[iname] = sum(out)
       if op in ("send", "recv") and _MEGASCALE in args:
         key = _RENDEZVOUS.search(args)
-        (sends if op == "send" else recvs)[key.group(1) if key else iname] = out[0] if out else 0
+        # (payload..., u32[] context, token[]): every array but the scalar context
+        payload = sum(b for b, (dt, dims) in zip(out, _ARRAY.findall(shape)) if dt != "token" and dims)
+        (sends if op == "send" else recvs)[key.group(1) if key else iname] = payload
         continue
       base = op[: -len("-start")] if op.endswith("-start") else op
       if base not in _COLLECTIVES:
