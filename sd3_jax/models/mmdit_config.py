@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-from sd3_jax.models.config_check import check_config
+from sd3_jax.models.field_checks import check_config
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,14 +1,15 @@
-"""Rectified-flow training of the MM-DiT: TrainState, sharded init, the jitted train step, the loop.
+"""The training loop: ``train_and_evaluate(config, workdir)``.
 
-Only this module and main.py read the experiment config. The flow (config -> mesh + rules ->
+Only the training room reads the experiment config. The flow: config -> mesh + rules ->
 eval_shape(init) -> shardings -> restore-or-init inside jit -> grain iterator -> global batch ->
-train_step -> metrics / async checkpoints / validation loss) is described in the README.
+train step -> metrics / async checkpoints / validation loss / samples (docs/training.md). The
+parts live beside this file: ``state`` (model and sharded state), ``optimizer``, ``step`` (the
+jitted update), ``train_data`` (sources and batch shapes), ``validation``, ``writers``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 from typing import Any
@@ -17,276 +18,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import linen as nn
 from etils import epath
-from flax import struct
 
-from sd3_jax import checkpoint as ckpt_lib
-from sd3_jax import buckets, config_checks, divergence, flow, generation, init_from
-from sd3_jax import input_pipeline, prefetch
-from sd3_jax import metrics as metrics_lib
-from sd3_jax import preemption, sharding, startup_checks, text_conditioning, validation
-from sd3_jax.evaluation import run as eval_run
-
-# The data side of the trainer, part of its namespace (train.make_source, train.batch_shapes, ...).
-from sd3_jax.train_data import batch_shapes, check_config_and_data, latent_sizes, make_source  # noqa: F401
-from sd3_jax.models import attention, flops, mmdit
+from sd3_jax import sharding, text_conditioning
+from sd3_jax.data import buckets, input_pipeline
+from sd3_jax.evaluation import scoring
+from sd3_jax.inference import generation
+from sd3_jax.models import flops, mmdit
+from sd3_jax.storage import checkpoint as ckpt_lib
+from sd3_jax.training import config_checks, divergence, init_from, optimizer, preemption, prefetch
+from sd3_jax.training import metrics as metrics_lib
+from sd3_jax.training import startup_checks, state as state_lib, step as step_lib, train_data, validation
+from sd3_jax.training import writers
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDivergedError(RuntimeError):
-  """The loss or gradient became NaN/Inf; the last good checkpoint is left in place."""
-
-
-@struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  ema_params: Any
-
-
-# --------------------------------------------------------------------------------------------
-# Model, optimizer, state
-
-
-def make_model(config: ml_collections.ConfigDict, platform: str | None = None) -> mmdit.MMDiT:
-  """The MM-DiT of ``config`` with attention_impl resolved for ``platform`` (default: that of
-  jax.devices(); tools.aot_compile passes 'tpu' for compile-only topologies)."""
-  impl = attention.resolve_impl(config.attention_impl, platform or jax.devices()[0].platform, config.dtype)
-  return mmdit.MMDiT(
-    mmdit.config_from_preset(**config.model),
-    dtype=jnp.dtype(config.dtype),
-    remat=config.remat,
-    scan_layers=config.scan_layers,
-    attention_impl=impl,
-    attention_blocks=attention.SplashBlocks(config.attention_block_q, config.attention_block_kv),
-  )
-
-
-def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warm-up to opt.learning_rate, then 'constant', 'cosine' or 'linear' decay to opt.end_lr_ratio*lr."""
-  lr, warmup = opt.learning_rate, int(opt.warmup_steps)
-  decay_steps = max(total_steps - warmup, 1)
-  end = lr * opt.end_lr_ratio
-  if opt.schedule == "constant":
-    after = optax.constant_schedule(lr)
-  elif opt.schedule == "cosine":
-    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=opt.end_lr_ratio)
-  elif opt.schedule == "linear":
-    after = optax.linear_schedule(lr, end, decay_steps)
-  else:
-    raise ValueError(f"optimizer.schedule must be 'constant', 'cosine' or 'linear', got {opt.schedule!r}")
-  if warmup <= 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
-
-
-def _is_frozen(path) -> bool:
-  return any(getattr(k, "key", None) == "pos_embed" for k in path)
-
-
-def _decays(path, leaf) -> bool:
-  """Weight decay on matrices only (not biases, norm scales or the fixed positional table)."""
-  return (not _is_frozen(path)) and getattr(path[-1], "key", None) == "kernel"
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping, warm-up schedule, decay mask; pos_embed stays fixed."""
-  opt = config.optimizer
-  schedule = learning_rate_schedule(opt, config.total_steps)
-  adamw = optax.adamw(
-    schedule,
-    b1=opt.b1,
-    b2=opt.b2,
-    eps=opt.eps,
-    weight_decay=opt.weight_decay,
-    mask=lambda p: jax.tree_util.tree_map_with_path(_decays, p),
-  )
-  # identity() keeps the optimizer-state structure the same with clipping off, so a checkpoint
-  # restores whatever grad_clip is.
-  clip = optax.clip_by_global_norm(opt.grad_clip) if opt.grad_clip > 0 else optax.identity()
-  trainable = optax.chain(clip, adamw)
-  labels = lambda p: jax.tree_util.tree_map_with_path(lambda path, _: "frozen" if _is_frozen(path) else "train", p)
-  return optax.multi_transform({"train": trainable, "frozen": optax.set_to_zero()}, labels)
-
-
-def init_state(model: mmdit.MMDiT, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-  params = mmdit.init_params(model, rng)
-  return TrainState(
-    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=jax.tree.map(jnp.copy, params)
-  )
-
-
-def state_shardings(model, tx, mesh, rules=sharding.LOGICAL_RULES):
-  """(abstract state with shardings, sharding pytree) without allocating anything.
-
-  Parameters, EMA and Adam moments get the parameters' logical axes; the rest is replicated.
-  """
-  boxed_params = mmdit.abstract_params(model)
-  param_specs = sharding.logical_specs(boxed_params)
-  abstract = jax.eval_shape(functools.partial(init_state, model, tx), jax.random.key(0))
-  shapes = nn.unbox(boxed_params)
-  specs = TrainState(
-    step=jax.sharding.PartitionSpec(),
-    params=param_specs,
-    opt_state=sharding.specs_like_params(abstract.opt_state, param_specs, shapes),
-    ema_params=param_specs,
-  )
-  shardings = sharding.logical_to_mesh_shardings(specs, mesh, rules)
-  sharding.check_divisible(abstract.params, shardings.params, "parameter")
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return abstract, shardings
-
-
-def create_sharded_state(model, tx, mesh, rng, shardings) -> TrainState:
-  """Initialise straight into the target shardings (never materialised whole on one device)."""
-  with sharding.logical_axes(mesh):
-    return jax.jit(lambda k: init_state(model, tx, k), out_shardings=shardings)(rng)
-
-
-# --------------------------------------------------------------------------------------------
-# The train step
-
-
-@dataclasses.dataclass(frozen=True)
-class StepOptions:
-  """Everything the pure train step needs from the config, as plain values."""
-
-  sampler: str = "logit_normal"
-  logit_mean: float = 0.0
-  logit_std: float = 1.0
-  mode_scale: float = 1.29
-  shift: float = 1.0
-  text_dropout: float = 0.464
-  text_layout: flow.TextLayout = flow.TextLayout()
-  grad_accum_steps: int = 1
-  ema_decay: float = 0.99
-  ema_every: int = 100
-
-
-def step_options(config: ml_collections.ConfigDict) -> StepOptions:
-  f = config.flow
-  return StepOptions(
-    sampler=f.sampler,
-    logit_mean=f.logit_mean,
-    logit_std=f.logit_std,
-    mode_scale=f.mode_scale,
-    shift=f.shift,
-    text_dropout=f.text_dropout,
-    text_layout=flow.TextLayout(
-      clip_l_dim=config.text.clip_l_dim, clip_g_dim=config.text.clip_g_dim, clip_tokens=config.text.clip_tokens
-    ),
-    grad_accum_steps=config.grad_accum_steps,
-    ema_decay=config.ema.decay,
-    ema_every=config.ema.every,
-  )
-
-
-def sample_noise(batch: dict, rng: jax.Array, opts: StepOptions) -> dict:
-  """Draw t, the noise and the text-encoder dropout for the whole global batch at once, so that
-  gradient accumulation changes nothing but the order of float additions."""
-  x0 = batch["latent"]
-  k_t, k_eps, k_drop = jax.random.split(rng, 3)
-  t = flow.sample_t(
-    k_t, (x0.shape[0],), opts.sampler, m=opts.logit_mean, s=opts.logit_std, mode_scale=opts.mode_scale, shift=opts.shift
-  )
-  eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-  context, pooled = batch["context"], batch["pooled"]
-  if opts.text_dropout > 0:
-    context, pooled = flow.drop_text_conditioning(k_drop, context, pooled, opts.text_dropout, opts.text_layout)
-  return dict(x0=x0.astype(jnp.float32), eps=eps, t=t, context=context, pooled=pooled)
-
-
-def rf_loss(params, model: mmdit.MMDiT, ex: dict):
-  """Rectified-flow loss: sum over examples of ||v(z_t, t) - (eps - x0)||^2 (mean over pixels)."""
-  z_t = flow.noised(ex["x0"], ex["eps"], ex["t"])
-  v = model.apply({"params": params}, z_t, ex["t"], ex["pooled"], ex["context"])
-  per_example = flow.per_example_loss(v, ex["x0"], ex["eps"])
-  return jnp.sum(per_example), per_example
-
-
-def train_step(
-  state: TrainState,
-  batch: dict,
-  rng: jax.Array,
-  *,
-  model: mmdit.MMDiT,
-  tx: optax.GradientTransformation,
-  opts: StepOptions,
-  schedule: optax.Schedule,
-):
-  """One optimizer update over the global batch (split into grad_accum_steps microbatches)."""
-  ex = sample_noise(batch, jax.random.fold_in(rng, state.step), opts)
-  n_examples = ex["x0"].shape[0]
-  grad_fn = jax.value_and_grad(rf_loss, has_aux=True)
-  n = opts.grad_accum_steps
-  if n == 1:
-    (loss_sum, per_example), grads = grad_fn(state.params, model, ex)
-  else:
-    # Microbatch i = rows i, i+n, i+2n, ...: every device's batch shard holds its share of
-    # every microbatch, so splitting moves no data between devices.
-    micro = jax.tree.map(
-      lambda x: nn.with_logical_constraint(
-        x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), (None, "act_batch") + (None,) * (x.ndim - 1)
-      ),
-      ex,
-    )
-
-    def body(acc, mb):
-      (l, pe), g = grad_fn(state.params, model, mb)
-      return jax.tree.map(jnp.add, acc, g), (l, pe)
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, (sums, per_example) = jax.lax.scan(body, zeros, micro)
-    loss_sum, per_example = jnp.sum(sums), per_example.swapaxes(0, 1).reshape(-1)
-  grads = jax.tree.map(lambda g: g / n_examples, grads)
-  loss = loss_sum / n_examples
-  grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  step = state.step + 1
-  # Only the steps that update the EMA read and rewrite it (lax.cond, not a blend every step).
-  ema = jax.lax.cond(
-    (step % opts.ema_every) == 0,
-    lambda e, p: jax.tree.map(lambda a, b: opts.ema_decay * a + (1.0 - opts.ema_decay) * b, e, p),
-    lambda e, p: e,
-    state.ema_params,
-    params,
-  )
-  new_state = state.replace(step=step, params=params, opt_state=opt_state, ema_params=ema)
-  out = dict(
-    loss=loss,
-    grad_norm=grad_norm,
-    param_norm=optax.tree.norm(params),
-    metrics=metrics_lib.TrainMetrics.single_from_model_output(
-      per_example_loss=per_example, t=ex["t"], grad_norm=grad_norm, learning_rate=schedule(state.step)
-    ),
-  )
-  return new_state, out
-
-
-def make_train_step(model, tx, opts: StepOptions, schedule, mesh, shardings, batch_shapes: dict):
-  """The jitted step with explicit in/out shardings and the state donated.
-
-  ``schedule`` is the learning-rate schedule (for the logged learning rate); batch_shapes maps
-  'latent'/'context'/'pooled' to global shapes (only their ranks matter for the shardings).
-  """
-  batch_sh = {k: sharding.batch_sharding(mesh, len(s)) for k, s in batch_shapes.items()}
-  rep = sharding.replicated(mesh)
-
-  def fn(state, batch, rng):
-    with sharding.logical_axes(mesh):
-      return train_step(state, batch, rng, model=model, tx=tx, opts=opts, schedule=schedule)
-
-  out_sh = rep  # scalars and small metric accumulators, replicated
-  return jax.jit(fn, in_shardings=(shardings, batch_sh, rep), out_shardings=(shardings, out_sh), donate_argnums=(0,))
-
-
-# --------------------------------------------------------------------------------------------
-# The loop
 
 
 def _check_finite(step: int, values: dict, checkpointer, explain=None) -> None:
@@ -306,7 +51,7 @@ def _check_finite(step: int, values: dict, checkpointer, explain=None) -> None:
       else "Lower optimizer.learning_rate, raise optimizer.warmup_steps, enable qk-norm or use "
       "float32 compute, then resume from the checkpoint."
     )
-    raise TrainingDivergedError(
+    raise divergence.TrainingDivergedError(
       f"non-finite training values at step {step}: {bad}; {cause + '; ' if cause else ''}stopping ({where}). {advice}"
     )
 
@@ -351,19 +96,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
   workdir = epath.Path(workdir)  # a local path or a URL such as gs://bucket/run
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  model = make_model(config)
-  tx = make_optimizer(config)
-  opts = step_options(config)
+  model = state_lib.make_model(config)
+  tx = optimizer.make_optimizer(config)
+  opts = step_lib.step_options(config)
   primary = jax.process_index() == 0
   if primary:
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
-  shapes = latent_sizes(config)  # one per aspect bucket; each compiles its own step once
+  shapes = train_data.latent_sizes(config)  # one per aspect bucket; each compiles its own step once
   names = [buckets.bucket_name(hw) for hw in shapes]
-  train_sources = {hw: make_source(config, "train", hw) for hw in shapes}
-  val_sources = {hw: make_source(config, "val", hw) for hw in shapes} if config.val.every > 0 else None
-  check_config_and_data(config, mesh, {"train": train_sources, "val": val_sources})
+  train_sources = {hw: train_data.make_source(config, "train", hw) for hw in shapes}
+  val_sources = {hw: train_data.make_source(config, "val", hw) for hw in shapes} if config.val.every > 0 else None
+  train_data.check_config_and_data(config, mesh, {"train": train_sources, "val": val_sources})
 
-  abstract, shardings = state_shardings(model, tx, mesh)
+  abstract, shardings = state_lib.state_shardings(model, tx, mesh)
   checkpointer = ckpt_lib.Checkpointer(
     str(workdir / "checkpoints"), max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing
   )
@@ -410,7 +155,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
     state, _ = checkpointer.restore(latest, abstract_state=abstract, data_iterator=train_iter)
     log.info("resumed from step %d", latest)
   else:
-    state = create_sharded_state(model, tx, mesh, jax.random.key(config.seed), shardings)
+    state = state_lib.create_sharded_state(model, tx, mesh, jax.random.key(config.seed), shardings)
     if config.init_from:  # fine-tuning: the checkpoint's weights, EMA equal to them, fresh optimizer
       params = init_from.load(config.init_from, scan_layers=model.scan_layers, shardings=shardings.params)
       state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
@@ -418,8 +163,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
   start_step = int(jax.device_get(state.step))
 
   d = config.data
-  schedule = learning_rate_schedule(config.optimizer, config.total_steps)
-  step_fn = make_train_step(model, tx, opts, schedule, mesh, shardings, batch_shapes(config))
+  schedule = optimizer.learning_rate_schedule(config.optimizer, config.total_steps)
+  step_fn = step_lib.make_train_step(model, tx, opts, schedule, mesh, shardings, train_data.batch_shapes(config))
   # Made once where the step wants it (replicated; a jit, so it is a global array on every
   # host): a single-device key would be copied to every device at every step.
   step_rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=sharding.replicated(mesh))()
@@ -441,7 +186,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
     peak_flops_per_device=peak,
   )
   # A resumed run drops what a killed run logged after its checkpoint (it is logged again).
-  writer = metrics_lib.MetricWriter(workdir, is_primary=primary, resume_step=start_step)
+  writer = writers.MetricWriter(workdir, is_primary=primary, resume_step=start_step)
   val_fn = validation.make_validation_fn(model, mesh) if val_sources is not None else None
 
   s, e = config.sample, config.eval
@@ -453,7 +198,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
     conditioner = _sample_conditioner(s)
   if s.every > 0 or e.every > 0:
     decoder = None if s.pixel_space else generation.load_decoder(s.vae)
-  evaluator = eval_run.PeriodicEvaluator.from_settings(e.to_dict(), mesh) if e.every > 0 else None
+  evaluator = scoring.PeriodicEvaluator.from_settings(e.to_dict(), mesh) if e.every > 0 else None
 
   to_device = functools.partial(sharding.make_global_batch, mesh=mesh)
   if config.data.buckets:  # items are (bucket, host batch)

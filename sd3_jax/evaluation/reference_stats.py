@@ -2,7 +2,7 @@ r"""Reference statistics for FID on CLIP features: the CLIP-feature mean and cov
 folder of real images, computed once into a .npz (clean-fid's keys ``mu``, ``sigma``) that
 ``sd3-evaluate --reference_stats`` and ``config.eval.reference_stats`` reuse.
 
-  python -m sd3_jax.reference_stats --images coco/val2014 --clip ckpt/clip_vit_b32 \
+  sd3-reference-stats --images coco/val2014 --clip ckpt/clip_vit_b32 \
       --out coco_val2014_b32.npz [--num_images 30000] [--batch_size 64]
 
 Images (.jpg, .jpeg, .png, .webp, .bmp, searched recursively, in sorted order; the first
@@ -21,8 +21,7 @@ from typing import Optional, Sequence
 import jax
 
 from sd3_jax import command, sharding
-from sd3_jax.evaluate import add_distributed_args, init_distributed
-from sd3_jax.evaluation import clip_metrics, run, stats
+from sd3_jax.evaluation import clip_metrics, scoring, stats
 from sd3_jax.evaluation.preprocess import CROP_ROUNDING
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -39,7 +38,7 @@ def list_images(folder: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-    prog="python -m sd3_jax.reference_stats",
+    prog="sd3-reference-stats",
     description=__doc__.split("\n\n")[0],
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog=__doc__,
@@ -57,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--mesh", type=int, nargs=3, default=[1, -1, 1], metavar=("DATA", "FSDP", "TENSOR"))
   p.add_argument("--overwrite", action="store_true")
-  add_distributed_args(p)
+  command.add_distributed_args(p)
   return p
 
 
@@ -68,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.error("--out must end in .npz")
   if os.path.exists(args.out) and not args.overwrite:
     raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-  init_distributed(args, parser)
+  command.init_distributed(args)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   paths = list_images(args.images)
   if args.num_images is not None:
@@ -78,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   clip = clip_metrics.CLIPFeatures.from_pretrained(
     args.clip, mesh=sharding.make_mesh(*args.mesh), batch_size=args.batch_size, crop_rounding=args.crop_rounding
   )
-  result = run.reference_statistics(clip, paths, progress=True)
+  result = scoring.reference_statistics(clip, paths, progress=True)
   info = dict(clip.description, images=os.path.abspath(args.images), num_images=result.count)
   if jax.process_index() == 0:
     stats.save_stats(args.out, result, info)

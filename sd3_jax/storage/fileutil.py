@@ -1,4 +1,5 @@
-"""Atomic writes: a reader (or a crash) never sees a half-written file or directory."""
+"""Atomic writes (a reader, or a crash, never sees a half-written file or directory) and the one
+way our stores name a location (``as_epath``: local paths made absolute, URLs kept)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ import json
 import os
 import shutil
 from typing import Iterator
+
+from etils import epath
+
+
+def as_epath(path) -> epath.Path:
+  """A local path made absolute (orbax takes absolute paths only) or a URL such as gs://b/run."""
+  path = os.fspath(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Fine-tuning: a new training run starts from one of our converted MM-DiT checkpoints
-(``sd3_jax.pretrained`` format, e.g. SD3-medium or SD3.5 converted from diffusers with
-``tools.convert_weights --to jax``) instead of a random initialisation; the trainer's
+(``sd3_jax.storage.pretrained`` format, e.g. SD3-medium or SD3.5 converted from diffusers with
+``sd3-convert --to jax``) instead of a random initialisation; the trainer's
 ``config.init_from``.
 
 The parameters, including the fixed positional table, are the checkpoint's; the EMA starts
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from sd3_jax import pretrained
+from sd3_jax.storage import pretrained
+from sd3_jax.storage import trees
 from sd3_jax.models.mmdit import MMDiTConfig
 
 
@@ -34,7 +35,7 @@ def check(path: str, model_config: MMDiTConfig, latent_hw: Sequence[int]) -> MMD
     )
   stored = {k: v[0] for k, v in pretrained.stored_params(path).items()}
   try:
-    pretrained.check_shapes(stored, pretrained.expected_shapes(model_config), f"config.init_from={path}")
+    trees.check_shapes(stored, pretrained.expected_shapes(model_config), f"config.init_from={path}")
   except ValueError as e:
     differ = [
       f"{f}={getattr(ckpt, f)!r}"

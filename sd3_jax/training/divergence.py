@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from sd3_jax import input_pipeline, records
+from sd3_jax.data import input_pipeline, records
 
 
 def explain(
@@ -57,3 +57,7 @@ def explain(
   return False, (
     f"the TRAINING diverged: the {checked} input records of the batches of {span} (this process's rows) are all finite"
   )
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss or gradient became NaN/Inf; the last good checkpoint is left in place."""

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd3_jax import flow, input_pipeline, sharding
+from sd3_jax import flow, sharding
+from sd3_jax.data import input_pipeline
 
 
 def make_validation_fn(model, mesh):

@@ -1,4 +1,4 @@
-"""Per-leaf checksums of our checkpoints (``sd3_jax.pretrained``): what ``write_checkpoint``
+"""Per-leaf checksums of our checkpoints (``sd3_jax.storage.pretrained``): what ``write_checkpoint``
 records in ``sd3_jax_config.json`` and what loading checks, so that damaged bytes in
 ``params/`` are an error naming the leaf instead of a model that silently outputs NaN.
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from sd3_jax import generation
+from sd3_jax.inference import generation
 from sd3_jax.evaluation import stats as stats_lib
 from sd3_jax.evaluation.clip_metrics import CLIPFeatures
 
@@ -54,7 +54,7 @@ def check_reference(reference: dict, clip: CLIPFeatures) -> None:
       raise ValueError(
         f"reference statistics were computed with a different CLIP setting {key!r} "
         f"({theirs[key]!r}, here {clip.description.get(key)!r}); recompute them with "
-        "`python -m sd3_jax.reference_stats` and the same CLIP checkpoint"
+        "`python -m sd3_jax.evaluation.reference_stats` and the same CLIP checkpoint"
       )
 
 
@@ -200,7 +200,7 @@ class PeriodicEvaluator:
     if not e.get("clip"):
       raise ValueError(
         "config.eval.every > 0 needs config.eval.clip: a CLIP model converted with "
-        "`python -m tools.convert_weights --src CLIPModel_DIR --dst DIR --to jax`"
+        "`sd3-convert --src CLIPModel_DIR --dst DIR --to jax`"
       )
     kw = dict(mesh=mesh, batch_size=e.get("clip_batch_size", 64))
     clip = CLIPFeatures.from_pretrained(e["clip"], **kw)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from sd3_jax import sampling
+from sd3_jax.inference import sampling
 
 VAE_FACTOR = 8  # SD3's autoencoder downsamples by 8 (a VAEDecoder says its own factor)
 
@@ -106,8 +106,8 @@ class VAEDecoder:
 
 
 def load_decoder(path: str, *, dtype: str = "float32", batch_size: int = 4) -> VAEDecoder:
-  """A VAEDecoder from our converted VAE checkpoint (``tools.convert_weights --to jax``)."""
-  from sd3_jax import pretrained
+  """A VAEDecoder from our converted VAE checkpoint (``sd3-convert --to jax``)."""
+  from sd3_jax.storage import pretrained
   from sd3_jax.models import vae
 
   model, params = pretrained.load_pretrained(path, dtype=jnp.dtype(dtype))

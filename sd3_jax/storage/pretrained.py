@@ -2,8 +2,8 @@
 ``save_pretrained`` / ``load_pretrained``, the format registry, and streamed writes
 (``LazyArray`` leaves are produced a couple at a time while orbax writes, so exporting an 8B
 model never holds it whole). Every leaf's checksum is stored and checked on load
-(``sd3_jax.integrity``; ``verify=False`` skips it). The directory layout is in the README
-("Converting checkpoints").
+(``sd3_jax.storage.integrity``; ``verify=False`` skips it). The directory layout is in
+docs/conversion.md.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from flax import linen as nn
 from etils import epath
 
-from sd3_jax import fileutil, integrity
+from sd3_jax.storage import fileutil, integrity, trees
 from sd3_jax.models import mmdit
 
 CONFIG_FILE = "sd3_jax_config.json"
@@ -150,35 +150,6 @@ class LazyArray:
     return f"LazyArray({self.shape}, {self.dtype})"
 
 
-# ---------------------------------------------------------------------------------------------
-# Flat <-> nested trees ("a/b/c" names)
-
-
-def flatten(tree: Mapping) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-
-  def rec(prefix, node):
-    if isinstance(node, Mapping):
-      for k, v in node.items():
-        rec(f"{prefix}{k}/", v)
-    else:
-      out[prefix[:-1]] = node
-
-  rec("", tree)
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  tree: dict = {}
-  for name, v in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
-
-
 def expected_shapes(config) -> dict[str, tuple[int, ...]]:
   """Flat name -> shape of every parameter of the (unscanned) model of ``config`` (any
   registered format; no allocation)."""
@@ -188,26 +159,7 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
 @functools.lru_cache(maxsize=16)
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
   abstract = nn.unbox(format_of_config(config).abstract_params(config))  # traces: ~1-5 s
-  return {k: tuple(v.shape) for k, v in flatten(abstract).items()}
-
-
-def check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
-  """Raises ValueError naming every missing, unexpected and wrongly shaped tensor."""
-  missing = sorted(set(expected) - set(found))
-  unexpected = sorted(set(found) - set(expected))
-  wrong = [
-    f"{k}: found {list(found[k])}, expected {list(expected[k])}"
-    for k in expected
-    if k in found and tuple(found[k]) != tuple(expected[k])
-  ]
-  if not (missing or unexpected or wrong):
-    return
-  lines = [f"{what} does not match the model configuration:"]
-  for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-    if items:
-      shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-      lines.append(f"  {title} ({len(items)}): " + "; ".join(shown))
-  raise ValueError("\n".join(lines))
+  return {k: tuple(v.shape) for k, v in trees.flatten(abstract).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,25 +172,19 @@ def _ocp():
   return ocp
 
 
-def _epath(path) -> epath.Path:
-  """A local path (made absolute: orbax takes absolute paths only) or a URL such as gs://b/ckpt."""
-  path = os.fspath(path)
-  return epath.Path(path if "://" in path else os.path.abspath(path))
-
-
 def is_checkpoint(path) -> bool:
-  return (_epath(path) / CONFIG_FILE).is_file()
+  return (fileutil.as_epath(path) / CONFIG_FILE).is_file()
 
 
 def _require_checkpoint(path) -> epath.Path:
   """The checkpoint directory (local or a URL that etils.epath opens) after checking its files."""
-  path = _epath(path)
+  path = fileutil.as_epath(path)
   if not path.exists():
     raise FileNotFoundError(f"no such checkpoint directory: {path}")
   if not path.is_dir():
     raise ValueError(
       f"{path} is a file, not an sd3_jax checkpoint directory; convert PyTorch "
-      "weights with `python -m tools.convert_weights --src SRC --dst DIR --to jax`"
+      "weights with `sd3-convert --src SRC --dst DIR --to jax`"
     )
   if not is_checkpoint(path):
     hint = ""
@@ -246,7 +192,7 @@ def _require_checkpoint(path) -> epath.Path:
       hint = " It looks like a diffusers model;"
     raise ValueError(
       f"{path} is not an sd3_jax checkpoint (no {CONFIG_FILE}).{hint} convert PyTorch "
-      "weights with `python -m tools.convert_weights --src SRC --dst DIR --to jax`"
+      "weights with `sd3-convert --src SRC --dst DIR --to jax`"
     )
   params = path / PARAMS_DIR
   if not (params / "_METADATA").is_file():
@@ -325,7 +271,7 @@ def stored_params(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   path = _require_checkpoint(path)
   meta = _ocp().PyTreeCheckpointer().metadata(path / PARAMS_DIR)
   tree = meta.item_metadata.tree
-  return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(tree).items()}
+  return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in trees.flatten(tree).items()}
 
 
 def load_params(
@@ -340,7 +286,7 @@ def load_params(
     checksums = read_checksums(path)
   ocp = _ocp()
   stored = stored_params(path)
-  tree = unflatten({k: 0 for k in stored})
+  tree = trees.unflatten({k: 0 for k in stored})
   if groups is not None:
     unknown = sorted(set(groups) - set(tree))
     if unknown:
@@ -358,7 +304,7 @@ def load_params(
       f"{PARAMS_DIR}/ is damaged or incomplete ({' '.join(str(e).split())[:300]})"
     ) from None
   if verify and checksums:
-    integrity.check_checksums(flatten(out), checksums, f"checkpoint {path}")
+    integrity.check_checksums(trees.flatten(out), checksums, f"checkpoint {path}")
   return out
 
 
@@ -375,7 +321,7 @@ def load_pretrained(
   """Loads a checkpoint directory of any format: returns ``(model, params)``.
 
   Args:
-    path: a directory written by ``save_pretrained`` or ``python -m tools.convert_weights --to jax``.
+    path: a directory written by ``save_pretrained`` or ``sd3-convert --to jax``.
     dtype: compute dtype of the returned module (bfloat16 on accelerators).
     param_dtype: cast every parameter to this dtype (None keeps the stored dtypes). Parameters
       are float32 by default, as the models and the trainer expect.
@@ -400,7 +346,7 @@ def load_pretrained(
     raise ValueError(f"scan_layers is only supported for MM-DiT checkpoints; {path} holds a {fmt.description}")
   stored = stored_params(path)
   integrity.check_stored_grid(config, stored, path)
-  check_shapes({k: v[0] for k, v in stored.items()}, expected_shapes(config), f"checkpoint {path}")
+  trees.check_shapes({k: v[0] for k, v in stored.items()}, expected_shapes(config), f"checkpoint {path}")
   sums = read_checksums(path) if verify else None
 
   def place(name, tree):
@@ -479,7 +425,7 @@ def write_checkpoint(path, config, leaves: Mapping[str, Any], *, overwrite: bool
   ``path``."""
   fmt = format_of_config(config)
   path = os.path.abspath(os.fspath(path))  # orbax takes absolute paths only
-  check_shapes({k: v.shape for k, v in leaves.items()}, expected_shapes(config), "parameters")
+  trees.check_shapes({k: v.shape for k, v in leaves.items()}, expected_shapes(config), "parameters")
   if os.path.exists(path):
     if not overwrite:
       raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
@@ -495,7 +441,7 @@ def write_checkpoint(path, config, leaves: Mapping[str, Any], *, overwrite: bool
   with fileutil.atomic_directory(path) as tmp:
     ocp = _ocp()
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_handler_registry())
-    ocp.Checkpointer(handler).save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(unflatten(hashed)))
+    ocp.Checkpointer(handler).save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(trees.unflatten(hashed)))
     if set(sums) != set(leaves):
       raise RuntimeError(f"checksums missing for {sorted(set(leaves) - set(sums))[:5]}")
     meta = {
@@ -523,7 +469,7 @@ def save_pretrained(path, params: Mapping, config, *, dtype=None, overwrite: boo
   if isinstance(config, mmdit.MMDiTConfig) and any(k.startswith("scan_blocks_") for k in params):
     params = mmdit.unstack_block_params(params, config)
   leaves = {}
-  for name, x in flatten(params).items():
+  for name, x in trees.flatten(params).items():
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       raise ValueError(f"parameter {name} is not fully addressable; gather it before saving")
     out_dtype = np.dtype(dtype) if dtype is not None else np.dtype(x.dtype)

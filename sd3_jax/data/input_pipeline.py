@@ -1,5 +1,5 @@
 """grain input pipelines: per-process, checkpointable batch iterators over a record source
-(``sd3_jax.records``: ``RecordSource`` on disk or ``SyntheticSource``).
+(``sd3_jax.data.records``: ``RecordSource`` on disk or ``SyntheticSource``).
 
 Iterators
 ---------
@@ -24,7 +24,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from sd3_jax.records import DTYPES_BY_NAME, TENSORS, ElementSpec, Example
+from sd3_jax.data.records import DTYPES_BY_NAME, TENSORS, ElementSpec, Example
 
 # ----------------------------------------------------------------------------- iterators
 

@@ -9,7 +9,8 @@ import jax
 import ml_collections
 from etils import epath
 
-from sd3_jax import buckets, init_from, records, startup_checks
+from sd3_jax.data import buckets, records, sources
+from sd3_jax.training import init_from, startup_checks
 from sd3_jax.models import mmdit
 
 
@@ -39,7 +40,7 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train", latent_
   hw = tuple(latent_hw or latent_sizes(config)[0])
   if d.source == "synthetic":
     n = d.num_synthetic if split == "train" else config.val.num_examples
-    return records.SyntheticSource(
+    return sources.SyntheticSource(
       num_records=n,
       latent_shape=(*hw, d.latent_channels),
       context_len=d.context_len,
@@ -52,7 +53,7 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train", latent_
   if not d.path:
     raise ValueError(
       "config.data.source='records' needs config.data.path (a directory of "
-      "*.array_record shards written by sd3_jax.records.RecordWriter)"
+      "*.array_record shards written by sd3_jax.data.records.RecordWriter)"
     )
   holdout = int(d.val_holdout)
   if holdout < 0 or (holdout and d.val_path):
@@ -67,10 +68,14 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train", latent_
       "config.data.val_holdout=N to hold out the last N records of data.path (they "
       "are then excluded from training), or config.val.every=0 to skip validation"
     )
-  sub = (lambda root: str(epath.Path(root) / buckets.bucket_dir(hw, d.bucket_pixels_per_latent))) if d.buckets else str
+  sub = (
+    (lambda root: str(epath.Path(root) / buckets.latent_bucket_dir(hw, d.bucket_pixels_per_latent)))
+    if d.buckets
+    else str
+  )
   if split == "val" and d.val_path:
-    return records.RecordSource(sub(d.val_path))
-  source = records.RecordSource(sub(d.path))
+    return sources.RecordSource(sub(d.val_path))
+  source = sources.RecordSource(sub(d.path))
   if holdout >= len(source):
     raise ValueError(
       f"config.data.val_holdout={holdout} leaves no training records in {d.path} ({len(source)} records)"
@@ -78,7 +83,7 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train", latent_
   if not holdout:
     return source
   cut = len(source) - holdout
-  return records.SliceSource(source, 0, cut) if split == "train" else records.SliceSource(source, cut, len(source))
+  return sources.SliceSource(source, 0, cut) if split == "train" else sources.SliceSource(source, cut, len(source))
 
 
 def check_config_and_data(config: ml_collections.ConfigDict, mesh, sources: dict) -> None:

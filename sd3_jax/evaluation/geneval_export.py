@@ -1,6 +1,6 @@
 r"""Sample GenEval's prompts with our model, in the folder layout GenEval's scorer reads.
 
-  python -m sd3_jax.geneval_export --workdir /tmp/run | --checkpoint ckpt/sd3m \
+  sd3-geneval-export --workdir /tmp/run | --checkpoint ckpt/sd3m \
       --metadata geneval/prompts/evaluation_metadata.jsonl --outdir geneval_samples \
       --text_encoders ckpt/text --vae ckpt/vae [--num_per_prompt 4] [--size 1024 1024]
   # then, in GenEval's own environment (PyTorch, mmdetection):
@@ -18,23 +18,23 @@ import logging
 from typing import Optional, Sequence
 
 from sd3_jax import command
-from sd3_jax.evaluate import add_distributed_args, add_generator_args, init_distributed, load_generator
 from sd3_jax.evaluation import geneval
+from sd3_jax.inference import loader
 
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-    prog="python -m sd3_jax.geneval_export",
+    prog="sd3-geneval-export",
     description=__doc__.split("\n\n")[0],
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog=__doc__,
   )
-  add_generator_args(p)
+  loader.add_generator_args(p)
   p.add_argument("--metadata", required=True, help="GenEval's prompts/evaluation_metadata.jsonl")
   p.add_argument("--outdir", required=True)
   p.add_argument("--num_per_prompt", type=int, default=4, help="samples per prompt (GenEval: 4)")
   p.add_argument("--prompts_per_batch", type=int, default=4)
-  add_distributed_args(p)
+  command.add_distributed_args(p)
   return p
 
 
@@ -43,10 +43,10 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
   args = parser.parse_args(argv)
   if args.num_per_prompt < 1 or args.prompts_per_batch < 1:
     parser.error("--num_per_prompt and --prompts_per_batch must be >= 1")
-  init_distributed(args, parser)
+  command.init_distributed(args)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   metadata = geneval.read_metadata(args.metadata)
-  model, params, conditioner, decoder, latent_shape, mesh, _ = load_generator(args, parser, conditioner, decoder)
+  model, params, conditioner, decoder, latent_shape, mesh, _, _ = loader.generator_from_args(args, conditioner, decoder)
   n = geneval.export(
     model,
     params,

@@ -1,8 +1,8 @@
 """Mixed aspect ratios in one run: several aspect buckets (one record directory each, as the
 dataset builder writes them with ``--buckets``), every global batch from a single bucket.
 
-* ``bucket_dir``: a bucket's directory name, its pixel size ``HxW`` (latent size times the
-  VAE factor), as ``sd3_jax.build_dataset`` names them.
+* ``bucket_dir`` / ``latent_bucket_dir``: a bucket's directory name, its pixel size ``HxW``
+  (latent size times the VAE factor): the one naming the builder writes and the trainer reads.
 * ``bucket_of_step``: the bucket of global step k, drawn in proportion to the buckets' sizes
   from a generator seeded by (seed, k) alone, so the sequence does not depend on restarts.
 * ``BucketedIterator``: one grain iterator per bucket; ``next`` gives (bucket, host batch) and
@@ -23,9 +23,16 @@ import numpy as np
 _STREAM = 0xB0C5  # separates the bucket draws from other uses of the seed
 
 
-def bucket_dir(latent_hw: Sequence[int], pixels_per_latent: int) -> str:
-  h, w = latent_hw
-  return f"{h * pixels_per_latent}x{w * pixels_per_latent}"
+def bucket_dir(pixel_hw: Sequence[int]) -> str:
+  """A bucket's directory name: its pixel size, e.g. '512x384' (what the builder writes and the
+  trainer reads)."""
+  h, w = pixel_hw
+  return f"{int(h)}x{int(w)}"
+
+
+def latent_bucket_dir(latent_hw: Sequence[int], pixels_per_latent: int) -> str:
+  """The directory of the bucket whose latents are ``latent_hw`` (pixels = latents x factor)."""
+  return bucket_dir([s * pixels_per_latent for s in latent_hw])
 
 
 def bucket_name(latent_hw: Sequence[int]) -> str:

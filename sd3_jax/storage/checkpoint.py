@@ -1,14 +1,13 @@
 """Orbax checkpoints of a training run: train state + grain iterator position + config, async,
 atomic, keep-N, restored straight into the current shardings (``Checkpointer``), and read-only
 access to a run's weights for sampling, evaluation and export (``load_workdir``). The on-disk
-layout and the guarantees are in the README ("Metrics, MFU and checkpoints").
+layout and the guarantees are in docs/training.md.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any, Optional
 
 import grain
@@ -19,6 +18,7 @@ from etils import epath
 
 from sd3_jax import sharding
 from sd3_jax.models import mmdit
+from sd3_jax.storage import fileutil
 
 STATE, DATA, CONFIG = "state", "data", "config"
 COMMIT_FILE = "commit_success.txt"  # written by orbax when a step is finalised
@@ -64,8 +64,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-    path = str(directory)
-    self.directory = epath.Path(path if "://" in path else os.path.abspath(path))
+    self.directory = fileutil.as_epath(str(directory))
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True
     )
@@ -229,8 +228,7 @@ def load_workdir(
   import ml_collections
   from flax import linen as nn
 
-  workdir = str(workdir)
-  root = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))  # orbax: absolute paths
+  root = fileutil.as_epath(str(workdir))  # orbax: absolute paths
   ckpt_dir = root / "checkpoints"
   steps = committed_steps(ckpt_dir)
   if not steps:

@@ -26,7 +26,7 @@ import jax
 
 log = logging.getLogger(__name__)
 
-PREEMPTED_EXIT_CODE = 42  # documented in sd3_jax.main --help and the README
+PREEMPTED_EXIT_CODE = 42  # documented in sd3-train --help and docs/training.md
 
 
 class Preempted(Exception):
