@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 2000
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  # zstd for the saved arrays (orbax's default); False: faster saves, larger files. Either way
+  # every array's checksum is recorded and checked on resume (docs/multislice.md).
+  c.checkpoint_compression = True
   # Start a new run from one of our converted MM-DiT checkpoints (sd3-convert --to jax,
   # sd3_jax.storage.pretrained): its weights and positional table, a fresh optimizer. Ignored once the
   # run has a checkpoint of its own (a restart resumes that).

@@ -63,10 +63,8 @@ def _truncate(step_dir):
     f.truncate(os.path.getsize(path) // 2)
 
 
-def _unreadable(step_dir):  # a data file that cannot be read at all (root ignores permissions)
-  path = _largest_data_file(step_dir)
-  os.remove(path)
-  os.mkdir(path)
+def _unreadable(step_dir):  # the array database's manifest garbled (root ignores permissions)
+  (step_dir / "state" / "manifest.ocdbt").write_bytes(bytes(range(256)) * 2)
 
 
 def _missing_metadata(step_dir):
@@ -99,7 +97,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one_exactly(referen
   assert len(warnings) == 1 and "\n" not in warnings[0], warnings
   assert f"checkpoint step 6 is damaged ({kind.replace('-', ' ')})" in warnings[0]
   assert f"moved aside to {wd / 'checkpoints' / f'6.damaged-{kind}'}" in warnings[0]
-  assert "resuming from step 4" in warnings[0]
+  assert "trying the previous one, step 4" in warnings[0]
   assert any("resumed from step 4" in r.getMessage() for r in caplog.records)
   # Nothing deleted: the damaged step is kept under its new name, next to the new step 6.
   assert sorted(os.listdir(wd / "checkpoints")) == ["2", "4", "6", f"6.damaged-{kind}"]
@@ -148,20 +146,20 @@ def test_no_intact_checkpoint_left_is_one_line_and_exit_2(reference, tmp_path):
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_older_checkpoint(tmp_path):
   mnt = tmp_path / "small"
   mnt.mkdir()
-  # One tiny checkpoint is about 4.6 MB: the first save fits, the second one does not.
+  # One uncompressed tiny checkpoint is 4.6 MB: the first save fits, the second one does not.
   subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", str(mnt)], check=True)
   try:
     wd = mnt / "run"
     cmd = [
       sys.executable, "-m", "sd3_jax.main", "--config", os.path.join(REPO, "configs/tiny.py"), "--workdir", str(wd),
       "--config.total_steps=4", "--config.checkpoint_every=2", "--config.keep_checkpoints=1",
-      "--config.log_every=2", "--config.val.every=0",
+      "--config.log_every=2", "--config.val.every=0", "--config.checkpoint_compression=False",
     ]  # fmt: skip
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr
-    errors = [line for line in p.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith(("sd3-train: error", "E1"))]
+    assert len(errors) == 1, p.stderr  # no error log lines besides it (orbax's are quieted)
     assert errors[0].startswith(f"sd3-train: error: cannot write checkpoint step 4 to {wd / 'checkpoints'}")
     assert "no space left on the device (" in errors[0] and " free)" in errors[0]
     assert "the last intact checkpoint is step 2, kept with everything older" in errors[0]

@@ -32,12 +32,12 @@ def _attempt(workdir, clock, *, startup, resume=None, restore=0.0, compile_s, wi
   step = resume or 0
   r.switch("compile")
   clock.advance(compile_s)
-  r.steps_done(step + 1, step + 1)
+  r.steps_done(step + 1)
   step += 1
   r.switch("step")
   for n, seconds in windows:
     clock.advance(seconds)
-    r.steps_done(step + 1, step + n)
+    r.steps_done(step + n)
     step += n
     if checkpoint_every and step % checkpoint_every == 0:
       with r.phase("checkpoint"):

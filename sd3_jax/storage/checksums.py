@@ -92,11 +92,17 @@ def checksums(tree: Any) -> dict[str, str]:
   arrays = [x for _, x in leaves]
   if not arrays:
     return {}
-  meshes = {x.sharding.mesh for x in arrays if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)}
-  # Replicated results: every process can read them (multi-host).
-  out = jax.sharding.NamedSharding(meshes.pop(), jax.sharding.PartitionSpec()) if len(meshes) == 1 else None
-  sums = _hasher(out)(arrays)
-  host = [np.asarray(jax.device_get(s)).astype(np.uint64) for s in sums]
+  # One jitted pass per set of devices (normally one: the state's mesh), with replicated
+  # results so that every process can read them (multi-host).
+  groups: dict[Any, list[int]] = {}
+  for i, x in enumerate(arrays):
+    groups.setdefault(frozenset(getattr(x, "sharding", None).device_set), []).append(i)
+  host = [None] * len(arrays)
+  for idx in groups.values():
+    first = arrays[idx[0]].sharding
+    out = jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec()) if hasattr(first, "mesh") else None
+    for i, s in zip(idx, _hasher(out)([arrays[i] for i in idx])):
+      host[i] = np.asarray(jax.device_get(s)).astype(np.uint64)
   return {n: f"{PREFIX}{int((h[0] << np.uint64(32)) | h[1]):016x}" for n, h in zip(names, host)}
 
 

@@ -47,26 +47,23 @@ def one_line(text: str, limit: int = 300) -> str:
   return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-_TRUNCATED = ("unexpected end", "out_of_range", "truncated", "expected at least", "too short", "past the end")
-_MISSING = ("_metadata", "manifest", "not_found", "no such file", "does not exist")
+_TRUNCATED = ("out_of_range", "not enough data", "unexpected end", "truncated", "past the end")
 
 
 def classify(step: int, error: BaseException) -> DamagedCheckpoint:
-  """A restore that raised ``error`` -> DamagedCheckpoint with the kind of damage it shows."""
+  """A restore of ``step`` that raised ``error`` -> DamagedCheckpoint: 'truncated' when a file
+  is shorter than its index says, 'unreadable' for anything else (a missing, garbled or
+  inaccessible file). Missing metadata is found before reading (``Checkpointer``)."""
   if isinstance(error, DamagedCheckpoint):
     return error
   chain, e = [], error
   while e is not None and len(chain) < 5:
-    chain.append(f"{type(e).__name__}: {e}")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    chain.append(f"{type(e).__name__}: {first}")
     e = e.__cause__ or e.__context__
-  text = " | ".join(chain)
-  low = text.lower()
-  if any(k in low for k in _TRUNCATED):
-    kind = "truncated"
-  elif any(k in low for k in _MISSING):
-    kind = "missing-metadata"
-  else:
-    kind = "unreadable"
+  # The innermost error says what is wrong with the file; the outer ones what was being read.
+  text = " <- ".join(reversed(chain))
+  kind = "truncated" if any(k in text.lower() for k in _TRUNCATED) else "unreadable"
   return DamagedCheckpoint(step, kind, one_line(text))
 
 
@@ -148,11 +145,13 @@ def write_error(step: Optional[int], directory, reason: str, last_intact: Option
 
 
 class QuietWriteFailures(logging.Filter):
-  """Drops orbax's own error logs (several tracebacks from its background threads) about a
-  failed write: the checkpointer reports the failure itself, in one line."""
+  """Drops the error logs orbax and asyncio print about a failed write (several tracebacks
+  from orbax's background threads, 'exception was never retrieved' for each write that failed
+  after the first): the checkpointer reports the failure itself, in one line."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR or "orbax" not in (record.pathname or ""):
+    path = record.pathname or ""
+    if record.levelno < logging.ERROR or not ("orbax" in path or os.path.join("asyncio", "") in path):
       return True
     text = record.getMessage()
     if record.exc_info and record.exc_info[1] is not None:
@@ -164,7 +163,8 @@ _FILTER = QuietWriteFailures()
 
 
 def quiet_orbax_write_failures() -> None:
-  """Installs the filter on the logger orbax writes through (absl's), once."""
-  logger = logging.getLogger("absl")
-  if _FILTER not in logger.filters:
-    logger.addFilter(_FILTER)
+  """Installs the filter on the loggers orbax (absl's) and asyncio write through, once."""
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if _FILTER not in logger.filters:
+      logger.addFilter(_FILTER)

@@ -2,7 +2,7 @@
 rest went, over every restart of a workdir (the definition maxtext reports).
 
 The trainer tells a ``GoodputRecorder`` what it is doing (``recorder.phase('checkpoint')``,
-``recorder.steps_done(first, last)``); the recorder accrues wall time to one category at a
+``recorder.steps_done(last)``); the recorder accrues wall time to one category at a
 time and rewrites WORKDIR/goodput/<attempt>.json (one small file per process start, written
 whole: object stores cannot append) at every logged step and at exit. ``summarize(workdir)``
 reads every attempt and splits the time from the first start to the last record into:
@@ -66,8 +66,7 @@ class GoodputRecorder:
   ):
     self._clock = clock
     now = clock()
-    start = start_time if start_time is not None else (process_start_time() or now)
-    self.start = min(start, now)
+    self.start = min(start_time, now) if start_time is not None else now  # sd3-train: the process start
     self.enabled = enabled
     self._dir = epath.Path(str(workdir)) / SUBDIR
     self._path = self._dir / f"{int(self.start * 1000):015d}-{os.getpid()}.json"
@@ -75,6 +74,7 @@ class GoodputRecorder:
     self.totals["startup"] = now - self.start
     self.windows: list[list[float]] = []  # [first step, last step, seconds]
     self.resume_step: Optional[int] = None
+    self._last_step = 0
     self.end: Optional[str] = None
     self._current, self._since = "startup", now
     self._pending_step_time = 0.0
@@ -104,14 +104,16 @@ class GoodputRecorder:
       self.switch(previous)
 
   def resumed(self, step: int) -> None:
-    self.resume_step = int(step)
+    """The attempt restored the checkpoint of ``step``: steps after it are to run again."""
+    self.resume_step = self._last_step = int(step)
 
-  def steps_done(self, first: int, last: int) -> None:
-    """Steps first..last (1-based, inclusive) finished; the step time since the previous call
-    (device work included: call after the step's results are ready) is theirs."""
+  def steps_done(self, last: int) -> None:
+    """Steps up to ``last`` (1-based) finished: the step time since the previous call (device
+    work included: call once the step's results are ready) belongs to the steps since then."""
     self.switch(self._current)  # close the running interval
-    if last >= first:
-      self.windows.append([int(first), int(last), self._pending_step_time])
+    if last > self._last_step:
+      self.windows.append([self._last_step + 1, int(last), self._pending_step_time])
+      self._last_step = int(last)
     self._pending_step_time = 0.0
 
   def record(self, end: Optional[str] = None) -> None:

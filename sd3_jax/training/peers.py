@@ -167,6 +167,11 @@ class PeerWatch:
     bound = self.timeout_s + 3 * self.interval_s if seconds is None else seconds
     return self._verdict.wait(bound)
 
+  def wait_for_exit(self) -> None:
+    """After a verdict: blocks until the watch has ended the process (it never returns)."""
+    while True:
+      time.sleep(3600)
+
   def close(self, exit_code: int) -> None:
     """Stops watching and tells the others this process leaves with ``exit_code``."""
     self._closed.set()
