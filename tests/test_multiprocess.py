@@ -104,6 +104,7 @@ def test_a_killed_peer_ends_the_survivor_within_the_bound_with_exit_75(tmp_path)
     for p in procs:
       if p.poll() is None:
         p.kill()
+  print(f"survivor stopped {elapsed:.1f} s after the kill")
   assert procs[0].returncode == peers.LOST_PEER_EXIT_CODE, out[-3000:]
   assert elapsed <= 1.3 * timeout + 3, elapsed  # + slack for a loaded machine's scheduling
   lines = [line for line in out.splitlines() if line.startswith("sd3-train: error:")]
