@@ -14,7 +14,7 @@ jax's coordination key-value store and reads everyone's. A counter that has not 
 and exits at once with ``LOST_PEER_EXIT_CODE`` (75). Every survivor sees the same counters, so
 all stop within ``timeout + interval`` of the loss; process 0 waits two more intervals, because
 its exit takes the coordination service down and ends the others by jax's fatal error. The
-bound: 1.2 x timeout for all survivors (``main``'s --peer_timeout_s, default 60 s). jax's own
+bound: 1.3 x timeout for all survivors (``main``'s --peer_timeout_s, default 60 s). jax's own
 heartbeat is set twice as long, as a backstop.
 
 A process that leaves on purpose writes its exit code: 0 (done) and 42 (preempted) are the
