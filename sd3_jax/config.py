@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 2000
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+  # zstd for the saved arrays (orbax's default); False: faster saves, larger files. Either way
+  # every array's checksum is recorded and checked on resume (docs/multislice.md).
+  c.checkpoint_compression = True
   # Start a new run from one of our converted MM-DiT checkpoints (sd3-convert --to jax,
   # sd3_jax.storage.pretrained): its weights and positional table, a fresh optimizer. Ignored once the
   # run has a checkpoint of its own (a restart resumes that).
@@ -246,8 +249,10 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
 
-  # Mesh: -1 means all remaining devices.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  # Mesh: data, fsdp, tensor within one slice (-1: all remaining devices of the slice);
+  # dcn_*: how many slices each axis spans (multi-slice TPU; -1: all slices). The default runs
+  # data parallelism across slices; the product of the dcn_* axes must be the slice count.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=-1, dcn_fsdp=1, dcn_tensor=1))
   # Peak FLOP/s per device for MFU; 0 = look up the device kind (None on CPU -> MFU null).
   c.peak_flops_per_device = 0.0
   return c
