@@ -10,7 +10,10 @@ WORKDIR may be a URL such as gs://bucket/run (etils.epath).
 Exit codes: 0 done; 2 bad config, data or paths (one line on stderr); 3 NaN/Inf loss, gradient
 or parameters (the last good checkpoint is kept); 42 preempted: SIGTERM (or, multi-host, jax's
 preemption sync point) made the run save a checkpoint of the current step and wait until it was
-committed; rerun the same command to resume exactly.
+committed; rerun the same command to resume exactly (a restart loop should); 130 stopped by
+Ctrl-C (SIGINT): the same save of the current step, then stop; a user's stop, which a restart
+loop should not restart. A second Ctrl-C stops at once without the save (the latest committed
+checkpoint is kept), also with 130. The rerun prints "resuming from step N".
 
 Multi-host: on TPU pods / SLURM pass --multihost (jax.distributed auto-detects the cluster);
 elsewhere give --coordinator_address, --num_processes and --process_id.
@@ -55,9 +58,16 @@ def main(argv):
 
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except preemption.Preempted as e:
-    logging.warning("%s", e)
-    sys.exit(preemption.PREEMPTED_EXIT_CODE)
+  except preemption.Preempted as e:  # SIGTERM (42) or Ctrl-C (130): the current step is committed
+    print(f"sd3-train: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # Ctrl-C before the training loop started
+    print(
+      "sd3-train: interrupted (Ctrl-C) before the first step: the workdir's checkpoints are as they "
+      "were; rerun the same command to start (or resume)",
+      file=sys.stderr,
+    )
+    sys.exit(command.EXIT_INTERRUPTED)
   except divergence.TrainingDivergedError as e:
     logging.error("%s", e)
     sys.exit(3)
@@ -68,7 +78,7 @@ def main(argv):
 
 def entry_point() -> None:
   """Console entry point (``sd3-train``)."""
-  app.run(main, flags_parser=command.parse_absl_flags("sd3-train"))
+  app.run(main, flags_parser=command.parse_absl_flags("sd3-train", __doc__))
 
 
 if __name__ == "__main__":

@@ -153,7 +153,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
   latest = checkpointer.latest_step()
   if latest is not None:
     state, _ = checkpointer.restore(latest, abstract_state=abstract, data_iterator=train_iter)
-    log.info("resumed from step %d", latest)
+    if primary:
+      print(f"resuming from step {latest} ({workdir / 'checkpoints' / str(latest)})", flush=True)
   else:
     state = state_lib.create_sharded_state(model, tx, mesh, jax.random.key(config.seed), shardings)
     if config.init_from:  # fine-tuning: the checkpoint's weights, EMA equal to them, fresh optimizer
@@ -276,7 +277,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
           save(done, out)
         checkpointer.wait_until_finished()
         writer.flush()
-        raise preemption.Preempted(done)
+        raise watcher.stopped(done)  # Preempted (SIGTERM) or Interrupted (Ctrl-C)
       with timer.paused():
         if val_fn is not None and (done % config.val.every == 0 or is_last):
           params = state.ema_params if config.val.use_ema else state.params
@@ -291,6 +292,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
             num_examples=config.val.num_examples,
           )
           writer.write_scalars(done, val)
+          if primary:
+            print(metrics_lib.format_progress(done, config.total_steps, val), flush=True)
           last.update(val)
         if s.every > 0 and (done % s.every == 0 or is_last):
           generation.write_sample_grid(
@@ -316,11 +319,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
           last.update(values)
         if done % config.checkpoint_every == 0 or is_last:
           save(done, out)
+    if watcher.interrupted:  # Ctrl-C after the last step's check: complete and saved, stop as asked
+      checkpointer.wait_until_finished()
+      raise watcher.stopped(config.total_steps)
   finally:  # also on errors (NaN stop, preemption, bugs): never leave a save half written
-    watcher.close()
     if config.data.prefetch:
       batches.close()
     checkpointer.wait_until_finished()
+    watcher.close()  # after the wait: a Ctrl-C during it is the watcher's (a second one aborts)
     checkpointer.close()
     writer.close()
   return last
