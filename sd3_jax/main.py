@@ -63,8 +63,8 @@ def main(argv):
     sys.exit(e.exit_code)
   except KeyboardInterrupt:  # Ctrl-C before the training loop started
     print(
-      "sd3-train: interrupted (Ctrl-C) before the first step: the workdir's checkpoints are as they "
-      "were; rerun the same command to start (or resume)",
+      "sd3-train: interrupted (Ctrl-C): before the first step, nothing was written to the checkpoints; "
+      "rerun the same command to start (or resume from the latest checkpoint)",
       file=sys.stderr,
     )
     sys.exit(command.EXIT_INTERRUPTED)

@@ -388,6 +388,55 @@ def test_write_sample_grid_and_cli(workdir, tmp_path):
   assert diff.max() <= 1 and diff.mean() < 0.01  # uint8 rounding of float-rounding differences
 
 
+def test_cli_writes_into_the_run_says_where_and_encodes_with_the_runs_text_lengths(
+  workdir, monkeypatch, capsys, caplog
+):
+  """Without --out the grid goes to WORKDIR/samples/ (never over an earlier one) and the path is
+  printed; without --clip_length/--t5_length the prompts are encoded with the run's lengths
+  (tiny: 4 CLIP + 4 T5 tokens); other lengths are used but warned about in one line."""
+  from sd3_jax import text_conditioning
+
+  asked = []
+
+  def load_conditioner(path, **kw):
+    asked.append((path, kw["clip_length"], kw["t5_length"]))
+    return _conditioner
+
+  monkeypatch.setattr(text_conditioning, "load_conditioner", load_conditioner)
+  # the settings of test_write_sample_grid_and_cli: its compiled sampler is reused
+  argv = ["--workdir", workdir, "--text_encoders", "T", "--num_per_prompt", "2", "--num_steps", "3", "--cfg_scale", "2"]
+  argv += sum((["--prompt", p] for p in ("a red circle", "a blue square", "a green triangle")), [])
+  for n in range(2):
+    sample_cli.main(argv, decoder=_decoder)
+    path = os.path.join(workdir, "samples", f"sample_step_00000002_{n:03d}.png")
+    assert capsys.readouterr().out == f"wrote {path} (3 prompts x 2, a 32x22 grid)\n" and os.path.exists(path)
+  assert asked == [("T", 4, 4)] * 2
+  assert not [r for r in caplog.records if r.levelname == "WARNING" and "--clip_length" in r.getMessage()]
+  out = str(os.path.join(os.path.dirname(workdir), "other.png"))
+  sample_cli.main(argv + ["--clip_length", "77", "--t5_length", "4", "--out", out], decoder=_decoder)
+  assert asked[-1] == ("T", 77, 4) and os.path.exists(out)
+  (warning,) = [r.getMessage() for r in caplog.records if "--clip_length" in r.getMessage()]
+  assert "--clip_length 77 --t5_length 4 differ from the 4 CLIP + 4 T5 tokens the run was trained with" in warning
+  assert "\n" not in warning
+  # A converted checkpoint has no run: beside it, in CHECKPOINT_samples/, and SD3's 77 + 77.
+  assert sample_cli.default_out(None, "/ckpt/sd3m", None) == "/ckpt/sd3m_samples/sample_000.png"
+  from sd3_jax.inference import loader
+
+  assert loader.text_lengths(None, None, None) == (77, 77) and loader.text_lengths(12, None, None) == (12, 77)
+
+
+def test_cli_without_text_encoders_suggests_the_workdirs(tmp_path, capsys):
+  (tmp_path / "text_encoders").mkdir()
+  for wd, hint in ((tmp_path, f"; this workdir has one: --text_encoders {tmp_path}/text_encoders"), ("W", "")):
+    with pytest.raises(SystemExit) as e:
+      command.run(sample_cli.main, "sd3-sample", ["--workdir", str(wd), "--prompt", "p", "--pixel_space"])
+    err = capsys.readouterr().err
+    assert (
+      e.value.code == 2
+      and err == f"sd3-sample: error: give --text_encoders DIR (our converted CLIP-L/CLIP-G/T5 checkpoints){hint}\n"
+    )
+
+
 @pytest.mark.parametrize(
   "argv,message",
   [
@@ -402,7 +451,8 @@ def test_write_sample_grid_and_cli(workdir, tmp_path):
 def test_cli_argument_errors(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
     command.run(sample_cli.main, "sd3-sample", argv)
-  assert e.value.code == 2 and message in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and message in err and err.count("\n") == 1 and err.startswith("sd3-sample: error: "), err
 
 
 def test_cli_errors_that_need_the_model(workdir, capsys):
