@@ -244,3 +244,13 @@ def test_config_overrides_with_a_typo_name_the_key_and_a_suggestion(tmp_path):
     config_lib.load_config_file(os.path.join(REPO, "configs", "tiny.py"), overrides={"optimizer.learning_rte": 1e-3})
   with pytest.raises(ValueError, match=r"no such config key 'nope'"):
     config_lib.load_config_file(os.path.join(REPO, "configs", "tiny.py"), overrides={"nope": 1})
+
+
+def test_the_readme_lists_every_console_script_with_its_python_m_form():
+  readme = open(os.path.join(REPO, "README.md")).read()
+  rows = dict(re.findall(r"^\| `(sd3-[\w-]+)` \| `python -m ([\w.]+)` \|", readme, re.M))
+  scripts = _console_scripts()
+  assert set(rows) == set(scripts), set(rows) ^ set(scripts)
+  for name, module in rows.items():  # the python -m form is the script's module or its package
+    target = scripts[name].split(":")[0]
+    assert target == module or target.rsplit(".", 1)[0] == module or target == f"{module}.main", (name, module)
