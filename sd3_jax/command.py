@@ -134,11 +134,13 @@ def parse_absl_flags(prog: str, doc: str | None = None) -> Callable[[list[str]],
   that names no config key ends in one line (``prog: error: ...``) and exit code 2, instead of
   absl's "FATAL Flags parsing error" (exit 1) or ml_collections' traceback.
 
-  ``--help`` (``-h``, ``--helpshort``) prints ``doc`` and the flags of the calling module and
+  ``--help`` (``-h``, ``--helpshort``) prints ``doc`` (default: the calling module's docstring)
+  and the flags of the calling module and
   exits 0, whether the command runs as a console script or as ``python -m``: absl's own help
   looks the flags up by ``sys.argv[0]``, which finds none under a console script's name, and
   exits 1. ``--helpfull`` adds every library's flags, also with exit 0."""
   caller = sys._getframe(1).f_globals.get("__name__")
+  doc = (sys._getframe(1).f_globals.get("__doc__") if doc is None else doc) or ""
   # absl and ml_collections register a module's flags under this name (argv[0] for __main__)
   module = sys.argv[0] if caller == "__main__" else caller
 
@@ -152,7 +154,7 @@ def parse_absl_flags(prog: str, doc: str | None = None) -> Callable[[list[str]],
       else:  # the calling module's flags without absl's "module:" header (a path under python -m)
         lines = flags.FLAGS.module_help(module).strip("\n").splitlines()
         text = "\n".join(lines[1:]) + "\n  --helpfull: also the flags of the libraries (absl, jax)"
-      print(f"{(doc or '').strip()}\n\nflags:\n{text}")
+      print(f"{doc.strip()}\n\nflags:\n{text}".lstrip())
       sys.exit(0)
     try:
       return flags.FLAGS(argv)

@@ -78,7 +78,7 @@ def main(argv):
 
 def entry_point() -> None:
   """Console entry point (``sd3-train``)."""
-  app.run(main, flags_parser=command.parse_absl_flags("sd3-train", __doc__))
+  app.run(main, flags_parser=command.parse_absl_flags("sd3-train"))
 
 
 if __name__ == "__main__":
