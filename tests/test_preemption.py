@@ -223,3 +223,25 @@ def test_an_error_in_the_loop_waits_for_the_in_flight_save(tmp_path, monkeypatch
   with pytest.raises(divergence.TrainingDivergedError, match="step 2"):
     train.train_and_evaluate(c, str(tmp_path))
   assert ckpt_lib.committed_steps(str(tmp_path / "checkpoints")) == [2]
+
+
+def test_grain_workers_leave_ctrl_c_to_the_trainer(monkeypatch):
+  """A terminal's Ctrl-C reaches the whole process group: grain's worker processes ignore it (the
+  trainer saves and shuts them down) instead of dying with a traceback mid-save."""
+  import grain
+
+  from sd3_jax.data import input_pipeline, sources
+
+  seen = []
+  monkeypatch.setattr(grain.IterDataset, "mp_prefetch", lambda self, options, **kw: seen.append(kw) or self)
+  source = sources.SyntheticSource(8, (4, 4, 4), 2, 8, 8, seed=0)
+  input_pipeline.make_train_iterator(
+    source, global_batch_size=4, seed=0, process_index=0, process_count=1, worker_count=2
+  )
+  assert seen == [{"worker_init_fn": input_pipeline.ignore_ctrl_c}]
+  before = signal.getsignal(signal.SIGINT)
+  try:
+    input_pipeline.ignore_ctrl_c(0, 2)
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, before)
