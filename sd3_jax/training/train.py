@@ -321,7 +321,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
           save(done, out)
     if watcher.interrupted:  # Ctrl-C after the last step's check: complete and saved, stop as asked
       checkpointer.wait_until_finished()
-      raise watcher.stopped(config.total_steps)
+      raise watcher.stopped(checkpointer.latest_step())
   finally:  # also on errors (NaN stop, preemption, bugs): never leave a save half written
     if config.data.prefetch:
       batches.close()
