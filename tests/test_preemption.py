@@ -245,3 +245,23 @@ def test_grain_workers_leave_ctrl_c_to_the_trainer(monkeypatch):
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
   finally:
     signal.signal(signal.SIGINT, before)
+
+
+def test_a_ctrl_c_after_the_last_steps_check_stops_once_that_step_is_saved(tmp_path, monkeypatch):
+  """Ctrl-C during the last step's validation or sampling (after the loop asked for the last
+  time): the run is complete and its final checkpoint committed, and the caller (sd3-demo would
+  go on to sample) still stops, with the Ctrl-C code."""
+  from configs import tiny
+  from sd3_jax.training import train
+
+  def should_stop(self, step):
+    self.interrupted = self.interrupted or step == 2  # as if Ctrl-C came right after this check
+    return False
+
+  monkeypatch.setattr(preemption.PreemptionWatcher, "should_stop", should_stop)
+  c = tiny.get_config()
+  c.total_steps, c.log_every, c.checkpoint_every = 2, 1, 100
+  c.val.every = 0
+  with pytest.raises(preemption.Interrupted, match="checkpoint of step 2;") as e:
+    train.train_and_evaluate(c, str(tmp_path))
+  assert e.value.exit_code == 130 and ckpt_lib.committed_steps(str(tmp_path / "checkpoints")) == [2]
