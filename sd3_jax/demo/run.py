@@ -44,8 +44,11 @@ Everything is generated here, nothing is downloaded. Into WORKDIR:
   summary.json     val_loss, sample_accuracy on the held-out prompts (the scenes checker reads
                    colours, shapes and the relation back) and the chance level (the same
                    images scored against shuffled held-out captions)
+  stage_seconds.json   seconds per stage, accumulated over reruns (summary.json's "seconds")
 
-Each stage is skipped when its output is complete, so rerunning resumes.
+Each stage is skipped when its output is complete (a line says so), so rerunning resumes and a
+finished workdir is left as it is. Ctrl-C during training saves the current step; every Ctrl-C
+exits 130 and keeps the finished stages.
 """
 
 
