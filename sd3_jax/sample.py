@@ -88,6 +88,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
     slg=slg,
     seed=args.seed,
     mesh=gen.mesh,
+    formulation=gen.formulation,
   )
   print(f"wrote {out} ({len(prompts)} prompts x {args.num_per_prompt}, a {grid.shape[0]}x{grid.shape[1]} grid)")
   return grid

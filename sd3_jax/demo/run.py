@@ -18,7 +18,7 @@ from typing import Sequence
 
 from sd3_jax import config as config_lib
 from sd3_jax.storage import checkpoint, fileutil
-from sd3_jax import command
+from sd3_jax import command, flow
 from sd3_jax.inference import generation
 from sd3_jax.demo import encoders, stages
 from sd3_jax.demo import scenes as scene_lib
@@ -171,6 +171,7 @@ def run(
     "steps": sampling_steps,
     "cfg_scale": cfg_scale,
     "shift": config.flow.shift,
+    "formulation": config.flow.formulation,
     "weights": "ema" if use_ema else "raw",
     "checkpoint_step": step,
   }
@@ -195,6 +196,7 @@ def run(
       num_per_prompt=samples_per_prompt,
       num_steps=sampling_steps,
       shift=config.flow.shift,
+      formulation=flow.get_formulation(config.flow.formulation),
       cfg_scale=cfg_scale,
       seed=seed,
     )

@@ -76,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
     parser.error("--batch_size and --num_steps must be >= 1 and --num_images >= 2")
   command.init_distributed(args)
   prompts = loader.read_prompts(args.prompts)
-  model, params, conditioner, decoder, latent_shape, mesh, step, _ = loader.generator_from_args(
+  model, params, conditioner, decoder, latent_shape, mesh, step, _, formulation = loader.generator_from_args(
     args, conditioner, decoder
   )
   kw = dict(mesh=mesh, batch_size=args.clip_batch_size, crop_rounding=args.crop_rounding)
@@ -101,6 +101,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
     seed=args.seed,
     mesh=mesh,
     progress=True,
+    formulation=formulation,
   )
   report = dict(
     result.metrics,
@@ -112,6 +113,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
       num_steps=args.num_steps,
       cfg_scale=args.cfg_scale,
       shift=args.shift,
+      formulation=formulation.name,
       seed=args.seed,
       batch_size=args.batch_size,
       image_size=list(result.grid_images.shape[1:3]),

@@ -45,7 +45,9 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
     parser.error("--num_per_prompt and --prompts_per_batch must be >= 1")
   command.init_distributed(args)
   metadata = geneval.read_metadata(args.metadata)
-  model, params, conditioner, decoder, latent_shape, mesh, _, _ = loader.generator_from_args(args, conditioner, decoder)
+  model, params, conditioner, decoder, latent_shape, mesh, _, _, formulation = loader.generator_from_args(
+    args, conditioner, decoder
+  )
   n = geneval.export(
     model,
     params,
@@ -62,6 +64,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
     seed=args.seed,
     mesh=mesh,
     progress=True,
+    formulation=formulation,
   )
   logging.info("sampled %d of %d prompts into %s", n, len(metadata), args.outdir)
   return n

@@ -3,8 +3,11 @@
 Each run is read from its own files only (its saved experiment config and ``metrics.jsonl``),
 so runs trained here, on a pod from ``--print_commands`` lines, or by hand all work. Parameters
 and compute come from the config (``family``); every validation row of a run is one point
-(step, images seen, compute, loss). ``RUN/sample_eval.json`` (``toy.score_run``) adds the run's
-sample accuracy. The fits and the held-out prediction are described in docs/scaling.md.
+(step, images seen, compute, loss, the rf yardstick val/rf_loss). The last logged ``eval/``
+metrics and ``RUN/sample_eval.json`` (``toy.score_run``) add the run's sample metrics at each
+sampling step count. Runs that differ in one key are ranked by ``ranking`` (for formulations:
+by the yardstick and every sample metric). The fits and the held-out prediction are described in
+docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sd3_jax import config as config_lib
+from sd3_jax import flow
 from sd3_jax.storage import fileutil
 from sd3_jax.models import mmdit
-from sd3_jax.scaling import family, fits, isoflop
+from sd3_jax.scaling import family, fits, isoflop, ranking
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,7 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
     mcfg, latent_size=d["latent_size"], context_len=d["context_len"], batch_size=cfg["global_batch_size"], steps=1
   )
   rows: dict[int, dict] = {}
+  evals: dict[str, Any] = {}  # the last logged value of every eval/ key
   with open(os.path.join(run_dir, METRICS)) as f:
     for line in f:
       if line.strip():
@@ -121,6 +127,7 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
           continue  # a torn last line of a run still writing
         if "val/loss" in r:
           rows[int(r["step"])] = r  # a resumed run logs a step again: keep the last
+        evals.update({k: v for k, v in r.items() if k.startswith("eval/")})
   points = []
   for step in sorted(rows):
     c = family.run_compute(
@@ -137,6 +144,7 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
         "compute_6nd": c.flops_6nd,
         "loss": value,
         "val_loss": rows[step].get("val/loss"),
+        "rf_loss": rows[step].get("val/rf_loss"),
         "levels": {f"val/loss_t{t:.3f}": v for t, v in sorted(_levels(rows[step]).items())},
       }
     )
@@ -150,7 +158,8 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
   return {
     "name": os.path.basename(run_dir),
     "dir": run_dir,
-    "config": _flatten(cfg),
+    "config": normalized_config(cfg),
+    "sample_metrics": sample_metrics(evals, cfg, sample),
     "depth": mcfg.depth,
     "width_per_depth": mcfg.hidden_size / mcfg.depth,
     "params": family.param_counts(mcfg),
@@ -162,6 +171,39 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
     "sample_accuracy": sample.get("sample_accuracy"),
     "part_accuracy": sample.get("part_accuracy"),
   }
+
+
+def normalized_config(cfg: dict) -> dict[str, Any]:
+  """The flattened config with ``flow.formulation`` in canonical form, also for runs trained
+  before it existed (their retired flow.sampler keys say which rf density they trained)."""
+  out = _flatten(cfg)
+  for k in config_lib.RETIRED_FLOW_KEYS:
+    out.pop(f"flow.{k}", None)
+  out["flow.formulation"] = flow.canonical_name(config_lib.formulation_name(cfg))
+  return out
+
+
+def sample_metrics(eval_row: dict, cfg: dict, sample: dict) -> dict[str, float]:
+  """{'<metric>@<sampling steps>': value} from the last logged ``eval/`` row (``eval/<metric>``
+  at config eval.num_steps, or ``eval/steps<N>/<metric>``) and from sample_eval.json."""
+  out = {}
+  default = (cfg.get("eval") or {}).get("num_steps")
+  for k, v in eval_row.items():
+    parts = k.split("/")
+    if parts[0] != "eval" or v is None or parts[-1] == "num_images":
+      continue
+    if len(parts) == 3 and parts[1].startswith("steps"):
+      out[f"{parts[2]}@{parts[1][len('steps') :]}"] = float(v)
+    elif len(parts) == 2 and isinstance(default, int):
+      out[f"{parts[1]}@{default}"] = float(v)
+  by_steps = dict(sample.get("by_steps") or {})
+  if not by_steps and sample.get("sample_accuracy") is not None:
+    by_steps = {str((sample.get("sampler") or {}).get("steps")): sample}
+  for steps, values in by_steps.items():
+    for name in ("sample_accuracy", "part_accuracy"):
+      if values.get(name) is not None:
+        out[f"{name}@{steps}"] = float(values[name])
+  return out
 
 
 def varying_keys(runs: Sequence[dict]) -> list[str]:
@@ -187,6 +229,8 @@ def select(runs: Sequence[dict], where: dict[str, Any]) -> list[dict]:
     for k in where:
       if not any(k in r["config"] for r in runs):
         raise ValueError(f"--where {k}: no run has that config key")
+    if "flow.formulation" in where:  # 'rf/lognorm(0,1)' selects rf/lognorm(0.00,1.00)
+      where = dict(where, **{"flow.formulation": flow.canonical_name(str(where["flow.formulation"]))})
     return [r for r in runs if all(str(r["config"].get(k)) == str(v) for k, v in where.items())]
   chosen = list(runs)
   for k in varying_keys(runs):
@@ -278,6 +322,8 @@ def analyze(
       }
       | {
         "final_loss": r["points"][-1]["loss"],
+        "final_rf_loss": r["points"][-1]["rf_loss"],
+        "sample_metrics": r["sample_metrics"],
         "final_step": r["points"][-1]["step"],
         "compute": r["points"][-1]["compute"],
         "compute_6nd": r["points"][-1]["compute_6nd"],
@@ -318,7 +364,8 @@ def analyze(
     )
     result["isoflop"] = {"fit": iso.to_dict() if iso else None, "error": why}
   result["holdout"] = [_predict(r, law, par, param_count) for r in runs if r["name"] in held]
-  result["comparisons"] = comparisons(runs)
+  result["comparisons"] = ranking.comparisons(runs, varying_keys(runs))
+  ranking.write_csv(result["comparisons"], os.path.join(out, "comparisons.csv"))
   result["spearman"] = spearman(runs)
   fileutil.atomic_json(os.path.join(out, "scaling.json"), result, indent=1)
   if plots:
@@ -348,43 +395,6 @@ def _predict(run: dict, law, par, param_count: str) -> dict:
   last = run["points"][-1]
   out["frontier_final_predicted"] = float(law.predict(last["compute"])) if law else None
   out["frontier_final_rel_error"] = (out["frontier_final_predicted"] - last["loss"]) / last["loss"] if law else None
-  return out
-
-
-def comparisons(runs: Sequence[dict]) -> list[dict]:
-  """For each varied key, the runs that differ only in it (same depth and length), ranked by
-  final loss, with their sample accuracy: e.g. the timestep samplers at equal compute."""
-  keys = varying_keys(runs)
-  out = []
-  for k in keys:
-    others = [o for o in keys if o != k]
-    groups = collections.defaultdict(list)
-    for r in runs:
-      groups[(r["depth"], r["total_steps"], tuple(repr(r["config"].get(o)) for o in others))].append(r)
-    for (depth, steps, _), members in groups.items():
-      if len({repr(m["config"].get(k)) for m in members}) < 2:
-        continue
-      ranked = sorted(members, key=lambda m: m["points"][-1]["loss"])
-      out.append(
-        {
-          "key": k,
-          "depth": depth,
-          "steps": steps,
-          "compute": ranked[0]["points"][-1]["compute"],
-          "rows": [
-            {
-              "value": m["config"].get(k),
-              "run": m["name"],
-              "final_loss": m["points"][-1]["loss"],
-              "val_loss": m["points"][-1]["val_loss"],
-              "sample_accuracy": m["sample_accuracy"],
-              "part_accuracy": m["part_accuracy"],
-              "rank": i + 1,
-            }
-            for i, m in enumerate(ranked)
-          ],
-        }
-      )
   return out
 
 
@@ -418,6 +428,7 @@ def write_csv(runs: Sequence[dict], path: str) -> None:
     "compute",
     "compute_6nd",
     "val_loss",
+    "rf_loss",
     "fit_loss",
     *level_keys,
     *axes,
@@ -443,6 +454,7 @@ def write_csv(runs: Sequence[dict], path: str) -> None:
             p["compute"],
             p["compute_6nd"],
             p["val_loss"],
+            p.get("rf_loss"),
             p["loss"],
             *[p["levels"].get(k) for k in level_keys],
             *[r["config"].get(k) for k in axes],
