@@ -92,7 +92,7 @@ spec:
             onExitCodes:
               containerName: train
               operator: In
-              values: [2, 3]  # bad config/data/paths/storage, divergence: a restart cannot fix them
+              values: [2, 3, 130]  # bad config/data/paths/storage, divergence: a restart cannot fix them; 130 a user's Ctrl-C
         template:
           spec:
             restartPolicy: Never

@@ -1,8 +1,9 @@
 # Sourced by the launchers: sd3_run_with_restarts CMD... runs CMD (sd3-train) until it is done,
-# restarting it after any exit except the two that a restart cannot fix:
+# restarting it after any exit except those that a restart cannot fix or that a user asked for:
 #   0 done -> stop, 0
 #   2 bad config, data, paths or storage (one line on stderr) -> stop, 2
 #   3 NaN/Inf: the training diverged (the last good checkpoint is kept) -> stop, 3
+#   130 stopped by Ctrl-C (the current step was committed): a user's stop -> stop, 130
 #   anything else -> restart after SD3_RESTART_DELAY_S (default 10) seconds, at most
 #     SD3_MAX_RESTARTS (default 100) times; e.g. 42 preempted (a checkpoint of the current step
 #     was committed), 75 a peer process was lost, 134 SIGABRT (jax ends the other processes at
@@ -19,6 +20,7 @@ sd3_exit_meaning() {
     3) echo "the training diverged (NaN/Inf)" ;;
     42) echo "preempted; the checkpoint of the current step was committed" ;;
     75) echo "a peer process was lost" ;;
+    130) echo "stopped by Ctrl-C (SIGINT) after committing the current step; a user's stop, not restarted" ;;
     134) echo "SIGABRT: jax ended this process, e.g. after losing process 0 (its coordination service)" ;;
     137) echo "SIGKILL: killed from outside, e.g. out of memory" ;;
     1) echo "an unexpected error (traceback above)" ;;
@@ -38,7 +40,7 @@ sd3_run_with_restarts() {
       return "$code"
     fi
     case "$code" in
-      0 | 2 | 3) return "$code" ;;
+      0 | 2 | 3 | 130) return "$code" ;;  # done, or nothing a restart fixes, or a user's Ctrl-C
     esac
     if [ "$restarts" -ge "$max" ]; then
       echo "sd3_run_with_restarts: exit $code ($(sd3_exit_meaning "$code")); not restarting: already restarted $restarts times (SD3_MAX_RESTARTS)" >&2

@@ -11,7 +11,10 @@ Exit codes: 0 done; 2 bad config, data, paths or storage (one line on stderr: al
 disk, or no intact checkpoint); 3 NaN/Inf loss, gradient or parameters (the last good
 checkpoint is kept); 42 preempted: SIGTERM (or, multi-host, jax's preemption sync point) made
 the run save a checkpoint of the current step and wait until it was committed; 75 another
-process of the run was lost. Launchers restart on anything but 0, 2 and 3 (docs/multislice.md).
+process of the run was lost; 130 stopped by Ctrl-C (SIGINT): the same save of the current
+step, then stop. A second Ctrl-C stops at once without the save (the latest committed
+checkpoint is kept), also with 130. Launchers restart on anything but 0, 2, 3 and 130, a
+user's stop (docs/multislice.md). The rerun prints "resuming from step N".
 
 Multi-host: on TPU pods / SLURM pass --multihost (jax.distributed auto-detects the cluster);
 elsewhere give --coordinator_address, --num_processes and --process_id. When a process dies,
@@ -107,9 +110,16 @@ def main(argv):
   except BaseException as e:
     if watch is not None and peers.is_runtime_failure(e) and watch.wait_for_verdict():
       watch.wait_for_exit()  # a peer died: the watch ends this process with its one line
-    if isinstance(e, preemption.Preempted):
-      logging.warning("%s", e)
-      code = preemption.PREEMPTED_EXIT_CODE
+    if isinstance(e, preemption.Preempted):  # SIGTERM (42) or Ctrl-C (130): the current step is committed
+      print(f"sd3-train: {e}", file=sys.stderr)
+      code = e.exit_code
+    elif isinstance(e, KeyboardInterrupt):  # Ctrl-C before the training loop started
+      print(
+        "sd3-train: interrupted (Ctrl-C): before the first step, nothing was written to the checkpoints; "
+        "rerun the same command to start (or resume from the latest checkpoint)",
+        file=sys.stderr,
+      )
+      code = command.EXIT_INTERRUPTED
     elif isinstance(e, divergence.TrainingDivergedError):
       logging.error("%s", e)
       code = 3

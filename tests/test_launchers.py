@@ -38,9 +38,10 @@ def _loop(tmp_path, codes, **env):
     ((42, 75, 134, 1, 137, 0), 0, 6),  # preempted, lost peer, SIGABRT, a bug, SIGKILL: restart
     ((75, 2), 2, 2),  # bad config/data/paths/storage: stop
     ((3,), 3, 1),  # divergence: stop
+    ((42, 130), 130, 2),  # Ctrl-C: a user's stop
   ],
 )
-def test_restart_on_anything_but_done_bad_config_or_divergence(tmp_path, codes, want_code, want_runs):
+def test_restart_on_anything_but_done_bad_config_divergence_or_ctrl_c(tmp_path, codes, want_code, want_runs):
   code, runs, lines = _loop(tmp_path, codes)
   assert (code, runs) == (want_code, want_runs)
   assert len(lines) == want_runs - 1  # one line per restart, saying why
@@ -109,7 +110,7 @@ def test_gke_jobset_for_two_v5p_256_slices():
   assert job["replicas"] == 2  # one Job per slice
   assert spec["parallelism"] == spec["completions"] == 32 and spec["backoffLimit"] == 0  # 128 chips / 4 per VM
   assert spec["podFailurePolicy"]["rules"] == [
-    {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In", "values": [2, 3]}}
+    {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In", "values": [2, 3, 130]}}
   ]
   pod = spec["template"]["spec"]
   assert pod["nodeSelector"] == {

@@ -173,7 +173,7 @@ def test_sweep_runs_resumes_after_a_kill_and_analyzes(sweep_file, tmp_path):
   assert proc.returncode == 0, out
   assert "d1_s4: finished, skipped" in out
   assert "trained 3 run(s)" in out
-  assert "resumed from step 100" in out
+  assert "resuming from step 100 (" in out
   for name, steps in (("d1_s4", 4), ("d1_s200", 200), ("d2_s4", 4), ("d2_s200", 200)):
     assert runner.is_finished(os.path.join(sweep_dir, name), steps), name
   rows = [json.loads(l) for l in open(os.path.join(sweep_dir, "d1_s200", "metrics.jsonl"))]

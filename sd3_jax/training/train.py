@@ -174,6 +174,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
     state, _, latest = restored
     recorder.resumed(latest)
     log.info("resumed from step %d", latest)
+    if primary:
+      print(f"resuming from step {latest} ({workdir / 'checkpoints' / str(latest)})", flush=True)
   else:
     state = state_lib.create_sharded_state(model, tx, mesh, jax.random.key(config.seed), shardings)
     if config.init_from:  # fine-tuning: the checkpoint's weights, EMA equal to them, fresh optimizer
@@ -307,9 +309,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
           if checkpointer.latest_step() != done:
             save(done, out)
           checkpointer.wait_until_finished()
-        recorder.record(end=f"preempted at step {done}")
+        recorder.record(end=f"{'stopped by Ctrl-C' if watcher.interrupted else 'preempted'} at step {done}")
         writer.flush()
-        raise preemption.Preempted(done)
+        raise watcher.stopped(done)  # Preempted (SIGTERM) or Interrupted (Ctrl-C)
       evaluates = (
         (val_fn is not None and (done % config.val.every == 0 or is_last))
         or (s.every > 0 and (done % s.every == 0 or is_last))
@@ -334,6 +336,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
             formulation=opts.formulation,
           )
           writer.write_scalars(done, val)
+          if primary:
+            print(metrics_lib.format_progress(done, config.total_steps, val), flush=True)
           last.update(val)
         if s.every > 0 and (done % s.every == 0 or is_last):
           generation.write_sample_grid(
@@ -366,12 +370,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
         if saves:
           with recorder.phase("checkpoint"):
             save(done, out)
+    if watcher.interrupted:  # Ctrl-C after the last step's check: complete and saved, stop as asked
+      with recorder.phase("checkpoint"):
+        checkpointer.wait_until_finished()
+      recorder.record(end=f"stopped by Ctrl-C at step {checkpointer.latest_step()}")
+      raise watcher.stopped(checkpointer.latest_step())
   finally:  # also on errors (NaN stop, preemption, bugs): never leave a save half written
-    watcher.close()
     if config.data.prefetch:
       batches.close()
     with recorder.phase("checkpoint"):
       checkpointer.wait_until_finished()
+    watcher.close()  # after the wait: a Ctrl-C during it is the watcher's (a second one aborts)
     checkpointer.close()
     writer.close()
   summary = recorder.summary()
