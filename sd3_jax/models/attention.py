@@ -96,9 +96,9 @@ class SplashBlocks:
     return bq, bkv
 
 
-def _splash_local(q, k, v, *, blocks: tuple[int, int], interpret: bool):
+def _splash_local(q, k, v, *, blocks: tuple[int, int], interpret: bool, scale: float | None = None):
   """Splash on one shard: q/k/v [b, L, h, D] -> [b, L, h, D]; pads L to both blocks and masks
-  the padded keys (segment id 0 against 1 for real tokens)."""
+  the padded keys (segment id 0 against 1 for real tokens). ``scale``: logit scale (None: 1/sqrt(D))."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -124,20 +124,22 @@ def _splash_local(q, k, v, *, blocks: tuple[int, int], interpret: bool):
   def prep(x):  # [b, L, h, D] -> [b, h, Lp, D]
     return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, padded - length), (0, 0)))
 
-  scale = 1.0 / math.sqrt(dh)  # the kernel does not scale q
+  scale = 1.0 / math.sqrt(dh) if scale is None else scale  # the kernel does not scale q
   qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
   out = jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=segments))(prep(qs), prep(k), prep(v))
   return out[:, :, :length].transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def splash_attention(q, k, v, *, blocks: SplashBlocks = SplashBlocks(), interpret: bool = False):
+def splash_attention(
+  q, k, v, *, blocks: SplashBlocks = SplashBlocks(), interpret: bool = False, scale: float | None = None
+):
   """Unmasked softmax attention through the splash kernel, q/k/v [B, L, H, Dh] -> [B, L, H, Dh].
 
   Inside ``sharding.logical_axes(mesh)`` (the train step) the kernel runs under shard_map with
   the batch split like the activations ('act_batch') and the heads like 'act_heads'; outside
   a mesh it runs on the whole arrays.
   """
-  fn = functools.partial(_splash_local, blocks=blocks.resolve(q.shape[1]), interpret=interpret)
+  fn = functools.partial(_splash_local, blocks=blocks.resolve(q.shape[1]), interpret=interpret, scale=scale)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return fn(q, k, v)
@@ -146,21 +148,22 @@ def splash_attention(q, k, v, *, blocks: SplashBlocks = SplashBlocks(), interpre
   return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
 
 
-def attention(q, k, v, implementation: str = "xla", blocks: SplashBlocks = SplashBlocks()):
+def attention(q, k, v, implementation: str = "xla", blocks: SplashBlocks = SplashBlocks(), scale: float | None = None):
   """Softmax attention q/k/v [B, L, H, Dh] -> [B, L, H, Dh] with a resolved implementation
   ('auto' is resolved here from the default backend; the trainer resolves it from the mesh's
-  devices with ``resolve_impl`` instead, which is what an ahead-of-time TPU compile needs)."""
+  devices with ``resolve_impl`` instead, which is what an ahead-of-time TPU compile needs).
+  ``scale`` multiplies the logits (None: 1/sqrt(Dh); muP passes its own, models/mup.py)."""
   if implementation == "auto":
     implementation = resolve_impl("auto", jax.default_backend(), q.dtype)
   if implementation == "xla":
-    return L.dot_product_attention(q, k, v, "xla")
+    return L.dot_product_attention(q, k, v, "xla", scale=scale)
   if implementation in ("splash", "splash_interpret"):
-    return splash_attention(q, k, v, blocks=blocks, interpret=implementation == "splash_interpret")
+    return splash_attention(q, k, v, blocks=blocks, interpret=implementation == "splash_interpret", scale=scale)
   if implementation == "cudnn":
     if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
       raise ValueError(
         f"attention_impl='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}; "
         "set the compute dtype to bfloat16 or use attention_impl='xla'"
       )
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
   raise ValueError(f"attention_impl must be one of {IMPLEMENTATIONS}, got {implementation!r}")

@@ -96,20 +96,23 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
-  """Unmasked softmax attention, q/k/v [B, L, H, Dh] -> [B, L, H, Dh].
+def dot_product_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla", scale: float | None = None
+) -> jax.Array:
+  """Unmasked softmax attention, q/k/v [B, L, H, Dh] -> [B, L, H, Dh], logits scaled by
+  ``scale`` (None: 1/sqrt(Dh)).
 
   'xla' computes the logits and softmax in float32 explicitly (numerically safe in bf16 and
   identical on every backend); 'cudnn' / 'auto' use jax.nn.dot_product_attention (fused flash
   attention on GPU).
   """
   if implementation == "xla":
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
   impl = None if implementation == "auto" else implementation
-  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:

@@ -17,6 +17,7 @@ from flax import linen as nn
 
 from sd3_jax.models import attention as A
 from sd3_jax.models import layers as L
+from sd3_jax.models import mup
 
 # The configuration API lives beside the model and is part of its namespace (mmdit.get_config).
 from sd3_jax.models.mmdit_config import (
@@ -92,6 +93,7 @@ class StreamBlock(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
   attention_blocks: A.SplashBlocks = A.SplashBlocks()
+  attention_scale: float | None = None
 
   def setup(self):
     n_mods = 2 if self.pre_only else (9 if self.dual else 6)
@@ -121,7 +123,8 @@ class StreamBlock(nn.Module):
     if self.dual:
       shift2, scale2, gate2 = mods[6:9]
       q2, k2, v2 = self.attn2.qkv_heads(L.modulate(x_norm, shift2, scale2))
-      a2 = R.tag(A.attention(q2, k2, v2, self.attention_impl, self.attention_blocks), R.ATTN_OUT)
+      a2 = A.attention(q2, k2, v2, self.attention_impl, self.attention_blocks, self.attention_scale)
+      a2 = R.tag(a2, R.ATTN_OUT)
       x = x + gate2[:, None] * self.attn2.out(a2)
     mlp_in = R.tag(L.modulate(L.layer_norm(x), shift_mlp, scale_mlp), R.MLP_IN)
     x = x + gate_mlp[:, None] * self.mlp(mlp_in)
@@ -157,6 +160,7 @@ class JointBlock(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
   attention_blocks: A.SplashBlocks = A.SplashBlocks()
+  attention_scale: float | None = None
 
   @nn.compact
   def __call__(self, carry, c_BxD):
@@ -169,6 +173,7 @@ class JointBlock(nn.Module):
       dtype=self.dtype,
       attention_impl=self.attention_impl,
       attention_blocks=self.attention_blocks,
+      attention_scale=self.attention_scale,
     )
     context_block = StreamBlock(pre_only=self.context_pre_only, name="context_block", **kw)
     x_block = StreamBlock(dual=self.dual, name="x_block", **kw)
@@ -182,6 +187,7 @@ class JointBlock(nn.Module):
       jnp.concatenate([cv, xv], 1),
       self.attention_impl,
       self.attention_blocks,
+      self.attention_scale,
     )
     a = R.tag(a, R.ATTN_OUT)
     if not self.context_pre_only:
@@ -191,17 +197,18 @@ class JointBlock(nn.Module):
 
 
 class MlpEmbedder(nn.Module):
-  """Linear -> SiLU -> Linear (the reference's TimestepEmbedder / VectorEmbedder mlp)."""
+  """Linear -> SiLU -> Linear (the reference's TimestepEmbedder / VectorEmbedder mlp); the
+  kernel initialisers default to the Dense's xavier-uniform."""
 
   hidden: int
   dtype: Dtype = jnp.float32
-  init_std: float | None = None
+  init_0: mup.Initializer | None = None
+  init_2: mup.Initializer | None = None
 
   @nn.compact
   def __call__(self, x):
-    init = nn.initializers.normal(self.init_std) if self.init_std else None
-    x = L.Dense(self.hidden, ("cond", "embed"), dtype=self.dtype, kernel_init=init, name="mlp_0")(x)
-    return L.Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, kernel_init=init, name="mlp_2")(nn.silu(x))
+    x = L.Dense(self.hidden, ("cond", "embed"), dtype=self.dtype, kernel_init=self.init_0, name="mlp_0")(x)
+    return L.Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, kernel_init=self.init_2, name="mlp_2")(nn.silu(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,6 +276,7 @@ class MMDiT(nn.Module):
       dtype=self.dtype,
       attention_impl=self.attention_impl,
       attention_blocks=self.attention_blocks,
+      attention_scale=cfg.attention_scale,
       name=name,
     )
 
@@ -282,8 +290,11 @@ class MMDiT(nn.Module):
     p, d = cfg.patch_size, cfg.hidden_size
     hp, wp = hh // p, ww // p
 
+    mu = cfg.mup_scaling  # SP: every initialiser below is the standard one
     # Patch embedding: a p x p stride-p conv written as an einsum (kernel [p, p, C, h]).
-    x_emb = PatchEmbed(d, p, dtype=self.dtype, name="x_embedder")(x.astype(self.dtype))
+    x_emb = PatchEmbed(d, p, dtype=self.dtype, kernel_init=mu.xavier_uniform(mup.INPUT, 3), name="x_embedder")(
+      x.astype(self.dtype)
+    )
     table = self.param(
       "pos_embed",
       nn.with_logical_partitioning(
@@ -300,9 +311,13 @@ class MMDiT(nn.Module):
     x_tok = nn.with_logical_constraint(x_tok, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_EMBED))
 
     t_feat = L.timestep_embedding(t.astype(jnp.float32) * 1000.0)  # the network sees sigma*1000
-    c = MlpEmbedder(d, dtype=self.dtype, init_std=0.02, name="t_embedder")(t_feat.astype(self.dtype))
-    c = c + MlpEmbedder(d, dtype=self.dtype, name="y_embedder")(pooled.astype(self.dtype))
-    ctx = L.Dense(d, ("cond", "embed"), dtype=self.dtype, name="context_embedder")(context.astype(self.dtype))
+    t_inits = dict(init_0=mu.normal(0.02, mup.INPUT), init_2=mu.normal(0.02, mup.HIDDEN))
+    c = MlpEmbedder(d, dtype=self.dtype, **t_inits, name="t_embedder")(t_feat.astype(self.dtype))
+    y_inits = dict(init_0=mu.xavier_uniform(mup.INPUT))
+    c = c + MlpEmbedder(d, dtype=self.dtype, **y_inits, name="y_embedder")(pooled.astype(self.dtype))
+    ctx = L.Dense(
+      d, ("cond", "embed"), dtype=self.dtype, kernel_init=mu.xavier_uniform(mup.INPUT), name="context_embedder"
+    )(context.astype(self.dtype))
     ctx = nn.with_logical_constraint(ctx, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_EMBED))
 
     carry = (ctx, x_tok)
@@ -342,13 +357,16 @@ class PatchEmbed(nn.Module):
   hidden: int
   patch: int
   dtype: Dtype = jnp.float32
+  kernel_init: mup.Initializer | None = None  # None: the Dense's xavier-uniform
 
   @nn.compact
   def __call__(self, x_BxHxWxC):
     b, hh, ww, ch = x_BxHxWxC.shape
     p = self.patch
     patches = x_BxHxWxC.reshape(b, hh // p, p, ww // p, p, ch).transpose(0, 1, 3, 2, 4, 5)  # [B,h,w,p,q,C]
-    return L.Dense(self.hidden, (None, None, None, "embed"), n_in=3, dtype=self.dtype, name="proj")(patches)
+    return L.Dense(
+      self.hidden, (None, None, None, "embed"), n_in=3, dtype=self.dtype, kernel_init=self.kernel_init, name="proj"
+    )(patches)
 
 
 class FinalLayer(nn.Module):
@@ -367,6 +385,14 @@ class FinalLayer(nn.Module):
     shift, scale = jnp.split(mod, 2, axis=-1)  # original order: shift first
     x = L.modulate(L.layer_norm(x), shift, scale)
     return L.Dense(self.out_features, ("embed", None), dtype=self.dtype, kernel_init=zeros, name="linear")(x)
+
+
+# muP parameter classes (models/mup.py): the embedders read fixed-width inputs (patches, timestep
+# features, pooled and token text), the final linear writes the fixed-width patch output; every
+# other kernel maps width to width.
+MUP_ROLES = mup.RoleRule(
+  inputs=("x_embedder", "context_embedder", "t_embedder/mlp_0", "y_embedder/mlp_0"), outputs=("final_layer/linear",)
+)
 
 
 # --------------------------------------------------------------------------------------------

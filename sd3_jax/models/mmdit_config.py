@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
+from sd3_jax.models import mup
 from sd3_jax.models.config_check import check_config
 
 
@@ -32,6 +33,12 @@ class MMDiTConfig:
     sample_size: metadata only, not used by the model: the latent side diffusers' config.json
       calls ``sample_size`` (its pipelines derive their default resolution from it). None means
       ``default_sample_size``; a converted checkpoint keeps its source's value.
+    parametrization: 'sp' (standard) or 'mup' (models/mup.py: init, per-parameter Adam learning
+      rates and attention scale follow muP relative to ``mup_base_width``).
+    mup_base_width: the hidden size the hyperparameters were tuned at (muP only).
+    mup_base_head_dim: the base model's head dimension (muP's attention scale sqrt(d_base)/d);
+      None means mup_base_width / num_heads, a base with as many heads as this model. Set it to
+      this model's head dim when widths grow by adding heads of a fixed size (the SD3 family).
   """
 
   depth: int
@@ -49,6 +56,9 @@ class MMDiTConfig:
   pos_embed_base_size: int = 16
   pos_embed_scale: float = 1.0
   sample_size: int | None = None
+  parametrization: str = "sp"
+  mup_base_width: int | None = None
+  mup_base_head_dim: int | None = None
 
   def __post_init__(self):
     check_config(
@@ -66,6 +76,8 @@ class MMDiTConfig:
         "mlp_ratio",
         "pos_embed_base_size",
         "sample_size",
+        "mup_base_width",
+        "mup_base_head_dim",
       ),
       non_negative=("dual_attention_layers",),
       positive_real=("pos_embed_scale",),
@@ -82,6 +94,26 @@ class MMDiTConfig:
     bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
     if bad:
       raise ValueError(f"dual_attention_layers {bad} outside 0..{self.depth - 1}")
+    mup.scaling(self.parametrization, self.hidden_size, self.mup_base_width)  # raises on a bad value
+    if self.parametrization == "mup" and self.mup_base_head_dim is None and self.mup_base_width % self.num_heads:
+      raise ValueError(
+        f"mup_base_width {self.mup_base_width} is not divisible by num_heads {self.num_heads}: set "
+        "model.mup_base_head_dim to the base model's head dimension"
+      )
+
+  @property
+  def mup_scaling(self) -> mup.Scaling:
+    """The muP width multiplier and rules of this model (identity under 'sp')."""
+    return mup.scaling(self.parametrization, self.hidden_size, self.mup_base_width)
+
+  @property
+  def attention_scale(self) -> float | None:
+    """The attention logit scale, or None for the usual 1/sqrt(head_dim) (SP, or muP at the base
+    head dimension)."""
+    if self.parametrization != "mup":
+      return None
+    base = self.mup_base_head_dim or self.mup_base_width // self.num_heads
+    return mup.attention_scale(self.head_dim, base)
 
   @property
   def head_dim(self) -> int:

@@ -1,0 +1,162 @@
+"""muP (sd3_jax/models/mup.py): parameter roles, initialisation scales, attention scale, and that
+muP at its base width is SP.
+
+The init test measures each parameter's RMS at two widths and checks the exponent its role
+prescribes, so the role rule (used for the learning rates) and the initialisers declared in the
+model cannot disagree without failing.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from sd3_jax.models import attention as A
+from sd3_jax.models import mmdit as M
+from sd3_jax.models import mup
+
+BASE = dict(
+  depth=1,
+  num_heads=2,
+  patch_size=2,
+  in_channels=4,
+  out_channels=4,
+  pooled_dim=32,
+  context_dim=48,
+  pos_embed_max_size=8,
+  qk_norm=True,
+  dual_attention_layers=(0,),
+)
+
+
+M_WIDE = 8  # the wide model is 8x the base width 32
+
+
+def _params(width, parametrization="sp", base=32, seed=0):
+  cfg = M.MMDiTConfig(hidden_size=width, parametrization=parametrization, mup_base_width=base, **BASE)
+  return cfg, jax.jit(lambda k: M.init_params(M.MMDiT(cfg), k))(jax.random.key(seed))
+
+
+@pytest.fixture(scope="module")
+def models():
+  """(config, params) of SP and muP at the base width 32 and at 8x it (four inits, shared)."""
+  return {(p, w): _params(w, p) for p in ("sp", "mup") for w in (32, 32 * M_WIDE)}
+
+
+def _rms(x):
+  x = np.asarray(x, np.float64)
+  return float(np.sqrt(np.mean(np.square(x))))
+
+
+def test_every_parameter_has_the_role_of_its_layer():
+  cfg = M.MMDiTConfig(hidden_size=32, **BASE)
+  params = nn.unbox(M.abstract_params(M.MMDiT(cfg)))
+  roles = {
+    "/".join(mup.path_names(p)): r for p, r in jax.tree_util.tree_flatten_with_path(mup.roles(params, M.MUP_ROLES))[0]
+  }
+  assert roles["x_embedder/proj/kernel"] == mup.INPUT
+  assert roles["context_embedder/kernel"] == mup.INPUT
+  assert roles["t_embedder/mlp_0/kernel"] == mup.INPUT and roles["t_embedder/mlp_2/kernel"] == mup.HIDDEN
+  assert roles["final_layer/linear/kernel"] == mup.OUTPUT
+  assert roles["final_layer/linear/bias"] == mup.VECTOR
+  assert roles["joint_blocks_0/x_block/attn2/qkv/kernel"] == mup.HIDDEN
+  assert roles["joint_blocks_0/x_block/attn/ln_q/scale"] == mup.VECTOR
+  assert roles["pos_embed"] == mup.FIXED
+  assert set(roles.values()) == set(mup.ROLES)
+  # The scanned layout has the same roles (its block kernels are stacked, still hidden).
+  scanned = nn.unbox(M.abstract_params(M.MMDiT(cfg, scan_layers=True)))
+  assert sorted(jax.tree.leaves(mup.roles(scanned, M.MUP_ROLES))) == sorted(roles.values())
+  # A rule naming a layer the model does not have is refused (it would silently become hidden).
+  with pytest.raises(ValueError, match="'x_embed' , which matches no parameter|matches no parameter"):
+    mup.roles(params, mup.RoleRule(inputs=("x_embed",), outputs=()))
+
+
+def test_init_scales_with_width_as_each_role_prescribes(models):
+  """Under muP: input weights keep their scale, hidden ones shrink as m^-1/2, output ones as
+  m^-1 (zero-initialised ones stay 0); under SP the xavier input layers shrink too."""
+  m = M_WIDE
+  exponents = {}
+  for parametrization in ("sp", "mup"):
+    _, small = models[parametrization, 32]
+    _, wide = models[parametrization, 32 * m]
+    roles = mup.roles(small, M.MUP_ROLES)
+    for (path, a), b, role in zip(
+      jax.tree_util.tree_flatten_with_path(small)[0], jax.tree.leaves(wide), jax.tree.leaves(roles)
+    ):
+      if role in (mup.INPUT, mup.HIDDEN, mup.OUTPUT) and _rms(a) > 0:
+        exponents[parametrization, "/".join(mup.path_names(path))] = (role, math.log(_rms(b) / _rms(a), m))
+  checked = {mup.INPUT: 0, mup.HIDDEN: 0}
+  for (parametrization, name), (role, e) in exponents.items():
+    if parametrization == "mup":
+      assert e == pytest.approx(-mup.INIT_EXPONENT[role], abs=0.04), (name, role, e)
+      checked[role] += 1
+  assert checked[mup.INPUT] == 4 and checked[mup.HIDDEN] >= 8
+  assert exponents["sp", "x_embedder/proj/kernel"][1] < -0.3  # SP's xavier input layer shrinks with width
+  # The final layer is zero-initialised, so its muP output scale is checked on the initialiser.
+  init = mup.Scaling(mup=True, width_mult=m).xavier_uniform(mup.OUTPUT)
+  w_base = jax.nn.initializers.xavier_uniform()(jax.random.key(0), (256, 16))
+  w_wide = init(jax.random.key(0), (256 * m, 16))
+  assert math.log(_rms(w_wide) / _rms(w_base), m) == pytest.approx(-1.0, abs=0.04)
+
+
+def test_mup_at_its_base_width_is_sp_bit_for_bit(models):
+  _, sp = models["sp", 32]
+  cfg_mu, mu = models["mup", 32]
+  assert cfg_mu.attention_scale is None and cfg_mu.mup_scaling.width_mult == 1.0
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), sp, mu))
+  # And above it the model does change (the check above could not pass by accident).
+  _, sp_wide = models["sp", 32 * M_WIDE]
+  _, mu_wide = models["mup", 32 * M_WIDE]
+  assert not jnp.array_equal(sp_wide["x_embedder"]["proj"]["kernel"], mu_wide["x_embedder"]["proj"]["kernel"])
+
+
+def test_attention_scale_is_applied_in_every_attention(models):
+  """muP's sqrt(d_base)/d: the same output as SP with every q scaled by sqrt(d_base/d), which
+  qk-norm's q gain expresses exactly (joint and dual attention alike)."""
+  cfg_mu, params = models["mup", 32 * M_WIDE]  # 2 heads: head dim 128 against the base's 16
+  assert cfg_mu.attention_scale == pytest.approx(math.sqrt(16) / 128)
+  cfg_sp = M.MMDiTConfig(**{**cfg_mu.to_dict(), "parametrization": "sp"})
+  ratio = math.sqrt(16 / 128)
+
+  @jax.jit
+  def randomized(params):  # random values everywhere (adaLN-Zero would make the blocks identities)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(treedef, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    return params, jax.tree_util.tree_map_with_path(
+      lambda p, x: x * ratio if "ln_q" in mup.path_names(p) else x, params
+    )
+
+  params, scaled = randomized(params)
+  rng = np.random.default_rng(0)
+  inputs = [
+    rng.standard_normal(x.shape, np.float32) for x in M.dummy_inputs(cfg_mu, batch=2, latent_size=4, context_len=3)
+  ]
+  out_mu = jax.jit(M.MMDiT(cfg_mu).apply)({"params": params}, *inputs)
+  out_sp, out_sp_scaled = (jax.jit(M.MMDiT(cfg_sp).apply)({"params": p}, *inputs) for p in (params, scaled))
+  np.testing.assert_allclose(out_mu, out_sp_scaled, rtol=2e-5, atol=2e-6)
+  assert float(jnp.max(jnp.abs(out_mu - out_sp))) > 1e-3
+  # The kernels take the scale as given.
+  q, k, v = (jax.random.normal(jax.random.key(i), (1, 5, 2, 8)) for i in range(3))
+  want = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.3), v)
+  np.testing.assert_allclose(A.attention(q, k, v, "xla", scale=0.3), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "fields, message",
+  [
+    (dict(parametrization="mup", mup_base_width=None), "needs model.mup_base_width"),
+    (dict(parametrization="mup", mup_base_width=33), "not divisible by num_heads"),
+    (dict(parametrization="mu-p", mup_base_width=32), "parametrization must be one of"),
+  ],
+)
+def test_bad_mup_settings_name_the_fix(fields, message):
+  with pytest.raises(ValueError, match=message):
+    M.MMDiTConfig(hidden_size=64, **{**BASE, **fields})
+  # A base head dimension given explicitly lifts the divisibility requirement.
+  if fields.get("mup_base_width") == 33:
+    cfg = M.MMDiTConfig(hidden_size=64, mup_base_head_dim=16, **{**BASE, **fields})
+    assert cfg.attention_scale == pytest.approx(4 / 32)
