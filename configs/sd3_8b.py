@@ -10,7 +10,7 @@ Check the fit before spending pod time (compile-only TPU topology, runs on a CPU
 Launch on the pod (every host):
   python -m sd3_jax.main --config configs/sd3_8b.py --workdir gs://BUCKET/sd3_8b --multihost \
       --config.data.source=records --config.data.path=/data/sd3_records
-Expect ~6.8 TFLOP per image per step (model FLOPs); the README has per-chip memory figures.
+Expect ~6.8 TFLOP per image per step (model FLOPs); docs/performance.md has per-chip memory figures.
 """
 
 from sd3_jax.config import base_config, model_config
@@ -27,7 +27,7 @@ def get_config():
   c.mesh.data = -1
   # No remat: `tools.aot_compile --remat_policies=none,full` for v5p:8x8x8 at 8 images per chip
   # (splash attention) peaks at 44.10 GiB of 95 GiB with no recomputation (1.000x); full remat
-  # peaks at 4.36 GiB and recomputes 1.328x the model's matmul FLOPs (README "Performance").
+  # peaks at 4.36 GiB and recomputes 1.328x the model's matmul FLOPs (docs/performance.md).
   # On 32 GiB chips (v6e) or larger per-chip batches, no remat does not fit: pass
   # --config.remat=full, or let `tools.aot_compile --pick_remat` choose.
   c.remat = "none"

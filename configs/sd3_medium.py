@@ -9,7 +9,7 @@ Launch on a TPU pod (every host runs the same command):
       --multihost --config.data.source=records --config.data.path=/data/sd3_records
 Check it fits first (no TPU needed):
   python -m tools.aot_compile --config configs/sd3_medium.py --topology v5p:8x8x8
-Expect ~1.74 TFLOP per image per step (model FLOPs); the README has per-chip memory figures.
+Expect ~1.74 TFLOP per image per step (model FLOPs); docs/performance.md has per-chip memory figures.
 """
 
 from sd3_jax.config import base_config, model_config
@@ -21,7 +21,7 @@ def get_config():
   c.total_steps = 500_000
   c.global_batch_size = 4096
   # No remat: the step compiled for v5p:8x8x8 at 8 images per chip peaks at 11.91 GiB of
-  # 95 GiB per chip and recomputes nothing (full remat: 1.43 GiB; README "Performance").
+  # 95 GiB per chip and recomputes nothing (full remat: 1.43 GiB; docs/performance.md).
   # On smaller-HBM chips or larger per-chip batches check with tools.aot_compile --pick_remat.
   c.remat = "none"
   return c

@@ -9,4 +9,5 @@ bash launch/setup_venv.sh test
   echo "launch/test.sh: error: files above are not formatted; run .venv/bin/ruff format ." >&2; exit 1; }
 .venv/bin/ruff check --quiet .
 export JAX_PLATFORMS=cpu
-exec .venv/bin/python -m pytest "$@"
+# One worker per core; a file's tests stay in one worker (they share module fixtures and runs).
+exec .venv/bin/python -m pytest -n auto --dist loadfile "$@"

@@ -16,7 +16,7 @@ __all__ = ["load_pretrained", "save_pretrained"]
 
 def __getattr__(name):
   if name in __all__:
-    from sd3_jax import pretrained
+    from sd3_jax.storage import pretrained
 
     return getattr(pretrained, name)
   raise AttributeError(f"module 'sd3_jax' has no attribute {name!r}")

@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_config("sd3-medium")
   c.dtype = "bfloat16"  # compute dtype; parameters and optimizer state are float32
   c.remat = "full"  # a policy of sd3_jax/models/remat.py: 'none' | 'full' | 'dots' |
-  # 'save_attn' | 'save_qkv_attn' | ... (README "Performance")
+  # 'save_attn' | 'save_qkv_attn' | ... (docs/performance.md)
   c.scan_layers = True  # scan over runs of identical blocks (fast compiles at depth)
   # 'auto' (splash on TPU, cuDNN on GPU in bf16/fp16, XLA elsewhere) | 'xla' (float32 softmax) |
   # 'splash' (Pallas TPU kernel) | 'splash_interpret' (the kernel on CPU, slow) | 'cudnn' (GPU).
@@ -71,8 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 2000
   c.keep_checkpoints = 3
   c.async_checkpointing = True
-  # Start a new run from one of our converted MM-DiT checkpoints (tools.convert_weights --to jax,
-  # sd3_jax.pretrained): its weights and positional table, a fresh optimizer. Ignored once the
+  # Start a new run from one of our converted MM-DiT checkpoints (sd3-convert --to jax,
+  # sd3_jax.storage.pretrained): its weights and positional table, a fresh optimizer. Ignored once the
   # run has a checkpoint of its own (a restart resumes that).
   c.init_from = ""
   # jax.transfer_guard level ('allow' | 'log' | 'disallow') around the steady-state steps of the
@@ -105,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Where each text encoder lives inside context / pooled (for the dropout).
   c.text = ml_collections.ConfigDict(dict(clip_l_dim=768, clip_g_dim=1280, clip_tokens=77))
 
-  # Data: 'synthetic' (random, same element spec) or 'records' (the sd3_jax.records format).
+  # Data: 'synthetic' (random, same element spec) or 'records' (the sd3_jax.data.records format).
   # worker_count: grain worker processes; -1 = by the host's cores (0 below 8 cores,
   # input_pipeline.resolve_worker_count); a resume needs the same count. prefetch: global
   # batches assembled and sent to the devices ahead of the step (0 = none).
@@ -130,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
       # Mixed aspect ratios: latent (h, w) of every bucket, e.g. ((32, 32), (24, 40), (40, 24));
       # () = one square bucket of latent_size. Records: bucket (h, w) is the subdirectory
       # "<h*f>x<w*f>" (f = bucket_pixels_per_latent: 8 for SD3's VAE, 1 in pixel space) of path
-      # and val_path, as `sd3_jax.build_dataset --buckets` writes them.
+      # and val_path, as `sd3-build-dataset --buckets` writes them.
       buckets=(),
       bucket_pixels_per_latent=8,
     )
@@ -142,7 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
   )
 
   # Periodic sample grids from the EMA weights into WORKDIR/samples/ (sd3_jax.sample);
-  # every=0: off. text_encoders / vae: our converted checkpoints (see README);
+  # every=0: off. text_encoders / vae: our converted checkpoints (docs/sampling.md);
   # pixel_space: the model's output is the image itself (no VAE); project_clip_l: CLIP-L's
   # projected pooled vector (diffusers) instead of the reference's un-projected one.
   c.sample = ml_collections.ConfigDict(
@@ -168,7 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
   # metrics.jsonl; every=0: off. Sampling uses config.sample's text_encoders / vae /
   # pixel_space / t5_length / clip_length. clip: our converted CLIP model (CLIP score; the
   # paper: CLIP-L/14); fid_clip: '' = clip (clean-fid: ViT-B/32); reference_stats: .npz from
-  # sd3_jax.reference_stats computed with fid_clip ('' = no FID); num_images: 0 = one per prompt.
+  # sd3_jax.evaluation.reference_stats computed with fid_clip ('' = no FID); num_images: 0 = one per prompt.
   c.eval = ml_collections.ConfigDict(
     dict(
       every=0,
@@ -211,7 +211,12 @@ def load_config_file(
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path!r} has no get_config() function")
   config = module.get_config() if arg is None else module.get_config(arg)
+  config.lock()  # before the overrides: a key that does not exist is an error, not a new key
   if overrides:
-    config.update_from_flattened_dict(dict(overrides))
-  config.lock()
+    try:
+      config.update_from_flattened_dict(dict(overrides))
+    except (AttributeError, KeyError) as e:  # a key that does not exist: one sentence, with a suggestion
+      from sd3_jax import command
+
+      raise ValueError(f"{path}: {command.config_key_error(e)}") from None
   return config

@@ -138,7 +138,7 @@ def per_example_loss(v_pred: Array, x0: Array, eps: Array) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class TextLayout:
-  """Where each text encoder lives in ``context`` [B, L, D] and ``pooled`` [B, P] (README, "Text encoders").
+  """Where each text encoder lives in ``context`` [B, L, D] and ``pooled`` [B, P] (docs/sampling.md).
 
   context[:, :clip_tokens, :clip_l_dim]                       CLIP-L tokens
   context[:, :clip_tokens, clip_l_dim:clip_l_dim+clip_g_dim]  CLIP-G tokens (rest: zero padding)

@@ -50,16 +50,15 @@ def main(argv):
   elif _MULTIHOST.value:
     jax.distributed.initialize()
 
-  from sd3_jax import train  # after jax.distributed, which must come before any computation
-
-  from sd3_jax import preemption
+  # after jax.distributed, which must come before any computation
+  from sd3_jax.training import divergence, preemption, train
 
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(preemption.PREEMPTED_EXIT_CODE)
-  except train.TrainingDivergedError as e:
+  except divergence.TrainingDivergedError as e:
     logging.error("%s", e)
     sys.exit(3)
   except command.EXPECTED_ERRORS as e:  # bad config, data or paths: one line, no traceback
@@ -69,7 +68,7 @@ def main(argv):
 
 def entry_point() -> None:
   """Console entry point (``sd3-train``)."""
-  app.run(main)
+  app.run(main, flags_parser=command.parse_absl_flags("sd3-train"))
 
 
 if __name__ == "__main__":

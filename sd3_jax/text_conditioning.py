@@ -1,12 +1,13 @@
 """SD3 text conditioning: the reference's tokenization rules (``tokenize_clip``, ``tokenize_t5``)
 and the three-encoder conditioner (``SD3TextConditioner``: prompts -> (context, pooled)), read
 from the diffusers pipeline layout (``from_pretrained`` / ``load_conditioner``). The rules and
-the layout are in the README ("Text encoders, VAE and sampling").
+the layout are in docs/sampling.md.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -70,14 +71,30 @@ def tokenize_t5(tokenizer, prompts: Sequence[str], length: int = 77, pad_id: int
   return _pad(seqs, length, pad_id)
 
 
+def import_transformers():
+  """``transformers``, imported without its "PyTorch was not found" advice: we use its tokenizers
+  and configs only, never its PyTorch models, so the warning means nothing to our users."""
+  if "transformers" in sys.modules:
+    return sys.modules["transformers"]
+  key = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+  before = os.environ.get(key)
+  os.environ[key] = "1"
+  try:
+    import transformers
+  finally:
+    if before is None:
+      del os.environ[key]
+    else:
+      os.environ[key] = before
+  return transformers
+
+
 def load_tokenizer(path):
   """A transformers tokenizer from a LOCAL directory (never the hub)."""
-  from transformers import AutoTokenizer  # heavy; only when loading
-
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no tokenizer directory {path}")
-  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+  return import_transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,8 +111,9 @@ class TextEncoder(NamedTuple):
 
 def load_text_encoder(path, *, dtype=jnp.float32):
   """(module, params) from our checkpoint (sd3_jax.clip_text / t5_encoder) or, converted in
-  memory one tensor at a time, from a transformers directory."""
-  from sd3_jax import pretrained
+  memory one tensor at a time, from a transformers directory. Reading our format never imports
+  the converter (``sd3_jax.convert``)."""
+  from sd3_jax.storage import pretrained
 
   path = os.fspath(path)
   if pretrained.is_checkpoint(path):
@@ -103,11 +121,9 @@ def load_text_encoder(path, *, dtype=jnp.float32):
     if not isinstance(module, (te.CLIPTextEncoder, te.T5Encoder)):
       raise ValueError(f"{path} holds a {type(module).__name__}, not a text encoder")
     return module, params
-  from sd3_jax.convert import encoders  # transformers directory
+  from sd3_jax.convert import encoders  # a transformers directory
 
-  source = encoders.open_text_source(path)
-  flat = {e.ours: jnp.asarray(source.read_ours(e.ours).astype(np.float32)) for e in source.entries}
-  return te.build(source.config, dtype), pretrained.unflatten(flat)
+  return encoders.load_text_encoder(path, dtype=dtype)
 
 
 class SD3TextConditioner:
@@ -189,7 +205,7 @@ class SD3TextConditioner:
     if missing:
       raise FileNotFoundError(
         f"{path} lacks {missing}: expected the diffusers pipeline layout {list(ENCODER_DIRS)} "
-        f"(converted with `python -m tools.convert_weights --to jax`, or transformers directories) "
+        f"(converted with `sd3-convert --to jax`, or transformers directories) "
         f"and {list(TOKENIZER_DIRS)} (tokenizer files)"
       )
 

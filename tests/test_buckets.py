@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from configs import tiny
-from sd3_jax import buckets, metrics, records, train
+from sd3_jax.data import buckets, records, sources
+from sd3_jax.training import metrics, step as step_lib, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = ((8, 8), (4, 16))  # equal area (64 latent pixels), patch 2, grid 8
@@ -47,8 +48,8 @@ def test_step_timer_leaves_out_a_compiling_step():
 
 def _write_buckets(root, counts):
   for (h, w), n in zip(SHAPES, counts):
-    src = records.SyntheticSource(n, (h, w, 4), 8, 32, 32, seed=h)
-    with records.RecordWriter(os.path.join(root, buckets.bucket_dir((h, w), 1)), records_per_shard=16) as wr:
+    src = sources.SyntheticSource(n, (h, w, 4), 8, 32, 32, seed=h)
+    with records.RecordWriter(os.path.join(root, buckets.bucket_dir((h, w))), records_per_shard=16) as wr:
       for i in range(n):
         ex = src[i]
         wr.write(ex.latent, ex.context, ex.pooled, {"id": f"{h}x{w}-{i}"})
@@ -71,14 +72,14 @@ def test_mixed_aspect_run_resumes_exactly_with_one_compile_per_bucket(tmp_path, 
   data = str(tmp_path / "data")
   _write_buckets(data, (36, 20))  # 32 and 16 training records after the held-out 4 of each
   steps = []
-  real = train.make_train_step
+  real = step_lib.make_train_step
 
   def spy(*a, **k):
     fn = real(*a, **k)
     steps.append(fn)
     return fn
 
-  monkeypatch.setattr(train, "make_train_step", spy)
+  monkeypatch.setattr(step_lib, "make_train_step", spy)
   full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
   train.train_and_evaluate(_config(data, 6), full)
   assert steps[-1]._cache_size() == 2  # one executable per bucket shape, each compiled once

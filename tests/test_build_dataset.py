@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from sd3_jax import build_dataset as bd
-from sd3_jax import records
+from sd3_jax.data import builder, image_sources
+from sd3_jax.data import records, sources
 
 L, D, P = 3, 8, 4
 
@@ -50,11 +51,11 @@ def _make_folder(tmp_path, n, corrupt=(), sizes=None, caption2=False):
     rows.append(row)
   jsonl = tmp_path / "caps.jsonl"
   jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-  return bd.FolderSource(str(img_dir), str(jsonl))
+  return image_sources.FolderSource(str(img_dir), str(jsonl))
 
 
 def _read(directory):
-  src = records.RecordSource(directory)
+  src = sources.RecordSource(directory)
   return {src[i].metadata["id"]: src[i] for i in range(len(src))}, src
 
 
@@ -75,7 +76,7 @@ def test_folder_end_to_end_and_corrupt(tmp_path):
   source = _make_folder(tmp_path, 10, corrupt={3, 8})
   out = str(tmp_path / "out")
   with pytest.warns(UserWarning, match="skipping example"):
-    result = bd.build(source, out, **KW)
+    result = builder.build(source, out, **KW)
   assert result["summary"]["num_records"] == 8 and result["summary"]["skipped_examples"] == 2
   got, src = _read(out)
   assert len(src) == 8
@@ -90,8 +91,8 @@ def test_folder_end_to_end_and_corrupt(tmp_path):
     ex = got[row["file"]]
     assert ex.metadata["caption"] == row["caption"]
     # the stored latent is the encoder's output on the centre-cropped, resized image
-    pixels = bd.crop_resize(source[i]["image"], 8, 8)
-    want = image_encoder(pixels[None], np.array([bd.example_seed(0, row["file"])], np.uint32))[0]
+    pixels = image_sources.crop_resize(source[i]["image"], 8, 8)
+    want = image_encoder(pixels[None], np.array([builder.example_seed(0, row["file"])], np.uint32))[0]
     np.testing.assert_allclose(ex.latent.astype(np.float32), want, atol=2e-3)
     np.testing.assert_allclose(ex.context.astype(np.float32), text_encoder([row["caption"]])[0][0], atol=2e-3)
   assert src.info["metadata"]["skipped_examples"] == 2
@@ -102,7 +103,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
   source = _make_folder(tmp_path, 11, corrupt={5})
   full = str(tmp_path / "full")
   with pytest.warns(UserWarning):
-    bd.build(source, full, **KW)
+    builder.build(source, full, **KW)
   calls = {"n": 0}
 
   def flaky(images, seeds):
@@ -113,66 +114,66 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
 
   part = str(tmp_path / "part")
   with pytest.raises(KeyboardInterrupt):
-    bd.build(source, part, **dict(KW, image_encoder=flaky))
+    builder.build(source, part, **dict(KW, image_encoder=flaky))
   assert not os.path.exists(os.path.join(part, records.INFO_FILE))
   with pytest.warns(UserWarning):
-    result = bd.build(source, part, **KW)
+    result = builder.build(source, part, **KW)
   assert result["skipped_chunks"] == [0] and result["processed_chunks"] == [1, 2]
   _same(_read(part)[0], _read(full)[0])
   assert len(_read(part)[1]) == 10
-  again = bd.build(source, part, **KW)  # all done: nothing recomputed
+  again = builder.build(source, part, **KW)  # all done: nothing recomputed
   assert again["processed_chunks"] == [] and again["summary"]["num_records"] == 10
 
 
 def test_two_processes_disjoint_complete(tmp_path):
   source = _make_folder(tmp_path, 13)
   out = str(tmp_path / "out")
-  r1 = bd.build(source, out, process_index=1, process_count=2, **KW)
+  r1 = builder.build(source, out, process_index=1, process_count=2, **KW)
   assert r1["summary"] is None and r1["processed_chunks"] == [1, 3]
   assert not os.path.exists(os.path.join(out, records.INFO_FILE))
-  r0 = bd.build(source, out, process_index=0, process_count=2, **KW)
+  r0 = builder.build(source, out, process_index=0, process_count=2, **KW)
   assert r0["processed_chunks"] == [0, 2] and r0["summary"]["num_records"] == 13
   got, src = _read(out)
   assert len(src) == 13 and set(got) == {r["file"] for r in source.rows}
   single = str(tmp_path / "single")
-  bd.build(source, single, **KW)
+  builder.build(source, single, **KW)
   _same(got, _read(single)[0])
 
 
 def test_caption_mixing_statistics_and_determinism(tmp_path):
-  picks = [bd.choose_caption(7, f"id{i}", "a", "b")[1] for i in range(4000)]
+  picks = [builder.choose_caption(7, f"id{i}", "a", "b")[1] for i in range(4000)]
   frac = picks.count("caption2") / len(picks)
   assert abs(frac - 0.5) < 0.03  # ~4 sigma
-  assert picks == [bd.choose_caption(7, f"id{i}", "a", "b")[1] for i in range(4000)]
-  other = [bd.choose_caption(8, f"id{i}", "a", "b")[1] for i in range(4000)]
+  assert picks == [builder.choose_caption(7, f"id{i}", "a", "b")[1] for i in range(4000)]
+  other = [builder.choose_caption(8, f"id{i}", "a", "b")[1] for i in range(4000)]
   assert other != picks
-  assert bd.choose_caption(7, "x", "a", None) == ("a", "caption")
+  assert builder.choose_caption(7, "x", "a", None) == ("a", "caption")
   source = _make_folder(tmp_path, 12, caption2=True)
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  bd.build(source, a, seed=3, **KW)
-  bd.build(source, b, seed=3, **KW)
+  builder.build(source, a, seed=3, **KW)
+  builder.build(source, b, seed=3, **KW)
   ga, gb = _read(a)[0], _read(b)[0]
   _same(ga, gb)
   sources = {ex.metadata["caption_source"] for ex in ga.values()}
   assert sources == {"caption", "caption2"}
   for i, row in enumerate(source.rows):
-    cap, which = bd.choose_caption(3, row["file"], row["caption"], row["caption2"])
+    cap, which = builder.choose_caption(3, row["file"], row["caption"], row["caption2"])
     assert ga[row["file"]].metadata["caption"] == cap
 
 
 def test_buckets_and_identity(tmp_path):
-  buckets = bd.aspect_buckets(64, multiple=16, max_aspect=2.0)
+  buckets = image_sources.aspect_buckets(64, multiple=16, max_aspect=2.0)
   assert (64, 64) in buckets and all(abs(h * w - 64 * 64) <= 0.3 * 64 * 64 for h, w in buckets)
   sizes = {0: (40, 80), 1: (80, 40), 2: (50, 50), 3: (42, 84), 4: (60, 60)}
   source = _make_folder(tmp_path, 5, sizes=sizes)
   out = str(tmp_path / "out")
-  res = bd.build(
+  res = builder.build(
     source,
     out,
-    image_encoder=bd.identity_image_encoder,
+    image_encoder=builder.identity_image_encoder,
     text_encoder=text_encoder,
     resolution=64,
-    buckets=bd.aspect_buckets(64, 16),
+    buckets=image_sources.aspect_buckets(64, 16),
     batch_size=2,
     chunk_size=3,
     latent_dtype="float32",
@@ -183,7 +184,7 @@ def test_buckets_and_identity(tmp_path):
   assert len(wide) == 1 and dirs[wide[0]] == 2
   got, src = _read(os.path.join(out, "64x64"))
   ex = got[source.rows[2]["file"]]
-  np.testing.assert_allclose(ex.latent, bd.crop_resize(source[2]["image"], 64, 64), atol=1e-6)
+  np.testing.assert_allclose(ex.latent, image_sources.crop_resize(source[2]["image"], 64, 64), atol=1e-6)
   assert ex.latent.min() >= -1 and ex.latent.max() <= 1
 
 
@@ -212,7 +213,7 @@ def test_cli_folder_identity(tmp_path):
       text_encoder=text_encoder,
     )
   assert res["summary"]["num_records"] == 3
-  src = records.RecordSource(out)
+  src = sources.RecordSource(out)
   assert src.element_spec["latent"][0] == (8, 8, 3) and src.info["metadata"]["vae"] == "identity"
 
 
@@ -240,12 +241,12 @@ def test_tfds_source(tmp_path):
         yield i, {"image": img, "caption": f"tfds caption {i}"}
 
   data_dir = str(tmp_path / "tfds")
-  builder = TinyCaps(data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare()
-  source = bd.TfdsSource.from_name("tiny_caps", data_dir, "train")
+  tfds_builder = TinyCaps(data_dir=data_dir, file_format="array_record")
+  tfds_builder.download_and_prepare()
+  source = image_sources.TfdsSource.from_name("tiny_caps", data_dir, "train")
   assert len(source) == 5
   out = str(tmp_path / "out")
-  bd.build(source, out, **KW)
+  builder.build(source, out, **KW)
   got, src = _read(out)
   assert len(src) == 5
   assert sorted(ex.metadata["caption"] for ex in got.values()) == [f"tfds caption {i}" for i in range(5)]
@@ -260,10 +261,10 @@ def test_vae_encoder_mean_and_per_example_sample():
   x = np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 3)).astype(np.float32)
   params = model.init(jax.random.PRNGKey(0), x)["params"]
   seeds = np.array([5, 6, 5], np.uint32)
-  mean = bd.make_vae_encoder(model, params, sample=False)(x, seeds)
+  mean = builder.make_vae_encoder(model, params, sample=False)(x, seeds)
   want = model.apply({"params": params}, x, method="latents_from_images")
   np.testing.assert_allclose(np.asarray(mean), np.asarray(want), atol=1e-5)
-  enc = bd.make_vae_encoder(model, params, sample=True, seed=1)
+  enc = builder.make_vae_encoder(model, params, sample=True, seed=1)
   xs = np.stack([x[0], x[0], x[0]])
   z = np.asarray(enc(xs, seeds))
   np.testing.assert_array_equal(z[0], z[2])  # same example key -> same sample

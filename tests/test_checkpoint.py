@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from sd3_jax.checkpoint import Checkpointer, abstract_like
+from sd3_jax.storage.checkpoint import Checkpointer, abstract_like
 
 CONFIG = {"model": "d2", "lr": 1e-4, "mesh": [2, 4], "note": "tiny"}
 

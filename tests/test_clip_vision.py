@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from sd3_jax import pretrained
+from sd3_jax.storage import pretrained
 from sd3_jax.convert import convert, detect_model, text_keys as TK
 from sd3_jax.convert.cli import main as cli_main
 from sd3_jax.evaluation import preprocess as pp

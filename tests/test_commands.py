@@ -59,6 +59,24 @@ def _run(module, *argv, cwd=REPO):
       "sd3-build-dataset",
       "no_images does not exist (--images)",
     ),
+    (
+      "sd3_jax.main",
+      [
+        "--config",
+        os.path.join(REPO, "configs", "tiny.py"),
+        "--workdir",
+        "{tmp}/run",
+        "--config.optimizer.learning_rte=1",
+      ],
+      "sd3-train",
+      "--config.optimizer.learning_rte: no such config key 'learning_rte'; did you mean \"learning_rate\"?",
+    ),
+    (
+      "tools.aot_compile",
+      ["--config", os.path.join(REPO, "configs", "tiny.py"), "--config.modle.depth=2"],
+      "python -m tools.aot_compile",
+      "no such config key 'modle'; did you mean \"model\"?",
+    ),
     ("sd3_jax.demo", ["--workdir", "{tmp}/demo", "--config", "{tmp}/no_config.py"], "sd3-demo", "no_config.py"),
     ("tools.convert_weights", ["--src", "{tmp}/no_ckpt", "--dst", "{tmp}/out", "--to", "jax"], "", "no_ckpt"),
   ],
@@ -88,3 +106,13 @@ def test_help(module, flag):
   # absl (sd3-train's flag parser) ends --help with exit code 1; argparse with 0.
   ok = (0, 1) if module == "sd3_jax.main" else (0,)
   assert r.returncode in ok and flag in r.stdout and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_config_overrides_with_a_typo_name_the_key_and_a_suggestion(tmp_path):
+  """Overrides given as a dict (the demo, sweeps) are checked as the command-line ones are."""
+  from sd3_jax import config as config_lib
+
+  with pytest.raises(ValueError, match=r"no such config key 'learning_rte'; did you mean \"learning_rate\"\?"):
+    config_lib.load_config_file(os.path.join(REPO, "configs", "tiny.py"), overrides={"optimizer.learning_rte": 1e-3})
+  with pytest.raises(ValueError, match=r"no such config key 'nope'"):
+    config_lib.load_config_file(os.path.join(REPO, "configs", "tiny.py"), overrides={"nope": 1})

@@ -19,7 +19,8 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors import safe_open
 
-from sd3_jax import pretrained
+from sd3_jax.storage import pretrained
+from sd3_jax.storage import trees
 from sd3_jax.models import mmdit as M
 from sd3_jax.convert import (
   convert,
@@ -49,11 +50,11 @@ def random_params(cfg, dtype=np.float32, seed=0):
   rng = np.random.default_rng(seed)
   shapes = pretrained.expected_shapes(cfg)
   flat = {k: (0.05 * rng.standard_normal(s)).astype(dtype) for k, s in shapes.items()}
-  return pretrained.unflatten(flat)
+  return trees.unflatten(flat)
 
 
 def assert_trees_equal(a, b):
-  fa, fb = pretrained.flatten(a), pretrained.flatten(b)
+  fa, fb = trees.flatten(a), trees.flatten(b)
   assert sorted(fa) == sorted(fb)
   for k in fa:
     x, y = np.asarray(fa[k]), np.asarray(fb[k])
@@ -358,7 +359,7 @@ def test_load_pretrained_options(ckpt):
   )
   _, pt = pretrained.load_pretrained(tmp / "jx", scan_layers=True, shardings=tree)
   fc1 = ("scan_blocks_1_2", "x_block", "mlp", "fc1", "kernel")
-  assert pretrained.flatten(pt)["/".join(fc1)].sharding == pretrained.flatten(tree)["/".join(fc1)]
+  assert trees.flatten(pt)["/".join(fc1)].sharding == trees.flatten(tree)["/".join(fc1)]
   assert_trees_equal(jax.tree.map(np.asarray, pt), jax.tree.map(np.asarray, ps))
 
 

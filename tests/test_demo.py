@@ -1,6 +1,6 @@
 """The embedded demo (sd3_jax.demo): its tokenizers, its chance level, and a short run end to end.
 
-The full demo's numbers (far above chance after ~7 minutes of training) are in the README; here
+The full demo's numbers (far above chance after ~7 minutes of training) are in docs/demo.md; here
 a shrunken model runs a few steps to check that every stage writes what it promises and that a
 rerun resumes instead of redoing work.
 """
@@ -13,6 +13,8 @@ import pytest
 
 from sd3_jax import text_conditioning as tc
 from sd3_jax.demo import run as demo
+from sd3_jax.demo import encoders as demo_encoders
+from sd3_jax.demo import stages as demo_stages
 from sd3_jax.demo import scenes as shapes
 
 CAPTIONS = [s.caption for s in shapes.all_scenes()]
@@ -20,7 +22,7 @@ WORDS = sorted({w for c in CAPTIONS for w in c.split()})
 
 
 def test_clip_tokenizer_learned_from_captions(tmp_path):
-  size = demo.write_clip_tokenizer(str(tmp_path / "tok"), CAPTIONS, pad_token="!")
+  size = demo_encoders.write_clip_tokenizer(str(tmp_path / "tok"), CAPTIONS, pad_token="!")
   tok = tc.load_tokenizer(tmp_path / "tok")
   assert len(tok) == size
   assert tok.eos_token_id == size - 1 and tok.bos_token_id == size - 2  # EOS is the largest id
@@ -37,7 +39,7 @@ def test_clip_tokenizer_learned_from_captions(tmp_path):
 
 
 def test_t5_tokenizer_word_pieces(tmp_path):
-  demo.write_t5_tokenizer(str(tmp_path / "t5"), CAPTIONS)
+  demo_encoders.write_t5_tokenizer(str(tmp_path / "t5"), CAPTIONS)
   tok = tc.load_tokenizer(tmp_path / "t5")
   assert tok.pad_token_id == 0 and tok.eos_token_id == 1
   for w in WORDS:
@@ -48,22 +50,22 @@ def test_t5_tokenizer_word_pieces(tmp_path):
 
 def test_chance_accuracy_uses_other_prompts():
   _, heldout = shapes.split_scenes(24)
-  source = demo.SceneSource(heldout, 96, size=32, seed=3, name="t")
+  source = demo_stages.SceneSource(heldout, 96, size=32, seed=3, name="t")
   images = [source.image(i) for i in range(len(source))]
   scenes = [source.scene(i) for i in range(len(source))]
   assert shapes.accuracy(images, scenes)["all"] > 0.95
-  chance = demo.chance_accuracy(images, scenes, trials=10)
+  chance = demo_stages.chance_accuracy(images, scenes, trials=10)
   assert set(chance) == {"colors", "shape1", "shape2", "relation", "all"}
   # Real images of prompt i scored against prompt j != i: right only by coincidence.
   assert chance["all"] < 0.15 and chance["colors"] < 0.5
   with pytest.raises(ValueError, match="two different prompts"):
-    demo.chance_accuracy(images[:1], scenes[:1])
+    demo_stages.chance_accuracy(images[:1], scenes[:1])
 
 
 def test_scene_source_is_deterministic_and_keeps_heldout_out():
   train, heldout = shapes.split_scenes(24)
-  a = demo.SceneSource(train, 50, size=32, seed=0, name="train")
-  b = demo.SceneSource(train, 50, size=32, seed=0, name="train")
+  a = demo_stages.SceneSource(train, 50, size=32, seed=0, name="train")
+  b = demo_stages.SceneSource(train, 50, size=32, seed=0, name="train")
   assert all(np.array_equal(a.image(i), b.image(i)) for i in range(5))
   assert {a.scene(i) for i in range(50)} <= set(train)
   assert not {a.scene(i) for i in range(50)} & set(heldout)
@@ -130,7 +132,7 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     lines = [json.loads(x) for x in f]
   assert any("val/loss" in x for x in lines) and any("loss" in x for x in lines)
 
-  # The sample CLI reads the demo's workdir and encoders as the README shows.
+  # The sample CLI reads the demo's workdir and encoders as docs/demo.md shows.
   from sd3_jax import sample
 
   grid = sample.main(
@@ -175,8 +177,8 @@ def test_interior_val_loss():
     "val/loss_t0.750": 0.4,
     "val/loss_t1.000": 0.3,
   }
-  assert demo.interior_val_loss(rec) == pytest.approx(0.3)
-  assert demo.interior_val_loss({"val/loss": 1.0}) is None
+  assert demo_stages.interior_val_loss(rec) == pytest.approx(0.3)
+  assert demo_stages.interior_val_loss({"val/loss": 1.0}) is None
 
 
 def test_demo_rejects_latent_configs(tmp_path):

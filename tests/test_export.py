@@ -9,7 +9,9 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from configs import tiny
-from sd3_jax import checkpoint, pretrained, train
+from sd3_jax.storage import checkpoint, pretrained
+from sd3_jax.storage import trees
+from sd3_jax.training import train
 from sd3_jax.convert import cli, convert
 
 
@@ -66,7 +68,7 @@ def test_ema_flag_picks_the_weights_and_a_step_directory_works(run, tmp_path, us
   from sd3_jax.models import mmdit
 
   want = mmdit.unstack_block_params(jax.device_get(want), run_model.config)
-  flat_got, flat_want = pretrained.flatten(params), pretrained.flatten(want)
+  flat_got, flat_want = trees.flatten(params), trees.flatten(want)
   assert sorted(flat_got) == sorted(flat_want)
   for k in flat_want:
     np.testing.assert_array_equal(np.asarray(flat_got[k]), np.asarray(flat_want[k]), err_msg=k)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from sd3_jax import fileutil
+from sd3_jax.storage import fileutil
 
 
 def _write(d, name, text):

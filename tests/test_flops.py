@@ -39,8 +39,8 @@ def tiny():
 
 def test_train_step_flops_reproduce_anchors():
   # TFLOP per image per train step at 154 text tokens, as the PyTorch baseline counts them (a
-  # benchmark of diffusers' SD3Transformer2DModel train step; its figures are in the README's
-  # "Metrics, MFU and checkpoints"): an independent count of the same convention.
+  # benchmark of diffusers' SD3Transformer2DModel train step; its figures are in
+  # docs/performance.md): an independent count of the same convention.
   anchors = {(24, 256): 1.74, (24, 512): 5.41, (38, 256): 6.8, (38, 512): 20.6}
   for (depth, res), tflop in anchors.items():
     got = F.train_step_flops(M.get_config(f"d{depth}"), res // 8, res // 8, 154, batch_size=1)

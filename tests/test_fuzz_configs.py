@@ -15,7 +15,8 @@ import shutil
 import numpy as np
 import pytest
 
-from sd3_jax import pretrained
+from sd3_jax.storage import pretrained
+from sd3_jax.storage import trees
 from sd3_jax.convert import text_keys
 from sd3_jax.models.mmdit import MMDiTConfig
 from sd3_jax.models.t5 import T5EncoderConfig
@@ -149,9 +150,9 @@ def ckpt(tmp_path_factory):
   rng = np.random.default_rng(0)
   cfg = MMDiTConfig(**MMDIT)
   flat = {k: (0.05 * rng.standard_normal(s)).astype(np.float32) for k, s in pretrained.expected_shapes(cfg).items()}
-  pretrained.save_pretrained(d / "m", pretrained.unflatten(flat), cfg)
+  pretrained.save_pretrained(d / "m", trees.unflatten(flat), cfg)
   vae = {k: (0.05 * rng.standard_normal(s)).astype(np.float32) for k, s in pretrained.expected_shapes(TINY_VAE).items()}
-  pretrained.save_pretrained(d / "vae", pretrained.unflatten(vae), TINY_VAE)
+  pretrained.save_pretrained(d / "vae", trees.unflatten(vae), TINY_VAE)
   return d
 
 
@@ -211,7 +212,7 @@ def test_flipped_bytes_name_the_damaged_leaf(ckpt, tmp_path, model):
 
 def test_checkpoint_without_checksums_loads_with_a_warning(ckpt, tmp_path, caplog):
   p = _copy(ckpt, "m", tmp_path, lambda m: m.pop("checksums"))
-  with caplog.at_level(logging.WARNING, logger="sd3_jax.pretrained"):
+  with caplog.at_level(logging.WARNING, logger="sd3_jax.storage.pretrained"):
     _, params = pretrained.load_pretrained(p)
   assert "has no parameter checksums" in caplog.text and "not verified" in caplog.text
   want = pretrained.load_params(ckpt / "m")

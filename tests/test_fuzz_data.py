@@ -20,9 +20,10 @@ import pytest
 import safetensors.numpy
 from PIL import Image
 
-from sd3_jax import build_dataset as bd
-from sd3_jax import divergence, records
-from sd3_jax.config_checks import check_runnable
+from sd3_jax.data import builder, image_sources
+from sd3_jax.training import divergence
+from sd3_jax.data import records, sources
+from sd3_jax.training.config_checks import check_runnable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECOND_TRACEBACKS = ("Traceback", "Event loop is closed", "cannot schedule new futures")
@@ -87,7 +88,7 @@ def test_bad_captions_jsonl_names_file_and_line(tmp_path, name):
   lines, match = BAD_CAPTIONS[name]
   img, caps = _folder(tmp_path, lines)
   with pytest.raises(ValueError, match=match):
-    bd.FolderSource(img, caps)
+    image_sources.FolderSource(img, caps)
 
 
 def test_files_outside_images_are_skipped_and_counted_never_opened(tmp_path, monkeypatch):
@@ -106,17 +107,17 @@ def test_files_outside_images_are_skipped_and_counted_never_opened(tmp_path, mon
   with open(caps, "w") as f:
     f.write("\n".join(rows) + "\n")
   with pytest.warns(UserWarning, match="4 file.s. resolve outside"):
-    source = bd.FolderSource(img, caps)
+    source = image_sources.FolderSource(img, caps)
   opened = []
   real_open = open
   monkeypatch.setattr("builtins.open", lambda p, *a, **k: (opened.append(str(p)), real_open(p, *a, **k))[1])
   out = tmp_path / "out"
   with pytest.warns(UserWarning, match="resolves outside the image folder"):
-    result = bd.build(source, str(out), **_encoders())
+    result = builder.build(source, str(out), **_encoders())
   monkeypatch.undo()
   assert result["summary"]["num_records"] == 3 and result["summary"]["skipped_examples"] == 4
   assert not [p for p in opened if "secret" in p or "link_out" in p]
-  ids = {records.RecordSource(str(out))[i].metadata["id"] for i in range(3)}
+  ids = {sources.RecordSource(str(out))[i].metadata["id"] for i in range(3)}
   assert ids == {"a.png", "link_in.png", "c.png"}
 
 
@@ -163,7 +164,7 @@ NONFINITE_RECORDS = {  # name -> (bad index, tensor, value, dtype, shard, index 
 def test_nonfinite_record_is_an_error_naming_shard_and_index(tmp_path, monkeypatch, name):
   i, tensor, value, dtype, shard, local = NONFINITE_RECORDS[name]
   d = _write_dataset(str(tmp_path / "ds"), 8, bad=(i, tensor, value), dtype=dtype, monkeypatch=monkeypatch)
-  src = records.RecordSource(d)
+  src = sources.RecordSource(d)
   src[(i + 1) % 8]  # neighbours read fine
   with pytest.raises(
     records.RecordError,
@@ -185,7 +186,7 @@ def test_record_writer_refuses_duplicate_id(tmp_path):
 
 def test_divergence_names_the_records_of_bad_batches(tmp_path, monkeypatch):
   d = _write_dataset(str(tmp_path / "ds"), 8, per_shard=8, monkeypatch=monkeypatch)
-  good = records.RecordSource(d)
+  good = sources.RecordSource(d)
 
   class Poisoned:  # a source that hands out a NaN example without checking (not RecordSource)
     def __len__(self):

@@ -21,7 +21,8 @@ import sys
 import numpy as np
 import pytest
 
-from sd3_jax import pretrained
+from sd3_jax.storage import pretrained
+from sd3_jax.storage import trees
 from sd3_jax.convert import formats
 from sd3_jax.models import mmdit as M
 
@@ -93,10 +94,10 @@ def valid(tmp_path_factory):
   d = tmp_path_factory.mktemp("valid")
   rng = np.random.default_rng(0)
   flat = {k: (0.05 * rng.standard_normal(s)).astype(np.float32) for k, s in pretrained.expected_shapes(CFG).items()}
-  src = formats.source_from_params(pretrained.unflatten(flat), CFG)
+  src = formats.source_from_params(trees.unflatten(flat), CFG)
   formats.write_sd3(src, d / "m.safetensors")
   formats.write_diffusers(src, d / "df")
-  pretrained.save_pretrained(d / "jax", pretrained.unflatten(flat), CFG)
+  pretrained.save_pretrained(d / "jax", trees.unflatten(flat), CFG)
   return d
 
 
@@ -314,5 +315,5 @@ def test_crafted_weight_files_are_refused_with_bounded_memory(valid, tmp_path):
   m = results["jax_flipped_bytes"]["stderr"]
   leaf = m.split("damaged parameter(s) ['", 1)[1].split("'", 1)[0]
   assert leaf in pretrained.stored_params(valid / "jax")  # the error names a real leaf
-  # The counts quoted in the README's "Bad input" section.
+  # The counts quoted in docs/bad_input.md.
   assert len(cases) == 36

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from sd3_jax import checkpoint, pretrained, train
+from sd3_jax.storage import checkpoint, pretrained
+from sd3_jax.storage import trees
+from sd3_jax.training import optimizer, state as state_lib, step as step_lib, train
 from sd3_jax.models import mmdit
 
 
@@ -41,8 +43,8 @@ def no_compile(monkeypatch):
   def boom(*a, **k):
     raise AssertionError("compiled before the start-up checks failed")
 
-  monkeypatch.setattr(train, "create_sharded_state", boom)
-  monkeypatch.setattr(train, "make_train_step", boom)
+  monkeypatch.setattr(state_lib, "create_sharded_state", boom)
+  monkeypatch.setattr(step_lib, "make_train_step", boom)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -60,13 +62,13 @@ def test_run_starts_from_the_checkpoint_with_a_fresh_optimizer(tmp_path, scan_la
     assert step == 1
     if scan_layers:
       params = mmdit.unstack_block_params(jax.device_get(params), model.config)
-    got, want = pretrained.flatten(params), pretrained.flatten(saved)
+    got, want = trees.flatten(params), trees.flatten(saved)
     assert sorted(got) == sorted(want)
     for k in want:
       np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-7, atol=1e-25, err_msg=k)
   # A fresh optimizer: Adam's step count is 1 after the one step of this run.
-  model, tx = train.make_model(c), train.make_optimizer(c)
-  abstract, _ = train.state_shardings(model, tx, train.sharding.make_mesh())
+  model, tx = state_lib.make_model(c), optimizer.make_optimizer(c)
+  abstract, _ = state_lib.state_shardings(model, tx, train.sharding.make_mesh())
   with checkpoint.Checkpointer(str(tmp_path / "w" / "checkpoints")) as ck:
     state, _ = ck.restore(1, abstract_state=abstract)
   assert int(state.opt_state.inner_states["train"].inner_state[1][0].count) == 1

@@ -12,14 +12,14 @@ import safetensors
 import safetensors.numpy
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from sd3_jax import input_pipeline as ip
-from sd3_jax import records
+from sd3_jax.data import input_pipeline as ip
+from sd3_jax.data import records, sources
 
 SPEC = dict(latent_shape=(4, 2, 3), context_len=5, context_dim=6, pooled_dim=4)
 
 
 def _synthetic(n, seed=0, dtype=np.float16):
-  return records.SyntheticSource(n, seed=seed, dtype=dtype, **SPEC)
+  return sources.SyntheticSource(n, seed=seed, dtype=dtype, **SPEC)
 
 
 def _write(directory, source, per_shard=4, **kwargs):
@@ -52,7 +52,7 @@ def test_round_trip_dtypes_and_metadata(tmp_path, latent_dtype):
   with records.RecordWriter(tmp_path, prefix="val", records_per_shard=2, metadata={"vae": "sd3"}) as w:
     for ex in examples:
       w.write(**ex)
-  src = records.RecordSource(
+  src = sources.RecordSource(
     tmp_path, expected_shapes={"latent": (None, None, 16), "context": (None, 32), "pooled": (8,)}
   )
   assert len(src) == 5
@@ -90,19 +90,19 @@ def test_shard_naming_and_atomic_writer(tmp_path):
       assert all(f.startswith(".") and f.endswith(".tmp") for f in os.listdir(d))
   shards = [f"train-{i:05d}-of-00003.array_record" for i in range(3)]
   assert sorted(os.listdir(d)) == ["dataset_info.json"] + shards
-  assert [records.RecordSource(d).locate(i)[1] for i in (0, 2, 3, 6)] == [0, 2, 0, 0]
+  assert [sources.RecordSource(d).locate(i)[1] for i in (0, 2, 3, 6)] == [0, 2, 0, 0]
   # A failure inside the block leaves the directory untouched (here: the finished dataset).
   before = sorted(os.listdir(d))
   with pytest.raises(RuntimeError, match="boom"):
     with records.RecordWriter(d, overwrite=True) as w:
       w.write(src[0].latent, src[0].context, src[0].pooled, src[0].metadata)
       raise RuntimeError("boom")
-  assert sorted(os.listdir(d)) == before and len(records.RecordSource(d)) == 7
+  assert sorted(os.listdir(d)) == before and len(sources.RecordSource(d)) == 7
   with pytest.raises(FileExistsError, match="overwrite=True"):
     records.RecordWriter(d)
   _write(d, _synthetic(2), overwrite=True, prefix="new")  # replaces the old shards and info
   assert sorted(os.listdir(d)) == ["dataset_info.json", "new-00000-of-00001.array_record"]
-  assert len(records.RecordSource(d)) == 2
+  assert len(sources.RecordSource(d)) == 2
 
 
 def test_writer_rejects_bad_examples(tmp_path):
@@ -139,7 +139,7 @@ def test_corrupt_record_raises_with_file_and_index(tmp_path):
   assert at > 0
   blob[at : at + 8] = bytes(b ^ 0xFF for b in blob[at : at + 8])
   shard.write_bytes(bytes(blob))
-  rs = records.RecordSource(d)
+  rs = sources.RecordSource(d)
   np.testing.assert_array_equal(rs[4].latent, src[4].latent)  # neighbours still readable
   with pytest.raises(
     records.RecordError, match=r"data-00001-of-00003.array_record: record 1 \(global index 5\).*re-create"
@@ -160,47 +160,47 @@ def test_corrupt_record_raises_with_file_and_index(tmp_path):
   with pytest.raises(
     records.RecordError, match=r"data-00002-of-00003.array_record: record 1 \(global index 9\).*not a safetensors"
   ):
-    records.RecordSource(d)[9]
+    sources.RecordSource(d)[9]
   # A truncated shard is refused when the source opens it.
   blob = (d / "data-00000-of-00003.array_record").read_bytes()
   (d / "data-00000-of-00003.array_record").write_bytes(blob[: len(blob) // 2])
   with pytest.raises(records.RecordError, match="data-00000-of-00003.array_record: cannot open shard"):
-    records.RecordSource(d)
+    sources.RecordSource(d)
 
 
 def test_record_source_directory_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    records.RecordSource(tmp_path / "nope")
+    sources.RecordSource(tmp_path / "nope")
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no dataset"):
-    records.RecordSource(tmp_path / "empty")
+    sources.RecordSource(tmp_path / "empty")
   d = _write(tmp_path / "ds", _synthetic(6), per_shard=2)
   with pytest.raises(records.RecordError, match="latent has shape .4, 2, 3., expected .None, None, 16."):
-    records.RecordSource(d, expected_shapes={"latent": (None, None, 16)})
+    sources.RecordSource(d, expected_shapes={"latent": (None, None, 16)})
   shutil.copy(d / "data-00000-of-00003.array_record", d / "data-00000-of-00004.array_record")
   with pytest.raises(records.RecordError, match="unlisted shards .'data-00000-of-00004.array_record'."):
-    records.RecordSource(d)
+    sources.RecordSource(d)
   os.remove(d / "data-00000-of-00004.array_record")
   os.remove(d / "data-00002-of-00003.array_record")
   with pytest.raises(records.RecordError, match="missing shards .'data-00002-of-00003.array_record'."):
-    records.RecordSource(d)
+    sources.RecordSource(d)
   d2 = _write(tmp_path / "ds2", _synthetic(6), per_shard=2)
   info = json.loads((d2 / "dataset_info.json").read_text())
   info["shards"][1]["num_records"] = 3
   info["num_records"] = 7
   (d2 / "dataset_info.json").write_text(json.dumps(info))
   with pytest.raises(records.RecordError, match="holds 2 records but dataset_info.json says 3"):
-    records.RecordSource(d2)
+    sources.RecordSource(d2)
   info["format"] = "something_else"
   (d2 / "dataset_info.json").write_text(json.dumps(info))
   with pytest.raises(records.RecordError, match="not a sd3_jax.latent_records v1 dataset"):
-    records.RecordSource(d2)
+    sources.RecordSource(d2)
   (d2 / "dataset_info.json").write_text("{not json")
   with pytest.raises(records.RecordError, match="cannot use .*dataset_info.json"):
-    records.RecordSource(d2)
+    sources.RecordSource(d2)
   os.remove(d2 / "dataset_info.json")
   with pytest.raises(records.RecordError, match="no dataset_info.json"):
-    records.RecordSource(d2)
+    sources.RecordSource(d2)
 
 
 def test_synthetic_source_determinism_and_spec(tmp_path):
@@ -219,12 +219,12 @@ def test_synthetic_source_determinism_and_spec(tmp_path):
       "pooled": ((4,), np.dtype(np.float16)),
     }
   )
-  big = records.SyntheticSource(1, (16, 16, 16), 1, 1, 1, seed=0, dtype=np.float32)[0].latent
+  big = sources.SyntheticSource(1, (16, 16, 16), 1, 1, 1, seed=0, dtype=np.float32)[0].latent
   assert abs(big.mean()) < 0.05 and abs(big.std() - 1) < 0.05
   decoded = records.decode_record(a.record_bytes(1))
   np.testing.assert_array_equal(decoded.context, a[1].context)
   assert decoded.metadata == a[1].metadata
-  assert records.RecordSource(_write(tmp_path, a)).element_spec == a.element_spec  # same spec on disk
+  assert sources.RecordSource(_write(tmp_path, a)).element_spec == a.element_spec  # same spec on disk
   with pytest.raises(IndexError):
     a[6]
 
@@ -343,7 +343,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="multiple of process_count 2"):
     ip.make_eval_iterator(src, global_batch_size=3, process_index=0, process_count=2)
   with pytest.raises(ValueError, match="latent_shape"):
-    records.SyntheticSource(4, (4, 4), 1, 1, 1, seed=0)
+    sources.SyntheticSource(4, (4, 4), 1, 1, 1, seed=0)
 
 
 def test_worker_processes_give_the_same_batches_and_restore():

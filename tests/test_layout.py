@@ -5,12 +5,19 @@ installed (not only from this checkout).
   counts, also one inside a function).
 - No module of ``sd3_jax/`` imports ``tools``, ``configs`` or ``launch``.
 - No Python file over 500 lines.
+- Commands stay commands: no module of the library imports a command module (a console script
+  of setup.cfg), and no command imports another; a ``__main__`` module only runs its command.
+- Wings point down: models/flow/config/command, then sharding, then the stores (storage, data,
+  convert), then text conditioning and inference, then training and evaluation, then the demo and
+  scaling libraries, then the commands. A module never imports from a higher wing.
+- The top of ``sd3_jax/`` holds at most 12 modules (the shared core and thin commands).
 - ``pip install .`` (not editable) into a fresh virtual environment: from another directory,
   ``import sd3_jax``, a conditioner loaded from transformers directories, and the ``sd3-convert``
   entry point all work, and ``tools`` is not installed.
 """
 
 import ast
+import configparser
 import os
 import subprocess
 import sys
@@ -149,6 +156,90 @@ def test_no_file_over_500_lines():
   assert not long, "split these (one concept per file):\n" + "\n".join(long)
 
 
+def command_modules() -> set[str]:
+  """The modules behind setup.cfg's console scripts."""
+  cfg = configparser.ConfigParser()
+  cfg.read(os.path.join(REPO, "setup.cfg"))
+  out = set()
+  for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines():
+    out.add(line.split("=", 1)[1].strip().split(":")[0])
+  return out
+
+
+def test_command_modules_are_found():
+  cmds = command_modules()
+  assert {"sd3_jax.main", "sd3_jax.sample", "sd3_jax.convert.cli", "sd3_jax.evaluation.evaluate"} <= cmds
+  graph = import_graph()
+  assert all(c in graph for c in cmds), sorted(cmds - set(graph))
+
+
+def test_no_command_is_imported_by_the_library_or_another_command():
+  cmds = command_modules()
+  bad = []
+  for mod, deps in import_graph().items():
+    if mod.endswith("__main__"):
+      continue  # `python -m pkg` runs its command
+    for d in sorted(deps & cmds):
+      kind = "command" if mod in cmds else ("tool" if mod.startswith("tools") else "library module")
+      bad.append(f"{kind} {mod} imports the command {d}: move what it needs into the library")
+  assert not bad, "\n".join(bad)
+
+
+# Wing of each top-level name under sd3_jax, bottom (0) to top; commands are above everything.
+WINGS = {
+  "models": 0,
+  "flow": 0,
+  "config": 0,
+  "command": 0,
+  "sharding": 1,
+  "storage": 2,
+  "data": 2,
+  "convert": 2,
+  "text_conditioning": 3,
+  "inference": 3,
+  "training": 4,
+  "evaluation": 4,
+  "demo": 5,
+  "scaling": 5,
+}
+COMMAND_WING = 6
+
+
+def wing(module: str, cmds: set[str]) -> int | None:
+  if module in cmds or module.endswith("__main__"):
+    return COMMAND_WING
+  parts = module.split(".")
+  if parts[0] != "sd3_jax" or len(parts) < 2:
+    return None  # tools, and sd3_jax's own __init__ (the public entry points)
+  return WINGS.get(parts[1])
+
+
+def test_wings_point_down():
+  cmds = command_modules()
+  tops = {
+    f[:-3] if f.endswith(".py") else f
+    for f in os.listdir(os.path.join(REPO, "sd3_jax"))
+    if (f.endswith(".py") and f != "__init__.py") or os.path.isfile(os.path.join(REPO, "sd3_jax", f, "__init__.py"))
+  }
+  unplaced = sorted(t for t in tops if t not in WINGS and f"sd3_jax.{t}" not in cmds)
+  assert not unplaced, f"give these a wing in WINGS (or make them commands): {unplaced}"
+  bad = []
+  for mod, deps in import_graph().items():
+    w = wing(mod, cmds)
+    if w is None:
+      continue
+    for d in sorted(deps):
+      wd = wing(d, cmds)
+      if wd is not None and wd > w:
+        bad.append(f"{mod} (wing {w}) imports {d} (wing {wd})")
+  assert not bad, "imports must point down:\n" + "\n".join(bad)
+
+
+def test_the_top_of_the_package_is_small():
+  top = sorted(f for f in os.listdir(os.path.join(REPO, "sd3_jax")) if f.endswith(".py"))
+  assert len(top) <= 12, f"{len(top)} modules directly in sd3_jax/ (at most 12): {top}"
+
+
 # --------------------------------------------------------------------------------------------
 # Installed, not editable
 
@@ -218,10 +309,10 @@ def test_installed_package_works_from_another_directory(installed):
     """
       import os, shutil, subprocess, sys
       import numpy as np
-      from sd3_jax.demo import run as demo
+      from sd3_jax.demo import encoders as demo_encoders
       from sd3_jax import text_conditioning as tc
       caps = ["a red circle above a blue square", "a green square"]
-      demo.make_text_encoders("ours", caps, clip_l_dim=16, clip_g_dim=16, t5_dim=32, seed=0)
+      demo_encoders.make_text_encoders("ours", caps, clip_l_dim=16, clip_g_dim=16, t5_dim=32, seed=0)
       os.makedirs("hf")
       conv = os.path.join(os.path.dirname(sys.executable), "sd3-convert")
       for name in os.listdir("ours"):

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sd3_jax import metrics as Mt
+from sd3_jax.training import metrics as Mt
+from sd3_jax.training import writers
 
 
 def test_peak_flops_table():
@@ -79,7 +80,7 @@ def test_metric_writer_jsonl_resume_and_non_primary(tmp_path, monkeypatch):
   for name in [m for m in sys.modules if m.startswith("tensorboard.")] + ["tensorboard"]:
     monkeypatch.setitem(sys.modules, name, None)
   work = str(tmp_path / "run")
-  with Mt.MetricWriter(work, is_primary=True) as w:
+  with writers.MetricWriter(work, is_primary=True) as w:
     assert not w.tensorboard_enabled
     for s in (1, 2, 3):
       w.write_scalars(
@@ -94,13 +95,13 @@ def test_metric_writer_jsonl_resume_and_non_primary(tmp_path, monkeypatch):
   # A torn last line from a killed process is dropped; resume_step drops steps logged after it.
   with open(os.path.join(work, "metrics.jsonl"), "a", encoding="utf-8") as f:
     f.write('{"step": 4, "lo')
-  with Mt.MetricWriter(work, is_primary=True, resume_step=2) as w:
+  with writers.MetricWriter(work, is_primary=True, resume_step=2) as w:
     w.write_scalars(3, {"loss": 30.0})
   rows = _read_jsonl(os.path.join(work, "metrics.jsonl"))
   assert [(r["step"], r["loss"]) for r in rows] == [(1, 0.5), (2, 1.0), (3, 30.0)]
 
   # Plain append on resume.
-  with Mt.MetricWriter(work, is_primary=True) as w:
+  with writers.MetricWriter(work, is_primary=True) as w:
     w.write_scalars(4, {"loss": 40.0})
     with pytest.raises(ValueError, match="reserved"):
       w.write_scalars(5, {"step": 1})
@@ -109,7 +110,7 @@ def test_metric_writer_jsonl_resume_and_non_primary(tmp_path, monkeypatch):
   assert [r["step"] for r in _read_jsonl(os.path.join(work, "metrics.jsonl"))] == [1, 2, 3, 4]
 
   other = str(tmp_path / "other")
-  with Mt.MetricWriter(other, is_primary=False) as w:
+  with writers.MetricWriter(other, is_primary=False) as w:
     w.write_scalars(1, {"loss": 1.0})
   assert not os.path.exists(other)
 
@@ -120,7 +121,7 @@ def test_metric_writer_tensorboard_events(tmp_path):
   from tensorboard.compat.proto import event_pb2
 
   work = str(tmp_path)
-  with Mt.MetricWriter(work, is_primary=True) as w:
+  with writers.MetricWriter(work, is_primary=True) as w:
     assert w.tensorboard_enabled
     for s in (1, 2, 3):
       w.write_scalars(s, {"loss": 1.0 / s, "mfu": None, "note": "x"})
@@ -135,7 +136,7 @@ def test_metric_writer_tensorboard_events(tmp_path):
   assert seen == pytest.approx({("loss", 1): 1.0, ("loss", 2): 0.5, ("loss", 3): 1 / 3})
 
   # Resuming from step 2: TensorBoard drops the old run's step 3 and shows the new one.
-  with Mt.MetricWriter(work, is_primary=True, resume_step=2) as w:
+  with writers.MetricWriter(work, is_primary=True, resume_step=2) as w:
     w.write_scalars(3, {"loss": 9.0})
   acc = event_accumulator.EventAccumulator(os.path.join(work, "tensorboard"))
   acc.Reload()
@@ -151,7 +152,7 @@ def test_a_resumed_writer_file_sorts_after_the_old_run_s(tmp_path):
   tb.mkdir()
   old = tb / f"events.out.tfevents.{int(time.time()) + 1}.host.1.9"
   old.write_bytes(b"")
-  with Mt.MetricWriter(str(tmp_path), is_primary=True, resume_step=2) as w:
+  with writers.MetricWriter(str(tmp_path), is_primary=True, resume_step=2) as w:
     w.write_scalars(3, {"loss": 1.0})
   names = sorted(os.listdir(tb))
   assert len(names) == 2 and names[0] == old.name

@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from sd3_jax import pretrained
+from sd3_jax.storage import pretrained
 from sd3_jax.convert import convert
 
 BASE = dict(

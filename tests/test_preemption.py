@@ -12,8 +12,8 @@ import time
 import portpicker
 import pytest
 
-from sd3_jax import checkpoint as ckpt_lib
-from sd3_jax import preemption
+from sd3_jax.storage import checkpoint as ckpt_lib
+from sd3_jax.training import preemption
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # log_every=1: a resumed run's first logged window starts at the resume step, so windows of one
@@ -138,7 +138,7 @@ def test_an_error_in_the_loop_waits_for_the_in_flight_save(tmp_path, monkeypatch
 
   import orbax.checkpoint as ocp
   from configs import tiny
-  from sd3_jax import train
+  from sd3_jax.training import divergence, train
 
   json_write = ocp.JsonCheckpointHandler._save_fn
 
@@ -154,9 +154,9 @@ def test_an_error_in_the_loop_waits_for_the_in_flight_save(tmp_path, monkeypatch
 
   def save_then_fail(self, step, *a, **k):
     real_save(self, step, *a, **k)
-    raise train.TrainingDivergedError(f"stop right after starting the save of step {step}")
+    raise divergence.TrainingDivergedError(f"stop right after starting the save of step {step}")
 
   monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save_then_fail)
-  with pytest.raises(train.TrainingDivergedError, match="step 2"):
+  with pytest.raises(divergence.TrainingDivergedError, match="step 2"):
     train.train_and_evaluate(c, str(tmp_path))
   assert ckpt_lib.committed_steps(str(tmp_path / "checkpoints")) == [2]

@@ -6,11 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from sd3_jax import input_pipeline, prefetch, records
+from sd3_jax.data import input_pipeline, sources
+from sd3_jax.training import prefetch
 
 
 def _source(n=32):
-  return records.SyntheticSource(
+  return sources.SyntheticSource(
     num_records=n, latent_shape=(4, 4, 4), context_len=3, context_dim=8, pooled_dim=8, seed=0
   )
 

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import gcs_emulator
-from sd3_jax import checkpoint, generation, metrics
+from sd3_jax.storage import checkpoint
+from sd3_jax.inference import generation
+from sd3_jax.training import writers
 from sd3_jax.convert import runs
 
 
@@ -34,7 +36,7 @@ def test_the_stand_in_is_not_the_local_file_system(gcs):
 
 
 def test_metrics_jsonl_and_tensorboard_on_an_object_store(gcs):
-  w = metrics.MetricWriter("gs://bucket/run", is_primary=True)
+  w = writers.MetricWriter("gs://bucket/run", is_primary=True)
   assert w.tensorboard_enabled  # the test extra installs tensorboard
   for step in (1, 2, 3):
     w.write_scalars(step, {"loss": 1.0 / step})
@@ -43,7 +45,7 @@ def test_metrics_jsonl_and_tensorboard_on_an_object_store(gcs):
   assert [r["step"] for r in rows] == [1, 2, 3]
   w.close()
   # A run resumed from step 2 drops step 3 and continues the same object.
-  w = metrics.MetricWriter("gs://bucket/run", is_primary=True, resume_step=2)
+  w = writers.MetricWriter("gs://bucket/run", is_primary=True, resume_step=2)
   w.write_scalars(3, {"loss": 0.25})
   w.close()
   rows = [json.loads(line) for line in open(gcs("bucket/run/metrics.jsonl"))]
@@ -118,7 +120,7 @@ def test_training_on_a_gs_workdir_resumes_exactly_and_exports(gcs, tmp_path):
   """Everything a run writes lands in the object store (no local 'gs:' directory), a rerun of
   the same command resumes from the stored checkpoint with the losses of an uninterrupted local
   run, and the run exports to diffusers straight from the URL."""
-  from sd3_jax import train
+  from sd3_jax.training import train
   from sd3_jax.convert import cli as convert_cli
 
   local = str(tmp_path / "local")
@@ -149,11 +151,12 @@ def test_training_on_a_gs_workdir_resumes_exactly_and_exports(gcs, tmp_path):
   convert_cli.main(["--src", "gs://bucket/run", "--dst", out, "--to", "jax"])
   model, params, _, step = checkpoint.load_workdir("gs://bucket/run", use_ema=True)
   assert step == 6
-  from sd3_jax import pretrained
+  from sd3_jax.storage import pretrained
+  from sd3_jax.storage import trees
 
   _, exported = pretrained.load_pretrained(out)
-  flat_run = pretrained.flatten(params)
-  flat_out = pretrained.flatten(exported)
+  flat_run = trees.flatten(params)
+  flat_out = trees.flatten(exported)
   assert sorted(flat_run) == sorted(flat_out)
   for k in flat_run:
     np.testing.assert_array_equal(np.asarray(flat_out[k]), np.asarray(flat_run[k]), err_msg=k)
@@ -165,7 +168,7 @@ def test_a_converted_checkpoint_loads_from_the_object_store(gcs, tmp_path):
   import shutil
 
   import jax
-  from sd3_jax import pretrained
+  from sd3_jax.storage import pretrained, trees
   from sd3_jax.models import mmdit
 
   cfg = mmdit.config_from_preset(
@@ -185,7 +188,7 @@ def test_a_converted_checkpoint_loads_from_the_object_store(gcs, tmp_path):
   assert pretrained.read_config("gs://bucket/models/ckpt") == cfg
   _, got = pretrained.load_pretrained("gs://bucket/models/ckpt")
   _, want = pretrained.load_pretrained(str(tmp_path / "ckpt"))
-  flat_got, flat_want = pretrained.flatten(got), pretrained.flatten(want)
+  flat_got, flat_want = trees.flatten(got), trees.flatten(want)
   assert sorted(flat_got) == sorted(flat_want)
   for k in flat_want:
     np.testing.assert_array_equal(np.asarray(flat_got[k]), np.asarray(flat_want[k]), err_msg=k)

@@ -7,7 +7,9 @@ import weakref
 import numpy as np
 
 from configs import tiny
-from sd3_jax import generation, text_conditioning, train
+from sd3_jax.inference import generation
+from sd3_jax import text_conditioning
+from sd3_jax.training import train
 
 
 def test_prompts_are_encoded_once_and_the_encoders_freed(tmp_path, monkeypatch):

@@ -12,13 +12,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+
+from sd3_jax import command
 from flax import linen as nn
 from PIL import Image
 
-from sd3_jax import checkpoint as ckpt_lib
-from sd3_jax import generation, pretrained
+from sd3_jax.storage import checkpoint as ckpt_lib
+from sd3_jax.inference import generation
+from sd3_jax.storage import pretrained
 from sd3_jax import sample as sample_cli
-from sd3_jax import sampling, sharding, train
+from sd3_jax.inference import sampling
+from sd3_jax import sharding
+from sd3_jax.training import optimizer, state as state_lib
 from sd3_jax.models import mmdit, vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -293,7 +298,7 @@ def test_load_workdir_reads_only_the_wanted_params(workdir):
   assert step == 2 and config["total_steps"] == 2 and model.config.in_channels == 4
   # The full state restored the trainer's way, for comparison.
   cfg = ml_collections.ConfigDict(config)
-  abstract, _ = train.state_shardings(train.make_model(cfg), train.make_optimizer(cfg), mesh)
+  abstract, _ = state_lib.state_shardings(state_lib.make_model(cfg), optimizer.make_optimizer(cfg), mesh)
   with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints")) as ck:
     state, _ = ck.restore(2, abstract_state=abstract)
   for got, want in ((ema, state.ema_params), (raw, state.params)):
@@ -396,7 +401,7 @@ def test_write_sample_grid_and_cli(workdir, tmp_path):
 )
 def test_cli_argument_errors(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
-    sample_cli.main(argv)
+    command.run(sample_cli.main, "sd3-sample", argv)
   assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -408,8 +413,12 @@ def test_cli_errors_that_need_the_model(workdir, capsys):
     (["--latent_size", "7", "8"], "divisible by the patch size 2"),
   ):
     with pytest.raises(SystemExit):
-      sample_cli.main(
-        common + extra, conditioner=_conditioner, decoder=None if extra[0] == "--pixel_space" else _decoder
+      command.run(
+        sample_cli.main,
+        "sd3-sample",
+        common + extra,
+        conditioner=_conditioner,
+        decoder=None if extra[0] == "--pixel_space" else _decoder,
       )
     assert message in capsys.readouterr().err
 
@@ -428,10 +437,10 @@ def _cli(*argv):
 def test_cli_expected_failures_are_one_line(workdir, tmp_path):
   """Text encoders whose widths are not the model's, and a missing checkpoint: one line on
   stderr that names the problem and the fix, exit code 2, no traceback."""
-  from sd3_jax.demo import run as demo
+  from sd3_jax.demo import encoders as demo_encoders
 
   enc = str(tmp_path / "enc")
-  demo.make_text_encoders(enc, ["a red circle", "a blue square"], clip_l_dim=16, clip_g_dim=16, t5_dim=48)
+  demo_encoders.make_text_encoders(enc, ["a red circle", "a blue square"], clip_l_dim=16, clip_g_dim=16, t5_dim=48)
   vae_cfg = vae.VAEConfig(latent_channels=4, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
   vae_model = vae.AutoencoderKL(vae_cfg)
   pretrained.save_pretrained(str(tmp_path / "vae"), vae.init_params(vae_model, jax.random.key(0)), vae_cfg)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from sd3_jax import sampling
+from sd3_jax.inference import sampling
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from sd3_jax import records, sharding, startup_checks, train
+from sd3_jax.data import records, sources
+from sd3_jax import sharding
+from sd3_jax.training import startup_checks, state as state_lib, step as step_lib, train, train_data
 
 
 def _config(**overrides):
@@ -23,7 +25,7 @@ def _config(**overrides):
 
 
 def _write_records(directory, n, latent_hw, *, channels=4, context=(8, 32), pooled=32):
-  src = records.SyntheticSource(n, (*latent_hw, channels), context[0], context[1], pooled, seed=3)
+  src = sources.SyntheticSource(n, (*latent_hw, channels), context[0], context[1], pooled, seed=3)
   with records.RecordWriter(str(directory), records_per_shard=16) as w:
     for i in range(n):
       ex = src[i]
@@ -38,8 +40,8 @@ def no_compile(monkeypatch):
   def boom(*a, **k):
     raise AssertionError("compiled before the start-up checks failed")
 
-  monkeypatch.setattr(train, "create_sharded_state", boom)
-  monkeypatch.setattr(train, "make_train_step", boom)
+  monkeypatch.setattr(state_lib, "create_sharded_state", boom)
+  monkeypatch.setattr(step_lib, "make_train_step", boom)
 
 
 def test_record_shapes_that_differ_from_the_config_fail_before_compiling(tmp_path, no_compile):
@@ -82,19 +84,19 @@ def test_validation_never_falls_back_to_training_records(tmp_path, no_compile):
     train.train_and_evaluate(c, str(tmp_path / "w"))
   both = _config(**{"data.source": "records", "data.path": data, "data.val_path": data, "data.val_holdout": 4})
   with pytest.raises(ValueError, match="not both"):
-    train.make_source(both, "val")
+    train_data.make_source(both, "val")
 
 
 def test_held_out_slice_is_excluded_from_training(tmp_path):
   data = _write_records(tmp_path / "train", 24, (8, 8))
   c = _config(**{"data.source": "records", "data.path": data, "data.val_holdout": 8})
-  tr, va = train.make_source(c, "train"), train.make_source(c, "val")
+  tr, va = train_data.make_source(c, "train"), train_data.make_source(c, "val")
   assert (len(tr), len(va)) == (16, 8)
   train_ids = {tr[i].metadata["id"] for i in range(len(tr))}
   val_ids = {va[i].metadata["id"] for i in range(len(va))}
   assert not train_ids & val_ids and len(train_ids | val_ids) == 24
   with pytest.raises(ValueError, match="leaves no training records"):
-    train.make_source(_config(**{"data.source": "records", "data.path": data, "data.val_holdout": 24}))
+    train_data.make_source(_config(**{"data.source": "records", "data.path": data, "data.val_holdout": 24}))
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
-from sd3_jax import sharding, train
+from sd3_jax import sharding
+from sd3_jax.training import optimizer, state as state_lib, step as step_lib, train, train_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,12 +45,12 @@ def _batches(c, n, seed=0):
 
 
 def _run_steps(c, mesh, batches):
-  model, tx, opts = train.make_model(c), train.make_optimizer(c), train.step_options(c)
-  _, shardings = train.state_shardings(model, tx, mesh)
-  state = train.create_sharded_state(model, tx, mesh, jax.random.key(c.seed), shardings)
+  model, tx, opts = state_lib.make_model(c), optimizer.make_optimizer(c), step_lib.step_options(c)
+  _, shardings = state_lib.state_shardings(model, tx, mesh)
+  state = state_lib.create_sharded_state(model, tx, mesh, jax.random.key(c.seed), shardings)
   shapes = {k: v.shape for k, v in batches[0].items()}
-  schedule = train.learning_rate_schedule(c.optimizer, c.total_steps)
-  step = train.make_train_step(model, tx, opts, schedule, mesh, shardings, shapes)
+  schedule = optimizer.learning_rate_schedule(c.optimizer, c.total_steps)
+  step = step_lib.make_train_step(model, tx, opts, schedule, mesh, shardings, shapes)
   losses = []
   for b in batches:
     state, out = step(state, sharding.make_global_batch(b, mesh), jax.random.key(1))
@@ -104,12 +105,12 @@ def test_production_step_scanned_remat_bf16_matches_plain_float32():
   mesh8, mesh1 = _mesh((1, 8, 1)), _mesh((1, 1, 1), 1)
 
   def steps(c, mesh, state, shardings):
-    model, tx = train.make_model(c), train.make_optimizer(c)
-    step = train.make_train_step(
+    model, tx = state_lib.make_model(c), optimizer.make_optimizer(c)
+    step = step_lib.make_train_step(
       model,
       tx,
-      train.step_options(c),
-      train.learning_rate_schedule(c.optimizer, c.total_steps),
+      step_lib.step_options(c),
+      optimizer.learning_rate_schedule(c.optimizer, c.total_steps),
       mesh,
       shardings,
       {k: v.shape for k, v in batches[0].items()},
@@ -120,10 +121,10 @@ def test_production_step_scanned_remat_bf16_matches_plain_float32():
       losses.append(float(out["loss"]))
     return state, np.array(losses)
 
-  p_model, p_tx = train.make_model(prod), train.make_optimizer(prod)
+  p_model, p_tx = state_lib.make_model(prod), optimizer.make_optimizer(prod)
   assert p_model.scan_layers and p_model.remat == "full" and p_model.dtype == jnp.bfloat16
-  _, p_sh = train.state_shardings(p_model, p_tx, mesh8)
-  p_state = train.create_sharded_state(p_model, p_tx, mesh8, jax.random.key(0), p_sh)
+  _, p_sh = state_lib.state_shardings(p_model, p_tx, mesh8)
+  p_state = state_lib.create_sharded_state(p_model, p_tx, mesh8, jax.random.key(0), p_sh)
   # The same initial parameters in the plain layout (adaLN-Zero layers randomised, so that the
   # first steps already exercise every block).
   cfg = mmdit.config_from_preset(**ref.model)
@@ -132,13 +133,13 @@ def test_production_step_scanned_remat_bf16_matches_plain_float32():
     lambda a: np.asarray(a) if np.asarray(a).any() else (0.02 * rng.standard_normal(a.shape)).astype(np.float32),
     mmdit.unstack_block_params(jax.device_get(p_state.params), cfg),
   )
-  r_model, r_tx = train.make_model(ref), train.make_optimizer(ref)
-  _, r_sh = train.state_shardings(r_model, r_tx, mesh1)
+  r_model, r_tx = state_lib.make_model(ref), optimizer.make_optimizer(ref)
+  _, r_sh = state_lib.state_shardings(r_model, r_tx, mesh1)
   copy = lambda tree: jax.tree.map(np.array, tree)  # distinct buffers: the step donates the state
 
   def state(tx, params, shardings):
     return jax.device_put(
-      train.TrainState(
+      state_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=copy(params), opt_state=copy(tx.init(params)), ema_params=copy(params)
       ),
       shardings,
@@ -163,8 +164,8 @@ def test_production_step_scanned_remat_bf16_matches_plain_float32():
 def test_parameter_shardings_follow_rules():
   c = _config()
   mesh = _mesh((2, 2, 2))
-  model, tx = train.make_model(c), train.make_optimizer(c)
-  abstract, shardings = train.state_shardings(model, tx, mesh)
+  model, tx = state_lib.make_model(c), optimizer.make_optimizer(c)
+  abstract, shardings = state_lib.state_shardings(model, tx, mesh)
   blk = shardings.params["joint_blocks_0"]["x_block"]
   assert blk["mlp"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
   assert blk["mlp"]["fc2"]["kernel"].spec == P("tensor", "fsdp")
@@ -178,7 +179,7 @@ def test_parameter_shardings_follow_rules():
   assert adam.mu["joint_blocks_0"]["x_block"]["mlp"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
   assert shardings.ema_params["joint_blocks_0"]["x_block"]["mlp"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
   # Initialisation lands directly in those shardings.
-  state = train.create_sharded_state(model, tx, mesh, jax.random.key(0), shardings)
+  state = state_lib.create_sharded_state(model, tx, mesh, jax.random.key(0), shardings)
   leaf = state.params["joint_blocks_0"]["x_block"]["mlp"]["fc1"]["kernel"]
   assert leaf.sharding.spec == P("fsdp", "tensor")
   assert leaf.addressable_shards[0].data.shape == (leaf.shape[0] // 2, leaf.shape[1] // 2)
@@ -197,15 +198,15 @@ def test_gradient_accumulation_matches_full_batch():
 
 
 def _compiled_step_hlo(c, mesh):
-  model, tx, opts = train.make_model(c), train.make_optimizer(c), train.step_options(c)
-  abstract, shardings = train.state_shardings(model, tx, mesh)
-  shapes = train.batch_shapes(c)
+  model, tx, opts = state_lib.make_model(c), optimizer.make_optimizer(c), step_lib.step_options(c)
+  abstract, shardings = state_lib.state_shardings(model, tx, mesh)
+  shapes = train_data.batch_shapes(c)
   batch = {
     k: jax.ShapeDtypeStruct(s, jnp.float16, sharding=sharding.batch_sharding(mesh, len(s))) for k, s in shapes.items()
   }
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sharding.replicated(mesh))
-  schedule = train.learning_rate_schedule(c.optimizer, c.total_steps)
-  step = train.make_train_step(model, tx, opts, schedule, mesh, shardings, shapes)
+  schedule = optimizer.learning_rate_schedule(c.optimizer, c.total_steps)
+  step = step_lib.make_train_step(model, tx, opts, schedule, mesh, shardings, shapes)
   return step.lower(abstract, batch, rng).compile().as_text()
 
 
@@ -225,13 +226,13 @@ def test_gradient_accumulation_moves_no_batch_between_devices():
 def test_ema_changes_only_on_its_steps():
   c = _config(**{"ema.every": 2, "ema.decay": 0.9})
   mesh = _mesh((1, 8, 1))
-  model, tx, opts = train.make_model(c), train.make_optimizer(c), train.step_options(c)
-  _, shardings = train.state_shardings(model, tx, mesh)
-  state = train.create_sharded_state(model, tx, mesh, jax.random.key(c.seed), shardings)
+  model, tx, opts = state_lib.make_model(c), optimizer.make_optimizer(c), step_lib.step_options(c)
+  _, shardings = state_lib.state_shardings(model, tx, mesh)
+  state = state_lib.create_sharded_state(model, tx, mesh, jax.random.key(c.seed), shardings)
   init = jax.tree.map(np.asarray, state.ema_params)
   batches = _batches(c, 2)
-  schedule = train.learning_rate_schedule(c.optimizer, c.total_steps)
-  step = train.make_train_step(model, tx, opts, schedule, mesh, shardings, train.batch_shapes(c))
+  schedule = optimizer.learning_rate_schedule(c.optimizer, c.total_steps)
+  step = step_lib.make_train_step(model, tx, opts, schedule, mesh, shardings, train_data.batch_shapes(c))
   state, _ = step(state, sharding.make_global_batch(batches[0], mesh), jax.random.key(1))
   for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(init)):
     np.testing.assert_array_equal(np.asarray(a), b)  # step 1: untouched
@@ -243,9 +244,9 @@ def test_ema_changes_only_on_its_steps():
 def test_pos_embed_is_frozen_and_ema_moves():
   c = _config(**{"ema.every": 1})
   mesh = _mesh((1, 8, 1))
-  model, tx = train.make_model(c), train.make_optimizer(c)
-  _, shardings = train.state_shardings(model, tx, mesh)
-  init = train.create_sharded_state(model, tx, mesh, jax.random.key(c.seed), shardings)
+  model, tx = state_lib.make_model(c), optimizer.make_optimizer(c)
+  _, shardings = state_lib.state_shardings(model, tx, mesh)
+  init = state_lib.create_sharded_state(model, tx, mesh, jax.random.key(c.seed), shardings)
   pos0 = np.asarray(init.params["pos_embed"])
   state, _ = _run_steps(c, mesh, _batches(c, 2))
   np.testing.assert_array_equal(np.asarray(state.params["pos_embed"]), pos0)
@@ -356,12 +357,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
   assert steps and steps[-1] >= 4
   # Every kept checkpoint restores to finite parameters.
-  from sd3_jax import checkpoint as ckpt_lib
+  from sd3_jax.storage import checkpoint as ckpt_lib
 
   c = _config()
   mesh = _mesh((1, 8, 1))
-  model, tx = train.make_model(c), train.make_optimizer(c)
-  abstract, _ = train.state_shardings(model, tx, mesh)
+  model, tx = state_lib.make_model(c), optimizer.make_optimizer(c)
+  abstract, _ = state_lib.state_shardings(model, tx, mesh)
   ck = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), max_to_keep=2)
   state, _ = ck.restore(ck.latest_step(), abstract_state=abstract)
   ck.close()
@@ -374,7 +375,7 @@ def test_sharded_forward_of_random_model_equals_unsharded(shape):
   from sd3_jax.models import mmdit
 
   c = _config(**{"model.qk_norm": True, "model.dual_attention_layers": (0,)})
-  model = train.make_model(c)
+  model = state_lib.make_model(c)
   params = mmdit.init_params(model, jax.random.key(0))
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -437,6 +438,6 @@ def test_periodic_sample_grids(tmp_path, monkeypatch):
 
 def test_indivisible_mesh_is_a_clear_error():
   c = _config(**{"model.hidden_size": 36, "model.num_heads": 4})  # 36 is not divisible by fsdp 8
-  model, tx = train.make_model(c), train.make_optimizer(c)
+  model, tx = state_lib.make_model(c), optimizer.make_optimizer(c)
   with pytest.raises(ValueError, match=r"dimension 36 is split over mesh axes \('fsdp',\) of total size 8"):
-    train.state_shardings(model, tx, _mesh((1, 8, 1)))
+    state_lib.state_shardings(model, tx, _mesh((1, 8, 1)))

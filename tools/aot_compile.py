@@ -42,8 +42,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from sd3_jax.models import flops, mmdit  # noqa: E402
 from sd3_jax.models import remat as remat_lib  # noqa: E402
-from sd3_jax import sharding  # noqa: E402
-from sd3_jax import train  # noqa: E402
+from sd3_jax import command, sharding  # noqa: E402
+from sd3_jax.training import optimizer, state as state_lib, step as step_lib, train_data  # noqa: E402
 from tools import hlo_flops  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -98,17 +98,17 @@ def compile_step(config, devices, latent_hw=None):
   """Lower and compile the real train step for ``devices`` (for the aspect bucket of latent size
   ``latent_hw``; default the first) -> (compiled, mesh, abstract args)."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-  model = train.make_model(config, platform=devices[0].platform)
-  tx, opts = train.make_optimizer(config), train.step_options(config)
-  abstract_state, shardings = train.state_shardings(model, tx, mesh)
-  shapes = train.batch_shapes(config, latent_hw)
+  model = state_lib.make_model(config, platform=devices[0].platform)
+  tx, opts = optimizer.make_optimizer(config), step_lib.step_options(config)
+  abstract_state, shardings = state_lib.state_shardings(model, tx, mesh)
+  shapes = train_data.batch_shapes(config, latent_hw)
   # Batches arrive in the records' stored dtype (float16) and are cast inside the step.
   batch = {
     k: jax.ShapeDtypeStruct(s, jnp.float16, sharding=sharding.batch_sharding(mesh, len(s))) for k, s in shapes.items()
   }
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=sharding.replicated(mesh))
-  schedule = train.learning_rate_schedule(config.optimizer, config.total_steps)
-  step = train.make_train_step(model, tx, opts, schedule, mesh, shardings, shapes)
+  schedule = optimizer.learning_rate_schedule(config.optimizer, config.total_steps)
+  step = step_lib.make_train_step(model, tx, opts, schedule, mesh, shardings, shapes)
   args = (abstract_state, batch, rng)
   try:
     return step.lower(*args).compile(), mesh, args
@@ -143,7 +143,7 @@ def analyse(config, devices) -> dict:
   """Every aspect bucket of the config compiled (config.data.buckets; one bucket without). One
   bucket: its figures. Several: the figures of the bucket with the largest peak (or one that
   does not fit), ``fits`` only when all fit, and each bucket's own under ``buckets``."""
-  sizes = train.latent_sizes(config)
+  sizes = train_data.latent_sizes(config)
   results = {f"{h}x{w}": analyse_bucket(config, devices, (h, w)) for h, w in sizes}
   if len(results) == 1:
     return next(iter(results.values()))
@@ -163,7 +163,7 @@ def analyse_bucket(config, devices, latent_hw) -> dict:
   mcfg = mmdit.config_from_preset(**config.model)
   h, w = latent_hw
   model_flops = flops.train_step_flops(mcfg, h, w, d.context_len, config.global_batch_size)
-  impl = train.make_model(config, platform=devices[0].platform).attention_impl
+  impl = state_lib.make_model(config, platform=devices[0].platform).attention_impl
   # Attention inside a kernel is invisible in the HLO: compare like with like.
   attn = 3 * config.global_batch_size * flops.mmdit_forward_flops_breakdown(mcfg, h, w, d.context_len)["attention"]
   attn += 3 * config.global_batch_size * _attn2_core_flops(mcfg, h, w)
@@ -409,4 +409,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=command.parse_absl_flags("python -m tools.aot_compile"))

@@ -4,12 +4,12 @@ r"""Speed of the input pipeline alone: records/s one host reads from local disk.
       [--batch 64] [--batches 40] [--worker_counts 0,2] [--chip_images_per_sec 246.2] [--json]
 
 Writes ``--num_records`` synthetic records of the training shape (float16 latent
-[r/8, r/8, 16], context [154, 4096], pooled [2048], zstd, as ``sd3_jax.build_dataset`` writes
+[r/8, r/8, 16], context [154, 4096], pooled [2048], zstd, as ``sd3-build-dataset`` writes
 them) once, then times ``input_pipeline.make_train_iterator`` over them (host batches of
 ``--batch``, stored dtype, no device) for each worker count: records/s and MB/s. How many chips
 one host feeds = records/s over the images/s one chip consumes (``--chip_images_per_sec``, an
 assumption: the default is diffusers' SD3 d=24 256^2 step with torch.compile on one H200,
-README "Performance"). The records are read through the OS file cache after being written;
+docs/performance.md). The records are read through the OS file cache after being written;
 a cold read from a slower disk can only be slower.
 """
 
@@ -21,7 +21,7 @@ import time
 
 from absl import app, flags
 
-from sd3_jax import input_pipeline, records
+from sd3_jax.data import input_pipeline, records, sources
 
 _DIR = flags.DEFINE_string("dir", "/tmp/sd3_bench_records", "Where the synthetic records live (reused).")
 _RES = flags.DEFINE_integer("resolution", 256, "Image resolution (latent side = resolution / 8).")
@@ -33,19 +33,19 @@ _CHIP = flags.DEFINE_float("chip_images_per_sec", 246.2, "Images/s one chip cons
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 
-def ensure_records(directory: str, num_records: int, resolution: int) -> records.RecordSource:
+def ensure_records(directory: str, num_records: int, resolution: int) -> sources.RecordSource:
   latent = resolution // 8
   if os.path.exists(os.path.join(directory, records.INFO_FILE)):
-    src = records.RecordSource(directory)
+    src = sources.RecordSource(directory)
     if len(src) == num_records and src.element_spec["latent"][0] == (latent, latent, 16):
       return src
     raise SystemExit(f"{directory} holds other records; pass a fresh --dir")
-  syn = records.SyntheticSource(num_records, (latent, latent, 16), 154, 4096, 2048, seed=0)
+  syn = sources.SyntheticSource(num_records, (latent, latent, 16), 154, 4096, 2048, seed=0)
   with records.RecordWriter(directory, records_per_shard=256) as w:
     for i in range(num_records):
       ex = syn[i]
       w.write(ex.latent, ex.context, ex.pooled, dict(ex.metadata))
-  return records.RecordSource(directory)
+  return sources.RecordSource(directory)
 
 
 def measure(source, batch: int, batches: int, workers: int) -> dict:

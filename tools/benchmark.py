@@ -5,11 +5,11 @@ r"""Throughput of the real train step on the devices present, on synthetic data.
 Compiles the train step of the config once (its mesh, remat, attention, batch), then runs
 ``--steps`` steps on one synthetic global batch of the config's shapes (float16, as records
 arrive) and prints: step time, images/s, model TFLOP/s per device, MFU against the chip's
-datasheet bf16 peak (``sd3_jax.metrics.peak_flops_per_device``; none on CPU) and against the
+datasheet bf16 peak (``sd3_jax.training.metrics.peak_flops_per_device``; none on CPU) and against the
 matmul peak measured here (an n x n x n matmul in the compute dtype on one device), and the
 peak device memory (the allocator's high-water mark where the backend reports it, else the
 compiled program's memory analysis). Model FLOPs are ``sd3_jax.models.flops.train_step_flops``
-(matmuls and attention, 3x forward; recomputation not counted), as in the README's MFU.
+(matmuls and attention, 3x forward; recomputation not counted), as in docs/performance.md's MFU.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from sd3_jax import metrics as metrics_lib
-from sd3_jax import sharding, train
+from sd3_jax.training import metrics as metrics_lib
+from sd3_jax import command, sharding
+from sd3_jax.training import optimizer, state as state_lib, step as step_lib, train_data
 from sd3_jax.models import flops, mmdit
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -77,10 +78,10 @@ def run(config, steps: int, matmul_size: int = 0) -> dict:
     raise ValueError(f"--steps must be >= 1, got {steps}")
   devices = jax.devices()
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  model, tx, opts = train.make_model(config), train.make_optimizer(config), train.step_options(config)
-  _, shardings = train.state_shardings(model, tx, mesh)
-  state = train.create_sharded_state(model, tx, mesh, jax.random.key(config.seed), shardings)
-  shapes = train.batch_shapes(config)
+  model, tx, opts = state_lib.make_model(config), optimizer.make_optimizer(config), step_lib.step_options(config)
+  _, shardings = state_lib.state_shardings(model, tx, mesh)
+  state = state_lib.create_sharded_state(model, tx, mesh, jax.random.key(config.seed), shardings)
+  shapes = train_data.batch_shapes(config)
   sharding.batch_size_per_process(config.global_batch_size, mesh)
 
   def synthetic(key):
@@ -91,8 +92,8 @@ def run(config, steps: int, matmul_size: int = 0) -> dict:
 
   batch_sh = {k: sharding.batch_sharding(mesh, len(s)) for k, s in shapes.items()}
   batch = jax.jit(synthetic, out_shardings=batch_sh)(jax.random.key(1))
-  schedule = train.learning_rate_schedule(config.optimizer, config.total_steps)
-  step_fn = train.make_train_step(model, tx, opts, schedule, mesh, shardings, shapes)
+  schedule = optimizer.learning_rate_schedule(config.optimizer, config.total_steps)
+  step_fn = step_lib.make_train_step(model, tx, opts, schedule, mesh, shardings, shapes)
   rng = jax.random.key(2)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch, rng).compile()
@@ -171,4 +172,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=command.parse_absl_flags("python -m tools.benchmark"))

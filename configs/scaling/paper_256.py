@@ -7,8 +7,7 @@ array, and analyse the workdirs wherever they are written:
       --sweep_dir gs://BUCKET/scaling --print_commands
   python -m sd3_jax.scaling analyze /mnt/scaling --out scaling_report --holdout largest
 
-The argument after ':' is a directory with train/ and val/ latent records (README, "Training
-data"). Each budget gives every depth the step count closest to it from its exact FLOPs per step
+The argument after ':' is a directory with train/ and val/ latent records (docs/training.md). Each budget gives every depth the step count closest to it from its exact FLOPs per step
 (``sd3_jax.models.flops.train_step_flops``); ``sweep.json`` (written by ``run``) lists them. The
 budgets (1e20 to 1e21 FLOPs) span what Liang et al. 2024 extrapolated to; raise them for the
 d=38 end to see its optimum. The base config is configs/sd3_medium.py (lr 1e-4, 1000 warm-up

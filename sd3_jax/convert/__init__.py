@@ -8,7 +8,7 @@
                   directories (for CLIP score and FID on CLIP features; the tokenizer files of
                   a CLIPModel directory are copied along, into DST/tokenizer/)
 
-Command: ``sd3-convert`` (= ``python -m tools.convert_weights`` = ``python -m sd3_jax.convert``)
+Command: ``sd3-convert`` (= ``python -m sd3_jax.convert``)
 ``--src SRC --dst DST --to {jax,diffusers,sd3,transformers}`` (``cli.py``; see ``--help``).
 Python API:
 
@@ -39,7 +39,7 @@ from typing import Mapping
 
 import numpy as np
 
-from sd3_jax import pretrained
+from sd3_jax.storage import trees
 from sd3_jax.models.mmdit import MMDiTConfig
 from sd3_jax.convert import mmdit_keys, runs, text_keys
 from sd3_jax.convert.encoders import TEXT_WRITERS, convert_vae, copy_tokenizer, open_text_source
@@ -152,7 +152,7 @@ def state_dict_to_params(
   """diffusers or original (prefixed or bare) state dict -> (config, unscanned params)."""
   source = source_from_state_dict(state_dict, num_heads=num_heads, diffusers_config=diffusers_config)
   flat = {e.name: np.ascontiguousarray(a) for e, a in iter_native(source, "jax", dtype)}
-  return source.config, pretrained.unflatten(flat)
+  return source.config, trees.unflatten(flat)
 
 
 def params_to_state_dict(params: Mapping, config: MMDiTConfig, fmt: str, *, dtype=None) -> dict[str, np.ndarray]:

@@ -1,5 +1,5 @@
-"""The converter command: ``sd3-convert`` = ``python -m tools.convert_weights`` =
-``python -m sd3_jax.convert``, ``--src SRC --dst DST --to {jax,diffusers,sd3,transformers}``."""
+"""The converter command: ``sd3-convert`` (= ``python -m sd3_jax.convert``; ``python -m tools.convert_weights``
+from the repository root), ``--src SRC --dst DST --to {jax,diffusers,sd3,transformers}``."""
 
 import os
 
@@ -15,7 +15,7 @@ source formats (model and format detected automatically):
                 WORKDIR/checkpoints/STEP: the model is rebuilt from the run's config, the EMA
                 weights (--ema, default) or the raw parameters (--no-ema) are unscanned and
                 written; the optimizer state is not read
-  jax           a directory written by this tool or sd3_jax.pretrained.save_pretrained:
+  jax           a directory written by this tool or sd3_jax.storage.pretrained.save_pretrained:
                 sd3_jax_config.json + params/ (orbax); any of our models (MM-DiT, VAE, CLIP, T5)
   MM-DiT
   diffusers     a SD3Transformer2DModel directory (config.json + diffusion_pytorch_model.safetensors,
@@ -46,18 +46,18 @@ comes from its config.json and is checked against the tensors. Tensors are conve
 written one at a time, so memory stays far below the checkpoint size (the small VAE is
 converted in memory).
 
-examples (sd3-convert, python -m tools.convert_weights and python -m sd3_jax.convert are the same):
-  python -m tools.convert_weights --src workdirs/run1 --dst export/transformer --to diffusers --ema
-  python -m tools.convert_weights --src workdirs/run1/checkpoints/20000 --dst ckpt/run1 --to jax --no-ema
-  python -m tools.convert_weights --src sd3.5_large.safetensors --dst ckpt/sd35l --to jax
-  python -m tools.convert_weights --src ./stable-diffusion-3-medium-diffusers --dst ckpt/sd3m --to jax
-  python -m tools.convert_weights --src ckpt/sd3m --dst export/transformer --to diffusers --dtype bfloat16
-  python -m tools.convert_weights --src ckpt/sd3m --dst export/sd3_medium.safetensors --to sd3
+examples (sd3-convert and python -m sd3_jax.convert are the same):
+  sd3-convert --src workdirs/run1 --dst export/transformer --to diffusers --ema
+  sd3-convert --src workdirs/run1/checkpoints/20000 --dst ckpt/run1 --to jax --no-ema
+  sd3-convert --src sd3.5_large.safetensors --dst ckpt/sd35l --to jax
+  sd3-convert --src ./stable-diffusion-3-medium-diffusers --dst ckpt/sd3m --to jax
+  sd3-convert --src ckpt/sd3m --dst export/transformer --to diffusers --dtype bfloat16
+  sd3-convert --src ckpt/sd3m --dst export/sd3_medium.safetensors --to sd3
   for c in text_encoder text_encoder_2 text_encoder_3; do
-    python -m tools.convert_weights --src ./stable-diffusion-3-medium-diffusers/$c --dst ckpt/text/$c --to jax
+    sd3-convert --src ./stable-diffusion-3-medium-diffusers/$c --dst ckpt/text/$c --to jax
   done
-  python -m tools.convert_weights --src ckpt/text/text_encoder_3 --dst export/t5 --to transformers
-  python -m tools.convert_weights --src ./stable-diffusion-3-medium-diffusers/vae --dst ckpt/vae --to jax
+  sd3-convert --src ckpt/text/text_encoder_3 --dst export/t5 --to transformers
+  sd3-convert --src ./stable-diffusion-3-medium-diffusers/vae --dst ckpt/vae --to jax
 """
 
 

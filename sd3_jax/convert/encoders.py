@@ -12,7 +12,8 @@ import shutil
 
 import numpy as np
 
-from sd3_jax import pretrained
+from sd3_jax.storage import pretrained
+from sd3_jax.storage import trees
 from sd3_jax.convert import text_keys as TK
 from sd3_jax.convert.safetensors_io import check_float_dtypes
 from sd3_jax.convert.formats import (
@@ -68,6 +69,18 @@ def open_text_source(path, verify: bool = True) -> TK.TextSource:
     projection=TK.has_projection(hf),
     description=desc,
   )
+
+
+def load_text_encoder(path, *, dtype=np.float32):
+  """(flax module, float32 parameters) of a transformers text-encoder directory, converted in
+  memory one tensor at a time (our own checkpoints load with ``pretrained.load_pretrained``)."""
+  import jax.numpy as jnp
+
+  from sd3_jax.models import text_encoders as te
+
+  source = open_text_source(path)
+  flat = {e.ours: jnp.asarray(source.read_ours(e.ours).astype(np.float32)) for e in source.entries}
+  return te.build(source.config, dtype), trees.unflatten(flat)
 
 
 def _text_dtype(source: TK.TextSource, e: TK.Entry, dtype) -> np.dtype:

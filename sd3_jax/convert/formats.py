@@ -24,7 +24,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from sd3_jax import fileutil, integrity, pretrained
+from sd3_jax.storage import fileutil, integrity, pretrained
+from sd3_jax.storage import trees
 from sd3_jax.models.mmdit import MMDiTConfig
 from sd3_jax.convert import mmdit_keys as K
 from sd3_jax.convert import text_keys as TK
@@ -137,7 +138,7 @@ class Source:
   ):
     self.format, self.config, self.description = fmt, config, description
     self.entries = K.entries(config, fmt)
-    pretrained.check_shapes(shapes, {e.name: e.shape for e in self.entries}, description)
+    trees.check_shapes(shapes, {e.name: e.shape for e in self.entries}, description)
     check_float_dtypes(dtypes, description)
     self._dtypes, self._read = dict(dtypes), read
     self.by_orig: dict[str, list[K.Entry]] = {}
@@ -255,7 +256,7 @@ def group_reader(path, verify: bool = True) -> Callable[[str], np.ndarray]:
     with lock:  # one top-level group (e.g. one joint block) in memory at a time
       if cache["group"] != group:
         cache["leaves"] = {}
-        cache["leaves"] = pretrained.flatten(pretrained.load_params(path, [group], verify=verify, checksums=sums))
+        cache["leaves"] = trees.flatten(pretrained.load_params(path, [group], verify=verify, checksums=sums))
         cache["group"] = group
       return cache["leaves"][name]
 
@@ -332,7 +333,7 @@ def source_from_params(params: Mapping, config: MMDiTConfig) -> Source:
 
   if any(k.startswith("scan_blocks_") for k in params):
     params = mmdit.unstack_block_params(params, config)
-  flat = {k: as_numpy(v) for k, v in pretrained.flatten(params).items()}
+  flat = {k: as_numpy(v) for k, v in trees.flatten(params).items()}
   return Source(
     "jax",
     config,

@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from sd3_jax import pretrained
+from sd3_jax.storage import pretrained
 from sd3_jax.models.mmdit import MMDiTConfig
 
 FORMATS = ("jax", "sd3", "diffusers")

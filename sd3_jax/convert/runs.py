@@ -39,7 +39,7 @@ def run_location(path) -> Optional[tuple[str, Optional[int]]]:
 
 def open_run(path, *, use_ema: bool = True) -> Source:
   """The EMA (``use_ema``) or raw parameters of a run's checkpoint as a 'jax' Source."""
-  from sd3_jax import checkpoint  # jax/orbax only when a run is exported
+  from sd3_jax.storage import checkpoint  # jax/orbax only when a run is exported
 
   location = run_location(path)
   if location is None:

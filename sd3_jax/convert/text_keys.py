@@ -49,6 +49,7 @@ import numpy as np
 from sd3_jax.convert.safetensors_io import as_numpy, check_float_dtypes
 from sd3_jax.models.clip_vision import CLIPConfig, CLIPVisionConfig
 from sd3_jax.models.text_encoders import CLIPTextConfig, T5EncoderConfig
+from sd3_jax.storage import trees
 
 CLIP_PREFIX = "text_model."
 VISION_PREFIX = "vision_model."
@@ -320,12 +321,6 @@ def canonical_names(keys: Iterable[str], config) -> tuple[dict[str, str], list[s
 # Sources: named tensors of one model, validated up front, served one at a time
 
 
-def check_shapes(found: Mapping[str, tuple], expected: Mapping[str, tuple], what: str) -> None:
-  from sd3_jax import pretrained
-
-  pretrained.check_shapes(found, expected, what)
-
-
 class TextSource:
   """A text encoder's tensors in transformers naming (``read_hf``) or ours (``read_ours``),
   validated against the config on construction; reads are lazy, one tensor at a time."""
@@ -349,10 +344,10 @@ class TextSource:
     self._by_hf = {e.hf: e for e in self.entries}
     self._by_ours = {e.ours: e for e in self.entries}
     if read_hf is not None:
-      check_shapes(hf_shapes, {e.hf: e.hf_shape for e in self.entries}, description)
+      trees.check_shapes(hf_shapes, {e.hf: e.hf_shape for e in self.entries}, description)
       self._dtypes = {e.ours: np.dtype(hf_dtypes[e.hf]) for e in self.entries}
     else:
-      check_shapes(ours_shapes, {e.ours: e.ours_shape for e in self.entries}, description)
+      trees.check_shapes(ours_shapes, {e.ours: e.ours_shape for e in self.entries}, description)
       self._dtypes = {e.ours: np.dtype(ours_dtypes[e.ours]) for e in self.entries}
     check_float_dtypes(self._dtypes, description)
     self._read_hf, self._read_ours = read_hf, read_ours
@@ -428,8 +423,6 @@ def state_dict_to_params(state_dict: Mapping, hf_config: Mapping, *, dtype=None)
   """In-memory transformers state dict (torch or numpy) + its config dict -> (config, params).
 
   params is our nested parameter tree of numpy arrays (source dtypes unless ``dtype``)."""
-  from sd3_jax import pretrained
-
   config = config_from_hf(hf_config)
   arrays = {k: as_numpy(v) for k, v in state_dict.items()}
   src = source_from_hf_tensors(
@@ -443,15 +436,13 @@ def state_dict_to_params(state_dict: Mapping, hf_config: Mapping, *, dtype=None)
   for e in src.entries:
     a = src.read_ours(e.ours)
     flat[e.ours] = _contiguous(a.astype(dtype or a.dtype, copy=False))
-  return config, pretrained.unflatten(flat)
+  return config, trees.unflatten(flat)
 
 
 def params_to_state_dict(params: Mapping, config, *, dtype=None) -> dict[str, np.ndarray]:
   """Our parameters -> transformers state dict (CLIPTextModelWithProjection / T5EncoderModel
   names, loadable with ``load_state_dict``), numpy arrays."""
-  from sd3_jax import pretrained
-
-  flat = {k: np.asarray(v) for k, v in pretrained.flatten(params).items()}
+  flat = {k: np.asarray(v) for k, v in trees.flatten(params).items()}
   src = TextSource(
     config,
     ours_shapes={k: a.shape for k, a in flat.items()},

@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 from sd3_jax.models.vae import VAEConfig
-from sd3_jax.pretrained import check_shapes  # noqa: F401  (re-exported: names every bad key)
+from sd3_jax.storage.trees import check_shapes
 from sd3_jax.convert.safetensors_io import as_numpy
 
 ORIGINAL_PREFIX = "first_stage_model."

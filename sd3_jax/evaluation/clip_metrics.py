@@ -83,7 +83,7 @@ class CLIPFeatures:
     if not isinstance(model, cv.CLIPModel):
       raise ValueError(
         f"CLIP metrics need a CLIPModel (both towers), got {type(model).__name__}; convert a "
-        "transformers CLIPModel directory with `python -m tools.convert_weights --to jax`"
+        "transformers CLIPModel directory with `sd3-convert --to jax`"
       )
     self.model, self.tokenizer = model, tokenizer
     self.mesh = mesh if mesh is not None else sharding.make_mesh(1, -1, 1)
@@ -117,7 +117,8 @@ class CLIPFeatures:
   @classmethod
   def from_pretrained(cls, path, *, tokenizer_path: Optional[str] = None, dtype=jnp.float32, **kwargs):
     """From our converted CLIP checkpoint; the tokenizer from ``tokenizer_path`` or DIR/tokenizer."""
-    from sd3_jax import pretrained, text_conditioning
+    from sd3_jax.storage import pretrained
+    from sd3_jax import text_conditioning
 
     model, params = pretrained.load_pretrained(path, dtype=dtype)
     tok_dir = tokenizer_path or os.path.join(os.fspath(path), "tokenizer")

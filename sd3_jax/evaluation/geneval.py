@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from sd3_jax import generation
+from sd3_jax.inference import generation
 
 
 def read_metadata(path: str) -> list[dict]:

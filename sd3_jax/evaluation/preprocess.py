@@ -127,7 +127,7 @@ def check_uint8(images, what: str):
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(
       f"{what} must be uint8 RGB images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}; "
-      "convert float images with sd3_jax.generation.to_uint8"
+      "convert float images with sd3_jax.inference.generation.to_uint8"
     )
 
 

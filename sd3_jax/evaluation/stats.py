@@ -152,7 +152,7 @@ def load_stats(path: str) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(
       f"no reference statistics file {path}; compute one with "
-      "`python -m sd3_jax.reference_stats --images DIR --clip CLIP --out ref.npz`"
+      "`python -m sd3_jax.evaluation.reference_stats --images DIR --clip CLIP --out ref.npz`"
     )
   with np.load(path) as f:
     if "mu" not in f or "sigma" not in f:

@@ -21,13 +21,13 @@ from sd3_jax.models import mup
 
 # The configuration API lives beside the model and is part of its namespace (mmdit.get_config).
 from sd3_jax.models.mmdit_config import (
-  PRESETS,
+  PRESETS,  # noqa: F401
   MMDiTConfig,
   block_segments,
   config_for_depth,  # noqa: F401
-  config_from_preset,
-  get_config,
-  iter_blocks,
+  config_from_preset,  # noqa: F401
+  get_config,  # noqa: F401
+  iter_blocks,  # noqa: F401
 )
 from sd3_jax.models import remat as R
 

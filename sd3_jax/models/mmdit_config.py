@@ -9,7 +9,7 @@ import dataclasses
 from typing import Iterator
 
 from sd3_jax.models import mup
-from sd3_jax.models.config_check import check_config
+from sd3_jax.models.field_checks import check_config
 
 
 @dataclasses.dataclass(frozen=True)

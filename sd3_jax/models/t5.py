@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sd3_jax.models.config_check import check_config
+from sd3_jax.models.field_checks import check_config
 from sd3_jax.models.layers import ACTIVATIONS, Dense, Embed, T5LayerNorm, dataclass_from_dict, hf_get, masked_attention
 
 Dtype = Any

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sd3_jax.models.layers import ACTIVATIONS, Dense, Embed, LayerNorm, dataclass_from_dict, hf_get, masked_attention
-from sd3_jax.models.config_check import check_config
+from sd3_jax.models.field_checks import check_config
 from sd3_jax.models.t5 import T5Encoder, T5EncoderConfig
 
 Dtype = Any

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sd3_jax.models import layers as L
-from sd3_jax.models.config_check import check_config
+from sd3_jax.models.field_checks import check_config
 
 Dtype = Any
 

@@ -4,8 +4,7 @@ Each run is read from its own files only (its saved experiment config and ``metr
 so runs trained here, on a pod from ``--print_commands`` lines, or by hand all work. Parameters
 and compute come from the config (``family``); every validation row of a run is one point
 (step, images seen, compute, loss). ``RUN/sample_eval.json`` (``toy.score_run``) adds the run's
-sample accuracy. The fits and the held-out prediction are described in the README, "Scaling-law
-studies".
+sample accuracy. The fits and the held-out prediction are described in docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sd3_jax import fileutil
+from sd3_jax.storage import fileutil
 from sd3_jax.models import mmdit
 from sd3_jax.scaling import family, fits, isoflop
 
@@ -56,7 +55,7 @@ def find_runs(dirs: Sequence[str]) -> list[str]:
 
 def read_config(run_dir: str) -> dict:
   """The experiment config a run saved with its latest committed checkpoint."""
-  from sd3_jax import checkpoint
+  from sd3_jax.storage import checkpoint
 
   ckpt = os.path.join(run_dir, "checkpoints")
   for step in reversed(checkpoint.committed_steps(ckpt)):

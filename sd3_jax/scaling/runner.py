@@ -15,7 +15,7 @@ from typing import Sequence
 
 import ml_collections
 
-from sd3_jax import checkpoint, fileutil
+from sd3_jax.storage import checkpoint, fileutil
 from sd3_jax.scaling import sweep as sweep_lib
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def write_plan(sweep: ml_collections.ConfigDict, runs: Sequence[sweep_lib.Run], 
 def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str, *, only: Sequence[str] = ()) -> list[str]:
   """Trains every planned run (or those named in ``only``) in order; returns the names trained
   now (finished runs are skipped). Runs in this process with ``train.train_and_evaluate``."""
-  from sd3_jax import train  # jax starts here, not when the sweep is only planned or printed
+  from sd3_jax.training import train  # jax starts here, not when the sweep is only planned or printed
 
   runs = sweep_lib.plan(sweep)
   unknown = set(only) - {r.name for r in runs}

@@ -1,7 +1,7 @@
 """The toy study's data and its sample-quality score, built from the embedded demo's own parts.
 
 ``prepare_data`` writes the demo's random text encoders and coloured-shapes records
-(``sd3_jax.demo.run``: train scenes over 408 caption combinations, validation scenes over the 24
+(``sd3_jax.demo.stages``: train scenes over 408 caption combinations, validation scenes over the 24
 held-out ones). ``score_run`` samples the held-out prompts from a run's EMA weights and reads them
 back with the demo's checker (``sd3_jax.demo.scenes``), standing in for GenEval: it writes
 ``RUN/sample_eval.json``, which ``analyze`` joins to the run's validation loss.
@@ -14,9 +14,10 @@ import os
 
 import numpy as np
 
-from sd3_jax import fileutil
+from sd3_jax.storage import fileutil
 from sd3_jax.demo import config as demo_config
-from sd3_jax.demo import run as demo
+from sd3_jax.demo import encoders as demo_encoders
+from sd3_jax.demo import stages as demo_stages
 from sd3_jax.demo import scenes as scene_lib
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def prepare_data(
   train_scenes, heldout = scene_lib.split_scenes(num_heldout, seed=seed)
   text_dir = os.path.join(workdir, "text_encoders")
   if not os.path.isdir(text_dir):
-    demo.make_text_encoders(
+    demo_encoders.make_text_encoders(
       text_dir,
       [s.caption for s in scene_lib.all_scenes()],
       clip_l_dim=demo_config.CLIP_L_DIM,
@@ -52,14 +53,17 @@ def prepare_data(
     "train": os.path.join(workdir, "data", "train"),
     "val": os.path.join(workdir, "data", "val"),
   }
-  demo.build_records(
-    demo.SceneSource(train_scenes, num_train, size=size, seed=seed, name="train"),
+  demo_stages.build_records(
+    demo_stages.SceneSource(train_scenes, num_train, size=size, seed=seed, name="train"),
     paths["train"],
     conditioner,
     resolution=size,
   )
-  demo.build_records(
-    demo.SceneSource(heldout, num_val, size=size, seed=seed + 1, name="val"), paths["val"], conditioner, resolution=size
+  demo_stages.build_records(
+    demo_stages.SceneSource(heldout, num_val, size=size, seed=seed + 1, name="val"),
+    paths["val"],
+    conditioner,
+    resolution=size,
   )
   return paths
 
@@ -76,7 +80,9 @@ def score_run(
 ) -> dict:
   """Held-out sample accuracy of a run's last checkpoint (EMA weights), written to
   ``RUN/sample_eval.json``; an existing file for the same checkpoint step is reused."""
-  from sd3_jax import checkpoint, generation, text_conditioning
+  from sd3_jax.storage import checkpoint
+  from sd3_jax.inference import generation
+  from sd3_jax import text_conditioning
 
   path = os.path.join(run_dir, SAMPLE_FILE)
   steps = checkpoint.committed_steps(os.path.join(os.path.abspath(run_dir), "checkpoints"))
@@ -113,7 +119,7 @@ def score_run(
     "sample_accuracy": acc["all"],
     "part_accuracy": float(np.mean(parts)),
     "parts": acc,
-    "chance": demo.chance_accuracy(list(images), scenes, seed=seed),
+    "chance": demo_stages.chance_accuracy(list(images), scenes, seed=seed),
     "num_prompts": len(heldout),
     "samples_per_prompt": samples_per_prompt,
     "sampler": {"steps": sampling_steps, "cfg_scale": cfg_scale, "weights": "ema"},
