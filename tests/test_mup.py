@@ -6,7 +6,9 @@ prescribes, so the role rule (used for the learning rates) and the initialisers 
 model cannot disagree without failing.
 """
 
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,9 @@ from flax import linen as nn
 from sd3_jax.models import attention as A
 from sd3_jax.models import mmdit as M
 from sd3_jax.models import mup
+from sd3_jax.scaling import cli
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
 
 BASE = dict(
   depth=1,
@@ -160,3 +165,24 @@ def test_bad_mup_settings_name_the_fix(fields, message):
   if fields.get("mup_base_width") == 33:
     cfg = M.MMDiTConfig(hidden_size=64, mup_base_head_dim=16, **{**BASE, **fields})
     assert cfg.attention_scale == pytest.approx(4 / 32)
+
+
+def test_coordinate_check_separates_mup_from_sp_and_agrees_at_the_base_width(tmp_path):
+  """``sd3-scaling coord_check`` on a one-block model at widths 32, 64, 128 (heads fixed, so the head
+  dimension grows too), three Adam steps at lr 1e-2: every layer's output and update size stays
+  flat with width under muP and grows under SP; at the base width the two train identically."""
+  out = tmp_path / "coord"
+  cli.main(
+    ["coord_check", "--config", TINY, "--widths", "32", "64", "128", "--steps", "3", "--out", str(out)]
+    + ["--set", "model.depth=1", "--set", "model.num_heads=2", "--set", "optimizer.learning_rate=0.01"]
+  )
+  report = json.load(open(out / "coord_check.json"))
+  mu, sp = report["summary"]["mup"], report["summary"]["sp"]
+  assert mu["act"]["max_abs_slope"] < 0.3 and mu["delta"]["max_abs_slope"] < 0.3, mu
+  assert sp["delta"]["max_abs_slope"] > 0.8, sp
+  grows = [k for k, v in report["slopes"]["sp"].items() if v.get("delta", 0) > 0.4]
+  assert len(grows) >= 10, report["slopes"]["sp"]  # many layers drift under SP, not one outlier
+  data = {d["parametrization"]: d for d in report["data"]}
+  for kind in ("act", "delta"):  # index 0: the base width, where muP is SP (optimizer included)
+    assert {k: v[0] for k, v in data["mup"][kind].items()} == {k: v[0] for k, v in data["sp"][kind].items()}
+  assert os.path.getsize(out / "coord_check.png") > 10_000

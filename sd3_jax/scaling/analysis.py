@@ -5,6 +5,13 @@ so runs trained here, on a pod from ``--print_commands`` lines, or by hand all w
 and compute come from the config (``family``); every validation row of a run is one point
 (step, images seen, compute, loss). ``RUN/sample_eval.json`` (``toy.score_run``) adds the run's
 sample accuracy. The fits and the held-out prediction are described in docs/scaling.md.
+
+Compute is counted twice, honestly: a point's ``compute`` is what its model cost from scratch (the
+x of the fits), and a run's ``own_compute`` is what it added to the study: a cooldown branch
+(``config.branch_from``) only its steps after the branch point, whose shared part its stable run
+already counted. ``scaling.json``'s "compute" sums both and reports the saving. Runs that vary
+``optimizer.learning_rate`` (or ``--transfer KEY``) at several widths get "transfer": the final
+loss per value and width, the best value per width and how far it moves (muP's test).
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ import numpy as np
 
 from sd3_jax.storage import fileutil
 from sd3_jax.models import mmdit
-from sd3_jax.scaling import family, fits, isoflop
+from sd3_jax.scaling import compare, family, fits, isoflop
 
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
+DIVERGED = "diverged.json"  # written by the sweep runner when a run's loss became NaN/Inf
 # Config keys that place a run in the family or its length, not what a comparison varies.
 FAMILY_KEYS = (
   "model.depth",
@@ -34,6 +42,8 @@ FAMILY_KEYS = (
   "val.every",
   "checkpoint_every",
   "log_every",
+  "keep_checkpoint_steps",
+  "branch_from",
 )
 
 
@@ -103,6 +113,14 @@ def loss_of(row: dict, loss: str = "val/loss", levels: str | None = None) -> flo
   return float(np.mean(chosen)) if chosen else None
 
 
+def branch_step(branch_from: str) -> int:
+  """The step of a branch point RUN/checkpoints/STEP."""
+  last = branch_from.rstrip("/").rsplit("/", 1)[-1]
+  if not last.isdigit():
+    raise ValueError(f"branch_from {branch_from!r} does not end in a checkpoint step (RUN/checkpoints/STEP)")
+  return int(last)
+
+
 def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None) -> dict:
   """One run: its config, family member, compute and validation points."""
   cfg = read_config(run_dir)
@@ -141,18 +159,25 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
       }
     )
   extra = {}
-  for name in ("scaling_run.json", "sample_eval.json"):
+  for name in ("scaling_run.json", "sample_eval.json", DIVERGED):
     path = os.path.join(run_dir, name)
     if os.path.isfile(path):
       with open(path) as f:
         extra[name] = json.load(f)
   sample = extra.get("sample_eval.json", {})
+  origin = branch_step(cfg["branch_from"]) if cfg.get("branch_from") else 0
+  last = points[-1]["step"] if points else origin
   return {
     "name": os.path.basename(run_dir),
     "dir": run_dir,
     "config": _flatten(cfg),
     "depth": mcfg.depth,
+    "width": mcfg.hidden_size,
     "width_per_depth": mcfg.hidden_size / mcfg.depth,
+    "branch_of": os.path.basename(os.path.dirname(os.path.dirname(cfg["branch_from"].rstrip("/")))) if origin else None,
+    "branch_step": origin,
+    "own_compute": per_step.flops_per_step * max(last - origin, 0),
+    "diverged": extra.get(DIVERGED),
     "params": family.param_counts(mcfg),
     "flops_per_step": per_step.flops_per_step,
     "total_steps": cfg["total_steps"],
@@ -237,6 +262,7 @@ def analyze(
   seed: int = 0,
   param_count: str = "non_embedding",
   plots: bool = True,
+  transfer_key: str = "optimizer.learning_rate",
 ) -> dict:
   """Reads the runs under ``dirs``, writes OUT/runs.csv and OUT/scaling.json (and plots)."""
   if param_count not in ("non_embedding", "total"):
@@ -266,6 +292,7 @@ def analyze(
         for k in (
           "name",
           "depth",
+          "width",
           "width_per_depth",
           "params",
           "flops_per_step",
@@ -274,6 +301,10 @@ def analyze(
           "finished",
           "sample_accuracy",
           "part_accuracy",
+          "branch_of",
+          "branch_step",
+          "own_compute",
+          "diverged",
         )
       }
       | {
@@ -318,8 +349,10 @@ def analyze(
     )
     result["isoflop"] = {"fit": iso.to_dict() if iso else None, "error": why}
   result["holdout"] = [_predict(r, law, par, param_count) for r in runs if r["name"] in held]
-  result["comparisons"] = comparisons(runs)
-  result["spearman"] = spearman(runs)
+  result["comparisons"] = compare.comparisons(runs, varying_keys(runs))
+  result["spearman"] = compare.spearman(runs)
+  result["compute"] = compare.compute_totals(runs)
+  result["transfer"] = compare.transfer(runs, varying_keys(runs), transfer_key)
   fileutil.atomic_json(os.path.join(out, "scaling.json"), result, indent=1)
   if plots:
     from sd3_jax.scaling import plots as plots_lib
@@ -348,58 +381,6 @@ def _predict(run: dict, law, par, param_count: str) -> dict:
   last = run["points"][-1]
   out["frontier_final_predicted"] = float(law.predict(last["compute"])) if law else None
   out["frontier_final_rel_error"] = (out["frontier_final_predicted"] - last["loss"]) / last["loss"] if law else None
-  return out
-
-
-def comparisons(runs: Sequence[dict]) -> list[dict]:
-  """For each varied key, the runs that differ only in it (same depth and length), ranked by
-  final loss, with their sample accuracy: e.g. the timestep samplers at equal compute."""
-  keys = varying_keys(runs)
-  out = []
-  for k in keys:
-    others = [o for o in keys if o != k]
-    groups = collections.defaultdict(list)
-    for r in runs:
-      groups[(r["depth"], r["total_steps"], tuple(repr(r["config"].get(o)) for o in others))].append(r)
-    for (depth, steps, _), members in groups.items():
-      if len({repr(m["config"].get(k)) for m in members}) < 2:
-        continue
-      ranked = sorted(members, key=lambda m: m["points"][-1]["loss"])
-      out.append(
-        {
-          "key": k,
-          "depth": depth,
-          "steps": steps,
-          "compute": ranked[0]["points"][-1]["compute"],
-          "rows": [
-            {
-              "value": m["config"].get(k),
-              "run": m["name"],
-              "final_loss": m["points"][-1]["loss"],
-              "val_loss": m["points"][-1]["val_loss"],
-              "sample_accuracy": m["sample_accuracy"],
-              "part_accuracy": m["part_accuracy"],
-              "rank": i + 1,
-            }
-            for i, m in enumerate(ranked)
-          ],
-        }
-      )
-  return out
-
-
-def spearman(runs: Sequence[dict]) -> dict | None:
-  """Rank correlation of final loss with sample accuracy across every scored run."""
-  from scipy import stats
-
-  scored = [r for r in runs if r["sample_accuracy"] is not None]
-  if len(scored) < 3:
-    return None
-  loss = [r["points"][-1]["loss"] for r in scored]
-  out = {"num_runs": len(scored), "runs": [r["name"] for r in scored]}
-  for key in ("sample_accuracy", "part_accuracy"):
-    rho, p = stats.spearmanr(loss, [r[key] for r in scored])
-    out[key] = {"rho": None if np.isnan(rho) else float(rho), "p_value": None if np.isnan(p) else float(p)}
   return out
 
 
@@ -460,6 +441,11 @@ def headline(result: dict) -> dict:
     "fit_runs": len(result["fit_runs"]),
     "holdout_runs": result["holdout_runs"],
   }
+  if result.get("compute", {}).get("branches"):
+    out["compute"] = {k: result["compute"][k] for k in ("spent", "from_scratch", "saved_fraction")}
+  for t in result.get("transfer", []):
+    name = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in t["fixed"].items()) or "all"
+    out[f"transfer {t['key']} ({name})"] = {"best": t["best"], "shift_in_grid_steps": t["shift"]}
   law = (result.get("frontier") or {}).get("fit")
   if law:
     out["frontier"] = {k: law[k] for k in ("e", "a", "alpha", "r2_log", "ci")}

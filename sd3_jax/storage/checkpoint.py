@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import grain
 import jax
@@ -63,11 +63,34 @@ class Checkpointer:
   Each process saves its own iterator position: resume needs the same process count.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    max_to_keep: int = 3,
+    async_save: bool = True,
+    keep_steps: Sequence[int] = (),
+    read_only: bool = False,
+  ):
+    """``keep_steps``: steps kept whatever ``max_to_keep`` says (a cooldown branch's start);
+    ``read_only``: only restore (another run's directory: nothing is created or cleaned up)."""
     self.directory = fileutil.as_epath(str(directory))
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True
-    )
+    if read_only:
+      options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False
+      )
+    elif keep_steps:
+      policies = ocp.checkpoint_managers
+      keep = policies.AnyPreservationPolicy(
+        [policies.LatestN(n=max_to_keep), policies.CustomSteps(steps=[int(s) for s in keep_steps])]
+      )
+      options = ocp.CheckpointManagerOptions(
+        preservation_policy=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True
+      )
+    else:
+      options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True
+      )
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=options,
@@ -149,6 +172,12 @@ class Checkpointer:
     ]
     if shapes:
       raise ValueError(f"state shapes do not match {where}: {_listing(shapes)}")
+
+  def saved_config(self, step: int) -> Optional[dict]:
+    """The config saved with ``step`` (None if it was saved without one), without the state."""
+    if not (self.directory / str(step) / CONFIG).exists():
+      return None
+    return self._manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
   def restore(
     self, step: Optional[int] = None, *, abstract_state: Any, data_iterator: Any = None

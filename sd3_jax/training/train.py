@@ -26,7 +26,7 @@ from sd3_jax.evaluation import scoring
 from sd3_jax.inference import generation
 from sd3_jax.models import flops, mmdit
 from sd3_jax.storage import checkpoint as ckpt_lib
-from sd3_jax.training import config_checks, divergence, init_from, optimizer, preemption, prefetch
+from sd3_jax.training import branch, config_checks, divergence, init_from, optimizer, preemption, prefetch
 from sd3_jax.training import metrics as metrics_lib
 from sd3_jax.training import startup_checks, state as state_lib, step as step_lib, train_data, validation
 from sd3_jax.training import writers
@@ -109,8 +109,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
   train_data.check_config_and_data(config, mesh, {"train": train_sources, "val": val_sources})
 
   abstract, shardings = state_lib.state_shardings(model, tx, mesh)
+  keep_steps = {int(k) for k in config.keep_checkpoint_steps}  # a stable run's branch points
   checkpointer = ckpt_lib.Checkpointer(
-    str(workdir / "checkpoints"), max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing
+    str(workdir / "checkpoints"),
+    max_to_keep=config.keep_checkpoints,
+    async_save=config.async_checkpointing,
+    keep_steps=sorted(keep_steps),
   )
   closers.append(checkpointer.close)
   # Batches stay in the records' dtype (float16) on the host; the step casts them on device.
@@ -154,6 +158,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
   if latest is not None:
     state, _ = checkpointer.restore(latest, abstract_state=abstract, data_iterator=train_iter)
     log.info("resumed from step %d", latest)
+  elif config.branch_from:  # a cooldown branch: another run's state, this run's schedule
+    state = branch.start(config, abstract, train_iter)
   else:
     state = state_lib.create_sharded_state(model, tx, mesh, jax.random.key(config.seed), shardings)
     if config.init_from:  # fine-tuning: the checkpoint's weights, EMA equal to them, fresh optimizer
@@ -233,6 +239,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
         b not in compiled
         or is_log
         or done % config.checkpoint_every == 0
+        or done in keep_steps
         or (val_fn is not None and done % config.val.every == 0)
         or (s.every > 0 and done % s.every == 0)
         or (e.every > 0 and done % e.every == 0)
@@ -314,7 +321,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
           )
           writer.write_scalars(done, values)
           last.update(values)
-        if done % config.checkpoint_every == 0 or is_last:
+        if done % config.checkpoint_every == 0 or is_last or done in keep_steps:
           save(done, out)
   finally:  # also on errors (NaN stop, preemption, bugs): never leave a save half written
     watcher.close()

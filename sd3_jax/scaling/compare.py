@@ -1,0 +1,125 @@
+"""What a study compares, from runs read by ``analysis.read_run``: runs that differ in one config
+key (the timestep samplers at equal compute), final loss against sample accuracy, hyperparameter
+transfer across width (muP), and the study's compute with and without cooldown branches.
+``keys`` are the config keys that vary between the runs (``analysis.varying_keys``).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Sequence
+
+import numpy as np
+
+
+def compute_totals(runs: Sequence[dict]) -> dict:
+  """The study's compute: ``spent`` counts what each run added (a branch only its cooldown),
+  ``from_scratch`` what its models would have cost trained apart, and the saving."""
+  spent = float(sum(r["own_compute"] for r in runs))
+  scratch = float(sum(r["points"][-1]["compute"] for r in runs))
+  return {
+    "spent": spent,
+    "from_scratch": scratch,
+    "saved": scratch - spent,
+    "saved_fraction": (scratch - spent) / scratch if scratch else 0.0,
+    "branches": sum(1 for r in runs if r["branch_of"]),
+  }
+
+
+def transfer(runs: Sequence[dict], keys: Sequence[str], key: str = "optimizer.learning_rate") -> list[dict]:
+  """Hyperparameter transfer across width: for runs that vary ``key`` at two or more widths and
+  agree on everything else (depth, length, every other varied key, e.g. the parametrization), the
+  final loss of each (width, value), the best value per width, and ``shift``: how many grid steps
+  the best value moves between widths (muP's claim: at most one). A run that diverged has final
+  loss None and is never the best."""
+  if key not in keys:
+    return []
+  others = [k for k in keys if k != key]
+  groups = collections.defaultdict(list)
+  for r in runs:
+    if key in r["config"]:
+      groups[(r["depth"], r["total_steps"], tuple((o, r["config"].get(o)) for o in others))].append(r)
+  out = []
+  for (depth, steps, fixed), members in sorted(groups.items(), key=lambda kv: repr(kv[0])):
+    widths = sorted({m["width"] for m in members})
+    if len(widths) < 2:
+      continue
+    grid = sorted({m["config"][key] for m in members})
+    curves, best = {}, {}
+    for w in widths:
+      rows = sorted((m["config"][key], _final(m)) for m in members if m["width"] == w)
+      curves[w] = [{"value": v, "final_loss": loss} for v, loss in rows]
+      done = [(loss, v) for v, loss in rows if loss is not None]
+      best[w] = min(done)[1] if done else None
+    index = [grid.index(v) for v in best.values() if v is not None]
+    out.append(
+      {
+        "key": key,
+        "depth": depth,
+        "steps": steps,
+        "fixed": {o: v for o, v in fixed},
+        "grid": grid,
+        "curves": {str(w): c for w, c in curves.items()},
+        "best": {str(w): v for w, v in best.items()},
+        "shift": (max(index) - min(index)) if index else None,
+      }
+    )
+  return out
+
+
+def _final(run: dict) -> float | None:
+  """The final loss of a run that reached its last step; None for one that diverged or stopped."""
+  if run["diverged"] or not run["finished"]:
+    return None
+  return float(run["points"][-1]["loss"])
+
+
+def comparisons(runs: Sequence[dict], keys: Sequence[str]) -> list[dict]:
+  """For each varied key, the runs that differ only in it (same depth and length), ranked by
+  final loss, with their sample accuracy: e.g. the timestep samplers at equal compute."""
+  out = []
+  for k in keys:
+    others = [o for o in keys if o != k]
+    groups = collections.defaultdict(list)
+    for r in runs:
+      groups[(r["depth"], r["total_steps"], tuple(repr(r["config"].get(o)) for o in others))].append(r)
+    for (depth, steps, _), members in groups.items():
+      if len({repr(m["config"].get(k)) for m in members}) < 2:
+        continue
+      ranked = sorted(members, key=lambda m: m["points"][-1]["loss"])
+      out.append(
+        {
+          "key": k,
+          "depth": depth,
+          "steps": steps,
+          "compute": ranked[0]["points"][-1]["compute"],
+          "rows": [
+            {
+              "value": m["config"].get(k),
+              "run": m["name"],
+              "final_loss": m["points"][-1]["loss"],
+              "val_loss": m["points"][-1]["val_loss"],
+              "sample_accuracy": m["sample_accuracy"],
+              "part_accuracy": m["part_accuracy"],
+              "rank": i + 1,
+            }
+            for i, m in enumerate(ranked)
+          ],
+        }
+      )
+  return out
+
+
+def spearman(runs: Sequence[dict]) -> dict | None:
+  """Rank correlation of final loss with sample accuracy across every scored run."""
+  from scipy import stats
+
+  scored = [r for r in runs if r["sample_accuracy"] is not None]
+  if len(scored) < 3:
+    return None
+  loss = [r["points"][-1]["loss"] for r in scored]
+  out = {"num_runs": len(scored), "runs": [r["name"] for r in scored]}
+  for key in ("sample_accuracy", "part_accuracy"):
+    rho, p = stats.spearmanr(loss, [r[key] for r in scored])
+    out[key] = {"rho": None if np.isnan(rho) else float(rho), "p_value": None if np.isnan(p) else float(p)}
+  return out
