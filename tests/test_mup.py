@@ -186,3 +186,24 @@ def test_coordinate_check_separates_mup_from_sp_and_agrees_at_the_base_width(tmp
   for kind in ("act", "delta"):  # index 0: the base width, where muP is SP (optimizer included)
     assert {k: v[0] for k, v in data["mup"][kind].items()} == {k: v[0] for k, v in data["sp"][kind].items()}
   assert os.path.getsize(out / "coord_check.png") > 10_000
+
+
+def test_a_mup_attention_scale_is_neither_exported_nor_fine_tuned_into_another(models, tmp_path):
+  """The PyTorch formats compute 1/sqrt(d): a muP model off its base head dim is refused in one
+  line before any tensor is written; init_from refuses a checkpoint whose attention differs."""
+  from sd3_jax import convert
+  from sd3_jax.storage import pretrained
+  from sd3_jax.training import init_from
+
+  cfg_wide, wide = models["mup", 32 * M_WIDE]
+  with pytest.raises(ValueError, match="muP's attention scale sqrt\\(d_base\\)/d = 0.03125 .* 'diffusers' format"):
+    convert.params_to_state_dict(wide, cfg_wide, "diffusers")
+  cfg_base, base = models["mup", 32]  # at the base head dim the scale is SP's: it converts
+  assert len(convert.params_to_state_dict(base, cfg_base, "sd3")) > 20
+  pretrained.save_pretrained(tmp_path / "m", jax.tree.map(np.asarray, wide), cfg_wide)
+  sp_wide = M.MMDiTConfig(**{**cfg_wide.to_dict(), "parametrization": "sp"})
+  with pytest.raises(
+    ValueError, match="attention with scale 0.03125 \\(parametrization 'mup'\\), this run's with the usual"
+  ):
+    init_from.check(str(tmp_path / "m"), sp_wide, (4, 4))
+  assert init_from.check(str(tmp_path / "m"), cfg_wide, (4, 4)) == cfg_wide
