@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Sequence
 
 import jax
@@ -162,7 +163,10 @@ def plot(results: Sequence[dict], path: str) -> None:
       worst = summary(data)[kind]["max_abs_slope"] if step == -1 else None
       ax.set_title(f"{data['parametrization']}: {title}" + (f" (max |slope| {worst:.2f})" if worst else ""), fontsize=9)
       ax.grid(alpha=0.3, which="both")
-  fig.suptitle("coordinate check: one line per layer (flat = width-independent)", fontsize=10)
+  device = jax.devices()[0]
+  cores = f"{os.cpu_count()}-core CPU"
+  machine = f"{cores}, no accelerator" if device.platform == "cpu" else f"{device.device_kind} ({cores} host)"
+  fig.suptitle(f"coordinate check: one line per layer (flat = width-independent); measured on {machine}", fontsize=10)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
