@@ -92,3 +92,8 @@ def test_a_branch_must_continue_the_same_run():
     branch.check(cosine.to_dict(), here_cosine, 400)
   with pytest.raises(ValueError, match="RUN/checkpoints/STEP"):
     branch.parse("/runs/d4_s1200/checkpoints/latest")
+  both = _run_config(total_steps=500, branch_from="/runs/a/checkpoints/400", init_from="/ckpt/sd3")
+  with pytest.raises(ValueError, match="branch_from and config.init_from are both set"):
+    branch.start(both, abstract_state=None, data_iterator=None)
+  with pytest.raises(ValueError, match="no committed checkpoint at step 400 in .*nowhere"):
+    branch.start(_run_config(total_steps=500, branch_from="/nowhere/checkpoints/400"), None, None)

@@ -84,6 +84,11 @@ def check(saved: dict, config: ml_collections.ConfigDict, step: int) -> None:
 def start(config: ml_collections.ConfigDict, abstract_state: Any, data_iterator: Any):
   """The state at ``config.branch_from``, restored into ``abstract_state``'s shardings with the
   data iterator set to that step's position, after ``check``."""
+  if config.init_from:
+    raise ValueError(
+      "config.branch_from and config.init_from are both set: branch_from continues another run (its whole "
+      "training state), init_from starts a new one from converted weights; keep one"
+    )
   directory, step = parse(config.branch_from)
   source = ckpt_lib.Checkpointer(directory, read_only=True)
   try:
