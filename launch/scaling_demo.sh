@@ -23,7 +23,7 @@ export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
     --samples_per_prompt 4 --sampling_steps 20
 # The fits use the depth family's runs (the default sampler); the sampler comparison's other runs
 # appear in the comparison table and the loss-vs-accuracy correlation.
-"$py" -m sd3_jax.scaling analyze "$workdir/sweep" --out "$workdir/analysis_all" --where flow.sampler=logit_normal
+"$py" -m sd3_jax.scaling analyze "$workdir/sweep" --out "$workdir/analysis_all" --where 'flow.formulation=rf/lognorm(0.00,1.00)'
 "$py" -m sd3_jax.scaling analyze "$workdir/sweep" --out "$workdir/analysis" --holdout largest \
-    --where flow.sampler=logit_normal
+    --where 'flow.formulation=rf/lognorm(0.00,1.00)'
 echo "wrote $workdir/analysis_all (all runs) and $workdir/analysis (d = 4 held out): runs.csv, scaling.json, plots"

@@ -37,6 +37,48 @@ _MODEL_FIELDS = dict(
 )
 
 
+# Keys the formulation replaced (config.flow.formulation), kept as placeholders that must stay None.
+RETIRED_FLOW_KEYS = dict(sampler=str, logit_mean=float, logit_std=float, mode_scale=float)
+_SAMPLER_DEFAULTS = dict(sampler="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+
+
+def formulation_of_legacy(flow: Mapping[str, Any]) -> str:
+  """The formulation name that a config of the old schema (flow.sampler, flow.logit_mean,
+  flow.logit_std, flow.mode_scale; unset keys at their old defaults) trained."""
+  v = {k: (flow.get(k) if flow.get(k) is not None else d) for k, d in _SAMPLER_DEFAULTS.items()}
+  names = {
+    "logit_normal": f"rf/lognorm({v['logit_mean']:.2f},{v['logit_std']:.2f})",
+    "mode": f"rf/mode({v['mode_scale']:.2f})",
+    "cosmap": "rf/cosmap",
+    "uniform": "rf",
+  }
+  if v["sampler"] not in names:
+    raise ValueError(f"unknown flow.sampler {v['sampler']!r} in an old config; it was one of {sorted(names)}")
+  return names[v["sampler"]]
+
+
+def formulation_name(config: Mapping[str, Any]) -> str:
+  """The formulation a (saved) experiment config trains: flow.formulation, or for configs
+  written before it existed, the one its retired flow.sampler keys meant."""
+  flow = dict(config.get("flow") or {})
+  if flow.get("formulation"):
+    return flow["formulation"]
+  return formulation_of_legacy(flow)
+
+
+def check_retired(config) -> None:
+  """Refuses a config that sets a retired key, naming config.flow.formulation and the value
+  that means the same."""
+  flow = config.get("flow") or {}
+  set_keys = [k for k in RETIRED_FLOW_KEYS if flow.get(k) is not None]
+  if set_keys:
+    keys = ", ".join(f"flow.{k}" for k in set_keys)
+    raise ValueError(
+      f"config {keys} is retired: the timestep density is part of config.flow.formulation now; "
+      f"set flow.formulation={formulation_of_legacy(flow)!r} and remove {keys}"
+    )
+
+
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
   """config.model: a preset ('sd3-medium', 'sd3.5-large', 'sd3.5-medium', 'd<N>') plus any
   MMDiTConfig fields that override it (None = keep the preset's value). Changing `depth`
@@ -115,9 +157,20 @@ def base_config() -> ml_collections.ConfigDict:
   # spec's secondary source: 0.99 every 100 steps).
   c.ema = ml_collections.ConfigDict(dict(decay=0.99, every=100))
 
-  # Rectified flow (the paper, sections 2-3 and 5.1): t-sampler, resolution shift, text-encoder dropout.
+  # The formulation (the paper, sections 2-3; docs/formulations.md): a name in the paper's
+  # Table 1 notation, e.g. 'rf/lognorm(0.00,1.00)' (rectified flow, logit-normal t: the
+  # default), 'rf/mode(1.29)', 'rf', 'eps/linear', 'v/cos', 'edm(-1.20,1.20)', 'edm/rf'.
+  # shift: rectified flow's resolution shift of the training t (1 = none; rf formulations only).
+  # text_dropout: each text encoder dropped with this probability (classifier-free guidance).
+  # The retired keys sampler/logit_mean/logit_std/mode_scale are now part of the formulation's
+  # name; they stay in the schema only so that setting one is refused with its replacement.
   c.flow = ml_collections.ConfigDict(
-    dict(sampler="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, shift=1.0, text_dropout=0.464)
+    dict(
+      formulation="rf/lognorm(0.00,1.00)",
+      shift=1.0,
+      text_dropout=0.464,
+      **{k: config_dict.placeholder(t) for k, t in RETIRED_FLOW_KEYS.items()},
+    )
   )
   # Where each text encoder lives inside context / pooled (for the dropout).
   c.text = ml_collections.ConfigDict(dict(clip_l_dim=768, clip_g_dim=1280, clip_tokens=77))
@@ -186,6 +239,8 @@ def base_config() -> ml_collections.ConfigDict:
   # pixel_space / t5_length / clip_length. clip: our converted CLIP model (CLIP score; the
   # paper: CLIP-L/14); fid_clip: '' = clip (clean-fid: ViT-B/32); reference_stats: .npz from
   # sd3_jax.evaluation.reference_stats computed with fid_clip ('' = no FID); num_images: 0 = one per prompt.
+  # step_counts: sampling step counts to evaluate at instead of num_steps, each logged as
+  # eval/steps<N>/... (the paper compares 5, 10, 25 and 50; docs/formulations.md); () = num_steps.
   c.eval = ml_collections.ConfigDict(
     dict(
       every=0,
@@ -193,6 +248,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_images=0,
       batch_size=8,
       num_steps=28,
+      step_counts=(),
       cfg_scale=7.0,
       shift=3.0,
       seed=0,
@@ -236,4 +292,5 @@ def load_config_file(
       from sd3_jax import command
 
       raise ValueError(f"{path}: {command.config_key_error(e)}") from None
+  check_retired(config)
   return config

@@ -77,6 +77,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
     slg=slg,
     seed=args.seed,
     mesh=gen.mesh,
+    formulation=gen.formulation,
   )
   log.info("wrote %s (%d prompts x %d, %dx%d)", args.out, len(prompts), args.num_per_prompt, *grid.shape[:2])
   return grid

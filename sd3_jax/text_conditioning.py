@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sd3_jax import flow
+from sd3_jax.flow import conditioning
 from sd3_jax.models import text_encoders as te
 
 CLIP_LENGTH = 77
@@ -179,7 +179,7 @@ class SD3TextConditioner:
     context_dim = 4096 if context_dim is None else context_dim
     if clip_length < 2:
       raise ValueError(f"clip_length must be >= 2 (BOS and EOS), got {clip_length}")
-    self.layout = flow.TextLayout(
+    self.layout = conditioning.TextLayout(
       clip_l_dim=clip_l.module.config.hidden_size, clip_g_dim=clip_g.module.config.hidden_size, clip_tokens=clip_length
     )
     if self.layout.pooled_dim > context_dim:
@@ -238,7 +238,7 @@ class SD3TextConditioner:
     else:
       t5_seq = self.t5.module.apply({"params": p_t5}, ids_t5)
     pooled_l = out_l.projected if self.project_clip_l else out_l.pooled
-    return flow.assemble_conditioning(
+    return conditioning.assemble_conditioning(
       out_l.hidden, out_g.hidden, t5_seq, pooled_l, out_g.projected, context_dim=self.context_dim
     )
 

@@ -1,4 +1,4 @@
-"""Rectified-flow math: t-samplers vs analytic laws, shift, noising identities, text dropout, val loss."""
+"""Rectified flow (t-samplers vs analytic laws, shift, noising identities), text dropout, validation loss."""
 
 import math
 
@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sd3_jax import flow as F
+from sd3_jax import flow
+from sd3_jax.flow import conditioning as C
+from sd3_jax.flow import levels as L
+from sd3_jax.flow import rectified as R
 
 N_SAMPLES = 1 << 16
 # Dvoretzky-Kiefer-Wolfowitz: P(sup|F_n - F| > eps) <= 2 exp(-2 n eps^2). With n = 65536 and a
@@ -70,7 +73,7 @@ def _ks(samples, cdf):
   ],
 )
 def test_sampler_matches_analytic_distribution(sampler, kwargs, cdf):
-  t = F.sample_t(jax.random.key(1), (N_SAMPLES,), sampler, **kwargs)
+  t = R.sample_t(jax.random.key(1), (N_SAMPLES,), sampler, **kwargs)
   assert t.shape == (N_SAMPLES,) and t.dtype == jnp.float32
   t = np.asarray(t)
   assert t.min() >= 0.0 and t.max() <= 1.0
@@ -79,34 +82,34 @@ def test_sampler_matches_analytic_distribution(sampler, kwargs, cdf):
 
 def test_ks_tolerance_detects_small_errors():
   # The bound used above is tight enough to notice a 0.05 error in m or a 3 -> 2.5 shift.
-  t = np.asarray(F.sample_t(jax.random.key(1), N_SAMPLES, "logit_normal"))
+  t = np.asarray(R.sample_t(jax.random.key(1), N_SAMPLES, "logit_normal"))
   assert _ks(t, _logit_normal_cdf(0.05, 1.0)) > KS_EPS
   assert _ks(t, _logit_normal_cdf(0.0, 1.1)) > KS_EPS
-  u = np.asarray(F.sample_t(jax.random.key(2), N_SAMPLES, "uniform", shift=3.0))
+  u = np.asarray(R.sample_t(jax.random.key(2), N_SAMPLES, "uniform", shift=3.0))
   assert _ks(u, _shifted_uniform_cdf(2.5)) > KS_EPS
-  c = np.asarray(F.sample_t(jax.random.key(3), N_SAMPLES, "cosmap"))
+  c = np.asarray(R.sample_t(jax.random.key(3), N_SAMPLES, "cosmap"))
   assert _ks(c, lambda x: x) > KS_EPS  # cosmap is not uniform
 
 
 def test_sampler_errors_and_jit():
   with pytest.raises(ValueError, match="logit_normal, mode, cosmap, uniform"):
-    F.sample_t(jax.random.key(0), 4, "lognorm")
+    R.sample_t(jax.random.key(0), 4, "lognorm")
   with pytest.raises(ValueError, match="mode_scale"):
-    F.sample_t(jax.random.key(0), 4, "mode", mode_scale=2.0)
+    R.sample_t(jax.random.key(0), 4, "mode", mode_scale=2.0)
   with pytest.raises(ValueError, match="> 0"):
-    F.sample_t(jax.random.key(0), 4, shift=0.0)
-  f = jax.jit(lambda k: F.sample_t(k, (2, 3), "cosmap", shift=3.0))
-  np.testing.assert_array_equal(f(jax.random.key(5)), F.sample_t(jax.random.key(5), (2, 3), "cosmap", shift=3.0))
+    R.sample_t(jax.random.key(0), 4, shift=0.0)
+  f = jax.jit(lambda k: R.sample_t(k, (2, 3), "cosmap", shift=3.0))
+  np.testing.assert_array_equal(f(jax.random.key(5)), R.sample_t(jax.random.key(5), (2, 3), "cosmap", shift=3.0))
   assert not np.array_equal(f(jax.random.key(5)), f(jax.random.key(6)))
 
 
 def test_shift_formula_and_monotonicity():
   t = np.linspace(0, 1, 1001, dtype=np.float32)
-  np.testing.assert_array_equal(F.shift_t(t, 1.0), t)
-  np.testing.assert_allclose(F.shift_t(0.5, 3.0), 0.75, rtol=1e-7)  # 1.5 / 2
+  np.testing.assert_array_equal(R.shift_t(t, 1.0), t)
+  np.testing.assert_allclose(R.shift_t(0.5, 3.0), 0.75, rtol=1e-7)  # 1.5 / 2
   prev = None
   for alpha in (0.5, 1.0, 2.0, 3.0, 4.0):
-    s = np.asarray(F.shift_t(t, alpha))
+    s = np.asarray(R.shift_t(t, alpha))
     assert s[0] == 0.0 and s[-1] == 1.0
     assert np.all(np.diff(s) > 0), alpha  # strictly increasing in t
     inner = slice(1, -1)
@@ -121,30 +124,30 @@ def test_noising_and_target_identities():
   x0 = jax.random.normal(k1, (3, 4, 6, 2))
   eps = jax.random.normal(k2, (3, 4, 6, 2))
   t = jnp.array([0.0, 0.3, 1.0])
-  z = F.noised(x0, eps, t)
-  v = F.velocity_target(x0, eps)
+  z = R.noised(x0, eps, t)
+  v = R.velocity_target(x0, eps)
   np.testing.assert_allclose(z[0], x0[0], rtol=0, atol=0)
   np.testing.assert_allclose(z[2], eps[2], rtol=0, atol=0)
   np.testing.assert_allclose(z[1], 0.7 * x0[1] + 0.3 * eps[1], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(z - t[:, None, None, None] * v, x0, atol=1e-6)  # x0 = z_t - t v
-  np.testing.assert_allclose(F.denoised(z, v, t), x0, atol=1e-6)
+  np.testing.assert_allclose(R.denoised(z, v, t), x0, atol=1e-6)
   np.testing.assert_allclose(z + (1 - t[:, None, None, None]) * v, eps, atol=1e-6)
-  np.testing.assert_allclose(F.noised(x0, eps, 0.25), 0.75 * x0 + 0.25 * eps, atol=1e-6)  # scalar t
+  np.testing.assert_allclose(R.noised(x0, eps, 0.25), 0.75 * x0 + 0.25 * eps, atol=1e-6)  # scalar t
   with pytest.raises(ValueError, match=r"\[B\]"):
-    F.noised(x0, eps, jnp.ones((2,)))
+    R.noised(x0, eps, jnp.ones((2,)))
 
 
 def test_per_example_loss_is_float32_mse():
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
   x0, eps, vp = (jax.random.normal(k, (2, 3, 5, 4)).astype(jnp.bfloat16) for k in (k1, k2, k3))
-  loss = F.per_example_loss(vp, x0, eps)
+  loss = R.per_example_loss(vp, x0, eps)
   assert loss.shape == (2,) and loss.dtype == jnp.float32
   ref = ((np.float32(vp) - (np.float32(eps) - np.float32(x0))) ** 2).mean(axis=(1, 2, 3))
   np.testing.assert_allclose(loss, ref, rtol=1e-6)
-  np.testing.assert_array_equal(F.per_example_loss(F.velocity_target(x0, eps), x0, eps), [0.0, 0.0])
+  np.testing.assert_array_equal(R.per_example_loss(R.velocity_target(x0, eps), x0, eps), [0.0, 0.0])
 
 
-LAYOUT = F.TextLayout(clip_l_dim=3, clip_g_dim=5, clip_tokens=4)
+LAYOUT = C.TextLayout(clip_l_dim=3, clip_g_dim=5, clip_tokens=4)
 
 
 def _parts(ctx, pooled):
@@ -164,7 +167,7 @@ def test_text_dropout_rates_independence_and_exact_zeros():
   k1, k2 = jax.random.split(jax.random.key(0))
   ctx = jax.random.uniform(k1, (b, 10, 12), minval=0.5, maxval=1.5)  # never zero
   pooled = jax.random.uniform(k2, (b, LAYOUT.pooled_dim), minval=0.5, maxval=1.5)
-  out_ctx, out_pooled = jax.jit(F.drop_text_conditioning, static_argnums=(3, 4))(
+  out_ctx, out_pooled = jax.jit(C.drop_text_conditioning, static_argnums=(3, 4))(
     jax.random.key(7), ctx, pooled, p, LAYOUT
   )
   before, after = _parts(np.asarray(ctx), np.asarray(pooled)), _parts(np.asarray(out_ctx), np.asarray(out_pooled))
@@ -187,21 +190,21 @@ def test_text_dropout_rates_independence_and_exact_zeros():
 
 def test_text_dropout_edges_and_errors():
   ctx, pooled = jnp.ones((3, 6, 9)), jnp.ones((3, 8))
-  c0, p0 = F.drop_text_conditioning(jax.random.key(0), ctx, pooled, 0.0, LAYOUT)
+  c0, p0 = C.drop_text_conditioning(jax.random.key(0), ctx, pooled, 0.0, LAYOUT)
   np.testing.assert_array_equal(c0, ctx)
   np.testing.assert_array_equal(p0, pooled)
-  c1, p1 = F.drop_text_conditioning(jax.random.key(0), ctx, pooled, 1.0, LAYOUT)
+  c1, p1 = C.drop_text_conditioning(jax.random.key(0), ctx, pooled, 1.0, LAYOUT)
   np.testing.assert_array_equal(p1, 0)
   np.testing.assert_array_equal(c1[:, :, :8], 0)
   np.testing.assert_array_equal(c1[:, :4, 8:], 1)  # zero padding region of CLIP tokens: untouched
   np.testing.assert_array_equal(c1[:, 4:, 8:], 0)  # T5 tokens: all channels
   assert c1.dtype == ctx.dtype
   with pytest.raises(ValueError, match="pooled"):
-    F.drop_text_conditioning(jax.random.key(0), ctx, jnp.ones((3, 7)), 0.5, LAYOUT)
+    C.drop_text_conditioning(jax.random.key(0), ctx, jnp.ones((3, 7)), 0.5, LAYOUT)
   with pytest.raises(ValueError, match="too small"):
-    F.drop_text_conditioning(jax.random.key(0), jnp.ones((3, 3, 9)), pooled, 0.5, LAYOUT)
+    C.drop_text_conditioning(jax.random.key(0), jnp.ones((3, 3, 9)), pooled, 0.5, LAYOUT)
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
-    F.drop_text_conditioning(jax.random.key(0), ctx, pooled, 1.5, LAYOUT)
+    C.drop_text_conditioning(jax.random.key(0), ctx, pooled, 1.5, LAYOUT)
 
 
 def test_assemble_conditioning_layout():
@@ -209,7 +212,7 @@ def test_assemble_conditioning_layout():
   l_seq, g_seq = rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4, 5))
   t5 = rng.normal(size=(2, 6, 12))
   l_pool, g_pool = rng.normal(size=(2, 3)), rng.normal(size=(2, 5))
-  ctx, pooled = F.assemble_conditioning(l_seq, g_seq, t5, l_pool, g_pool, context_dim=12)
+  ctx, pooled = C.assemble_conditioning(l_seq, g_seq, t5, l_pool, g_pool, context_dim=12)
   assert ctx.shape == (2, 10, 12) and pooled.shape == (2, 8)
   np.testing.assert_allclose(ctx[:, :4, :3], l_seq, rtol=1e-6)
   np.testing.assert_allclose(ctx[:, :4, 3:8], g_seq, rtol=1e-6)
@@ -217,14 +220,17 @@ def test_assemble_conditioning_layout():
   np.testing.assert_allclose(ctx[:, 4:], t5, rtol=1e-6)
   np.testing.assert_allclose(pooled, np.concatenate([l_pool, g_pool], -1), rtol=1e-6)
   # Composes with the dropout layout of the same sizes.
-  out, _ = F.drop_text_conditioning(jax.random.key(0), ctx, pooled, 1.0, LAYOUT)
+  out, _ = C.drop_text_conditioning(jax.random.key(0), ctx, pooled, 1.0, LAYOUT)
   np.testing.assert_array_equal(out, 0)
   with pytest.raises(ValueError, match="context_dim"):
-    F.assemble_conditioning(l_seq, g_seq, t5, l_pool, g_pool, context_dim=7)
+    C.assemble_conditioning(l_seq, g_seq, t5, l_pool, g_pool, context_dim=7)
   with pytest.raises(ValueError, match="t5_seq"):
-    F.assemble_conditioning(l_seq, g_seq, t5[..., :11], l_pool, g_pool, context_dim=12)
+    C.assemble_conditioning(l_seq, g_seq, t5[..., :11], l_pool, g_pool, context_dim=12)
   with pytest.raises(ValueError, match="pooled"):
-    F.assemble_conditioning(l_seq, g_seq, t5, g_pool, l_pool, context_dim=12)
+    C.assemble_conditioning(l_seq, g_seq, t5, g_pool, l_pool, context_dim=12)
+
+
+RF = flow.get_formulation("rf")
 
 
 def _toy_velocity(z, t):
@@ -234,28 +240,34 @@ def _toy_velocity(z, t):
 
 def test_validation_noise_depends_only_on_seed_and_id():
   shape = (4, 4, 3)
-  a = F.fixed_validation_noise(3, np.array([0, 1, 2, 3, 4, 5]), shape)
-  b = F.fixed_validation_noise(3, np.array([5, 2]), shape)
+  a = L.fixed_validation_noise(3, np.array([0, 1, 2, 3, 4, 5]), shape)
+  b = L.fixed_validation_noise(3, np.array([5, 2]), shape)
   np.testing.assert_array_equal(b, a[np.array([5, 2])])
-  c = jax.jit(lambda ids: F.fixed_validation_noise(3, ids, shape))(jnp.array([4, 0], jnp.int32))
+  c = jax.jit(lambda ids: L.fixed_validation_noise(3, ids, shape))(jnp.array([4, 0], jnp.int32))
   np.testing.assert_array_equal(c, a[np.array([4, 0])])
   assert not np.allclose(a[0], a[1])
-  assert not np.allclose(F.fixed_validation_noise(4, np.array([0]), shape)[0], a[0])
-  assert abs(float(jnp.std(F.fixed_validation_noise(0, np.arange(64), (32,)))) - 1) < 0.05
+  assert not np.allclose(L.fixed_validation_noise(4, np.array([0]), shape)[0], a[0])
+  assert abs(float(jnp.std(L.fixed_validation_noise(0, np.arange(64), (32,)))) - 1) < 0.05
   with pytest.raises(ValueError, match="integer"):
-    F.fixed_validation_noise(3, np.array([0.5]), shape)
+    L.fixed_validation_noise(3, np.array([0.5]), shape)
   with pytest.raises(ValueError, match="2\\^32"):
-    F.fixed_validation_noise(3, np.array([2**32]), shape)
+    L.fixed_validation_noise(3, np.array([2**32]), shape)
+
+
+def _means(x0, eps, levels, mask=None, predict=_toy_velocity):
+  own, rf, count = L.loss_sums(predict, RF, x0, eps, levels, mask)
+  np.testing.assert_array_equal(own, rf)  # for rectified flow the yardstick is the loss itself
+  return np.asarray(own) / float(count)
 
 
 def test_validation_losses_values_and_batch_independence():
-  levels = F.val_t_levels()
+  levels = L.val_t_levels()
   np.testing.assert_allclose(levels, np.arange(8) / 7, rtol=1e-6)
   shape = (4, 6, 3)
   ids = np.arange(10)
   x0 = jax.random.normal(jax.random.key(9), (10,) + shape)
-  eps = F.fixed_validation_noise(0, ids, shape)
-  full = F.validation_losses(_toy_velocity, x0, eps, levels)
+  eps = L.fixed_validation_noise(0, ids, shape)
+  full = _means(x0, eps, levels)
   assert full.shape == (8,)
   # Reference in float64 numpy, one level at a time.
   x0n, epsn = np.float64(x0), np.float64(eps)
@@ -268,25 +280,36 @@ def test_validation_losses_values_and_batch_independence():
   perm = np.random.default_rng(0).permutation(10)
   sums, count = np.zeros(8), 0.0
   for part in (perm[:3], perm[3:]):
-    s, c = F.validation_loss_sums(_toy_velocity, x0[part], F.fixed_validation_noise(0, ids[part], shape), levels)
+    s, _, c = L.loss_sums(_toy_velocity, RF, x0[part], L.fixed_validation_noise(0, ids[part], shape), levels)
     sums, count = sums + np.asarray(s), count + float(c)
   np.testing.assert_allclose(sums / count, full, rtol=1e-5)
   # Padding rows with mask 0 do not count.
   xp = jnp.concatenate([x0, 100 * jnp.ones((2,) + shape)])
-  ep = F.fixed_validation_noise(0, np.concatenate([ids, [-1, -1]]), shape)
-  masked = F.validation_losses(_toy_velocity, xp, ep, levels, mask=np.r_[np.ones(10), np.zeros(2)])
-  np.testing.assert_allclose(masked, full, rtol=1e-5)
+  ep = L.fixed_validation_noise(0, np.concatenate([ids, [-1, -1]]), shape)
+  np.testing.assert_allclose(_means(xp, ep, levels, mask=np.r_[np.ones(10), np.zeros(2)]), full, rtol=1e-5)
+
+  # The same operations as the validation loss before formulations (validation_loss_sums),
+  # so the same numbers for rectified flow.
+  def todays(x0, eps):
+    def one(t):
+      tb = jnp.full((x0.shape[0],), t, jnp.float32)
+      return jnp.sum(R.per_example_loss(_toy_velocity(R.noised(x0, eps, tb), tb), x0, eps))
+
+    return jax.lax.map(one, levels)
+
+  own = jax.jit(lambda x0, eps: L.loss_sums(_toy_velocity, RF, x0, eps, levels)[0])(x0, eps)
+  np.testing.assert_array_equal(own, jax.jit(todays)(x0, eps))
   # A zero predictor has loss mean((eps - x0)^2) at every level.
-  zero = F.validation_losses(lambda z, t: jnp.zeros_like(z), x0, eps, levels)
+  zero = _means(x0, eps, levels, predict=lambda z, t: jnp.zeros_like(z))
   np.testing.assert_allclose(zero, np.full(8, float(jnp.mean((eps - x0) ** 2))), rtol=1e-5)
 
 
 def test_summarize_validation_excludes_only_t1():
-  out = F.summarize_validation(np.arange(8.0))
+  out = L.summarize_validation(np.arange(8.0))
   assert out["val/loss"] == pytest.approx(3.0)  # mean of levels 0..6: t=0 included, t=1 excluded
   assert out["val/loss_t0.000"] == 0.0 and out["val/loss_t1.000"] == 7.0
   assert len(out) == 9
-  out = F.summarize_validation([2.0, 4.0, 100.0], levels=[0.25, 0.5, 1.0], prefix="eval")
+  out = L.summarize_validation([2.0, 4.0, 100.0], levels=[0.25, 0.5, 1.0], prefix="eval")
   assert out == {"eval/loss_t0.250": 2.0, "eval/loss_t0.500": 4.0, "eval/loss_t1.000": 100.0, "eval/loss": 3.0}
   with pytest.raises(ValueError, match="1-D"):
-    F.summarize_validation(np.zeros(3), levels=np.linspace(0, 1, 4))
+    L.summarize_validation(np.zeros(3), levels=np.linspace(0, 1, 4))

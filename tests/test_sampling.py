@@ -397,8 +397,10 @@ def test_write_sample_grid_and_cli(workdir, tmp_path):
     (["--workdir", "W", "--prompt", "p", "--vae", "V", "--pixel_space"], "not allowed with"),
     (["--workdir", "W", "--prompt", "p", "--vae", "V"], "--text_encoders"),
     (["--workdir", "W", "--prompt", "p", "--text_encoders", "T"], "--vae DIR for latent models"),
+    (["--workdir", "W", "--prompt", "p", "--text_encoders", "T", "--vae", "V", "--formulation", "v/cosine"],
+     "unknown formulation 'v/cosine'; valid forms: rf, "),
   ],
-)
+)  # fmt: skip
 def test_cli_argument_errors(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
     command.run(sample_cli.main, "sd3-sample", argv)

@@ -65,12 +65,14 @@ def test_plan_names_steps_and_compute(sweep_file):
   assert r.params["total"] == mmdit.count_params(mcfg)
   # An isoFLOP grid derives each depth's steps from its FLOPs per step; an axis equal to the
   # base config's value changes nothing and is left out of the name (grids share that run).
-  sweep.grids = [dict(name="iso", depths=(1, 2), budgets=(1e9,), axes={"flow.sampler": ("logit_normal", "uniform")})]
+  sweep.grids = [
+    dict(name="iso", depths=(1, 2), budgets=(1e9,), axes={"flow.formulation": ("rf/lognorm(0.00,1.00)", "rf")})
+  ]
   runs = sweep_lib.plan(sweep)
-  assert [r.name for r in runs] == ["d1_C1e9", "d1_C1e9_sampler-uniform", "d2_C1e9", "d2_C1e9_sampler-uniform"]
+  assert [r.name for r in runs] == ["d1_C1e9", "d1_C1e9_formulation-rf", "d2_C1e9", "d2_C1e9_formulation-rf"]
   assert runs[2].steps == round(1e9 / runs[2].compute.flops_per_step) and runs[2].budget == 1e9
   assert runs[0].steps > runs[2].steps  # the smaller model trains longer on the same budget
-  assert "flow.sampler" not in runs[0].overrides and runs[1].overrides["flow.sampler"] == "uniform"
+  assert "flow.formulation" not in runs[0].overrides and runs[1].overrides["flow.formulation"] == "rf"
 
 
 def test_branched_plan_shares_the_stable_part_and_counts_it_once(sweep_file):
@@ -302,14 +304,14 @@ def test_fits_select_the_common_value_and_ignore_keys_older_runs_lack():
     return {"name": name, "config": config}
 
   runs = [
-    run("a", **{"flow.sampler": "logit_normal", "lr": 1}),
-    run("b", **{"flow.sampler": "logit_normal", "lr": 1, "new_key": "x"}),  # newer code
-    run("c", **{"flow.sampler": "uniform", "lr": 1, "new_key": "x"}),
-    run("d", **{"flow.sampler": "logit_normal", "lr": 2, "new_key": "x"}),
-    run("e", **{"flow.sampler": "cosmap", "lr": 2, "new_key": "x"}),
+    run("a", **{"flow.formulation": "rf/lognorm(0.00,1.00)", "lr": 1}),
+    run("b", **{"flow.formulation": "rf/lognorm(0.00,1.00)", "lr": 1, "new_key": "x"}),  # newer code
+    run("c", **{"flow.formulation": "rf", "lr": 1, "new_key": "x"}),
+    run("d", **{"flow.formulation": "rf/lognorm(0.00,1.00)", "lr": 2, "new_key": "x"}),
+    run("e", **{"flow.formulation": "rf/cosmap", "lr": 2, "new_key": "x"}),
   ]
-  assert analysis.varying_keys(runs) == ["flow.sampler", "lr"]
-  # logit_normal is the most common sampler; among those, lr 1 (a, b) beats lr 2 (d).
+  assert analysis.varying_keys(runs) == ["flow.formulation", "lr"]
+  # rf/lognorm(0.00,1.00) is the most common formulation; among those, lr 1 (a, b) beats lr 2 (d).
   assert [r["name"] for r in analysis.select(runs, {})] == ["a", "b"]
   # A tie goes to the value sorted first, whatever order the runs are read in.
   tie = [run("p", lr=2), run("q", lr=1)]

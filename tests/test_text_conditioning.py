@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sd3_jax import flow, text_conditioning as tc
+from sd3_jax import text_conditioning as tc
+from sd3_jax.flow import conditioning
 from sd3_jax.convert import convert
 
 from text_encoder_helpers import (
@@ -112,7 +113,7 @@ def test_conditioner_matches_diffusers(tokenizers, pipeline_dir):
   d, (torch_l, torch_g, torch_t5_) = pipeline_dir
   _, (tok_l, tok_g, tok_t5) = tokenizers
   cond = tc.SD3TextConditioner.from_pretrained(d, t5_length=20)
-  assert cond.context_dim == 96 and cond.layout == flow.TextLayout(32, 48, 77)
+  assert cond.context_dim == 96 and cond.layout == conditioning.TextLayout(32, 48, 77)
   context, pooled = cond.encode(PROMPTS)
   assert context.shape == (3, 77 + 20, 96) and pooled.shape == (3, 80)
   pipe = StableDiffusion3Pipeline(
@@ -158,7 +159,7 @@ def test_conditioner_short_clip_length(pipeline_dir):
   d, _ = pipeline_dir
   full = tc.SD3TextConditioner.from_pretrained(d, t5_length=20)
   short = tc.SD3TextConditioner.from_pretrained(d, t5_length=20, clip_length=12)
-  assert short.layout == flow.TextLayout(32, 48, 12)
+  assert short.layout == conditioning.TextLayout(32, 48, 12)
   prompts = PROMPTS[:1] + PROMPTS[2:]  # the second prompt needs more than 12 tokens
   ctx_s, pool_s = short.encode(prompts)
   ctx_f, pool_f = full.encode(prompts)

@@ -54,7 +54,7 @@ def get_config(data_dir: str = "workdirs/scaling_demo/data"):
       name="samplers",
       depths=(2,),
       lengths=(400, 800, 1200),
-      axes={"flow.sampler": ("logit_normal", "uniform", "cosmap", "mode")},
+      axes={"flow.formulation": ("rf/lognorm(0.00,1.00)", "rf", "rf/cosmap", "rf/mode(1.29)")},
     ),
   ]
   return s

@@ -208,7 +208,7 @@ def make_eval_iterator(
   """One ordered pass over the first max_examples (default all) examples, for validation.
 
   Yields {latent, context, pooled, example_id int64 [b], mask bool [b]}; example_id is the record
-  index in ``source`` (key for flow.fixed_validation_noise), -1 with mask False on the zero
+  index in ``source`` (key for flow.levels.fixed_validation_noise), -1 with mask False on the zero
   padding that fills the last global batch. Every process yields ceil(N / G) batches.
   """
   b = _check_batching(global_batch_size, process_index, process_count)

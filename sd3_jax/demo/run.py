@@ -16,7 +16,7 @@ from typing import Sequence
 
 from sd3_jax import config as config_lib
 from sd3_jax.storage import checkpoint
-from sd3_jax import command
+from sd3_jax import command, flow
 from sd3_jax.inference import generation
 from sd3_jax.demo import encoders, stages
 from sd3_jax.demo import scenes as scene_lib
@@ -150,6 +150,7 @@ def run(
     num_per_prompt=samples_per_prompt,
     num_steps=sampling_steps,
     shift=config.flow.shift,
+    formulation=flow.get_formulation(config.flow.formulation),
     cfg_scale=cfg_scale,
     seed=seed,
   )

@@ -77,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
   command.init_distributed(args)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   prompts = loader.read_prompts(args.prompts)
-  model, params, conditioner, decoder, latent_shape, mesh, step, _ = loader.generator_from_args(
+  model, params, conditioner, decoder, latent_shape, mesh, step, _, formulation = loader.generator_from_args(
     args, conditioner, decoder
   )
   kw = dict(mesh=mesh, batch_size=args.clip_batch_size, crop_rounding=args.crop_rounding)
@@ -102,6 +102,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
     seed=args.seed,
     mesh=mesh,
     progress=True,
+    formulation=formulation,
   )
   report = dict(
     result.metrics,
@@ -113,6 +114,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
       num_steps=args.num_steps,
       cfg_scale=args.cfg_scale,
       shift=args.shift,
+      formulation=formulation.name,
       seed=args.seed,
       batch_size=args.batch_size,
       image_size=list(result.grid_images.shape[1:3]),

@@ -89,9 +89,11 @@ def export(
   seed: int = 0,
   mesh=None,
   progress: bool = False,
+  formulation=None,
 ) -> int:
   """Samples every prompt of ``metadata`` (module docstring); returns the number of prompts
-  sampled now (those already complete are skipped). Every process samples; process 0 writes."""
+  sampled now (those already complete are skipped). Every process samples; process 0 writes.
+  ``formulation``: what the model was trained with (None: rectified flow)."""
   if num_per_prompt < 1 or prompts_per_batch < 1:
     raise ValueError("num_per_prompt and prompts_per_batch must be >= 1")
   primary = jax.process_index() == 0
@@ -129,6 +131,7 @@ def export(
       cfg_scale=cfg_scale,
       seed=seed + c,
       mesh=mesh,
+      formulation=formulation,
     )
     if primary:
       for k, i in enumerate(idx):

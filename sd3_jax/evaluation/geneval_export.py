@@ -46,7 +46,9 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
   command.init_distributed(args)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   metadata = geneval.read_metadata(args.metadata)
-  model, params, conditioner, decoder, latent_shape, mesh, _, _ = loader.generator_from_args(args, conditioner, decoder)
+  model, params, conditioner, decoder, latent_shape, mesh, _, _, formulation = loader.generator_from_args(
+    args, conditioner, decoder
+  )
   n = geneval.export(
     model,
     params,
@@ -63,6 +65,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
     seed=args.seed,
     mesh=mesh,
     progress=True,
+    formulation=formulation,
   )
   logging.info("sampled %d of %d prompts into %s", n, len(metadata), args.outdir)
   return n

@@ -88,11 +88,13 @@ def evaluate(
   grid_size: int = 16,
   progress: bool = False,
   on_batch: Optional[Callable[[int, np.ndarray, list], None]] = None,
+  formulation=None,
 ) -> EvalResult:
   """Samples ``num_images`` images (default: one per prompt) and scores them (module docstring).
 
   ``on_batch(start, images, prompts)`` is called on every process with each generated batch
-  (e.g. to write the images). ``fid_clip`` (default ``clip``) gives the FID features."""
+  (e.g. to write the images). ``fid_clip`` (default ``clip``) gives the FID features.
+  ``formulation``: what the model was trained with (None: rectified flow)."""
   items = expand_prompts(prompts, num_images)
   clip.tokenize(items[:1])  # no tokenizer: fail before sampling anything
   fid_clip = fid_clip or clip
@@ -120,6 +122,7 @@ def evaluate(
       cfg_scale=cfg_scale,
       seed=seed + k,
       mesh=mesh,
+      formulation=formulation,
     )
     if on_batch is not None:
       on_batch(start, images, batch_prompts)
@@ -171,9 +174,11 @@ def reference_statistics(clip: CLIPFeatures, paths: Sequence[str], *, progress: 
 
 class PeriodicEvaluator:
   """The trainer's ``config.eval``: ``evaluate`` with fixed prompts and settings, returning
-  {'eval/clip_score', 'eval/fid_clip' (with reference statistics), 'eval/num_images'}."""
+  {'eval/clip_score', 'eval/fid_clip' (with reference statistics), 'eval/num_images'}; with
+  ``step_counts`` (e.g. (5, 10, 25, 50), as the paper compares) one evaluation per count
+  instead, as 'eval/steps<N>/clip_score', ..."""
 
-  SETTINGS = ("prompts", "num_images", "batch_size", "num_steps", "cfg_scale", "shift", "seed")
+  SETTINGS = ("prompts", "num_images", "batch_size", "num_steps", "step_counts", "cfg_scale", "shift", "seed")
 
   def __init__(
     self,
@@ -191,6 +196,10 @@ class PeriodicEvaluator:
     self.settings = dict(settings)
     self.settings["prompts"] = list(self.settings.get("prompts") or ())
     expand_prompts(self.settings["prompts"], self.settings.get("num_images"))  # fails early
+    counts = list(self.settings.pop("step_counts", None) or ())
+    if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in counts):
+      raise ValueError(f"config.eval.step_counts must be step counts >= 1, got {counts!r}")
+    self.step_counts = counts
     if reference is not None:
       check_reference(reference, self.fid_clip)
 
@@ -210,20 +219,27 @@ class PeriodicEvaluator:
     settings["num_images"] = settings.get("num_images") or None
     return cls(clip, fid_clip=fid_clip, reference=reference, mesh=mesh, **settings)
 
-  def __call__(self, model, params, conditioner, *, latent_shape, decoder=None) -> dict[str, Any]:
+  def __call__(self, model, params, conditioner, *, latent_shape, decoder=None, formulation=None) -> dict[str, Any]:
     kw = dict(self.settings)
-    prompts = kw.pop("prompts")
-    result = evaluate(
-      model,
-      params,
-      conditioner,
-      prompts,
-      clip=self.clip,
-      fid_clip=self.fid_clip,
-      reference=self.reference,
-      latent_shape=latent_shape,
-      decoder=decoder,
-      mesh=self.mesh,
-      **kw,
-    )
-    return {f"eval/{k}": v for k, v in result.metrics.items()}
+    prompts, default = kw.pop("prompts"), kw.pop("num_steps", 28)
+    counts = self.step_counts or [default]
+    out = {}
+    for n in counts:
+      result = evaluate(
+        model,
+        params,
+        conditioner,
+        prompts,
+        clip=self.clip,
+        fid_clip=self.fid_clip,
+        reference=self.reference,
+        latent_shape=latent_shape,
+        decoder=decoder,
+        mesh=self.mesh,
+        num_steps=n,
+        formulation=formulation,
+        **kw,
+      )
+      prefix = f"eval/steps{n}/" if self.step_counts else "eval/"
+      out.update({f"{prefix}{k}": v for k, v in result.metrics.items()})
+    return out

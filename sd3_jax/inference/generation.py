@@ -165,12 +165,14 @@ def generate(
   slg: Optional[sampling.SkipLayerGuidance] = None,
   seed: int = 0,
   mesh=None,
+  formulation=None,
 ) -> np.ndarray:
   """uint8 images [len(prompts) * num_per_prompt, h, w, 3], prompt-major.
 
   ``decoder(latents [B,H,W,C]) -> images [B,h,w,3] in [-1, 1]``; None means the model works in
   pixel space (its output is the image). cfg_scale == 1 runs without the negative (one model
-  call per step). Image i uses noise fold_in(key(seed), i).
+  call per step). Image i uses noise fold_in(key(seed), i). ``formulation``: what the model
+  was trained with (a ``flow`` formulation; None: rectified flow), see ``sampling.sample``.
   """
   if not prompts:
     raise ValueError("no prompts")
@@ -195,6 +197,7 @@ def generate(
     cfg_scale=cfg_scale,
     slg=slg,
     mesh=mesh,
+    formulation=formulation,
   )
   images = latents if decoder is None else decoder(latents)
   if images.ndim != 4 or images.shape[-1] != 3:

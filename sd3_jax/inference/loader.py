@@ -17,7 +17,8 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from sd3_jax import sharding, text_conditioning
+from sd3_jax import config as config_lib
+from sd3_jax import flow, sharding, text_conditioning
 from sd3_jax.inference import generation, sampling
 from sd3_jax.models import mmdit
 from sd3_jax.storage import checkpoint as ckpt_lib
@@ -34,6 +35,7 @@ class Generator(NamedTuple):
   mesh: Any
   step: Optional[int]  # the checkpoint step of --workdir (None for --checkpoint)
   config: Optional[dict]  # the run's training config (None for --checkpoint)
+  formulation: Any  # what the model was trained with (a flow formulation): how to sample it
 
 
 def default_dtype() -> str:
@@ -72,7 +74,12 @@ def add_generator_args(p: argparse.ArgumentParser) -> None:
   )
   p.add_argument("--num_steps", type=int, default=28)
   p.add_argument("--cfg_scale", type=float, default=7.0, help="CFG weight (1 = no CFG)")
-  p.add_argument("--shift", type=float, default=3.0)
+  p.add_argument("--shift", type=float, default=3.0, help="log-SNR shift of the sampling schedule (1: native)")
+  p.add_argument(
+    "--formulation",
+    help="what the model was trained with, e.g. eps/linear or edm(-1.20,1.20) (docs/formulations.md); "
+    "default: the run's (--workdir) or rectified flow (--checkpoint)",
+  )
   p.add_argument("--seed", type=int, default=0)
   size = p.add_mutually_exclusive_group()
   size.add_argument(
@@ -143,6 +150,7 @@ def generator_from_args(args: argparse.Namespace, conditioner=None, decoder=None
     raise ValueError("give --text_encoders DIR (our converted CLIP-L/CLIP-G/T5 checkpoints)")
   if decoder is None and not (args.vae or args.pixel_space):
     raise ValueError("give --vae DIR for latent models, or --pixel_space for models that output images")
+  requested = flow.get_formulation(args.formulation) if args.formulation else None  # a bad name fails first
   mesh = sharding.make_mesh(*args.mesh)
   model, params, config, step = load_model(
     workdir=args.workdir, checkpoint=args.checkpoint, step=args.step, ema=args.ema, mesh=mesh, dtype=args.dtype
@@ -163,7 +171,10 @@ def generator_from_args(args: argparse.Namespace, conditioner=None, decoder=None
       clip_length=args.clip_length,
       project_clip_l=args.project_clip_l,
     )
-  return Generator(model, params, conditioner, decoder, shape, mesh, step, config)
+  formulation = requested or flow.get_formulation(
+    config_lib.formulation_name(config) if config is not None else flow.DEFAULT
+  )
+  return Generator(model, params, conditioner, decoder, shape, mesh, step, config, formulation)
 
 
 def read_prompts(path: str) -> list[str]:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sd3_jax import sharding
+from sd3_jax.flow import solver
 from sd3_jax.models import mmdit
 
 Array = jax.Array
@@ -226,8 +227,8 @@ def example_noise(rng: Array, batch: int, latent_shape: Sequence[int]) -> Array:
 
 
 @functools.lru_cache(maxsize=16)
-def _sampler(model, mesh, latent_shape, slg, use_cfg):
-  def fn(params, context, pooled, neg_context, neg_pooled, x_init, rng, sigmas, slg_window, cfg_scale):
+def _sampler(model, mesh, latent_shape, slg, use_cfg, rectified=True):
+  def fn(params, context, pooled, neg_context, neg_pooled, x_init, rng, steps, slg_window, cfg_scale):
     m, p = unscanned(model, params) if slg is not None else (model, params)
     b = context.shape[0]
     noise = example_noise(rng, b, latent_shape)
@@ -236,12 +237,17 @@ def _sampler(model, mesh, latent_shape, slg, use_cfg):
     cond = (context, pooled)
     uncond = (neg_context, neg_pooled) if use_cfg else None
 
-    def velocity(x, sigma, i):
+    def velocity(x, sigma, i):  # the guided network output at (input x, time input sigma)
       active = slg_window[i] if slg is not None else False
       return guided_velocity(m, p, x, sigma, cond, uncond, cfg_scale, slg, slg_active=active)
 
-    # sigmas arrive already cut at the img2img start, so the whole of them is run.
-    return euler_sample(velocity, noise, sigmas, x_init=x_init)
+    # The steps arrive already cut at the img2img start, so the whole of them is run.
+    if rectified:
+      return euler_sample(velocity, noise, steps, x_init=x_init)
+    # txt2img: noise at the first level's scale; img2img: alpha x_init + sigma noise there
+    on_x, on_noise = steps["start"][0], steps["start"][1]
+    z = on_noise * noise if x_init is None else on_x * x_init + on_noise * noise
+    return solver.integrate(velocity, z, **{k: v for k, v in steps.items() if k != "start"})
 
   if mesh is None:
     return jax.jit(fn)
@@ -285,6 +291,7 @@ def sample(
   mesh=None,
   x_init=None,
   denoise: float = 1.0,
+  formulation=None,
 ) -> Array:
   """Samples latents [B, *latent_shape] (float32) for B prompts, jitted end to end.
 
@@ -301,9 +308,14 @@ def sample(
       is padded to a multiple of the batch shards and the padding dropped afterwards; the
       returned latents are replicated (readable on every process).
     x_init, denoise: img2img (see ``euler_sample``); x_init [B, *latent_shape].
+    formulation: a ``flow`` formulation (None: rectified flow). Rectified flow runs the
+      reference's Euler sampler above; every other formulation the same kind of step in its own
+      parametrisation on its native schedule (``flow.solver``: DDIM for eps/v, Karras' Euler
+      for EDM), shifted by the log-SNR -2 log(shift). Guidance combines the network outputs.
 
-  The compiled sampler is cached per (model, mesh, slg, shapes, number of steps run); changing
-  cfg_scale, shift, seed, or the prompts does not recompile.
+  The compiled sampler is cached per (model, mesh, slg, shapes, number of steps run,
+  rectified or not); changing cfg_scale, shift, seed, the prompts or the formulation's
+  schedule does not recompile.
   """
   latent_shape = tuple(int(s) for s in latent_shape)
   context, pooled = jnp.asarray(context), jnp.asarray(pooled)
@@ -318,8 +330,15 @@ def sample(
     if neg_context.shape[0] == 1 and b > 1:
       neg_context = jnp.broadcast_to(neg_context, (b,) + neg_context.shape[1:])
       neg_pooled = jnp.broadcast_to(neg_pooled, (b,) + neg_pooled.shape[1:])
-  sigmas = sampling_sigmas(num_steps, shift)
+  rectified = formulation is None or formulation.is_rectified
   start = img2img_start(num_steps, denoise)
+  if rectified:
+    steps = jnp.asarray(sampling_sigmas(num_steps, shift)[start:])
+  else:
+    sched = solver.ode_schedule(formulation, num_steps, shift)
+    steps = {k: jnp.asarray(v) for k, v in sched.arrays(start).items()}
+    on_noise = sched.start_noise_scale(start) if x_init is None else sched.sigma[start]
+    steps["start"] = jnp.asarray([sched.alpha[start], on_noise], jnp.float32)
   if x_init is not None:
     x_init = jnp.asarray(x_init, jnp.float32)
     if x_init.shape != (b,) + latent_shape:
@@ -337,6 +356,6 @@ def sample(
   batch = [None if a is None else _pad_batch(a, n) for a in batch]
   if mesh is not None:
     batch = [None if a is None else jax.device_put(a, sharding.batch_sharding(mesh, a.ndim)) for a in batch]
-  fn = _sampler(model, mesh, latent_shape, slg, use_cfg)
-  out = fn(params, *batch, rng, jnp.asarray(sigmas[start:]), jnp.asarray(window), jnp.asarray(cfg_scale, jnp.float32))
+  fn = _sampler(model, mesh, latent_shape, slg, use_cfg, rectified)
+  out = fn(params, *batch, rng, steps, jnp.asarray(window), jnp.asarray(cfg_scale, jnp.float32))
   return out[:b] if n != b else out

@@ -3,15 +3,14 @@
 Each run is read from its own files only (its saved experiment config and ``metrics.jsonl``),
 so runs trained here, on a pod from ``--print_commands`` lines, or by hand all work. Parameters
 and compute come from the config (``family``); every validation row of a run is one point
-(step, images seen, compute, loss). ``RUN/sample_eval.json`` (``toy.score_run``) adds the run's
-sample accuracy. The fits and the held-out prediction are described in docs/scaling.md.
-
-Compute is counted twice, honestly: a point's ``compute`` is what its model cost from scratch (the
-x of the fits), and a run's ``own_compute`` is what it added to the study: a cooldown branch
-(``config.branch_from``) only its steps after the branch point, whose shared part its stable run
-already counted. ``scaling.json``'s "compute" sums both and reports the saving. Runs that vary
-``optimizer.learning_rate`` (or ``--transfer KEY``) at several widths get "transfer": the final
-loss per value and width, the best value per width and how far it moves (muP's test).
+(step, images seen, compute, loss, the rf yardstick val/rf_loss). The last logged ``eval/``
+metrics and ``RUN/sample_eval.json`` (``toy.score_run``) add the run's sample metrics at each
+sampling step count. Runs that differ in one key are ranked by ``ranking`` (for formulations:
+by the yardstick and every sample metric). The fits and the held-out prediction are described in
+docs/scaling.md.
+A point's ``compute`` is what its model cost from scratch; a run's ``own_compute`` is what it added
+to the study (a cooldown branch: its cooldown only). ``compare`` sums both ("compute") and reports
+learning-rate transfer across width ("transfer").
 """
 
 from __future__ import annotations
@@ -25,9 +24,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sd3_jax import config as config_lib
+from sd3_jax import flow
 from sd3_jax.storage import fileutil
+from sd3_jax.training import branch
 from sd3_jax.models import mmdit
-from sd3_jax.scaling import compare, family, fits, isoflop
+from sd3_jax.scaling import compare, family, fits, isoflop, ranking
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +115,6 @@ def loss_of(row: dict, loss: str = "val/loss", levels: str | None = None) -> flo
   return float(np.mean(chosen)) if chosen else None
 
 
-def branch_step(branch_from: str) -> int:
-  """The step of a branch point RUN/checkpoints/STEP."""
-  last = branch_from.rstrip("/").rsplit("/", 1)[-1]
-  if not last.isdigit():
-    raise ValueError(f"branch_from {branch_from!r} does not end in a checkpoint step (RUN/checkpoints/STEP)")
-  return int(last)
-
-
 def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None) -> dict:
   """One run: its config, family member, compute and validation points."""
   cfg = read_config(run_dir)
@@ -130,6 +124,7 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
     mcfg, latent_size=d["latent_size"], context_len=d["context_len"], batch_size=cfg["global_batch_size"], steps=1
   )
   rows: dict[int, dict] = {}
+  evals: dict[str, Any] = {}  # the last logged value of every eval/ key
   with open(os.path.join(run_dir, METRICS)) as f:
     for line in f:
       if line.strip():
@@ -139,6 +134,7 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
           continue  # a torn last line of a run still writing
         if "val/loss" in r:
           rows[int(r["step"])] = r  # a resumed run logs a step again: keep the last
+        evals.update({k: v for k, v in r.items() if k.startswith("eval/")})
   points = []
   for step in sorted(rows):
     c = family.run_compute(
@@ -155,6 +151,7 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
         "compute_6nd": c.flops_6nd,
         "loss": value,
         "val_loss": rows[step].get("val/loss"),
+        "rf_loss": rows[step].get("val/rf_loss"),
         "levels": {f"val/loss_t{t:.3f}": v for t, v in sorted(_levels(rows[step]).items())},
       }
     )
@@ -165,12 +162,13 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
       with open(path) as f:
         extra[name] = json.load(f)
   sample = extra.get("sample_eval.json", {})
-  origin = branch_step(cfg["branch_from"]) if cfg.get("branch_from") else 0
+  origin = branch.parse(cfg["branch_from"])[1] if cfg.get("branch_from") else 0  # a cooldown branch's start
   last = points[-1]["step"] if points else origin
   return {
     "name": os.path.basename(run_dir),
     "dir": run_dir,
-    "config": _flatten(cfg),
+    "config": normalized_config(cfg),
+    "sample_metrics": sample_metrics(evals, cfg, sample),
     "depth": mcfg.depth,
     "width": mcfg.hidden_size,
     "width_per_depth": mcfg.hidden_size / mcfg.depth,
@@ -187,6 +185,39 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
     "sample_accuracy": sample.get("sample_accuracy"),
     "part_accuracy": sample.get("part_accuracy"),
   }
+
+
+def normalized_config(cfg: dict) -> dict[str, Any]:
+  """The flattened config with ``flow.formulation`` in canonical form, also for runs trained
+  before it existed (their retired flow.sampler keys say which rf density they trained)."""
+  out = _flatten(cfg)
+  for k in config_lib.RETIRED_FLOW_KEYS:
+    out.pop(f"flow.{k}", None)
+  out["flow.formulation"] = flow.canonical_name(config_lib.formulation_name(cfg))
+  return out
+
+
+def sample_metrics(eval_row: dict, cfg: dict, sample: dict) -> dict[str, float]:
+  """{'<metric>@<sampling steps>': value} from the last logged ``eval/`` row (``eval/<metric>``
+  at config eval.num_steps, or ``eval/steps<N>/<metric>``) and from sample_eval.json."""
+  out = {}
+  default = (cfg.get("eval") or {}).get("num_steps")
+  for k, v in eval_row.items():
+    parts = k.split("/")
+    if parts[0] != "eval" or v is None or parts[-1] == "num_images":
+      continue
+    if len(parts) == 3 and parts[1].startswith("steps"):
+      out[f"{parts[2]}@{parts[1][len('steps') :]}"] = float(v)
+    elif len(parts) == 2 and isinstance(default, int):
+      out[f"{parts[1]}@{default}"] = float(v)
+  by_steps = dict(sample.get("by_steps") or {})
+  if not by_steps and sample.get("sample_accuracy") is not None:
+    by_steps = {str((sample.get("sampler") or {}).get("steps")): sample}
+  for steps, values in by_steps.items():
+    for name in ("sample_accuracy", "part_accuracy"):
+      if values.get(name) is not None:
+        out[f"{name}@{steps}"] = float(values[name])
+  return out
 
 
 def varying_keys(runs: Sequence[dict]) -> list[str]:
@@ -212,6 +243,8 @@ def select(runs: Sequence[dict], where: dict[str, Any]) -> list[dict]:
     for k in where:
       if not any(k in r["config"] for r in runs):
         raise ValueError(f"--where {k}: no run has that config key")
+    if "flow.formulation" in where:  # 'rf/lognorm(0,1)' selects rf/lognorm(0.00,1.00)
+      where = dict(where, **{"flow.formulation": flow.canonical_name(str(where["flow.formulation"]))})
     return [r for r in runs if all(str(r["config"].get(k)) == str(v) for k, v in where.items())]
   chosen = list(runs)
   for k in varying_keys(runs):
@@ -309,6 +342,8 @@ def analyze(
       }
       | {
         "final_loss": r["points"][-1]["loss"],
+        "final_rf_loss": r["points"][-1]["rf_loss"],
+        "sample_metrics": r["sample_metrics"],
         "final_step": r["points"][-1]["step"],
         "compute": r["points"][-1]["compute"],
         "compute_6nd": r["points"][-1]["compute_6nd"],
@@ -349,8 +384,9 @@ def analyze(
     )
     result["isoflop"] = {"fit": iso.to_dict() if iso else None, "error": why}
   result["holdout"] = [_predict(r, law, par, param_count) for r in runs if r["name"] in held]
-  result["comparisons"] = compare.comparisons(runs, varying_keys(runs))
-  result["spearman"] = compare.spearman(runs)
+  result["comparisons"] = ranking.comparisons(runs, varying_keys(runs))
+  ranking.write_csv(result["comparisons"], os.path.join(out, "comparisons.csv"))
+  result["spearman"] = ranking.spearman(runs)
   result["compute"] = compare.compute_totals(runs)
   result["transfer"] = compare.transfer(runs, varying_keys(runs), transfer_key)
   fileutil.atomic_json(os.path.join(out, "scaling.json"), result, indent=1)
@@ -399,6 +435,7 @@ def write_csv(runs: Sequence[dict], path: str) -> None:
     "compute",
     "compute_6nd",
     "val_loss",
+    "rf_loss",
     "fit_loss",
     *level_keys,
     *axes,
@@ -424,6 +461,7 @@ def write_csv(runs: Sequence[dict], path: str) -> None:
             p["compute"],
             p["compute_6nd"],
             p["val_loss"],
+            p.get("rf_loss"),
             p["loss"],
             *[p["levels"].get(k) for k in level_keys],
             *[r["config"].get(k) for k in axes],

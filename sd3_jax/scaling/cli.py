@@ -12,8 +12,9 @@ coord_check --config CONFIG [--set KEY=VALUE ...] --widths W W W ... --out DIR
     muP's coordinate check: a few steps at each width under SP and muP, per-layer output and
     update sizes against width (coord_check.png, coord_check.json)
 toy_data --workdir DIR      the toy study's text encoders and coloured-shapes records
-score RUN_OR_SWEEP_DIR ... --text_encoders DIR
-    held-out sample accuracy of each run (the demo's shapes checker), RUN/sample_eval.json
+score RUN_OR_SWEEP_DIR ... --text_encoders DIR [--sampling_steps 5 10 25 50]
+    held-out sample accuracy of each run (the demo's shapes checker, the run's formulation) at
+    each sampling step count, RUN/sample_eval.json
 """
 
 from __future__ import annotations
@@ -188,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("dirs", nargs="+", help="run directories or directories holding runs")
   s.add_argument("--text_encoders", required=True, help="the toy data's text_encoders directory")
   s.add_argument("--samples_per_prompt", type=int, default=8)
-  s.add_argument("--sampling_steps", type=int, default=28)
+  s.add_argument(
+    "--sampling_steps", type=int, nargs="+", default=[28], help="step counts to score at (the paper: 5 10 25 50)"
+  )
   s.add_argument("--cfg_scale", type=float, default=3.0)
   s.set_defaults(fn=_score)
   return p

@@ -1,15 +1,13 @@
-"""What a study compares, from runs read by ``analysis.read_run``: runs that differ in one config
-key (the timestep samplers at equal compute), final loss against sample accuracy, hyperparameter
-transfer across width (muP), and the study's compute with and without cooldown branches.
-``keys`` are the config keys that vary between the runs (``analysis.varying_keys``).
+"""Across-run views of a study that are about its cost and its hyperparameters, from runs read by
+``analysis.read_run``: the compute spent with cooldown branches against the compute of the same
+runs from scratch, and hyperparameter transfer across width (muP). ``keys`` are the config keys
+that vary between the runs (``analysis.varying_keys``).
 """
 
 from __future__ import annotations
 
 import collections
 from typing import Sequence
-
-import numpy as np
 
 
 def compute_totals(runs: Sequence[dict]) -> dict:
@@ -72,54 +70,3 @@ def _final(run: dict) -> float | None:
   if run["diverged"] or not run["finished"]:
     return None
   return float(run["points"][-1]["loss"])
-
-
-def comparisons(runs: Sequence[dict], keys: Sequence[str]) -> list[dict]:
-  """For each varied key, the runs that differ only in it (same depth and length), ranked by
-  final loss, with their sample accuracy: e.g. the timestep samplers at equal compute."""
-  out = []
-  for k in keys:
-    others = [o for o in keys if o != k]
-    groups = collections.defaultdict(list)
-    for r in runs:
-      groups[(r["depth"], r["total_steps"], tuple(repr(r["config"].get(o)) for o in others))].append(r)
-    for (depth, steps, _), members in groups.items():
-      if len({repr(m["config"].get(k)) for m in members}) < 2:
-        continue
-      ranked = sorted(members, key=lambda m: m["points"][-1]["loss"])
-      out.append(
-        {
-          "key": k,
-          "depth": depth,
-          "steps": steps,
-          "compute": ranked[0]["points"][-1]["compute"],
-          "rows": [
-            {
-              "value": m["config"].get(k),
-              "run": m["name"],
-              "final_loss": m["points"][-1]["loss"],
-              "val_loss": m["points"][-1]["val_loss"],
-              "sample_accuracy": m["sample_accuracy"],
-              "part_accuracy": m["part_accuracy"],
-              "rank": i + 1,
-            }
-            for i, m in enumerate(ranked)
-          ],
-        }
-      )
-  return out
-
-
-def spearman(runs: Sequence[dict]) -> dict | None:
-  """Rank correlation of final loss with sample accuracy across every scored run."""
-  from scipy import stats
-
-  scored = [r for r in runs if r["sample_accuracy"] is not None]
-  if len(scored) < 3:
-    return None
-  loss = [r["points"][-1]["loss"] for r in scored]
-  out = {"num_runs": len(scored), "runs": [r["name"] for r in scored]}
-  for key in ("sample_accuracy", "part_accuracy"):
-    rho, p = stats.spearmanr(loss, [r[key] for r in scored])
-    out[key] = {"rho": None if np.isnan(rho) else float(rho), "p_value": None if np.isnan(p) else float(p)}
-  return out

@@ -62,19 +62,19 @@ def coord_data(
   seed: int = 0,
 ) -> dict:
   """{'widths', 'act': {layer: [[size at t = 0..steps] per width]}, 'delta': {layer: [...]}}."""
-  from sd3_jax import flow
   from sd3_jax.models import mmdit
-  from sd3_jax.training import optimizer, state
+  from sd3_jax.training import optimizer, state, step
 
   widths = sorted(int(w) for w in widths)
   d = config.data
   keys = jax.random.split(jax.random.key(seed), 6)
   x0 = jax.random.normal(keys[0], (batch_size, d.latent_size, d.latent_size, d.latent_channels))
   eps = jax.random.normal(keys[1], x0.shape)
-  t = jax.nn.sigmoid(jax.random.normal(keys[2], (batch_size,)))
+  f = step.step_options(config).formulation  # the config's own loss (rectified flow by default)
+  t = f.sample_t(keys[2], (batch_size,))
   pooled = jax.random.normal(keys[3], (batch_size, d.pooled_dim))
   context = jax.random.normal(keys[4], (batch_size, d.context_len, d.context_dim))
-  z_t = flow.noised(x0, eps, t)
+  z_t = f.noised(x0, eps, t)
   act: dict[str, list] = {}
   delta: dict[str, list] = {}
   size = lambda x: jnp.mean(jnp.abs(x.astype(jnp.float32)))  # noqa: E731
@@ -84,10 +84,9 @@ def coord_data(
     tx = optimizer.make_optimizer(cfg)
 
     def forward(p):
-      v, state = model.apply(
-        {"params": p}, z_t, t, pooled, context, capture_intermediates=True, mutable=["intermediates"]
-      )
-      return jnp.mean(flow.per_example_loss(v, x0, eps)), _layers(state["intermediates"])
+      inputs = (f.model_input(z_t, t), f.time_input(t), pooled, context)
+      out, captured = model.apply({"params": p}, *inputs, capture_intermediates=True, mutable=["intermediates"])
+      return jnp.mean(f.loss(out, x0, eps, t)), _layers(captured["intermediates"])
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def step(params, opt_state, first):

@@ -14,12 +14,12 @@ A sweep file (``configs/scaling/*.py``) is an ml_collections ``get_config()`` re
                    width_per_depth values to sweep instead of the sweep's one (hidden = w x d,
                    still d heads: a width sweep at a fixed depth, as muP transfer needs);
                    ``axes`` maps any other config key to the values to cross with
-                   (``flow.sampler``, ``optimizer.learning_rate``, ``model.parametrization``, ...)
+                   (``flow.formulation``, ``optimizer.learning_rate``, ``model.parametrization``, ...)
   cooldown_branches  True: the lengths of one model are one warmup-stable-decay run to the
                    longest and a cooldown branch from it for each shorter one (scaling/branches.py)
 
 Every (grid, depth, width, length or budget, axis values) is one run, named from what it varies
-(``d4_s1200``, ``d4_s1200_sampler-uniform``, ``d6_C2e13``, ``d2_s400_w32_learning_rate-0.003``);
+(``d4_s1200``, ``d4_s1200_formulation-rf``, ``d6_C2e13``, ``d2_s400_w32_learning_rate-0.003``);
 a value equal to the base config's is left out of the name, so grids that share a run share its
 directory.
 """
@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 from sd3_jax import config as config_lib
+from sd3_jax import flow
 from sd3_jax.models import mmdit
 from sd3_jax.scaling import branches, family
 
@@ -160,8 +161,13 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def _short(key: str, value: Any) -> str:
+  """'flow.formulation', 'rf/lognorm(0.00,1.00)' -> 'formulation-rf_lognorm-0.00-1.00' (a
+  directory name without characters a shell must quote)."""
   text = "-".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
-  return f"{key.rsplit('.', 1)[-1]}-{text}".replace("/", "_").replace(" ", "")
+  text = f"{key.rsplit('.', 1)[-1]}-{text}"
+  for a, b in (("/", "_"), (" ", ""), ("(", "-"), (")", ""), (",", "-")):
+    text = text.replace(a, b)
+  return text
 
 
 def _budget_name(budget: float) -> str:
@@ -215,6 +221,11 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
     _check_grid(grid, gi)
     gname = grid.get("name", f"grid{gi}")
     axes = {k: tuple(v) for k, v in dict(grid.get("axes") or {}).items()}
+    if "flow.formulation" in axes:  # one name per formulation: 'rf/lognorm(0,1)' is the default's
+      try:
+        axes["flow.formulation"] = tuple(flow.canonical_name(v) for v in axes["flow.formulation"])
+      except ValueError as e:
+        raise ValueError(f"grid {gname!r}: {e}") from None
     lengths = [("steps", int(s)) for s in grid.get("lengths") or ()]
     budgets = [("budget", float(b)) for b in grid.get("budgets") or ()]
     widths = [int(w) for w in grid.get("widths") or (sweep.width_per_depth,)]
@@ -228,6 +239,10 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
       cfg = config_lib.load_config_file(
         sweep.base_config, overrides={**base_overrides, **axis_values, **family_overrides}
       )
+      try:  # a bad formulation name (or shift) is refused before anything trains
+        flow.get_formulation(cfg.flow.formulation, shift=cfg.flow.shift)
+      except ValueError as e:
+        raise ValueError(f"grid {gname!r}: {e}") from None
       mcfg = mmdit.config_from_preset(**cfg.model)
       per_step = family.run_compute(
         mcfg,

@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 import numbers
 
+from sd3_jax import config as config_lib
+from sd3_jax import flow
+
 # key -> (kind, lowest allowed, highest allowed); kind 'int' or 'real'; None: unbounded.
 _RANGES = {
   "seed": ("int", 0, 2**32 - 1),
@@ -92,3 +95,19 @@ def check_runnable(config) -> None:
       raise ValueError(f"config.{key} must be a positive integer or -1 (all remaining devices), got {v!r}")
   if _get(config, "optimizer.learning_rate") == 0:
     raise ValueError("config.optimizer.learning_rate must be > 0, got 0")
+  check_formulation(config)
+
+
+def check_formulation(config) -> None:
+  """config.flow.formulation must name a formulation (and flow.shift suit it); the retired
+  flow.sampler keys are refused with the name that replaces them."""
+  flow_cfg = _get(config, "flow")
+  if flow_cfg is _MISSING:
+    return
+  config_lib.check_retired(config)
+  name, shift = flow_cfg.get("formulation"), flow_cfg.get("shift", 1.0)
+  if name is not None:
+    try:
+      flow.get_formulation(name, shift=shift)
+    except ValueError as e:
+      raise ValueError(f"config.flow.formulation: {e}") from None

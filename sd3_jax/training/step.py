@@ -1,4 +1,4 @@
-"""The pure train step: noise and timesteps for the global batch, the rectified-flow loss,
+"""The pure train step: noise and timesteps for the global batch, the formulation's loss,
 gradient accumulation over microbatches, the AdamW update and the EMA; and its jitted form with
 explicit shardings and the state donated."""
 
@@ -22,13 +22,9 @@ from sd3_jax.training.state import TrainState
 class StepOptions:
   """Everything the pure train step needs from the config, as plain values."""
 
-  sampler: str = "logit_normal"
-  logit_mean: float = 0.0
-  logit_std: float = 1.0
-  mode_scale: float = 1.29
-  shift: float = 1.0
+  formulation: flow.formulations.Formulation = flow.get_formulation(flow.DEFAULT)
   text_dropout: float = 0.464
-  text_layout: flow.TextLayout = flow.TextLayout()
+  text_layout: flow.conditioning.TextLayout = flow.conditioning.TextLayout()
   grad_accum_steps: int = 1
   ema_decay: float = 0.99
   ema_every: int = 100
@@ -37,13 +33,9 @@ class StepOptions:
 def step_options(config: ml_collections.ConfigDict) -> StepOptions:
   f = config.flow
   return StepOptions(
-    sampler=f.sampler,
-    logit_mean=f.logit_mean,
-    logit_std=f.logit_std,
-    mode_scale=f.mode_scale,
-    shift=f.shift,
+    formulation=flow.get_formulation(f.formulation, shift=f.shift),
     text_dropout=f.text_dropout,
-    text_layout=flow.TextLayout(
+    text_layout=flow.conditioning.TextLayout(
       clip_l_dim=config.text.clip_l_dim, clip_g_dim=config.text.clip_g_dim, clip_tokens=config.text.clip_tokens
     ),
     grad_accum_steps=config.grad_accum_steps,
@@ -53,25 +45,29 @@ def step_options(config: ml_collections.ConfigDict) -> StepOptions:
 
 
 def sample_noise(batch: dict, rng: jax.Array, opts: StepOptions) -> dict:
-  """Draw t, the noise and the text-encoder dropout for the whole global batch at once, so that
-  gradient accumulation changes nothing but the order of float additions."""
+  """Draw t (the formulation's density), the noise and the text-encoder dropout for the whole
+  global batch at once, so that gradient accumulation changes nothing but the order of float
+  additions."""
   x0 = batch["latent"]
   k_t, k_eps, k_drop = jax.random.split(rng, 3)
-  t = flow.sample_t(
-    k_t, (x0.shape[0],), opts.sampler, m=opts.logit_mean, s=opts.logit_std, mode_scale=opts.mode_scale, shift=opts.shift
-  )
+  t = opts.formulation.sample_t(k_t, (x0.shape[0],))
   eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
   context, pooled = batch["context"], batch["pooled"]
   if opts.text_dropout > 0:
-    context, pooled = flow.drop_text_conditioning(k_drop, context, pooled, opts.text_dropout, opts.text_layout)
+    context, pooled = flow.conditioning.drop_text_conditioning(
+      k_drop, context, pooled, opts.text_dropout, opts.text_layout
+    )
   return dict(x0=x0.astype(jnp.float32), eps=eps, t=t, context=context, pooled=pooled)
 
 
-def rf_loss(params, model: mmdit.MMDiT, ex: dict):
-  """Rectified-flow loss: sum over examples of ||v(z_t, t) - (eps - x0)||^2 (mean over pixels)."""
-  z_t = flow.noised(ex["x0"], ex["eps"], ex["t"])
-  v = model.apply({"params": params}, z_t, ex["t"], ex["pooled"], ex["context"])
-  per_example = flow.per_example_loss(v, ex["x0"], ex["eps"])
+def formulation_loss(params, model: mmdit.MMDiT, formulation: flow.formulations.Formulation, ex: dict):
+  """The formulation's loss: the sum over examples of its per-example loss, and those losses.
+  The network sees the formulation's input and time input; for rectified flow this is
+  ||v(z_t, t) - (eps - x0)||^2 (mean over elements), the loss before formulations existed."""
+  f, t = formulation, ex["t"]
+  z_t = f.noised(ex["x0"], ex["eps"], t)
+  out = model.apply({"params": params}, f.model_input(z_t, t), f.time_input(t), ex["pooled"], ex["context"])
+  per_example = f.loss(out, ex["x0"], ex["eps"], t)
   return jnp.sum(per_example), per_example
 
 
@@ -88,10 +84,10 @@ def train_step(
   """One optimizer update over the global batch (split into grad_accum_steps microbatches)."""
   ex = sample_noise(batch, jax.random.fold_in(rng, state.step), opts)
   n_examples = ex["x0"].shape[0]
-  grad_fn = jax.value_and_grad(rf_loss, has_aux=True)
+  grad_fn = jax.value_and_grad(formulation_loss, has_aux=True)
   n = opts.grad_accum_steps
   if n == 1:
-    (loss_sum, per_example), grads = grad_fn(state.params, model, ex)
+    (loss_sum, per_example), grads = grad_fn(state.params, model, opts.formulation, ex)
   else:
     # Microbatch i = rows i, i+n, i+2n, ...: every device's batch shard holds its share of
     # every microbatch, so splitting moves no data between devices.
@@ -103,7 +99,7 @@ def train_step(
     )
 
     def body(acc, mb):
-      (l, pe), g = grad_fn(state.params, model, mb)
+      (l, pe), g = grad_fn(state.params, model, opts.formulation, mb)
       return jax.tree.map(jnp.add, acc, g), (l, pe)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)

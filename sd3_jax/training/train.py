@@ -193,7 +193,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
   )
   # A resumed run drops what a killed run logged after its checkpoint (it is logged again).
   writer = writers.MetricWriter(workdir, is_primary=primary, resume_step=start_step)
-  val_fn = validation.make_validation_fn(model, mesh) if val_sources is not None else None
+  val_fn = validation.make_validation_fn(model, mesh, opts.formulation) if val_sources is not None else None
 
   s, e = config.sample, config.eval
   if e.every > 0:  # the evaluator encodes its own prompts too: keep the text encoders
@@ -296,6 +296,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
             seed=config.val.seed,
             batch_size=config.val.batch_size,
             num_examples=config.val.num_examples,
+            formulation=opts.formulation,
           )
           writer.write_scalars(done, val)
           last.update(val)
@@ -314,10 +315,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
             shift=s.shift,
             seed=s.seed,
             mesh=mesh,
+            formulation=opts.formulation,
           )
         if evaluator is not None and (done % e.every == 0 or is_last):
           values = evaluator(
-            model, state.ema_params, conditioner, decoder=decoder, latent_shape=(*shapes[0], d.latent_channels)
+            model,
+            state.ema_params,
+            conditioner,
+            decoder=decoder,
+            latent_shape=(*shapes[0], d.latent_channels),
+            formulation=opts.formulation,
           )
           writer.write_scalars(done, values)
           last.update(values)

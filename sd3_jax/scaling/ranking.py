@@ -1,0 +1,176 @@
+"""Comparing runs that differ in one config key, as the paper's formulation study ranks
+formulations (section 5.1, Table 1).
+
+Runs equal in everything but the key (same depth, length and other settings) form a group. In a
+group every run is ranked by each criterion: the loss (for ``flow.formulation`` the yardstick
+val/rf_loss, the only loss all formulations share; otherwise the fitted loss), and every sample
+metric at each sampling step count it was logged at (``clip_score@25``, ``fid_clip@25``,
+``sample_accuracy@20``: lower is better for losses and FIDs, higher for the rest). Two summaries
+per run: the mean of its ranks, and the paper's: at each step count where both a CLIP score and
+an FID were logged, non-dominated sorting of the (CLIP, FID) pairs (rank 1 = no run is better in
+both), averaged over the step counts.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+LOWER_IS_BETTER = ("loss", "fid")
+
+
+def higher_is_better(metric: str) -> bool:
+  name = metric.split("@")[0].rsplit("/", 1)[-1]
+  return not any(w in name for w in LOWER_IS_BETTER)
+
+
+def ranks(values: Sequence[float], higher_better: bool) -> list[float]:
+  """1 = best; ties share their mean rank; a missing value (None) gets no rank."""
+  idx = [i for i, v in enumerate(values) if v is not None and np.isfinite(v)]
+  out: list[float] = [None] * len(values)  # type: ignore[list-item]
+  if not idx:
+    return out
+  x = np.array([values[i] for i in idx], np.float64)
+  r = stats.rankdata(-x if higher_better else x, method="average")
+  for i, ri in zip(idx, r):
+    out[i] = float(ri)
+  return out
+
+
+def pareto_ranks(points: Sequence[tuple[float, float]]) -> list[int]:
+  """Non-dominated sorting of points to be maximised in both coordinates: rank 1 is the front
+  no point beats in both (and strictly in one), rank 2 the front once rank 1 is removed, ..."""
+  left, out, level = set(range(len(points))), [0] * len(points), 1
+  while left:
+    front = {
+      i
+      for i in left
+      if not any(points[j][0] >= points[i][0] and points[j][1] >= points[i][1] and points[j] != points[i] for j in left)
+    }
+    for i in front:
+      out[i] = level
+    left -= front
+    level += 1
+  return out
+
+
+def _steps(metric: str) -> str | None:
+  return metric.split("@", 1)[1] if "@" in metric else None
+
+
+def paper_average_rank(members: Sequence[dict]) -> list[float | None]:
+  """The paper's summary: per step count with clip_score and fid_clip for every run, the
+  non-dominated-sorting rank of (CLIP, -FID); averaged over the step counts."""
+  counts = sorted({_steps(m) for r in members for m in r["sample_metrics"] if m.startswith("clip_score@")})
+  per_run: list[list[int]] = [[] for _ in members]
+  for steps in counts:
+    clip = [r["sample_metrics"].get(f"clip_score@{steps}") for r in members]
+    fid = [r["sample_metrics"].get(f"fid_clip@{steps}") for r in members]
+    if any(v is None for v in clip + fid):
+      continue
+    for i, rank in enumerate(pareto_ranks([(c, -f) for c, f in zip(clip, fid)])):
+      per_run[i].append(rank)
+  return [float(np.mean(r)) if r else None for r in per_run]
+
+
+def rank_group(members: Sequence[dict], key: str, loss: str) -> list[dict]:
+  """Rows of one group, best first by the loss criterion (see the module docstring)."""
+  criteria = {loss: False}
+  for m in sorted({m for r in members for m in r["sample_metrics"]}):
+    criteria[m] = higher_is_better(m)
+  values = {c: [_value(r, c, loss) for r in members] for c in criteria}
+  by = {c: ranks(v, hb) for (c, hb), v in zip(criteria.items(), values.values())}
+  paper = paper_average_rank(members)
+  rows = []
+  for i, r in enumerate(members):
+    own = [by[c][i] for c in criteria if by[c][i] is not None]
+    rows.append(
+      {
+        "value": r["config"].get(key),
+        "run": r["name"],
+        "final_loss": r["points"][-1]["loss"],
+        "val_loss": r["points"][-1]["val_loss"],
+        "rf_loss": r["points"][-1].get("rf_loss"),
+        "sample_metrics": dict(r["sample_metrics"]),
+        "ranks": {c: by[c][i] for c in criteria},
+        "mean_rank": float(np.mean(own)) if own else None,
+        "paper_rank": paper[i],
+        # kept for readers of older reports
+        "sample_accuracy": r.get("sample_accuracy"),
+        "part_accuracy": r.get("part_accuracy"),
+      }
+    )
+  order = sorted(range(len(rows)), key=lambda i: (rows[i]["ranks"][loss] is None, rows[i]["ranks"][loss] or 0, i))
+  out = [rows[i] for i in order]
+  for place, row in enumerate(out, 1):
+    row["rank"] = place
+  return out
+
+
+def _value(run: dict, criterion: str, loss: str) -> Any:
+  if criterion == loss:
+    last = run["points"][-1]
+    return last.get("rf_loss") if loss == "rf_loss" else last["loss"]
+  return run["sample_metrics"].get(criterion)
+
+
+def comparisons(runs: Sequence[dict], keys: Sequence[str]) -> list[dict]:
+  """For each varied key, the groups of runs that differ only in it (same depth and length),
+  ranked (module docstring): e.g. the formulations, or the timestep samplers, at equal compute."""
+  out = []
+  for k in keys:
+    others = [o for o in keys if o != k]
+    groups = collections.defaultdict(list)
+    for r in runs:
+      groups[(r["depth"], r["total_steps"], tuple(repr(r["config"].get(o)) for o in others))].append(r)
+    for (depth, steps, _), members in groups.items():
+      if len({repr(m["config"].get(k)) for m in members}) < 2:
+        continue
+      shared = all(m["points"][-1].get("rf_loss") is not None for m in members)
+      loss = "rf_loss" if k == "flow.formulation" and shared else "loss"
+      rows = rank_group(members, k, loss)
+      out.append(
+        {
+          "key": k,
+          "depth": depth,
+          "steps": steps,
+          "ranked_by": "val/rf_loss" if loss == "rf_loss" else "the fitted loss",
+          "compute": members[0]["points"][-1]["compute"],
+          "rows": rows,
+        }
+      )
+  return out
+
+
+def write_csv(groups: Sequence[dict], path: str) -> None:
+  """One row per run of every group: its value, losses, sample metrics and ranks."""
+  import csv
+
+  metrics = sorted({m for g in groups for row in g["rows"] for m in row["sample_metrics"]})
+  header = ["key", "depth", "steps", "value", "run", "rank", "rf_loss", "val_loss", "final_loss", *metrics]
+  header += ["mean_rank", "paper_rank"]
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(header)
+    for g in groups:
+      for row in g["rows"]:
+        w.writerow(
+          [g["key"], g["depth"], g["steps"], row["value"], row["run"], row["rank"], row["rf_loss"], row["val_loss"]]
+          + [row["final_loss"], *[row["sample_metrics"].get(m) for m in metrics], row["mean_rank"], row["paper_rank"]]
+        )
+
+
+def spearman(runs: Sequence[dict]) -> dict | None:
+  """Rank correlation of final loss with sample accuracy across every scored run."""
+  scored = [r for r in runs if r["sample_accuracy"] is not None]
+  if len(scored) < 3:
+    return None
+  loss = [r["points"][-1]["loss"] for r in scored]
+  out = {"num_runs": len(scored), "runs": [r["name"] for r in scored]}
+  for key in ("sample_accuracy", "part_accuracy"):
+    rho, p = stats.spearmanr(loss, [r[key] for r in scored])
+    out[key] = {"rho": None if np.isnan(rho) else float(rho), "p_value": None if np.isnan(p) else float(p)}
+  return out
