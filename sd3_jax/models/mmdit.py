@@ -292,9 +292,9 @@ class MMDiT(nn.Module):
 
     mu = cfg.mup_scaling  # SP: every initialiser below is the standard one
     # Patch embedding: a p x p stride-p conv written as an einsum (kernel [p, p, C, h]).
-    x_emb = PatchEmbed(d, p, dtype=self.dtype, kernel_init=mu.xavier_uniform(mup.INPUT, 3), name="x_embedder")(
-      x.astype(self.dtype)
-    )
+    x_emb = PatchEmbed(
+      d, p, dtype=self.dtype, kernel_init=mu.xavier_uniform(mup.INPUT, in_axis=(0, 1, 2), out_axis=3), name="x_embedder"
+    )(x.astype(self.dtype))
     table = self.param(
       "pos_embed",
       nn.with_logical_partitioning(

@@ -106,24 +106,32 @@ class Scaling:
     """A fixed-std normal init (SP: ``normal(std)``) at the base width, scaled for ``role``."""
     return nn.initializers.normal(std * self.init_factor(role))
 
-  def xavier_uniform(self, role: str, n_in: int = 1) -> Initializer | None:
-    """Xavier-uniform over the first ``n_in`` axes (in) and the rest (out), as SP initialises a
-    Dense kernel, but with the fans of the base width, scaled for ``role``: an input kernel keeps
-    its base-width scale at every width. None (the Dense default, SP's xavier) under SP, at the
-    base width, and for hidden kernels, whose SP xavier already scales as muP's m^-1/2."""
+  def xavier_uniform(self, role: str, in_axis=-2, out_axis=-1) -> Initializer | None:
+    """SP's xavier-uniform (flax's, with the same ``in_axis`` / ``out_axis``; a conv's other axes
+    are its receptive field) but with the fans of the base width, scaled for ``role``: an input
+    kernel keeps its base-width scale at every width. None (the layer's default, SP's xavier)
+    under SP, at the base width, and for hidden kernels, whose SP xavier already scales as muP's
+    m^-1/2."""
     if not self.mup or self.width_mult == 1.0 or role == HIDDEN:
       return None
 
     def init(key, shape, dtype=jnp.float32):
-      axes_in, axes_out = tuple(range(n_in)), tuple(range(n_in, len(shape)))
-      fan_in, fan_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+      fan_in, fan_out = _fans(shape, in_axis, out_axis)
       base_in = fan_in / self.width_mult if role in (HIDDEN, OUTPUT) else fan_in
       base_out = fan_out / self.width_mult if role in (HIDDEN, INPUT) else fan_out
       # SP's draw at this width, rescaled to the base width's xavier scale times m^-a.
       factor = math.sqrt((fan_in + fan_out) / (base_in + base_out)) * self.init_factor(role)
-      return nn.initializers.xavier_uniform(in_axis=axes_in, out_axis=axes_out)(key, shape, dtype) * factor
+      return nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)(key, shape, dtype) * factor
 
     return init
+
+
+def _fans(shape: Sequence[int], in_axis, out_axis) -> tuple[float, float]:
+  """(fan_in, fan_out) as flax's variance-scaling initialisers count them."""
+  axes = lambda a: {x % len(shape) for x in (a if isinstance(a, (tuple, list)) else (a,))}  # noqa: E731
+  ins, outs = axes(in_axis), axes(out_axis)
+  receptive = math.prod(d for i, d in enumerate(shape) if i not in ins | outs)
+  return math.prod(shape[i] for i in ins) * receptive, math.prod(shape[i] for i in outs) * receptive
 
 
 def scaling(parametrization: str, width: int, base_width: int | None) -> Scaling:
