@@ -7,15 +7,18 @@ loss stays near 2 (the variance of eps - x0); this config checks the plumbing (s
 a checkpoint every 20 steps, validation at steps 50 and 100, metrics in
 /tmp/sd3_tiny/metrics.jsonl), in about a minute including compilation. Point it at records with
   --config.data.source=records --config.data.path=DIR
+Another backbone of the paper's study (docs/backbones.md): configs/tiny.py:dit (or :mmdit3,
+:crossdit, :uvit), the same as --config.model.backbone=dit.
 """
 
 from sd3_jax.config import base_config, model_config
 
 
-def get_config():
+def get_config(backbone: str = "mmdit"):
   c = base_config()
   c.model = model_config(
     "d2",
+    backbone=backbone,
     hidden_size=64,
     num_heads=4,
     in_channels=4,
@@ -23,6 +26,7 @@ def get_config():
     pooled_dim=32,
     context_dim=32,
     pos_embed_max_size=8,
+    clip_tokens=4,  # = text.clip_tokens below ('mmdit3' splits the context there)
   )
   c.dtype = "float32"
   c.remat = "none"

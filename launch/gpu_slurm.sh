@@ -4,6 +4,8 @@
 # jax.distributed reads the SLURM environment (--multihost). Install jax with CUDA support in
 # .venv first (pip install -e . "jax[cuda12]==0.10.2"); attention_impl 'auto' uses cuDNN
 # flash attention in bf16.
+# The run restarts after anything but done (0), a bad config (2) or divergence (3)
+# (launch/restart_policy.sh, docs/multislice.md).
 # Usage: bash launch/gpu_slurm.sh CONFIG WORKDIR [--config.key=value ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +24,5 @@ gpu_flags=(
   --xla_gpu_all_reduce_combine_threshold_bytes=134217728
 )
 export XLA_FLAGS="${XLA_FLAGS-${gpu_flags[*]}}"
-exec .venv/bin/python -m sd3_jax.main --config "$config" --workdir "$workdir" --multihost "$@"
+source launch/restart_policy.sh
+sd3_run_with_restarts .venv/bin/python -m sd3_jax.main --config "$config" --workdir "$workdir" --multihost "$@"

@@ -23,7 +23,7 @@ from sd3_jax.data.builder import ImageEncoder, TextEncoderFn
 
 
 def main(argv=None, *, image_encoder: ImageEncoder | None = None, text_encoder: TextEncoderFn | None = None) -> dict:
-  p = argparse.ArgumentParser(
+  p = command.ArgumentParser(
     prog="sd3-build-dataset", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--out", required=True)
@@ -156,7 +156,11 @@ def main(argv=None, *, image_encoder: ImageEncoder | None = None, text_encoder: 
 
 def entry_point() -> None:
   """Console entry point (``sd3-build-dataset``): expected errors end in one line and exit code 2."""
-  command.run(main, "sd3-build-dataset")
+  command.run(
+    main,
+    "sd3-build-dataset",
+    on_interrupt="the finished chunks are kept (marked in OUT/.build/); rerun the same command to build the rest",
+  )
 
 
 if __name__ == "__main__":

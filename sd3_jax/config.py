@@ -34,6 +34,9 @@ _MODEL_FIELDS = dict(
   parametrization=str,  # 'sp' | 'mup' (sd3_jax/models/mup.py, docs/mup_wsd.md)
   mup_base_width=int,
   mup_base_head_dim=int,
+  backbone=str,  # 'mmdit' (default) | 'mmdit3' | 'dit' | 'crossdit' | 'uvit' (docs/backbones.md)
+  clip_tokens=int,  # 'mmdit3': context rows that are CLIP tokens (= text.clip_tokens)
+  uvit_res_blocks=int,  # 'uvit': conv blocks per stage
 )
 
 
@@ -82,7 +85,8 @@ def check_retired(config) -> None:
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
   """config.model: a preset ('sd3-medium', 'sd3.5-large', 'sd3.5-medium', 'd<N>') plus any
   MMDiTConfig fields that override it (None = keep the preset's value). Changing `depth`
-  alone re-derives hidden size 64*d and d heads."""
+  alone re-derives hidden size 64*d and d heads. `backbone` picks the network of the paper's
+  architecture study (docs/backbones.md): --config.model.backbone=crossdit."""
   m = ml_collections.ConfigDict({"preset": preset})
   for name, typ in _MODEL_FIELDS.items():
     m[name] = overrides.pop(name) if name in overrides else config_dict.placeholder(typ)
@@ -119,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
   # branch points of cooldown branches (sd3_jax.scaling sets them on a sweep's stable runs).
   c.keep_checkpoint_steps = ()
   c.async_checkpointing = True
+  # zstd for the saved arrays (orbax's default); False: faster saves, larger files. Either way
+  # every array's checksum is recorded and checked on resume (docs/multislice.md).
+  c.checkpoint_compression = True
   # Start a new run from one of our converted MM-DiT checkpoints (sd3-convert --to jax,
   # sd3_jax.storage.pretrained): its weights and positional table, a fresh optimizer. Ignored once the
   # run has a checkpoint of its own (a restart resumes that).
@@ -259,8 +266,10 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
 
-  # Mesh: -1 means all remaining devices.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  # Mesh: data, fsdp, tensor within one slice (-1: all remaining devices of the slice);
+  # dcn_*: how many slices each axis spans (multi-slice TPU; -1: all slices). The default runs
+  # data parallelism across slices; the product of the dcn_* axes must be the slice count.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=-1, dcn_fsdp=1, dcn_tensor=1))
   # Peak FLOP/s per device for MFU; 0 = look up the device kind (None on CPU -> MFU null).
   c.peak_flops_per_device = 0.0
   return c

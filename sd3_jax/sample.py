@@ -10,6 +10,12 @@ r"""Text-to-image samples from a training workdir or a converted MM-DiT, written
   # pixel-space models (the model's output is the image in [-1, 1]; no VAE)
   sd3-sample --workdir /tmp/demo --pixel_space --text_encoders DIR --prompt ...
 
+It prints the path it wrote. Without --out the grid goes into the run,
+WORKDIR/samples/sample_step_STEP_NNN.png, or beside a converted checkpoint,
+CHECKPOINT_samples/sample_NNN.png (NNN: the first number not taken). --clip_length and
+--t5_length default to the lengths the run was trained with (77 and 77 for a checkpoint). Ctrl-C
+exits 130.
+
 The pieces are library functions: ``inference.loader.generator_from_args`` (model, text
 encoders, decoder, latent shape) and ``inference.generation.write_sample_grid``.
 """
@@ -24,12 +30,13 @@ import numpy as np
 
 from sd3_jax import command
 from sd3_jax.inference import generation, loader, sampling
+from sd3_jax.storage import fileutil
 
 log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = command.ArgumentParser(
     prog="sd3-sample", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
   loader.add_generator_args(p)
@@ -37,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
   pr.add_argument("--prompt", action="append", help="a prompt (repeatable)")
   pr.add_argument("--prompts_file", help="prompts: a text file (one per line), JSONL or COCO captions JSON")
   p.add_argument("--num_per_prompt", type=int, default=1)
-  p.add_argument("--out", default="samples.png", help="output PNG grid")
+  p.add_argument(
+    "--out",
+    help="output PNG grid (default: WORKDIR/samples/sample_step_STEP_NNN.png for --workdir, "
+    "CHECKPOINT_samples/sample_NNN.png beside --checkpoint; NNN: the first number not taken)",
+  )
   p.add_argument("--slg", action="store_true", help="skip-layer guidance (SD3.5-medium)")
   p.add_argument("--slg_layers", type=int, nargs="+", default=[7, 8, 9])
   p.add_argument("--slg_scale", type=float, default=2.5)
@@ -54,7 +65,6 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
   prompts = args.prompt or loader.read_prompts(args.prompts_file)
   if args.num_per_prompt < 1 or args.num_steps < 1:
     raise ValueError("--num_per_prompt and --num_steps must be >= 1")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   gen = loader.generator_from_args(args, conditioner, decoder)
   slg = None
   if args.slg:
@@ -62,12 +72,13 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
     if bad:
       raise ValueError(f"--slg_layers {bad} outside 0..{gen.model.config.depth - 1}")
     slg = sampling.SkipLayerGuidance(tuple(args.slg_layers), args.slg_scale, args.slg_start, args.slg_end)
+  out = args.out or default_out(args.workdir, args.checkpoint, gen.step)
   grid = generation.write_sample_grid(
     gen.model,
     gen.params,
     gen.conditioner,
     prompts,
-    args.out,
+    out,
     latent_shape=gen.latent_shape,
     decoder=gen.decoder,
     num_per_prompt=args.num_per_prompt,
@@ -79,13 +90,29 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
     mesh=gen.mesh,
     formulation=gen.formulation,
   )
-  log.info("wrote %s (%d prompts x %d, %dx%d)", args.out, len(prompts), args.num_per_prompt, *grid.shape[:2])
+  print(f"wrote {out} ({len(prompts)} prompts x {args.num_per_prompt}, a {grid.shape[0]}x{grid.shape[1]} grid)")
   return grid
+
+
+def default_out(workdir: Optional[str], checkpoint: Optional[str], step: Optional[int]) -> str:
+  """Where a grid goes without --out: into the run (WORKDIR/samples/sample_step_STEP_NNN.png,
+  beside the trainer's step_STEP.png grids) or beside a converted checkpoint
+  (CHECKPOINT_samples/sample_NNN.png; the checkpoint directory itself stays as converted), with
+  the first number NNN not taken, so an earlier grid is never overwritten."""
+  if workdir:
+    folder, stem = fileutil.as_epath(workdir) / "samples", f"sample_step_{step:08d}"
+  else:
+    ckpt = fileutil.as_epath(checkpoint)
+    folder, stem = ckpt.parent / f"{ckpt.name}_samples", "sample"
+  n = 0
+  while (folder / f"{stem}_{n:03d}.png").exists():
+    n += 1
+  return str(folder / f"{stem}_{n:03d}.png")
 
 
 def entry_point() -> None:
   """Console entry point (``sd3-sample``): expected errors end in one line and exit code 2."""
-  command.run(main, "sd3-sample")
+  command.run(main, "sd3-sample", on_interrupt="no grid was written")
 
 
 if __name__ == "__main__":

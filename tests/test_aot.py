@@ -43,3 +43,36 @@ def test_remat_policies_report_memory_and_recomputation_and_pick():
   assert 0.9 < rows["none"]["recompute_ratio"] < 1.1
   assert 1.2 < rows["full"]["recompute_ratio"] < 1.4
   assert r["picked_remat"] == "none"
+
+
+def test_two_slices_data_parallel_sends_each_chips_gradient_share_across_slices():
+  """2 x v5p:2x2x1, pure data parallelism (data 4 per slice x 2 slices): the compiler reduces
+  the float32 gradient inside each slice and each chip sends its quarter across DCN, once per
+  step. Hand count: 4 bytes x trainable parameters / 4 chips per slice. Widths are multiples
+  of 128 so that TPU tiles add almost no padding; the loss and metric scalars add the rest."""
+  from sd3_jax.models import mmdit
+  from sd3_jax.scaling import family
+  from configs import tiny
+
+  widths = dict(hidden_size=256, num_heads=2, context_dim=128, pooled_dim=128, in_channels=32, out_channels=32)
+  r = _aot(
+    "--topology=v5p:2x2x1",
+    "--num_slices=2",
+    "--config.mesh.data=-1",
+    "--config.mesh.fsdp=1",
+    *[f"--config.model.{k}={v}" for k, v in widths.items()],
+    "--config.data.context_dim=128",
+    "--config.data.pooled_dim=128",
+    "--config.data.latent_channels=32",
+    "--config.text.clip_l_dim=64",
+    "--config.text.clip_g_dim=64",
+  )
+  assert r["num_slices"] == 2 and r["num_devices"] == 8
+  assert r["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  c = tiny.get_config()
+  c.model.update(widths)
+  trainable = family.param_counts(mmdit.config_from_preset(**c.model))["total"]  # without the fixed pos_embed
+  hand = 4 * trainable / 4
+  assert hand <= r["dcn_bytes_per_step"] <= 1.01 * hand, (r["dcn_bytes_per_step"], hand)
+  # Inside a slice the whole gradient is reduce-scattered and the update all-gathered.
+  assert r["ici_bytes_per_step"] >= 2 * 4 * trainable

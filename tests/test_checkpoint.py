@@ -88,6 +88,7 @@ def test_save_restore_same_mesh_exact(tmp_path, state):
   assert config == CONFIG
   assert sorted(os.listdir(tmp_path / "ckpt" / "2")) == [
     "_CHECKPOINT_METADATA",
+    "checksums",
     "commit_success.txt",
     "config",
     "state",
@@ -253,3 +254,54 @@ def test_error_messages(tmp_path, state):
       ckpt.restore(abstract_state=unsharded)
     with pytest.raises(ValueError, match="no data iterator position"):
       ckpt.restore(abstract_state=abstract, data_iterator=iter(_dataset()))
+
+
+def _flip_in_largest_array_file(step_dir):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir / "state") for f in fs if f"{os.sep}d" in r]
+  path = max(files, key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x01
+  open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_a_flipped_bit_is_caught_by_the_checksums_compressed_or_not(tmp_path, state, compress):
+  """orbax restores a flipped bit without complaint, zstd or not; the recorded checksums don't."""
+  from sd3_jax.storage import recovery
+
+  sh = NamedSharding(state["params"]["w"].sharding.mesh, P("fsdp"))
+  big = dict(state, big=jax.device_put(jax.random.normal(jax.random.key(1), (256, 64)), sh))  # 64 KiB of noise
+  with Checkpointer(tmp_path, compress=compress) as ckpt:
+    ckpt.save(1, big)
+    ckpt.save(2, dict(big, step=big["step"] + 1))
+    ckpt.wait_until_finished()
+  _flip_in_largest_array_file(tmp_path / "2")
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(recovery.DamagedCheckpoint, match=r"step 2 is damaged \(checksum\): 1 array\(s\) differ"):
+      ckpt.restore(2, abstract_state=abstract_like(big))
+    restored, _, step = ckpt.restore_newest_intact(abstract_state=abstract_like(big))
+  assert step == 1
+  _assert_same_values(restored, big)
+  assert sorted(os.listdir(tmp_path)) == ["1", "2.damaged-checksum"]
+
+
+def test_another_config_is_not_damage_and_old_checkpoints_restore_unchecked(tmp_path, state, caplog):
+  with Checkpointer(tmp_path) as ckpt:
+    ckpt.save(1, state)
+    ckpt.wait_until_finished()
+  abstract = abstract_like(state)
+  w = abstract["params"]["w"]
+  wrong = dict(abstract, params=dict(abstract["params"], w=jax.ShapeDtypeStruct((16, 4), w.dtype, sharding=w.sharding)))
+  with Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(ValueError, match="state shapes do not match"):
+      ckpt.restore_newest_intact(abstract_state=wrong)
+  assert sorted(os.listdir(tmp_path)) == ["1"]  # nothing moved aside
+  import shutil
+
+  shutil.rmtree(tmp_path / "1" / "checksums")  # as written before checksums existed
+  meta = tmp_path / "1" / "_CHECKPOINT_METADATA"
+  meta.write_text(meta.read_text().replace('"checksums"', '"unused"'))
+  with Checkpointer(tmp_path) as ckpt:
+    restored, _, _ = ckpt.restore_newest_intact(abstract_state=abstract)
+  _assert_same_values(restored, state)
+  assert any("has no checksums" in r.getMessage() for r in caplog.records)

@@ -7,6 +7,9 @@ rerun resumes instead of redoing work.
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from sd3_jax.demo import encoders as demo_encoders
 from sd3_jax.demo import stages as demo_stages
 from sd3_jax.demo import scenes as shapes
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = [s.caption for s in shapes.all_scenes()]
 WORDS = sorted({w for c in CAPTIONS for w in c.split()})
 
@@ -87,11 +91,21 @@ SMALL = {
 }
 
 
-def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
+def test_demo_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)  # a relative workdir, as `bash launch/demo.sh` passes (orbax needs absolute paths)
   wd = "demo"
   kwargs = dict(num_train=64, num_val=16, num_heldout=3, samples_per_prompt=2, sampling_steps=2, overrides=SMALL)
   s = demo.run(wd, steps=4, **kwargs)
+  out = capsys.readouterr().out
+  for stage in ("[1/4] text encoders: ", "[2/4] data: ", "[3/4] training: 4 steps", "[4/4] samples and scores: "):
+    assert f"sd3-demo: {stage}" in out and "skipped" not in out, out
+  # validation loss in the progress output, FLOP/s in a unit that shows the figure
+  assert "step 2/4 (50.0%) | val_loss " in out and "TFLOP/s/dev 0.0" not in out, out
+  # the model as built: depth and the preset's fields resolved, not the config's None placeholders
+  model = s["train"]["model"]
+  assert model["preset"] == "d4" and model["depth"] == 1 and model["hidden_size"] == 32 and model["mlp_ratio"] == 4.0
+  assert None not in (model["depth"], model["mlp_ratio"], model["patch_size"])
+  assert set(s["seconds"]) == {"text_encoders_s", "data_s", "train_s", "sampling_s", "total_s"}
   for f in (
     "summary.json",
     "loss.png",
@@ -132,7 +146,8 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
     lines = [json.loads(x) for x in f]
   assert any("val/loss" in x for x in lines) and any("loss" in x for x in lines)
 
-  # The sample CLI reads the demo's workdir and encoders as docs/demo.md shows.
+  # The sample CLI reads the demo's workdir and encoders as docs/demo.md shows (the text lengths,
+  # 12 + 12, come from the run's config).
   from sd3_jax import sample
 
   grid = sample.main(
@@ -142,10 +157,6 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
       "--pixel_space",
       "--text_encoders",
       os.path.join(wd, "text_encoders"),
-      "--clip_length",
-      "12",
-      "--t5_length",
-      "12",
       "--num_steps",
       "2",
       "--prompt",
@@ -158,12 +169,27 @@ def test_demo_end_to_end_and_resume(tmp_path, monkeypatch):
 
   # A rerun with more steps keeps the encoders and records and resumes training from step 4.
   enc_mtime = os.path.getmtime(os.path.join(wd, "text_encoders"))
+  capsys.readouterr()
   s2 = demo.run(wd, steps=6, **kwargs)
+  out = capsys.readouterr().out
+  assert "[1/4] text encoders: " in out and "[2/4] data: " in out and out.count(", skipped") == 2, out
+  assert "[3/4] training: 6 steps" in out and "resuming from step 4 (" in out, out
   assert os.path.getmtime(os.path.join(wd, "text_encoders")) == enc_mtime
   assert s2["sampler"]["checkpoint_step"] == 6 and s2["train"]["step_time_s"] > 0
+  for stage in ("text_encoders_s", "data_s"):  # skipped: the first run's seconds are kept
+    assert s2["seconds"][stage] == s["seconds"][stage]
+  assert s2["seconds"]["train_s"] > s["seconds"]["train_s"]  # two steps more of the same run
   with open(os.path.join(wd, "metrics.jsonl")) as f:
     steps = [json.loads(x)["step"] for x in f if '"loss"' in x]
   assert steps == [2, 4, 6]
+  # A rerun of the finished workdir skips every stage: nothing is sampled or scored again and
+  # summary.json (with its timings) stays as it was.
+  before = open(os.path.join(wd, "summary.json")).read()
+  monkeypatch.setattr(demo.generation, "generate", lambda *a, **k: pytest.fail("sampled again"))
+  monkeypatch.setattr("sd3_jax.training.train.train_and_evaluate", lambda *a, **k: pytest.fail("trained again"))
+  assert demo.run(wd, steps=6, **kwargs) == s2
+  assert open(os.path.join(wd, "summary.json")).read() == before
+  assert capsys.readouterr().out.count(", skipped") == 4
   with pytest.raises(ValueError, match="holds 64 records but 80 were asked for"):
     demo.run(wd, steps=6, **dict(kwargs, num_train=80))
 
@@ -184,3 +210,51 @@ def test_interior_val_loss():
 def test_demo_rejects_latent_configs(tmp_path):
   with pytest.raises(ValueError, match="pixel space"):
     demo.run(str(tmp_path / "x"), steps=1, overrides={"model.in_channels": 4})
+
+
+def test_launch_demo_takes_flags_without_a_workdir():
+  """`bash launch/demo.sh --steps 10` keeps the default WORKDIR (it used to take --steps for one)."""
+  r = subprocess.run(
+    ["bash", "launch/demo.sh", "--steps", "10", "--help"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, PYTHON=sys.executable),
+  )
+  assert r.returncode == 0 and r.stdout.startswith("usage: sd3-demo "), r.stderr[-2000:]
+
+
+def test_setup_venv_says_what_it_does(tmp_path):
+  """The first minute of the demo (venv and pip) is no longer silent; a set-up environment is
+  left alone, and any install (with or without extras) holds the base requirements."""
+  os.makedirs(tmp_path / "launch")
+  shutil.copy(os.path.join(REPO, "launch", "setup_venv.sh"), tmp_path / "launch")
+  (tmp_path / "setup.cfg").write_text("[metadata]\n")
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  # python3 stands in for the real one: `-m venv` makes a .venv whose python logs its calls.
+  (bin_dir / "python3").write_text(
+    "#!/bin/sh\n"
+    'if [ "$1" = "--version" ]; then echo "Python 3.0"; exit 0; fi\n'
+    "mkdir -p .venv/bin\n"
+    "printf '#!/bin/sh\\necho \"$*\" >> .venv/calls\\n' > .venv/bin/python\n"
+    "chmod +x .venv/bin/python\n"
+  )
+  (bin_dir / "python3").chmod(0o755)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+
+  def setup(*extras):
+    r = subprocess.run(["bash", "launch/setup_venv.sh", *extras], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stderr
+
+  err = setup()
+  assert "setup_venv: creating the virtual environment .venv (Python 3.0)" in err
+  assert "setup_venv: installing sd3_jax and its dependencies into .venv (pip; a minute or more" in err
+  assert "setup_venv: installed in " in err
+  assert "-m pip install -q --disable-pip-version-check -e ." in (tmp_path / ".venv" / "calls").read_text()
+  assert setup() == ""  # installed, setup.cfg unchanged: nothing to do, nothing said
+  assert "installing sd3_jax with [test]" in setup("test")
+  os.remove(tmp_path / ".venv" / ".sd3_jax-installed-base")
+  assert setup() == ""  # the [test] install holds the base requirements

@@ -301,7 +301,7 @@ def test_crafted_weight_files_are_refused_with_bounded_memory(valid, tmp_path):
     err = r["stderr"].strip()
     ok = (
       r["rc"] == 2
-      and err.startswith("error: ")
+      and err.startswith("sd3-convert: error: ")
       and "\n" not in err
       and all(w in err for w in want)
       and os.path.basename(src) in err  # names the file or directory

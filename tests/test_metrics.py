@@ -191,3 +191,11 @@ def test_format_progress():
   assert line == ("step 1200/5000 (24.0%) | loss 0.4312 | lr 1.00e-04 | step 0.5s | MFU 41.3% | ETA 31m40s")
   assert Mt.format_progress(5, 10, {}) == "step 5/10 (50.0%)"
   assert "nan" in Mt.format_progress(1, 10, {"loss": math.nan})
+
+
+def test_format_progress_shows_flops_in_a_unit_that_shows_the_figure_and_validation_loss():
+  """A 2-core CPU does tens of GFLOP/s: "TFLOP/s/dev 0.0" said nothing there."""
+  assert "| TFLOP/s/dev 412.3 |" in Mt.format_progress(1, 10, {"tflops_per_sec_per_device": 412.3, "mfu": 0.4})
+  assert Mt.format_progress(1, 10, {"tflops_per_sec_per_device": 0.0312}).endswith("| GFLOP/s/dev 31.2")
+  assert Mt.format_progress(1, 10, {"tflops_per_sec_per_device": 2.5e-5}).endswith("| MFLOP/s/dev 25.0")
+  assert Mt.format_progress(300, 1200, {"val/loss": 0.26904}) == "step 300/1200 (25.0%) | val_loss 0.2690"

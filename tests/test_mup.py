@@ -17,6 +17,7 @@ import pytest
 from flax import linen as nn
 
 from sd3_jax.models import attention as A
+from sd3_jax.models import backbones
 from sd3_jax.models import mmdit as M
 from sd3_jax.models import mup
 from sd3_jax.scaling import cli
@@ -51,32 +52,36 @@ def models():
   return {(p, w): _params(w, p) for p in ("sp", "mup") for w in (32, 32 * M_WIDE)}
 
 
+def _roles(params):
+  return mup.roles(params, backbones.param_class)
+
+
 def _rms(x):
   x = np.asarray(x, np.float64)
   return float(np.sqrt(np.mean(np.square(x))))
 
 
-def test_every_parameter_has_the_role_of_its_layer():
+def test_every_parameter_has_the_class_of_its_layer():
+  """The roles muP uses are backbones.param_class's (tests/test_mup_backbones.py checks them
+  against the init and the optimizer of every backbone)."""
   cfg = M.MMDiTConfig(hidden_size=32, **BASE)
   params = nn.unbox(M.abstract_params(M.MMDiT(cfg)))
-  roles = {
-    "/".join(mup.path_names(p)): r for p, r in jax.tree_util.tree_flatten_with_path(mup.roles(params, M.MUP_ROLES))[0]
-  }
+  roles = {"/".join(mup.path_names(p)): r for p, r in jax.tree_util.tree_flatten_with_path(_roles(params))[0]}
   assert roles["x_embedder/proj/kernel"] == mup.INPUT
   assert roles["context_embedder/kernel"] == mup.INPUT
   assert roles["t_embedder/mlp_0/kernel"] == mup.INPUT and roles["t_embedder/mlp_2/kernel"] == mup.HIDDEN
   assert roles["final_layer/linear/kernel"] == mup.OUTPUT
-  assert roles["final_layer/linear/bias"] == mup.VECTOR
+  assert roles["final_layer/linear/bias"] == mup.INPUT  # vectors go with the input weights (TP5)
   assert roles["joint_blocks_0/x_block/attn2/qkv/kernel"] == mup.HIDDEN
-  assert roles["joint_blocks_0/x_block/attn/ln_q/scale"] == mup.VECTOR
+  assert roles["joint_blocks_0/x_block/attn/ln_q/scale"] == mup.INPUT
   assert roles["pos_embed"] == mup.FIXED
-  assert set(roles.values()) == set(mup.ROLES)
+  assert set(roles.values()) == set(mup.ROLES) == set(backbones.PARAM_CLASSES)
   # The scanned layout has the same roles (its block kernels are stacked, still hidden).
   scanned = nn.unbox(M.abstract_params(M.MMDiT(cfg, scan_layers=True)))
-  assert sorted(jax.tree.leaves(mup.roles(scanned, M.MUP_ROLES))) == sorted(roles.values())
-  # A rule naming a layer the model does not have is refused (it would silently become hidden).
-  with pytest.raises(ValueError, match="'x_embed' , which matches no parameter|matches no parameter"):
-    mup.roles(params, mup.RoleRule(inputs=("x_embed",), outputs=()))
+  assert sorted(jax.tree.leaves(_roles(scanned))) == sorted(roles.values())
+  # A classifier answering something else is refused.
+  with pytest.raises(ValueError, match="parameter class 'vector' of .* is not one of"):
+    mup.roles(params, lambda path: "vector")
 
 
 def test_init_scales_with_width_as_each_role_prescribes(models):
@@ -87,11 +92,11 @@ def test_init_scales_with_width_as_each_role_prescribes(models):
   for parametrization in ("sp", "mup"):
     _, small = models[parametrization, 32]
     _, wide = models[parametrization, 32 * m]
-    roles = mup.roles(small, M.MUP_ROLES)
+    roles = _roles(small)
     for (path, a), b, role in zip(
       jax.tree_util.tree_flatten_with_path(small)[0], jax.tree.leaves(wide), jax.tree.leaves(roles)
     ):
-      if role in (mup.INPUT, mup.HIDDEN, mup.OUTPUT) and _rms(a) > 0:
+      if role in (mup.INPUT, mup.HIDDEN, mup.OUTPUT) and _rms(a) > 0 and mup.path_names(path)[-1] == "kernel":
         exponents[parametrization, "/".join(mup.path_names(path))] = (role, math.log(_rms(b) / _rms(a), m))
   checked = {mup.INPUT: 0, mup.HIDDEN: 0}
   for (parametrization, name), (role, e) in exponents.items():

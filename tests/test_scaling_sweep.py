@@ -114,6 +114,27 @@ def test_bad_branched_sweeps_name_the_fix(sweep_file, overrides, message):
     sweep_lib.plan(sweep)
 
 
+def test_backbone_on_a_sweep_axis(sweep_file):
+  """model.backbone as an axis: one run per backbone and depth, each counted with its own
+  architecture (parameters in closed form, exact FLOPs), the family's width rule for all."""
+  from sd3_jax.models import backbones
+
+  sweep = sweep_lib.load_sweep(sweep_file)
+  sweep.grids = [dict(name="arch", depths=(1, 2), lengths=(4,), axes={"model.backbone": backbones.BACKBONES})]
+  runs = {r.name: r for r in sweep_lib.plan(sweep)}
+  assert set(runs) == {
+    f"d{d}_s4" + ("" if b == "mmdit" else f"_backbone-{b}") for d in (1, 2) for b in backbones.BACKBONES
+  }
+  counts = set()
+  for r in runs.values():
+    mcfg = mmdit.config_from_preset(**sweep_lib.run_config(sweep, r).model)
+    assert mcfg.hidden_size == 16 * r.depth and mcfg.num_heads == r.depth
+    assert r.params["total"] == backbones.count_params(mcfg)
+    assert r.compute.flops == 4 * flops.train_step_flops(mcfg, 8, 8, 8, 4)
+    counts.add((r.depth, r.params["total"]))
+  assert len(counts) == 2 * len(backbones.BACKBONES)  # every backbone differs
+
+
 @pytest.mark.parametrize(
   "grid, message",
   [
@@ -209,7 +230,7 @@ def test_branched_sweep_resumes_after_a_kill_branches_equal_scratch_and_compute_
   proc = _scaling(["run", sweep_file, "--sweep_dir", sweep_dir, *branched])
   out, _ = proc.communicate(timeout=900)
   assert proc.returncode == 0, out
-  assert "resumed from step 100" in out and "trained 4 run(s)" in out
+  assert "resuming from step 100 (" in out and "trained 4 run(s)" in out
   assert out.count("branched from") == 2 and f"{ckpt} at step 4" in out
   for name, steps in (("d1_s5", 5), ("d1_s200", 200), ("d2_s5", 5), ("d2_s200", 200)):
     assert runner.is_finished(os.path.join(sweep_dir, name), steps), name

@@ -307,7 +307,7 @@ def test_resume_after_kill_is_exact(tmp_path):
   p = _main(cut, *COMMON)
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
-  assert "resumed from step" in out
+  assert "resuming from step" in out
   a, b = _read_metrics(full), _read_metrics(cut)
   assert sorted(a) == sorted(b) == list(range(2, 17, 2))
   assert a == b  # exact equality of every logged loss
@@ -329,7 +329,7 @@ def test_restore_onto_different_mesh(tmp_path):
   )
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
-  assert "resumed from step 4" in out
+  assert "resuming from step 4 (" in out
   assert max(_read_metrics(wd)) == 6
 
 

@@ -2,6 +2,7 @@ r"""Will this config fit that TPU topology? Compile the real train step ahead of
 
   python -m tools.aot_compile --config configs/sd3_8b.py --topology v5p:8x8x8 [--json]
   python -m tools.aot_compile --config configs/sd3_medium.py --topology v6e:16x16 --find_max_batch
+  python -m tools.aot_compile --config configs/sd3_medium.py --config.model.backbone=crossdit  # any backbone
 
 Uses libtpu's compile-only topologies (pip install 'jax[tpu]==0.10.2', the `tpu` extra; no TPU
 needed). Prints per-chip memory (arguments, temporaries, peak), the chip's HBM, whether it fits,
@@ -11,6 +12,12 @@ figure comes from its message and `fits` is false. ``--json`` prints one JSON ob
 `hbm_bytes_per_device` and `fits`. ``--find_max_batch`` also searches the largest global batch
 (a multiple of the batch shards) whose step fits, and reports it per chip (4-6 compiles).
 Any topology name libtpu accepts works: v4:2x2x1, v5e:16x16, v5p:4x4x4, v5p:8x8x8, v6e:16x16, ...
+
+Several slices: ``--num_slices 2`` compiles for two such slices joined by DCN, with the mesh
+built as the trainer builds it (config.mesh.dcn_*: data parallelism across slices by default).
+``--json`` then reports, per chip per step, `ici_bytes_per_step` (collective buffers inside a
+slice) and `dcn_bytes_per_step` (what crosses slices), read from the compiled program
+(``tools.hlo_collectives``).
 
 Recomputation: `hlo_matmul_flops_per_device` counts the compiled program's matmuls with every
 scanned layer counted once per layer (``tools.hlo_flops``); `recompute_ratio` is that times
@@ -44,7 +51,7 @@ from sd3_jax.models import flops, mmdit  # noqa: E402
 from sd3_jax.models import remat as remat_lib  # noqa: E402
 from sd3_jax import command, sharding  # noqa: E402
 from sd3_jax.training import optimizer, state as state_lib, step as step_lib, train_data  # noqa: E402
-from tools import hlo_flops  # noqa: E402
+from tools import hlo_collectives, hlo_flops  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:8x8x8", "TPU topology name, e.g. v5p:8x8x8 or v6e:16x16.")
@@ -56,6 +63,9 @@ _POLICIES = flags.DEFINE_list(
 )
 _PICK = flags.DEFINE_bool(
   "pick_remat", False, "Pick the policy with the least recomputation that fits (among --remat_policies, default all)."
+)
+_HLO_OUT = flags.DEFINE_string(
+  "hlo_out", "", "Also write the compiled program's HLO text here ('{bucket}' in the name: one file per bucket)."
 )
 flags.mark_flags_as_required(["config"])
 
@@ -97,7 +107,7 @@ def topology_devices(name: str, num_slices: int = 1):
 def compile_step(config, devices, latent_hw=None):
   """Lower and compile the real train step for ``devices`` (for the aspect bucket of latent size
   ``latent_hw``; default the first) -> (compiled, mesh, abstract args)."""
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+  mesh = sharding.mesh_from_settings(config.mesh, devices=devices)
   model = state_lib.make_model(config, platform=devices[0].platform)
   tx, opts = optimizer.make_optimizer(config), step_lib.step_options(config)
   abstract_state, shardings = state_lib.state_shardings(model, tx, mesh)
@@ -170,6 +180,7 @@ def analyse_bucket(config, devices, latent_hw) -> dict:
   visible = model_flops - (attn if impl.startswith("splash") or impl == "cudnn" else 0)
   r = {
     "topology": _TOPOLOGY.value,
+    "num_slices": sharding.num_slices(devices),
     "device_kind": kind,
     "num_devices": len(devices),
     "global_batch_size": config.global_batch_size,
@@ -198,6 +209,8 @@ def analyse_bucket(config, devices, latent_hw) -> dict:
         "peak_bytes_per_device": None if temps is None else args + temps,
         "fits": False,
         "compiled_flops_per_device": None,
+        "ici_bytes_per_step": None,
+        "dcn_bytes_per_step": None,
         "compile_error": str(e).splitlines()[0][:500],
       }
     )
@@ -221,13 +234,22 @@ def analyse_bucket(config, devices, latent_hw) -> dict:
       "compiled_flops_per_device": float(ca.get("flops", float("nan"))) if ca else None,
     }
   )
-  counted = hlo_flops.matmul_flops(compiled.as_text())
+  text = compiled.as_text()
+  if _HLO_OUT.value:
+    with open(_HLO_OUT.value.replace("{bucket}", f"{h}x{w}"), "w") as f:
+      f.write(text)
+  counted = hlo_flops.matmul_flops(text)
+  moved = hlo_collectives.collective_bytes(text, [getattr(d, "slice_index", 0) for d in mesh.devices.flat])
   r.update(
     {
       "hlo_matmul_flops_per_device": counted["flops"],
       "kernel_calls_per_step": counted["custom_calls"],
       "recompute_ratio": counted["flops"] * len(devices) / visible,
       "unknown_trip_counts": counted["unknown_trip_counts"],
+      # Per chip per step: collective buffers inside a slice, and what crosses slices.
+      "ici_bytes_per_step": moved["ici_bytes"],
+      "dcn_bytes_per_step": moved["dcn_bytes"],
+      "dcn_transfers_per_step": moved["dcn_transfers"],
     }
   )
   return r
@@ -277,7 +299,7 @@ def find_max_batch(config, devices, first: dict, max_compiles: int = 7) -> dict:
   Returns {'fits_at', 'does_not_fit_at'} as global batches (multiples of the batch shards
   and grad_accum_steps); None where not found within max_compiles.
   """
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+  mesh = sharding.mesh_from_settings(config.mesh, devices=devices)
   unit = mesh.shape["data"] * mesh.shape["fsdp"] * config.grad_accum_steps
   hbm = first["hbm_bytes_per_device"]
   if hbm is None:
@@ -366,8 +388,9 @@ def main(argv):
     print(json.dumps(r))
     return
   g = lambda k: f"{r[k] / GiB:8.2f} GiB" if r[k] is not None else "   unknown"
+  slices = f"{r['num_slices']} x " if r["num_slices"] > 1 else ""
   print(
-    f"topology {r['topology']} ({r['num_devices']} x {r['device_kind']}), mesh {r['mesh']}, "
+    f"topology {slices}{r['topology']} ({r['num_devices']} x {r['device_kind']}), mesh {r['mesh']}, "
     f"global batch {r['global_batch_size']} ({r['batch_per_device']:.2f}/chip)"
   )
   for label, key in [
@@ -393,6 +416,10 @@ def main(argv):
       f"  matmul FLOPs per chip, loops unrolled {r['hlo_matmul_flops_per_device']:.4g}: "
       f"recompute ratio {r['recompute_ratio']:.3f} (remat {r['remat']}, attention "
       f"{r['attention_impl']})"
+    )
+    print(
+      f"  collectives per chip per step: {r['ici_bytes_per_step'] / 2**20:.2f} MiB within a slice (ICI), "
+      f"{r['dcn_bytes_per_step'] / 2**20:.2f} MiB across slices (DCN)"
     )
   for name, b in r.get("buckets", {}).items():
     peak = "unknown" if b["peak_bytes_per_device"] is None else f"{b['peak_bytes_per_device'] / GiB:.2f} GiB"

@@ -37,6 +37,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from sd3_jax import command  # noqa: E402
 from sd3_jax.models.mmdit import MMDiTConfig  # noqa: E402
 from sd3_jax.convert import mmdit_keys as K  # noqa: E402
 from sd3_jax.convert.safetensors_io import SafetensorsReader, SafetensorsWriter  # noqa: E402
@@ -151,7 +152,7 @@ def du(path: str) -> int:
 
 
 def main() -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = command.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--depth", type=int, default=38, help="model depth d (hidden 64d); 38 = SD3.5-large, 8B")
   p.add_argument("--no-qk-norm", action="store_true", help="SD3-style blocks without qk-norm")
   p.add_argument("--workdir", default=None, help="where to put the temporary files (default: system temp)")

@@ -77,7 +77,7 @@ def run(config, steps: int, matmul_size: int = 0) -> dict:
   if steps < 1:
     raise ValueError(f"--steps must be >= 1, got {steps}")
   devices = jax.devices()
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  mesh = sharding.mesh_from_settings(config.mesh)
   model, tx, opts = state_lib.make_model(config), optimizer.make_optimizer(config), step_lib.step_options(config)
   _, shardings = state_lib.state_shardings(model, tx, mesh)
   state = state_lib.create_sharded_state(model, tx, mesh, jax.random.key(config.seed), shardings)

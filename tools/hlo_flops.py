@@ -119,6 +119,60 @@ def _trip_count(cond_lines: list[str]) -> int | None:
   return consts.pop() if len(consts) == 1 else None
 
 
+def call_edges(op: str, args: str, comps: dict) -> tuple[list[tuple[str, int]], bool]:
+  """The computations one instruction calls, each with how many times per execution of the
+  instruction (a while body: its trip count, read from the condition; its condition: one more),
+  and whether a trip count could not be read (then 1)."""
+  targets = dict(_CALLS.findall(args))
+  edges, unknown = [], False
+  if op == "while" and "body" in targets:
+    n = _trip_count(comps.get(targets.get("condition"), (0, "", []))[2])
+    unknown = n is None
+    edges.append((targets["body"], n or 1))
+    if "condition" in targets:
+      edges.append((targets["condition"], (n or 1) + 1))
+  else:
+    edges.extend((callee, 1) for callee in targets.values())
+  b = _BRANCHES.search(args)
+  if b:
+    edges.extend((callee, 1) for callee in re.findall(r"%([\w.\-]+)", b.group(1)))
+  return edges, unknown
+
+
+def execution_counts(comps: dict) -> dict[str, int]:
+  """How many times each computation of ``split_computations(text)`` runs per execution of the
+  entry computation (loop bodies by their trip counts, nested calls multiplied)."""
+  edges = collections.defaultdict(list)
+  for name, (_, _, lines) in comps.items():
+    for line in lines:
+      m = _INSTR.match(line)
+      if m:
+        edges[name].extend(call_edges(m.group(3), m.group(4), comps)[0])
+  entry = [n for n, (is_entry, _, _) in comps.items() if is_entry]
+  order, seen = [], set()
+
+  def visit(name):  # post-order DFS; its reverse is a topological order of the call graph
+    if name in seen or name not in comps:
+      return
+    seen.add(name)
+    for callee, _ in edges.get(name, ()):
+      visit(callee)
+    order.append(name)
+
+  for e in entry:
+    visit(e)
+  counts = collections.Counter({e: 1 for e in entry})
+  for name in reversed(order):
+    for callee, n in edges.get(name, ()):
+      counts[callee] += counts[name] * n
+  return dict(counts)
+
+
+split_computations = _split_computations
+dims = _dims
+INSTR = _INSTR
+
+
 def matmul_flops(hlo_text: str) -> dict:
   """{'flops': matmul FLOPs of one execution (per device for an SPMD program),
   'flops_loops_once': the same with every loop body counted once (what cost_analysis does),
@@ -139,20 +193,9 @@ def matmul_flops(hlo_text: str) -> dict:
         shapes[iname] = _dims(shape)
       flops += _op_flops(op, shape, args, shapes)
       ccalls += op == "custom-call" and any(t in args for t in _KERNEL_TARGETS)
-      targets = dict((k, v) for k, v in _CALLS.findall(args))
-      if op == "while" and "body" in targets:
-        n = _trip_count(comps.get(targets.get("condition"), (0, "", []))[2])
-        unknown += n is None
-        edges[name].append((targets["body"], n or 1, 1))
-        if "condition" in targets:
-          edges[name].append((targets["condition"], (n or 1) + 1, 1))
-      else:
-        for key, callee in targets.items():
-          edges[name].append((callee, 1, 1))
-      b = _BRANCHES.search(args)
-      if b:
-        for callee in re.findall(r"%([\w.\-]+)", b.group(1)):
-          edges[name].append((callee, 1, 1))
+      called, unread = call_edges(op, args, comps)
+      unknown += unread
+      edges[name].extend(called)
     local[name], local_cc[name] = flops, ccalls
   entry = [n for n, (is_entry, _, _) in comps.items() if is_entry]
 
@@ -162,7 +205,7 @@ def matmul_flops(hlo_text: str) -> dict:
     if name in stack or name not in local:
       return 0.0, 0
     f, c = local[name], local_cc[name]
-    for callee, n, _ in edges.get(name, ()):
+    for callee, n in edges.get(name, ()):
       cf, cc = total(callee, weight_fn, memo, stack + (name,))
       w = weight_fn(n)
       f, c = f + w * cf, c + w * cc

@@ -39,7 +39,7 @@ from typing import Mapping
 
 import numpy as np
 
-from sd3_jax.storage import trees
+from sd3_jax.storage import pretrained, trees
 from sd3_jax.models.mmdit import MMDiTConfig
 from sd3_jax.convert import mmdit_keys, runs, text_keys
 from sd3_jax.convert.encoders import TEXT_WRITERS, convert_vae, copy_tokenizer, open_text_source
@@ -53,6 +53,7 @@ from sd3_jax.convert.formats import (
   source_from_params,
   source_from_state_dict,
 )
+from sd3_jax.convert.mmdit_keys import require_mmdit
 from sd3_jax.convert.safetensors_io import parse_size
 
 __all__ = [
@@ -108,7 +109,14 @@ def convert(
     if num_heads is not None or head_dim is not None:
       raise ValueError("num_heads / head_dim do not apply to a training run: its config says them")
     kwargs = {"max_shard_bytes": parse_size(max_shard_size)} if to == "diffusers" else {}
-    source = runs.open_run(src, use_ema=True if ema is None else ema)
+    config, params, description = runs.load_run(src, use_ema=True if ema is None else ema)
+    if config.backbone != "mmdit":  # the other backbones of the study: our format only
+      if to != "jax":
+        require_mmdit(config, description)
+      pretrained.save_pretrained(dst, params, config, dtype=dtype, overwrite=overwrite)
+      return config
+    source = source_from_params(params, config)
+    source.description = description
     WRITERS[to](source, dst, dtype=dtype, overwrite=overwrite, **kwargs)
     return source.config
   if ema is not None:
@@ -140,6 +148,13 @@ def convert(
     raise ValueError(f"{src} holds a {kind} checkpoint, which this tool does not convert")
   if to not in WRITERS:
     raise ValueError(f"{src} is an MM-DiT; it converts to {sorted(WRITERS)}, not {to!r}")
+  if detect_format(src)[0] == "jax" and pretrained.read_config(src).backbone != "mmdit":
+    config = pretrained.read_config(src)
+    if to != "jax":
+      require_mmdit(config, str(src))
+    _, params = pretrained.load_pretrained(src, param_dtype=None, verify=verify)  # a copy, or a cast with --dtype
+    pretrained.save_pretrained(dst, params, config, dtype=dtype, overwrite=overwrite)
+    return config
   kwargs = {"max_shard_bytes": parse_size(max_shard_size)} if to == "diffusers" else {}
   source = open_source(src, num_heads=num_heads, head_dim=head_dim, verify=verify)
   WRITERS[to](source, dst, dtype=dtype, overwrite=overwrite, **kwargs)

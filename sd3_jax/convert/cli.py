@@ -9,6 +9,8 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
+from sd3_jax import command  # noqa: E402
+
 EPILOG = """\
 source formats (model and format detected automatically):
   run           a training workdir of sd3-train (its latest committed checkpoint) or one step,
@@ -66,7 +68,7 @@ def describe(cfg) -> str:
   name = type(cfg).__name__
   if name == "MMDiTConfig":
     return (
-      f"depth {cfg.depth}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, qk_norm {cfg.qk_norm}, "
+      f"{'' if cfg.backbone == 'mmdit' else f'backbone {cfg.backbone}, '}depth {cfg.depth}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, qk_norm {cfg.qk_norm}, "
       f"dual layers {list(cfg.dual_attention_layers)}, pos grid {cfg.pos_embed_max_size}"
     )
   if name == "CLIPTextConfig":
@@ -95,7 +97,7 @@ def describe(cfg) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(
+  p = command.ArgumentParser(
     prog="sd3-convert",
     description="Lossless SD3/SD3.5 checkpoint conversion: the MM-DiT between sd3_jax (JAX/orbax), "
     "diffusers and the original SD3 single-file format; the VAE between sd3_jax and "
@@ -169,15 +171,19 @@ def main(argv=None) -> int:
       ema=args.ema,
     )
   except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    print(f"sd3-convert: error: {command.one_line(e)}", file=sys.stderr)
+    return command.EXIT_USAGE
   print(f"wrote {args.dst} ({args.to}) in {time.time() - t0:.1f}s: {describe(cfg)}")
   return 0
 
 
 def entry_point() -> None:
   """Console entry point (``sd3-convert``)."""
-  sys.exit(main())
+  command.run(
+    lambda: sys.exit(main()),
+    "sd3-convert",
+    on_interrupt="nothing was written to --dst (outputs are renamed into place only when complete)",
+  )
 
 
 if __name__ == "__main__":

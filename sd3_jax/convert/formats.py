@@ -26,6 +26,7 @@ import numpy as np
 
 from sd3_jax.storage import fileutil, integrity, pretrained
 from sd3_jax.storage import trees
+from sd3_jax.models import mup
 from sd3_jax.models.mmdit import MMDiTConfig
 from sd3_jax.convert import mmdit_keys as K
 from sd3_jax.convert import text_keys as TK
@@ -137,6 +138,7 @@ class Source:
     description: str,
   ):
     self.format, self.config, self.description = fmt, config, description
+    K.require_mmdit(config, description)
     self.entries = K.entries(config, fmt)
     trees.check_shapes(shapes, {e.name: e.shape for e in self.entries}, description)
     check_float_dtypes(dtypes, description)
@@ -368,21 +370,9 @@ def _out_dtype(source: Source, e: K.Entry, dtype) -> np.dtype:
   return np.dtype(dtype) if dtype is not None else source.original_dtype(e.orig)
 
 
-def check_exportable(config, fmt: str) -> None:
-  """The PyTorch formats compute attention with 1/sqrt(head_dim): a muP model whose head
-  dimension differs from its base's (attention scale sqrt(d_base)/d) has no faithful export."""
-  if fmt != "jax" and getattr(config, "attention_scale", None) is not None:
-    raise ValueError(
-      f"this MM-DiT uses muP's attention scale sqrt(d_base)/d = {config.attention_scale:.6g} (head dim "
-      f"{config.head_dim}, base {config.mup_base_head_dim or config.mup_base_width // config.num_heads}); the "
-      f"{fmt!r} format computes 1/sqrt(d) and cannot hold it: sample and evaluate it with sd3_jax, or train with "
-      "model.mup_base_head_dim equal to the head dim"
-    )
-
-
 def iter_native(source: Source, fmt: str, dtype=None):
   """Yields (entry, array) for every tensor of ``fmt``, converted one at a time."""
-  check_exportable(source.config, fmt)  # before the first tensor, not at it
+  mup.check_exportable(source.config, fmt)  # before the first tensor, not at it
   originals = _Originals(source)
   return (
     (e, K.to_native(e, originals(e.orig)).astype(_out_dtype(source, e, dtype), copy=False))
@@ -405,7 +395,7 @@ def check_dst(dst: str, overwrite: bool, is_ours: Callable[[str], bool], kind: s
 
 def write_sd3(source: Source, dst, *, dtype=None, overwrite: bool = False) -> None:
   """One original single file with ``model.diffusion_model.`` keys (config in its metadata)."""
-  check_exportable(source.config, "sd3")
+  mup.check_exportable(source.config, "sd3")
   dst = os.fspath(dst)
   if os.path.isdir(dst):
     raise IsADirectoryError(f"{dst} is a directory; --to sd3 writes one .safetensors file")
@@ -434,7 +424,7 @@ def write_diffusers(
   source: Source, dst, *, dtype=None, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 ) -> None:
   """A SD3Transformer2DModel directory, sharded with an index above ``max_shard_bytes``."""
-  check_exportable(source.config, "diffusers")
+  mup.check_exportable(source.config, "diffusers")
   dst = os.fspath(dst).rstrip("/")
   check_dst(dst, overwrite, is_diffusers_dir, "diffusers model directory")
   cfg_json = K.diffusers_config(source.config)

@@ -154,6 +154,19 @@ def _group_rank(name: str) -> tuple:
   return (0, order.index(head)) if head in order else (2, 0)
 
 
+def require_mmdit(config, where: str) -> None:
+  """The key tables exist for the MM-DiT only (no PyTorch reference implements the other
+  backbones of the study): a one-line ValueError for any other."""
+  backbone = getattr(config, "backbone", "mmdit")
+  if backbone != "mmdit":
+    from sd3_jax.models.backbones import DESCRIPTIONS
+
+    raise ValueError(
+      f"conversion to PyTorch is MM-DiT only: {where} holds a {DESCRIPTIONS[backbone]} (backbone "
+      f"{backbone!r}), which no PyTorch reference implements; it stays in the sd3_jax format (--to jax)"
+    )
+
+
 def original_entries(config: MMDiTConfig) -> list[Entry]:
   """Our parameters (from the model itself) as entries of the 'jax' format."""
   out = []

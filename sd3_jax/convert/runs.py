@@ -14,6 +14,7 @@ from typing import Optional
 
 from etils import epath
 
+from sd3_jax.convert import mmdit_keys
 from sd3_jax.convert.formats import Source, source_from_params
 
 CHECKPOINTS = "checkpoints"
@@ -37,8 +38,8 @@ def run_location(path) -> Optional[tuple[str, Optional[int]]]:
   return None
 
 
-def open_run(path, *, use_ema: bool = True) -> Source:
-  """The EMA (``use_ema``) or raw parameters of a run's checkpoint as a 'jax' Source."""
+def load_run(path, *, use_ema: bool = True):
+  """(model config, EMA (``use_ema``) or raw parameters, description) of a run's checkpoint."""
   from sd3_jax.storage import checkpoint  # jax/orbax only when a run is exported
 
   location = run_location(path)
@@ -48,6 +49,13 @@ def open_run(path, *, use_ema: bool = True) -> Source:
     )
   workdir, step = location
   model, params, _, step = checkpoint.load_workdir(workdir, step, use_ema=use_ema, dtype="float32")
-  source = source_from_params(params, model.config)
-  source.description = f"{'EMA' if use_ema else 'raw'} parameters of step {step} of the run {workdir}"
+  return model.config, params, f"{'EMA' if use_ema else 'raw'} parameters of step {step} of the run {workdir}"
+
+
+def open_run(path, *, use_ema: bool = True) -> Source:
+  """The EMA (``use_ema``) or raw parameters of a run's checkpoint (an MM-DiT's) as a 'jax' Source."""
+  config, params, description = load_run(path, use_ema=use_ema)
+  mmdit_keys.require_mmdit(config, description)
+  source = source_from_params(params, config)
+  source.description = description
   return source

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from typing import Any
 
 import grain
@@ -149,8 +150,15 @@ def make_train_iterator(
   )
   it = ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
   if worker_count > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count), worker_init_fn=ignore_ctrl_c)
   return iter(it)
+
+
+def ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+  """In each grain worker process: a terminal's Ctrl-C reaches the whole process group, and the
+  trainer, not its workers, decides what to do (save the current step and stop; it shuts the
+  workers down). A worker that died of it would print a traceback and starve the save."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _train_order(

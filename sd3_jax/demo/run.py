@@ -7,6 +7,8 @@ and what it reaches are in docs/demo.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -15,7 +17,7 @@ from typing import Sequence
 
 
 from sd3_jax import config as config_lib
-from sd3_jax.storage import checkpoint
+from sd3_jax.storage import checkpoint, fileutil
 from sd3_jax import command, flow
 from sd3_jax.inference import generation
 from sd3_jax.demo import encoders, stages
@@ -42,8 +44,11 @@ Everything is generated here, nothing is downloaded. Into WORKDIR:
   summary.json     val_loss, sample_accuracy on the held-out prompts (the scenes checker reads
                    colours, shapes and the relation back) and the chance level (the same
                    images scored against shuffled held-out captions)
+  stage_seconds.json   seconds per stage, accumulated over reruns (summary.json's "seconds")
 
-Each stage is skipped when its output is complete, so rerunning resumes.
+Each stage is skipped when its output is complete (a line says so), so rerunning resumes and a
+finished workdir is left as it is. Ctrl-C during training saves the current step; every Ctrl-C
+exits 130 and keeps the finished stages.
 """
 
 
@@ -68,11 +73,16 @@ def run(
 ) -> dict:
   """Runs (or resumes) every stage into ``workdir``; returns the summary written to summary.json.
 
+  A stage whose output is complete is skipped (a line says so): the encoders and records when
+  present, training when the latest checkpoint has reached the step count, sampling and scoring
+  when summary.json already holds them for that checkpoint and these settings. The seconds each
+  stage took accumulate in WORKDIR/stage_seconds.json over reruns (a skipped stage adds nothing),
+  so summary.json keeps the first run's timings.
+
   ``overrides``: {"dotted.config.key": value} applied to the config (tests shrink the model)."""
   from sd3_jax import text_conditioning
   from sd3_jax.training import train  # after flag parsing: jax starts here
 
-  t_start = time.time()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = config_lib.load_config_file(config_path, overrides=overrides)
@@ -90,82 +100,118 @@ def run(
     )
 
   train_scenes, heldout = scene_lib.split_scenes(num_heldout, seed=seed)
-  timings: dict[str, float] = {}
+  seconds = _Seconds(os.path.join(workdir, "stage_seconds.json"))
+  text_dir = os.path.join(workdir, "text_encoders")
+  data_dir = os.path.join(workdir, "data")
+  loaded = {}
+
+  def conditioner():  # loaded when a stage needs it (not when every stage is finished)
+    if "c" not in loaded:
+      c = text_conditioning.SD3TextConditioner.from_pretrained(text_dir, clip_length=clip_tokens, t5_length=t5_tokens)
+      if c.layout.pooled_dim != config.data.pooled_dim or c.context_dim != config.data.context_dim:
+        raise ValueError(
+          f"{text_dir} gives pooled {c.layout.pooled_dim} / context width {c.context_dim}, the config expects "
+          f"{config.data.pooled_dim} / {config.data.context_dim}: remove {text_dir} to rebuild it"
+        )
+      loaded["c"] = c
+    return loaded["c"]
 
   # 1. Tokenizers and random encoders.
-  t0 = time.time()
-  text_dir = os.path.join(workdir, "text_encoders")
-  if not os.path.isdir(text_dir):
-    encoders.make_text_encoders(
-      text_dir,
-      [s.caption for s in scene_lib.all_scenes()],
-      clip_l_dim=config.text.clip_l_dim,
-      clip_g_dim=config.text.clip_g_dim,
-      t5_dim=config.data.context_dim,
-      seed=seed,
-    )
-  conditioner = text_conditioning.SD3TextConditioner.from_pretrained(
-    text_dir, clip_length=clip_tokens, t5_length=t5_tokens
-  )
-  if conditioner.layout.pooled_dim != config.data.pooled_dim or conditioner.context_dim != config.data.context_dim:
-    raise ValueError(
-      f"{text_dir} gives pooled {conditioner.layout.pooled_dim} / context width "
-      f"{conditioner.context_dim}, the config expects {config.data.pooled_dim} / "
-      f"{config.data.context_dim}: remove {text_dir} to rebuild it"
-    )
-  timings["text_encoders_s"] = time.time() - t0
+  if os.path.isdir(text_dir):
+    _say(f"[1/4] text encoders: {text_dir} is there, skipped")
+  else:
+    _say(f"[1/4] text encoders: tokenizers from the captions and random small CLIP-L, CLIP-G, T5 -> {text_dir}")
+    with seconds.stage("text_encoders_s"):
+      encoders.make_text_encoders(
+        text_dir,
+        [s.caption for s in scene_lib.all_scenes()],
+        clip_l_dim=config.text.clip_l_dim,
+        clip_g_dim=config.text.clip_g_dim,
+        t5_dim=config.data.context_dim,
+        seed=seed,
+      )
 
   # 2. Records (train: 408 combinations; val: the held-out ones).
-  t0 = time.time()
-  data_dir = os.path.join(workdir, "data")
-  train_info = stages.build_records(
-    stages.SceneSource(train_scenes, num_train, size=size, seed=seed, name="train"),
-    os.path.join(data_dir, "train"),
-    conditioner,
-    resolution=size,
-  )
+  train_source = stages.SceneSource(train_scenes, num_train, size=size, seed=seed, name="train")
   val_source = stages.SceneSource(heldout, num_val, size=size, seed=seed + 1, name="val")
-  stages.build_records(val_source, os.path.join(data_dir, "val"), conditioner, resolution=size)
-  timings["data_s"] = time.time() - t0
-  log.info("data: %s", train_info)
+  todo = [
+    (source, os.path.join(data_dir, name))
+    for source, name in ((train_source, "train"), (val_source, "val"))
+    if stages.finished_records(os.path.join(data_dir, name), len(source)) is None
+  ]
+  if not todo:
+    _say(f"[2/4] data: {num_train} training and {num_val} held-out records in {data_dir}, skipped")
+  else:
+    _say(f"[2/4] data: {num_train} training and {num_val} held-out scenes -> records in {data_dir}")
+    with seconds.stage("data_s"):
+      for source, out in todo:
+        stages.build_records(source, out, conditioner(), resolution=size)
 
   # 3. Training with the real trainer.
-  t0 = time.time()
   config.data.path = os.path.join(data_dir, "train")
   config.data.val_path = os.path.join(data_dir, "val")
   config.val.num_examples = min(config.val.num_examples, num_val)
-  train.train_and_evaluate(config, workdir)
-  timings["train_s"] = time.time() - t0
+  done = checkpoint.committed_steps(os.path.join(workdir, "checkpoints"))
+  if done and done[-1] >= config.total_steps:
+    _say(f"[3/4] training: the checkpoint of step {done[-1]} is there (of {config.total_steps}), skipped")
+  else:
+    _say(
+      f"[3/4] training: {config.total_steps} steps of {config_path}"
+      + (f", resuming from step {done[-1]}" if done else "")
+      + f" (a line every {config.log_every} steps; Ctrl-C saves the current step)"
+    )
+    with seconds.stage("train_s"):
+      train.train_and_evaluate(config, workdir)
 
   # 4. Samples for the held-out prompts, read back by the checker.
-  t0 = time.time()
-  model, params, _, step = checkpoint.load_workdir(workdir, use_ema=use_ema)
+  summary_path = os.path.join(workdir, "summary.json")
+  step = checkpoint.committed_steps(os.path.join(workdir, "checkpoints"))[-1]
   prompts = [s.caption for s in heldout]
-  images = generation.generate(
-    model,
-    params,
-    conditioner,
-    prompts,
-    latent_shape=(size, size, 3),
-    num_per_prompt=samples_per_prompt,
-    num_steps=sampling_steps,
-    shift=config.flow.shift,
-    formulation=flow.get_formulation(config.flow.formulation),
-    cfg_scale=cfg_scale,
-    seed=seed,
-  )
-  scenes = [s for s in heldout for _ in range(samples_per_prompt)]
-  acc = scene_lib.accuracy(list(images), scenes)
-  chance = stages.chance_accuracy(list(images), scenes, seed=seed)
-  # The checker on 256 real renders of the held-out prompts (val_source's first records and,
-  # past num_val, more drawn the same way).
-  truth = scene_lib.accuracy([val_source.image(i) for i in range(256)], [val_source.scene(i) for i in range(256)])
-  stages.write_labelled_grid(images, prompts, samples_per_prompt, os.path.join(workdir, "samples_heldout.png"))
-  timings["sampling_s"] = time.time() - t0
+  sampler = {
+    "steps": sampling_steps,
+    "cfg_scale": cfg_scale,
+    "shift": config.flow.shift,
+    "formulation": config.flow.formulation,
+    "weights": "ema" if use_ema else "raw",
+    "checkpoint_step": step,
+  }
+  found = _read_json(summary_path)
+  if (
+    found.get("sampler") == sampler
+    and found.get("heldout_prompts") == prompts
+    and found.get("samples_per_prompt") == samples_per_prompt
+    and os.path.exists(os.path.join(workdir, "samples_heldout.png"))
+  ):
+    _say(f"[4/4] samples and scores: {summary_path} holds them for step {step}, skipped")
+    return found
+  _say(f"[4/4] samples and scores: {samples_per_prompt} samples for each of {len(prompts)} held-out prompts")
+  with seconds.stage("sampling_s", accumulate=False):  # a redo, not a continuation
+    model, params, _, step = checkpoint.load_workdir(workdir, use_ema=use_ema)
+    images = generation.generate(
+      model,
+      params,
+      conditioner(),
+      prompts,
+      latent_shape=(size, size, 3),
+      num_per_prompt=samples_per_prompt,
+      num_steps=sampling_steps,
+      shift=config.flow.shift,
+      formulation=flow.get_formulation(config.flow.formulation),
+      cfg_scale=cfg_scale,
+      seed=seed,
+    )
+    scenes = [s for s in heldout for _ in range(samples_per_prompt)]
+    acc = scene_lib.accuracy(list(images), scenes)
+    chance = stages.chance_accuracy(list(images), scenes, seed=seed)
+    # The checker on 256 real renders of the held-out prompts (val_source's first records and,
+    # past num_val, more drawn the same way).
+    truth = scene_lib.accuracy([val_source.image(i) for i in range(256)], [val_source.scene(i) for i in range(256)])
+    stages.write_labelled_grid(images, prompts, samples_per_prompt, os.path.join(workdir, "samples_heldout.png"))
 
   records = stages.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   stages.plot_losses(records, os.path.join(workdir, "loss.png"))
   val = stages.last_record(records, "val/loss")
+  resolved = model.config.to_dict() if hasattr(model.config, "to_dict") else dataclasses.asdict(model.config)
   summary = {
     "val_loss": val.get("val/loss"),
     "val_loss_interior": stages.interior_val_loss(val),
@@ -177,29 +223,56 @@ def run(
     "checker_accuracy_on_real_images": truth["all"],
     "heldout_prompts": prompts,
     "samples_per_prompt": samples_per_prompt,
-    "sampler": {
-      "steps": sampling_steps,
-      "cfg_scale": cfg_scale,
-      "shift": config.flow.shift,
-      "weights": "ema" if use_ema else "raw",
-      "checkpoint_step": step,
-    },
+    "sampler": sampler,
     "train": {
       "steps": config.total_steps,
       "global_batch_size": config.global_batch_size,
       "num_train_records": num_train,
       "train_combinations": len(train_scenes),
-      "model": dict(config.model),
+      # the model as it was built (the preset's fields resolved), not the config's overrides
+      "model": {"preset": config.model.preset, **resolved},
       "step_time_s": stages.last_record(records, "step_time").get("step_time"),
     },
-    "seconds": dict(timings, total_s=time.time() - t_start),
+    "seconds": seconds.summary(),
     "text_encoders": "randomly initialised CLIP-L/CLIP-G/T5 (real architectures, small widths); "
     "tokenizers trained on the demo captions",
   }
-  from sd3_jax.storage import fileutil
-
-  fileutil.atomic_json(os.path.join(workdir, "summary.json"), summary, indent=2)
+  fileutil.atomic_json(summary_path, summary, indent=2)
   return summary
+
+
+def _say(text: str) -> None:
+  print(f"sd3-demo: {text}", flush=True)
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return {}
+
+
+class _Seconds:
+  """Seconds per stage in a JSON file, accumulated over reruns: a stage that resumes (data,
+  training) adds the time of this run's part, even when it is interrupted; one that is redone
+  (sampling) replaces it; a skipped stage adds nothing."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.values = {k: float(v) for k, v in _read_json(path).items() if k != "total_s"}
+
+  @contextlib.contextmanager
+  def stage(self, key: str, accumulate: bool = True):
+    t0 = time.time()
+    try:
+      yield
+    finally:
+      self.values[key] = (self.values.get(key, 0.0) if accumulate else 0.0) + time.time() - t0
+      fileutil.atomic_json(self.path, self.summary(), indent=2)
+
+  def summary(self) -> dict:
+    return dict(self.values, total_s=sum(self.values.values()))
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -210,7 +283,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(
+  p = command.ArgumentParser(
     prog="sd3-demo", description=__doc__.split("\n\n")[0], epilog=EPILOG, formatter_class=_HelpFormatter
   )
   p.add_argument("--workdir", default="workdirs/demo", help="where everything is written")
@@ -227,8 +300,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = p.parse_args(argv)
   if args.num_heldout < 2 or args.num_heldout >= len(scene_lib.all_scenes()):
     p.error(f"--num_heldout must be in [2, {len(scene_lib.all_scenes()) - 1}]")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
   logging.getLogger("matplotlib").setLevel(logging.WARNING)
   summary = run(
     args.workdir,
@@ -259,13 +330,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
       indent=2,
     )
   )
-  print(f"wrote {args.workdir}/summary.json, loss.png, samples_heldout.png")
+  print(f"results in {args.workdir}: summary.json, loss.png, samples_heldout.png")
   return summary
 
 
 def entry_point() -> None:
   """Console entry point (``sd3-demo``): expected errors end in one line and exit code 2."""
-  command.run(main, "sd3-demo")
+  command.run(
+    main,
+    "sd3-demo",
+    on_interrupt="the finished stages are kept (text encoders, finished data chunks, checkpoints); "
+    "rerun the same command to go on",
+  )
 
 
 if __name__ == "__main__":

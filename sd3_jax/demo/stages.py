@@ -45,18 +45,28 @@ class SceneSource:
     }
 
 
+def finished_records(out_dir: str, n: int) -> dict | None:
+  """``out_dir``'s dataset_info.json when its records are complete, None when they are not
+  (yet); a ValueError when they are complete with another count."""
+  info = os.path.join(out_dir, "dataset_info.json")
+  if not os.path.exists(info):
+    return None
+  with open(info) as f:
+    found = json.load(f)
+  if found.get("num_records") != n:
+    raise ValueError(
+      f"{out_dir} holds {found.get('num_records')} records but {n} were asked for; remove {out_dir} to rebuild it"
+    )
+  return found
+
+
 def build_records(source, out_dir: str, conditioner, *, resolution: int) -> dict:
+  """Records of ``source`` in ``out_dir`` (the dataset builder; resumes by chunks), or the
+  finished ones' dataset_info.json."""
   from sd3_jax.data import builder
 
-  info = os.path.join(out_dir, "dataset_info.json")
-  if os.path.exists(info):
-    with open(info) as f:
-      found = json.load(f)
-    if found.get("num_records") != len(source):
-      raise ValueError(
-        f"{out_dir} holds {found.get('num_records')} records but {len(source)} were asked "
-        f"for; remove {out_dir} to rebuild it"
-      )
+  found = finished_records(out_dir, len(source))
+  if found is not None:
     return found
   result = builder.build(
     source,

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = command.ArgumentParser(
     prog="sd3-evaluate",
     description=__doc__.split("\n\n")[0],
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -75,7 +75,6 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
   if args.batch_size < 1 or args.num_steps < 1 or (args.num_images is not None and args.num_images < 2):
     parser.error("--batch_size and --num_steps must be >= 1 and --num_images >= 2")
   command.init_distributed(args)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   prompts = loader.read_prompts(args.prompts)
   model, params, conditioner, decoder, latent_shape, mesh, step, _, formulation = loader.generator_from_args(
     args, conditioner, decoder
@@ -138,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
 
 def entry_point() -> None:
   """Console entry point (``sd3-evaluate``): expected errors end in one line and exit code 2."""
-  command.run(main, "sd3-evaluate")
+  command.run(main, "sd3-evaluate", on_interrupt="nothing was written (OUT/eval.json comes at the end)")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from sd3_jax.inference import loader
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = command.ArgumentParser(
     prog="sd3-geneval-export",
     description=__doc__.split("\n\n")[0],
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -44,7 +44,6 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
   if args.num_per_prompt < 1 or args.prompts_per_batch < 1:
     parser.error("--num_per_prompt and --prompts_per_batch must be >= 1")
   command.init_distributed(args)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   metadata = geneval.read_metadata(args.metadata)
   model, params, conditioner, decoder, latent_shape, mesh, _, _, formulation = loader.generator_from_args(
     args, conditioner, decoder
@@ -73,7 +72,11 @@ def main(argv: Optional[Sequence[str]] = None, *, conditioner=None, decoder=None
 
 def entry_point() -> None:
   """Console entry point (``sd3-geneval-export``)."""
-  command.run(main, "sd3-geneval-export")
+  command.run(
+    main,
+    "sd3-geneval-export",
+    on_interrupt="the prompts whose samples are complete are kept; rerun the same command to go on (it skips them)",
+  )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ every host runs the same command and reads the same files.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from typing import Optional, Sequence
 
@@ -37,7 +36,7 @@ def list_images(folder: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = command.ArgumentParser(
     prog="sd3-reference-stats",
     description=__doc__.split("\n\n")[0],
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -68,7 +67,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   if os.path.exists(args.out) and not args.overwrite:
     raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
   command.init_distributed(args)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   paths = list_images(args.images)
   if args.num_images is not None:
     if len(paths) < args.num_images:
@@ -87,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 def entry_point() -> None:
   """Console entry point (``sd3-reference-stats``)."""
-  command.run(main, "sd3-reference-stats")
+  command.run(main, "sd3-reference-stats", on_interrupt="nothing was written (--out comes at the end)")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from sd3_jax import config as config_lib
 from sd3_jax import flow, sharding, text_conditioning
 from sd3_jax.inference import generation, sampling
-from sd3_jax.models import mmdit
+from sd3_jax.models import backbones
 from sd3_jax.storage import checkpoint as ckpt_lib
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,12 @@ def add_generator_args(p: argparse.ArgumentParser) -> None:
     help="diffusers pipeline layout: text_encoder{,_2,_3}/ (our converted CLIP-L, CLIP-G, optional T5) "
     "and tokenizer{,_2,_3}/",
   )
-  p.add_argument("--t5_length", type=int, default=77, help="T5 tokens (77 as the reference; diffusers 256)")
-  p.add_argument("--clip_length", type=int, default=77, help="CLIP tokens (77 as SD3; 12 for the demo)")
+  p.add_argument(
+    "--t5_length",
+    type=int,
+    help="T5 tokens (default: --workdir's training length, else 77 as the reference; diffusers samples with 256)",
+  )
+  p.add_argument("--clip_length", type=int, help="CLIP tokens (default: --workdir's training length, else 77 as SD3)")
   p.add_argument("--no_t5", dest="t5", action="store_false", help="zeros instead of T5 (as the reference)")
   p.add_argument(
     "--project_clip_l",
@@ -117,7 +121,9 @@ def load_model(*, workdir=None, checkpoint=None, step=None, ema=True, mesh, dtyp
 
   cfg = pretrained.read_config(checkpoint)
   model, params = pretrained.load_pretrained(
-    checkpoint, dtype=jnp.dtype(dtype or default_dtype()), shardings=sampling.param_shardings(mmdit.MMDiT(cfg), mesh)
+    checkpoint,
+    dtype=jnp.dtype(dtype or default_dtype()),
+    shardings=sampling.param_shardings(backbones.build(cfg), mesh),
   )
   return model, params, None, None
 
@@ -147,7 +153,9 @@ def generator_from_args(args: argparse.Namespace, conditioner=None, decoder=None
   if args.checkpoint and (args.step is not None or not args.ema):
     raise ValueError("--step and --no_ema apply to --workdir only")
   if conditioner is None and not args.text_encoders:
-    raise ValueError("give --text_encoders DIR (our converted CLIP-L/CLIP-G/T5 checkpoints)")
+    found = os.path.join(args.workdir, "text_encoders") if args.workdir else None
+    hint = f"; this workdir has one: --text_encoders {found}" if found and os.path.isdir(found) else ""
+    raise ValueError(f"give --text_encoders DIR (our converted CLIP-L/CLIP-G/T5 checkpoints){hint}")
   if decoder is None and not (args.vae or args.pixel_space):
     raise ValueError("give --vae DIR for latent models, or --pixel_space for models that output images")
   requested = flow.get_formulation(args.formulation) if args.formulation else None  # a bad name fails first
@@ -163,18 +171,42 @@ def generator_from_args(args: argparse.Namespace, conditioner=None, decoder=None
   factor = 1 if args.pixel_space else getattr(decoder, "downsample_factor", generation.VAE_FACTOR)
   shape = latent_shape(model, config, factor=factor, size=args.size, latent_size=args.latent_size)
   if conditioner is None:
+    clip_length, t5_length = text_lengths(args.clip_length, args.t5_length, config)
     conditioner = text_conditioning.load_conditioner(
       args.text_encoders,
       dtype=dtype,
-      t5_length=args.t5_length,
+      t5_length=t5_length,
       use_t5=args.t5,
-      clip_length=args.clip_length,
+      clip_length=clip_length,
       project_clip_l=args.project_clip_l,
     )
   formulation = requested or flow.get_formulation(
     config_lib.formulation_name(config) if config is not None else flow.DEFAULT
   )
   return Generator(model, params, conditioner, decoder, shape, mesh, step, config, formulation)
+
+
+def text_lengths(clip_length: Optional[int], t5_length: Optional[int], config: Optional[dict]) -> tuple[int, int]:
+  """(CLIP tokens, T5 tokens) to encode prompts with: those given, else those the run was
+  trained with (its config's text.clip_tokens, and data.context_len minus them), else SD3's 77
+  and 77 (a converted checkpoint has no training config). Lengths other than the run's make the
+  model see a context it never saw (noisy, tinted samples): a one-line warning says so."""
+  if config is None:
+    return clip_length or 77, t5_length or 77
+  run_clip = config["text"]["clip_tokens"]
+  run_t5 = config["data"]["context_len"] - run_clip
+  clip = run_clip if clip_length is None else clip_length
+  t5 = run_t5 if t5_length is None else t5_length
+  if (clip, t5) != (run_clip, run_t5):
+    log.warning(
+      "--clip_length %d --t5_length %d differ from the %d CLIP + %d T5 tokens the run was trained with (its "
+      "config's text.clip_tokens and data.context_len): samples may be noise; leave both flags out to use the run's",
+      clip,
+      t5,
+      run_clip,
+      run_t5,
+    )
+  return clip, t5
 
 
 def read_prompts(path: str) -> list[str]:

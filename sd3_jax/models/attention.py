@@ -1,4 +1,7 @@
-"""Joint-attention kernels of the MM-DiT and the choice between them.
+"""Attention of the diffusion backbones: the q/k/v projections with their logical axes
+(``AttentionProjections``; ``CrossAttentionProjections`` for queries and keys from different
+sequences), the kernels and the choice between them. Every kernel takes queries and keys of
+different lengths (cross-attention) as well as one joint sequence.
 
 - 'xla': einsum + float32 softmax (``layers.dot_product_attention``); any backend, and it
   materialises the [B, H, S, S] float32 logits (S = image + text tokens).
@@ -28,6 +31,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from sd3_jax.models import layers as L
+from sd3_jax.models import remat as R
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +91,10 @@ class SplashBlocks:
   block_q: int = 0
   block_kv: int = 0
 
-  def resolve(self, seq_len: int) -> tuple[int, int]:
-    d = default_block(seq_len)
-    bq, bkv = self.block_q or d, self.block_kv or d
+  def resolve(self, seq_len: int, kv_len: int | None = None) -> tuple[int, int]:
+    """(block_q, block_kv) for ``seq_len`` queries and ``kv_len`` keys (default: the same)."""
+    bq = self.block_q or default_block(seq_len)
+    bkv = self.block_kv or default_block(seq_len if kv_len is None else kv_len)
     for name, b in (("block_q", bq), ("block_kv", bkv)):
       if b <= 0 or b % 128:
         raise ValueError(f"splash {name} must be a positive multiple of 128, got {b}")
@@ -97,16 +102,22 @@ class SplashBlocks:
 
 
 def _splash_local(q, k, v, *, blocks: tuple[int, int], interpret: bool, scale: float | None = None):
-  """Splash on one shard: q/k/v [b, L, h, D] -> [b, L, h, D]; pads L to both blocks and masks
-  the padded keys (segment id 0 against 1 for real tokens). ``scale``: logit scale (None: 1/sqrt(D))."""
+  """Splash on one shard: q [b, Lq, h, D], k/v [b, Lk, h, D] -> [b, Lq, h, D]. Pads the queries
+  and the keys to their blocks (one joint sequence: to both blocks) and masks the padded keys
+  (segment id 0 against 1 for real keys; every query, padded or not, has segment id 1, so no
+  row is fully masked). ``scale``: logit scale (None: 1/sqrt(D))."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
   _, length, heads, dh = q.shape
+  kv_length = k.shape[1]
   bq, bkv = blocks
-  unit = math.lcm(bq, bkv)
-  padded = -(-length // unit) * unit
-  mask = sm.MultiHeadMask([sm.FullMask((padded, padded)) for _ in range(heads)])
+  if kv_length == length:  # self-attention: q and k/v padded alike
+    unit = math.lcm(bq, bkv)
+    padded = kv_padded = -(-length // unit) * unit
+  else:
+    padded, kv_padded = -(-length // bq) * bq, -(-kv_length // bkv) * bkv
+  mask = sm.MultiHeadMask([sm.FullMask((padded, kv_padded)) for _ in range(heads)])
   sizes = sk.BlockSizes(
     block_q=bq,
     block_kv=bkv,
@@ -118,28 +129,32 @@ def _splash_local(q, k, v, *, blocks: tuple[int, int], interpret: bool, scale: f
     block_kv_dq=bkv,
   )
   kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
-  seg = jnp.asarray(np.arange(padded) < length, jnp.int32)
-  segments = sk.SegmentIds(q=seg, kv=seg)
+  segments = sk.SegmentIds(
+    q=jnp.ones((padded,), jnp.int32), kv=jnp.asarray(np.arange(kv_padded) < kv_length, jnp.int32)
+  )
 
-  def prep(x):  # [b, L, h, D] -> [b, h, Lp, D]
-    return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, padded - length), (0, 0)))
+  def prep(x, to):  # [b, L, h, D] -> [b, h, to, D]
+    return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, to - x.shape[1]), (0, 0)))
 
   scale = 1.0 / math.sqrt(dh) if scale is None else scale  # the kernel does not scale q
   qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
-  out = jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=segments))(prep(qs), prep(k), prep(v))
+  out = jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=segments))(
+    prep(qs, padded), prep(k, kv_padded), prep(v, kv_padded)
+  )
   return out[:, :, :length].transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def splash_attention(
   q, k, v, *, blocks: SplashBlocks = SplashBlocks(), interpret: bool = False, scale: float | None = None
 ):
-  """Unmasked softmax attention through the splash kernel, q/k/v [B, L, H, Dh] -> [B, L, H, Dh].
+  """Unmasked softmax attention through the splash kernel, q [B, Lq, H, Dh], k/v [B, Lk, H, Dh]
+  -> [B, Lq, H, Dh].
 
   Inside ``sharding.logical_axes(mesh)`` (the train step) the kernel runs under shard_map with
   the batch split like the activations ('act_batch') and the heads like 'act_heads'; outside
   a mesh it runs on the whole arrays.
   """
-  fn = functools.partial(_splash_local, blocks=blocks.resolve(q.shape[1]), interpret=interpret, scale=scale)
+  fn = functools.partial(_splash_local, blocks=blocks.resolve(q.shape[1], k.shape[1]), interpret=interpret, scale=scale)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return fn(q, k, v)
@@ -149,7 +164,7 @@ def splash_attention(
 
 
 def attention(q, k, v, implementation: str = "xla", blocks: SplashBlocks = SplashBlocks(), scale: float | None = None):
-  """Softmax attention q/k/v [B, L, H, Dh] -> [B, L, H, Dh] with a resolved implementation
+  """Softmax attention q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] -> [B, Lq, H, Dh] with a resolved implementation
   ('auto' is resolved here from the default backend; the trainer resolves it from the mesh's
   devices with ``resolve_impl`` instead, which is what an ahead-of-time TPU compile needs).
   ``scale`` multiplies the logits (None: 1/sqrt(Dh); muP passes its own, models/mup.py)."""
@@ -167,3 +182,71 @@ def attention(q, k, v, implementation: str = "xla", blocks: SplashBlocks = Splas
       )
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
   raise ValueError(f"attention_impl must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Projections
+
+
+class AttentionProjections(nn.Module):
+  """qkv projection (+ optional QK RMSNorm) and output projection of one stream."""
+
+  hidden: int
+  heads: int
+  qk_norm: bool
+  has_proj: bool = True
+  dtype: object = jnp.float32
+
+  def setup(self):
+    hd = self.hidden // self.heads
+    self.qkv = L.Dense((3, self.heads, hd), ("embed", "qkv", "heads", "kv"), dtype=self.dtype)
+    if self.qk_norm:
+      self.ln_q = L.RMSNorm()
+      self.ln_k = L.RMSNorm()
+    if self.has_proj:
+      self.proj = L.Dense(self.hidden, ("heads", "kv", "embed"), n_in=2, dtype=self.dtype)
+
+  def qkv_heads(self, x_BxLxD):
+    qkv = self.qkv(x_BxLxD)  # [B, L, 3, H, Dh]
+    qkv = nn.with_logical_constraint(qkv, (L.ACT_BATCH, L.ACT_LENGTH, None, L.ACT_HEADS, None))
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.qk_norm:
+      q, k = self.ln_q(q), self.ln_k(k)
+    return R.tag(q, R.QKV), R.tag(k, R.QKV), R.tag(v, R.QKV)
+
+  def out(self, a_BxLxHxDh):
+    return self.proj(a_BxLxHxDh)
+
+
+class CrossAttentionProjections(nn.Module):
+  """Queries from one sequence (``q``), keys and values from another (``kv``), optional QK
+  RMSNorm, output projection ``proj`` (zero-initialised when ``zero_proj``: the branch starts
+  switched off, as PixArt-alpha's cross-attention)."""
+
+  hidden: int
+  heads: int
+  qk_norm: bool
+  zero_proj: bool = True
+  dtype: object = jnp.float32
+
+  def setup(self):
+    hd = self.hidden // self.heads
+    self.q = L.Dense((self.heads, hd), ("embed", "heads", "kv"), dtype=self.dtype)
+    self.kv = L.Dense((2, self.heads, hd), ("embed", "qkv", "heads", "kv"), dtype=self.dtype)
+    if self.qk_norm:
+      self.ln_q = L.RMSNorm()
+      self.ln_k = L.RMSNorm()
+    init = nn.initializers.zeros_init() if self.zero_proj else None
+    self.proj = L.Dense(self.hidden, ("heads", "kv", "embed"), n_in=2, dtype=self.dtype, kernel_init=init)
+
+  def heads_of(self, x_BxNxD, ctx_BxLxD):
+    """(q [B, N, H, Dh], k, v [B, L, H, Dh])."""
+    q = nn.with_logical_constraint(self.q(x_BxNxD), (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_HEADS, None))
+    kv = nn.with_logical_constraint(self.kv(ctx_BxLxD), (L.ACT_BATCH, L.ACT_LENGTH, None, L.ACT_HEADS, None))
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    if self.qk_norm:
+      q, k = self.ln_q(q), self.ln_k(k)
+    return R.tag(q, R.QKV), R.tag(k, R.QKV), R.tag(v, R.QKV)
+
+  def out(self, a_BxNxHxDh):
+    return self.proj(a_BxNxHxDh)

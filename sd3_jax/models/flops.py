@@ -1,9 +1,11 @@
-"""Exact model FLOPs of the MM-DiT (the count behind MFU and scaling-law compute).
+"""Exact model FLOPs of every backbone (the count behind MFU and scaling-law compute).
 
-``mmdit_forward_flops`` is the analytic matmul count of one forward pass, ``train_step_flops``
-the 3x-forward train-step convention used for MFU, ``approx_train_flops`` the 6ND-style
-approximation beside it, and ``count_matmul_flops`` a jaxpr walk that checks the formula against
-what the model actually traces.
+``forward_flops`` is the analytic matmul (and conv) count of one forward pass of any backbone,
+``forward_flops_breakdown`` the same by component, ``train_step_flops`` the 3x-forward
+train-step convention used for MFU, ``approx_train_flops`` the 6ND-style approximation beside
+it, and ``count_matmul_flops`` a jaxpr walk that checks the formulas against what the models
+actually trace (tests/test_flops.py, tests/test_backbones.py; tools/hlo_flops.py checks them
+against the compiled program). ``mmdit_forward_flops*`` are the MM-DiT's names for the same.
 """
 
 from __future__ import annotations
@@ -12,91 +14,169 @@ import math
 from typing import Callable
 
 import jax
+import numpy as np
 from jax.extend import core as jex_core
 
 from sd3_jax.models.mmdit import MMDiTConfig
+from sd3_jax.models.mmdit_config import uvit_widths
+from sd3_jax.models.param_counts import TIMESTEP_FREQ_DIM
 
-TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features (layers.timestep_embedding)
+# Terms whose matmul input is a model input (latents, timestep features, pooled, text): the
+# backward computes no input gradient for them (tools: train step = 3x forward minus these).
+INPUT_TERMS = ("patch_embed", "conv_in", "t_embedder_in", "y_embedder_in", "context_embedder")
 
 # --------------------------------------------------------------------------------------------
 # Model FLOPs
 
 
-def mmdit_forward_flops_breakdown(
-  config: MMDiTConfig, latent_h: int, latent_w: int, context_len: int
-) -> dict[str, int]:
-  """Matmul FLOPs of one forward pass for ONE example, by component (see mmdit_forward_flops)."""
-  p = config.patch_size
-  if latent_h % p or latent_w % p:
-    raise ValueError(f"latent {latent_h}x{latent_w} is not divisible by the patch size {p}")
+def _attention_core(q_len: int, kv_len: int, h: int) -> int:  # QK^T and AV over all heads: 2 * 2*q*kv*h
+  return 4 * q_len * kv_len * h
+
+
+def conv3x3_taps(n: int) -> int:
+  """Window taps of a 3x3 'SAME' conv that land inside an axis of n pixels (3n - 2): the zero
+  padding is not multiplied (what tools/hlo_flops counts in the compiled program too)."""
+  return 3 * n - 2
+
+
+def _common(config: MMDiTConfig, n: int, lc: int) -> dict[str, int]:
+  """Conditioning, text embedding, patch embedding and final layer of the patch-token backbones."""
+  h, p = config.hidden_size, config.patch_size
+  return {
+    "patch_embed": 2 * n * (p * p * config.in_channels) * h,
+    "t_embedder_in": 2 * TIMESTEP_FREQ_DIM * h,
+    "y_embedder_in": 2 * config.pooled_dim * h,
+    "embedders_out": 2 * (2 * h * h),  # t_embedder/mlp_2 and y_embedder/mlp_2
+    "context_embedder": 2 * lc * config.context_dim * h,
+    "final_layer": 2 * h * 2 * h + 2 * n * h * (p * p * config.out_channels),
+  }
+
+
+def _dit_blocks(config: MMDiTConfig, n: int, lc: int) -> dict[str, int]:
+  """The DiT's d blocks over S = N + L tokens; the last block's proj and MLP run on the N image tokens."""
+  h, r, d = config.hidden_size, config.mlp_ratio, config.depth
+  s = n + lc
+  return {
+    "adaln": d * 2 * h * 6 * h,
+    "qkv": d * 2 * s * h * 3 * h,
+    "attention": d * _attention_core(s, s, h),
+    "proj": 2 * h * h * ((d - 1) * s + n),
+    "mlp": 4 * r * h * h * ((d - 1) * s + n),
+  }
+
+
+def _mmdit(config: MMDiTConfig, n: int, lc: int) -> dict[str, int]:
   h, r = config.hidden_size, config.mlp_ratio
-  n = (latent_h // p) * (latent_w // p)  # image tokens
-  lc = context_len
   s = n + lc  # joint sequence
   dual = set(config.dual_attention_layers)
-
-  def attention(q_len, kv_len):  # QK^T and AV over all heads: 2 * 2*q*kv*h
-    return 4 * q_len * kv_len * h
-
-  terms = dict.fromkeys(
-    (
-      "patch_embed",
-      "t_embedder_in",
-      "y_embedder_in",
-      "embedders_out",
-      "context_embedder",
-      "adaln",
-      "qkv",
-      "attention",
-      "proj",
-      "mlp",
-      "attn2",
-      "final_layer",
-    ),
-    0,
-  )
-  terms["patch_embed"] = 2 * n * (p * p * config.in_channels) * h
-  terms["t_embedder_in"] = 2 * TIMESTEP_FREQ_DIM * h
-  terms["y_embedder_in"] = 2 * config.pooled_dim * h
-  terms["embedders_out"] = 2 * (2 * h * h)  # t_embedder/mlp_2 and y_embedder/mlp_2
-  terms["context_embedder"] = 2 * lc * config.context_dim * h
+  n_text = len(config.text_streams)
+  terms = dict.fromkeys(("adaln", "qkv", "attention", "proj", "mlp", "attn2"), 0)
   for i in range(config.depth):
     last = i == config.depth - 1
     x_mods = 9 if i in dual else 6
     ctx_mods = 2 if last else 6
-    terms["adaln"] += 2 * h * (x_mods + ctx_mods) * h
+    terms["adaln"] += 2 * h * (x_mods + n_text * ctx_mods) * h
     terms["qkv"] += 2 * s * h * 3 * h
-    # All S query rows, also in the last block whose context outputs are discarded: that is
+    # All S query rows, also in the last block whose text outputs are discarded: that is
     # what the model computes (one einsum over the joint sequence).
-    terms["attention"] += attention(s, s)
-    out_tokens = n if last else s  # the last context stream has no proj / MLP
+    terms["attention"] += _attention_core(s, s, h)
+    out_tokens = n if last else s  # the last text streams have no proj / MLP
     terms["proj"] += 2 * out_tokens * h * h
     terms["mlp"] += 2 * 2 * out_tokens * h * (r * h)
     if i in dual:  # image-only self-attention: qkv, attention, proj
-      terms["attn2"] += 2 * n * h * 3 * h + attention(n, n) + 2 * n * h * h
-  terms["final_layer"] = 2 * h * 2 * h + 2 * n * h * (p * p * config.out_channels)
+      terms["attn2"] += 2 * n * h * 3 * h + _attention_core(n, n, h) + 2 * n * h * h
   return terms
 
 
-def mmdit_forward_flops(config: MMDiTConfig, latent_h: int, latent_w: int, context_len: int) -> int:
-  """Exact matmul FLOPs of one MM-DiT forward pass for one example (a matmul [m,k]x[k,n] = 2mkn).
+def _crossdit(config: MMDiTConfig, n: int, lc: int) -> dict[str, int]:
+  h, r, d = config.hidden_size, config.mlp_ratio, config.depth
+  return {
+    "adaln": d * 2 * h * 6 * h,
+    "qkv": d * (2 * n * h * 3 * h + 2 * n * h * h + 2 * lc * h * 2 * h),  # self qkv, cross q, cross kv
+    "attention": d * (_attention_core(n, n, h) + _attention_core(n, lc, h)),  # self, cross
+    "proj": d * 2 * (2 * n * h * h),  # self and cross output projections
+    "mlp": d * 4 * r * n * h * h,
+  }
 
-  With h hidden, r mlp_ratio, p patch, N = (H/p)(W/p) image tokens, L context tokens,
-  S = N + L, F = 256 timestep features, d blocks of which D are dual-attention (MMDiT-X):
 
-    embed   = 2N(p^2 C_in)h + 2Fh + 2(pooled_dim)h + 4h^2 + 2L(context_dim)h
-    block   = 24h^2 (adaLN, 6 mods per stream) + 6Sh^2 (qkv) + 4S^2 h (QK^T, AV)
-              + 2Sh^2 (proj) + 4rSh^2 (MLP)                    for blocks 0..d-2
-    last    = 16h^2 (adaLN 6 + 2 mods) + 6Sh^2 + 4S^2 h + 2Nh^2 + 4rNh^2
-              (pre-only context stream: qkv but no proj/MLP; all S query rows are computed)
-    dual    = 6h^2 (3 more mods) + 6Nh^2 + 4N^2 h + 2Nh^2      per dual block (attn2)
-    final   = 4h^2 + 2Nh(p^2 C_out)
+def _uvit(config: MMDiTConfig, latent_h: int, latent_w: int, n: int, lc: int) -> dict[str, int]:
+  h, widths, n_res = config.hidden_size, uvit_widths(config), config.uvit_res_blocks
 
-  total = embed + (d-1) block + last + D dual + final. Elementwise work (norms, softmax,
-  modulation, activations) is not counted. This equals the dot_general FLOPs of the traced
-  forward exactly (tests/test_metrics.py).
+  def conv(hh, ww, c_in, c_out):
+    return 2 * conv3x3_taps(hh) * conv3x3_taps(ww) * c_in * c_out
+
+  def res(hh, ww, c_in, c_out):  # conv1, conv2 (+ the 1x1 skip); the adaLN is counted apart
+    return conv(hh, ww, c_in, c_out) + conv(hh, ww, c_out, c_out) + (2 * hh * ww * c_in * c_out if c_in != c_out else 0)
+
+  terms = {**_common(config, n, lc), **_dit_blocks(config, n, lc)}
+  del terms["patch_embed"]
+  c0 = widths[0]
+  terms["conv_in"] = conv(latent_h, latent_w, config.in_channels, c0)
+  terms["final_layer"] = 2 * h * 2 * c0 + conv(latent_h, latent_w, c0, config.out_channels)
+  blocks = resample = 0
+  for s, c in enumerate(widths):
+    hh, ww = latent_h >> s, latent_w >> s
+    wider = widths[s + 1] if s + 1 < len(widths) else h
+    blocks += n_res * res(hh, ww, c, c) + (n_res + 1) * res(hh, ww, 2 * c, c)
+    terms["adaln"] += (2 * n_res + 1) * 2 * h * 3 * c
+    resample += 2 * 2 * (hh // 2) * (ww // 2) * (4 * c) * wider  # 2x2 patch conv down and transposed up
+  terms["conv_blocks"], terms["resample"] = blocks, resample
+  return terms
+
+
+def forward_flops_breakdown(config: MMDiTConfig, latent_h: int, latent_w: int, context_len: int) -> dict[str, int]:
+  """Matmul FLOPs of one forward pass of the backbone of ``config`` for ONE example, by component
+  ('attention' is every attention core, QK^T and AV: the part a fused kernel hides)."""
+  p = config.patch_size
+  if latent_h % p or latent_w % p:
+    raise ValueError(f"latent {latent_h}x{latent_w} is not divisible by the patch size {p}")
+  n = (latent_h // p) * (latent_w // p)  # image tokens
+  if config.backbone == "uvit":
+    return _uvit(config, latent_h, latent_w, n, context_len)
+  body = {"mmdit": _mmdit, "mmdit3": _mmdit, "dit": _dit_blocks, "crossdit": _crossdit}[config.backbone]
+  return {**_common(config, n, context_len), **body(config, n, context_len)}
+
+
+def forward_flops(config: MMDiTConfig, latent_h: int, latent_w: int, context_len: int) -> int:
+  """Exact matmul FLOPs of one forward pass for one example, any backbone (a matmul [m,k]x[k,n]
+  = 2mkn; a 3x3 conv over an H x W map = 2(3H-2)(3W-2) Cin Cout, the taps inside the map).
+
+  With h hidden, r mlp_ratio, p patch, N = (H/p)(W/p) image tokens, L text tokens, S = N + L,
+  F = 256 timestep features, d blocks:
+
+    embed     = 2N(p^2 C_in)h + 2Fh + 2(pooled_dim)h + 4h^2 + 2L(context_dim)h
+    final     = 4h^2 + 2Nh(p^2 C_out)
+    mmdit     block 0..d-2: 12(1+T)h^2 adaLN (T text streams: 1; 'mmdit3': 2) + 6Sh^2 qkv
+              + 4S^2 h attention + 2Sh^2 proj + 4rSh^2 MLP; last block: adaLN 12h^2 + 4Th^2,
+              qkv and attention over S, proj and MLP over N; dual (MMDiT-X) blocks add
+              6h^2 + 6Nh^2 + 4N^2 h + 2Nh^2
+    dit       every block: 12h^2 + 6Sh^2 + 4S^2 h, proj + MLP (2 + 4r)h^2 over S tokens (last: N)
+    crossdit  every block: 12h^2 + 6Nh^2 + 4N^2 h (self) + 2Nh^2 + 4Lh^2 + 4NLh (cross: q, kv,
+              attention) + 4Nh^2 (both projections) + 4rNh^2
+    uvit      the DiT's blocks at N tokens and its embed without the patch conv; plus, per conv
+              stage s at H_s x W_s with c_s channels: R res blocks c_s -> c_s and R+1 with
+              2c_s -> c_s (two 3x3 convs; the up blocks' 1x1 skip 2 H_s W_s 2c_s c_s; adaLN
+              6h c_s each), a 2x2 patch conv down and a transposed one up
+              (2 (H_s W_s / 4)(4 c_s) c_{s+1} each); conv_in and the final 3x3 conv
+              (+ adaLN 4h c_0)
+
+  Elementwise work (norms, softmax, modulation, activations) is not counted. This equals the
+  dot_general / conv FLOPs of the traced forward exactly (tests/test_flops.py,
+  tests/test_backbones.py).
   """
-  return sum(mmdit_forward_flops_breakdown(config, latent_h, latent_w, context_len).values())
+  return sum(forward_flops_breakdown(config, latent_h, latent_w, context_len).values())
+
+
+def mmdit_forward_flops_breakdown(
+  config: MMDiTConfig, latent_h: int, latent_w: int, context_len: int
+) -> dict[str, int]:
+  """``forward_flops_breakdown`` (the name from before the other backbones)."""
+  return forward_flops_breakdown(config, latent_h, latent_w, context_len)
+
+
+def mmdit_forward_flops(config: MMDiTConfig, latent_h: int, latent_w: int, context_len: int) -> int:
+  """``forward_flops`` (the name from before the other backbones)."""
+  return forward_flops(config, latent_h, latent_w, context_len)
 
 
 def train_step_flops(config: MMDiTConfig, latent_h: int, latent_w: int, context_len: int, batch_size: int) -> int:
@@ -108,7 +188,7 @@ def train_step_flops(config: MMDiTConfig, latent_h: int, latent_w: int, context_
   patch / text / timestep embedders; the convention ignores that.) For d=24 at 256^2 (32x32
   latent, 154 tokens) this is 1.74e12 per image; 5.41e12 at 512^2; d=38: 6.80e12 / 20.6e12.
   """
-  return 3 * batch_size * mmdit_forward_flops(config, latent_h, latent_w, context_len)
+  return 3 * batch_size * forward_flops(config, latent_h, latent_w, context_len)
 
 
 def approx_train_flops(num_params: int, num_tokens: int) -> int:
@@ -136,10 +216,20 @@ def _dot_general_flops(eqn) -> int:
 
 
 def _conv_flops(eqn) -> int:
-  rhs = eqn.invars[1].aval.shape
-  out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
-  # each output element: (in_features / groups) * kernel window multiply-adds
-  return 2 * math.prod(eqn.outvars[0].aval.shape) * (math.prod(rhs) // out_features)
+  """2 x multiply-adds of a convolution over the window taps that land inside the (dilated)
+  input: zero padding is not multiplied (as tools/hlo_flops counts the compiled program)."""
+  lhs, rhs, out = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
+  dn, prm = eqn.params["dimension_numbers"], eqn.params
+  macs = out[dn.out_spec[0]] * rhs[dn.rhs_spec[0]] * rhs[dn.rhs_spec[1]]  # batch x out x (in / groups)
+  for j in range(len(dn.lhs_spec) - 2):
+    size_in, size_out, k_size = lhs[dn.lhs_spec[2 + j]], out[dn.out_spec[2 + j]], rhs[dn.rhs_spec[2 + j]]
+    ld, rd, stride = prm["lhs_dilation"][j], prm["rhs_dilation"][j], prm["window_strides"][j]
+    o = np.arange(size_out) * stride - prm["padding"][j][0]
+    macs *= sum(
+      int(np.count_nonzero((o + k * rd >= 0) & (o + k * rd <= (size_in - 1) * ld) & ((o + k * rd) % ld == 0)))
+      for k in range(k_size)
+    )
+  return 2 * macs
 
 
 def jaxpr_matmul_flops(jaxpr) -> int:

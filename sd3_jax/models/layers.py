@@ -1,4 +1,6 @@
-"""Shared primitives with logical axis names: dense layers, norms, attention, embeddings.
+"""Shared primitives with logical axis names: dense and conv layers, norms, attention, embeddings,
+and the pieces every diffusion backbone shares (patch embedding, timestep and pooled-text
+conditioning, positional table, MLP, adaLN final layer).
 
 Every parameter is created through ``nn.with_logical_partitioning`` so that the trainer can
 map logical names ('embed', 'mlp', 'heads', ...) to mesh axes with one rule table
@@ -17,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+from sd3_jax.models import mup
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -162,6 +166,156 @@ def crop_pos_embed(table: jax.Array, grid_size: int, h: int, w: int) -> jax.Arra
   d = table.shape[-1]
   pe = table.reshape(1, grid_size, grid_size, d)[:, top : top + h, left : left + w, :]
   return pe.reshape(1, h * w, d)
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces shared by the diffusion backbones (models/mmdit.py, dit.py, crossdit.py, uvit.py)
+
+
+def replicated_features(mod_BxN):
+  """Keep adaLN modulation vectors [B, n*h] split over the batch only.
+
+  Without this constraint XLA's SPMD partitioner (jax 0.10.2, CPU, both Shardy and GSPMD)
+  produced WRONG values on a (data 2, fsdp 2, tensor 2) mesh when the modulation (weights
+  [embed->fsdp, mlp->tensor]) multiplies the MLP output (fc2 [mlp->tensor, embed->fsdp]):
+  relative error ~1 against the unsharded result. The vectors are tiny, so replicating
+  their feature axis costs nothing. tests/test_train.py checks a randomised model.
+  """
+  return nn.with_logical_constraint(mod_BxN, (ACT_BATCH, None))
+
+
+def ada_modulation(c_BxD, n_mods: int, width: int, dtype, name: str = "adaLN_modulation") -> list[jax.Array]:
+  """adaLN-Zero: ``n_mods`` vectors [B, width] from SiLU(c) through one zero-initialised Dense
+  (created in the calling module under ``name``), so a fresh block is an identity."""
+  dense = Dense(n_mods * width, ("embed", "mlp"), dtype=dtype, kernel_init=nn.initializers.zeros_init(), name=name)
+  return jnp.split(replicated_features(dense(nn.silu(c_BxD))), n_mods, axis=-1)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  mlp_hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = Dense(self.mlp_hidden, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+    h = nn.with_logical_constraint(h, (ACT_BATCH, ACT_LENGTH, ACT_MLP))
+    h = jax.nn.gelu(h, approximate=True)
+    return Dense(self.hidden, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
+
+
+class MlpEmbedder(nn.Module):
+  """Linear -> SiLU -> Linear (the reference's TimestepEmbedder / VectorEmbedder mlp); the kernel
+  initialisers default to the Dense's xavier-uniform."""
+
+  hidden: int
+  dtype: Dtype = jnp.float32
+  init_0: Initializer | None = None
+  init_2: Initializer | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = Dense(self.hidden, ("cond", "embed"), dtype=self.dtype, kernel_init=self.init_0, name="mlp_0")(x)
+    return Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, kernel_init=self.init_2, name="mlp_2")(nn.silu(x))
+
+
+def conditioning(
+  t_B: jax.Array, pooled_BxP: jax.Array, hidden: int, dtype, mu: mup.Scaling = mup.Scaling()
+) -> jax.Array:
+  """The adaLN conditioning vector c [B, hidden] = t_embedder(timestep features) +
+  y_embedder(pooled text), both created in the calling module. The network sees t*1000 (the
+  reference feeds sigma*1000). ``mu``: the model's muP scaling (SP: the standard inits)."""
+  t_feat = timestep_embedding(t_B.astype(jnp.float32) * 1000.0)
+  t_inits = dict(init_0=mu.normal(0.02, mup.INPUT), init_2=mu.normal(0.02, mup.HIDDEN))
+  c = MlpEmbedder(hidden, dtype=dtype, **t_inits, name="t_embedder")(t_feat.astype(dtype))
+  y_init = mu.xavier_uniform(mup.INPUT)
+  return c + MlpEmbedder(hidden, dtype=dtype, init_0=y_init, name="y_embedder")(pooled_BxP.astype(dtype))
+
+
+class PatchEmbed(nn.Module):
+  """A p x p stride-p conv written as a Dense over patches: [B,H,W,C] -> [B,H/p,W/p,h] (kernel [p,p,C,h])."""
+
+  hidden: int
+  patch: int
+  dtype: Dtype = jnp.float32
+  axes: tuple[str | None, ...] = (None, None, None, "embed")
+  kernel_init: Initializer | None = None  # None: the Dense's xavier-uniform
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    b, hh, ww, ch = x_BxHxWxC.shape
+    p = self.patch
+    patches = x_BxHxWxC.reshape(b, hh // p, p, ww // p, p, ch).transpose(0, 1, 3, 2, 4, 5)  # [B,h,w,p,q,C]
+    return Dense(self.hidden, self.axes, n_in=3, dtype=self.dtype, kernel_init=self.kernel_init, name="proj")(patches)
+
+
+def unpatchify(x_BxNxF: jax.Array, hp: int, wp: int, p: int) -> jax.Array:
+  """[B, hp*wp, p*p*C] tokens (features ordered (p_row, q_col, c)) -> [B, hp*p, wp*p, C]."""
+  b = x_BxNxF.shape[0]
+  c = x_BxNxF.shape[-1] // (p * p)
+  x = x_BxNxF.reshape(b, hp, wp, p, p, c).transpose(0, 1, 3, 2, 4, 5)  # [B, hp, p, wp, q, C]
+  return x.reshape(b, hp * p, wp * p, c)
+
+
+def pos_embed(module: nn.Module, hidden: int, max_size: int, base_size: int, scale: float, hp: int, wp: int):
+  """The fixed 2-D sin-cos table, a parameter ``pos_embed`` [1, M*M, hidden] of ``module``
+  (gradient stopped), centre-cropped to an hp x wp patch grid: [1, hp*wp, hidden]."""
+  table = module.param(
+    "pos_embed",
+    nn.with_logical_partitioning(
+      lambda *_: jnp.asarray(sincos_2d_table(hidden, max_size, base_size, scale)[None], jnp.float32),
+      (None, None, "embed"),
+    ),
+    (1, max_size**2, hidden),
+    jnp.float32,
+  )
+  return crop_pos_embed(jax.lax.stop_gradient(table), max_size, hp, wp)
+
+
+class FinalLayer(nn.Module):
+  """adaLN (shift, scale; zero-initialised) on the LayerNorm of the tokens, then a zero-initialised
+  Dense to ``out_features``: a fresh model outputs exactly zero."""
+
+  hidden: int
+  out_features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c):
+    shift, scale = ada_modulation(c, 2, self.hidden, self.dtype)  # original order: shift first
+    x = modulate(layer_norm(x), shift, scale)
+    zeros = nn.initializers.zeros_init()
+    return Dense(self.out_features, ("embed", None), dtype=self.dtype, kernel_init=zeros, name="linear")(x)
+
+
+class Conv(nn.Module):
+  """k x k stride-1 'SAME' convolution over NHWC with logical axes: kernel [k, k, Cin, Cout]
+  named (None, None, *axes), bias [Cout]. Default init: Xavier-uniform over fan-in k*k*Cin and
+  fan-out k*k*Cout, as the Dense layers."""
+
+  features: int
+  axes: tuple[str | None, str | None] = ("embed", "mlp")
+  kernel_size: int = 3
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer | None = None
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    init = self.kernel_init or nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1)
+    kshape = (k, k, x_BxHxWxC.shape[-1], self.features)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, (None, None, *self.axes)), kshape, jnp.float32)
+    bias = self.param(
+      "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[1:]), (self.features,), jnp.float32
+    )
+    y = jax.lax.conv_general_dilated(
+      x_BxHxWxC.astype(self.dtype),
+      kernel.astype(self.dtype),
+      (1, 1),
+      "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return y + bias.astype(self.dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,23 +1,31 @@
-"""The MM-DiT's configuration: ``MMDiTConfig``, the presets and the depth family (hidden 64*d,
-d heads, head dim 64), and the block structure a config implies. No model code here, so a
-config can be read, validated and counted without building a model (``sd3_jax.models.mmdit``
-re-exports all of it)."""
+"""The configuration of the MM-DiT and of the other backbones of the paper's study (DiT, CrossDiT,
+UViT, MM-DiT with three weight sets): ``MMDiTConfig``, the presets, the depth family (hidden
+64*d, d heads, head dim 64), the block structure a config implies and the checks of a model's
+inputs. No model code here, so a config can be read, validated and counted without building a
+model (``sd3_jax.models.mmdit`` re-exports all of it; ``sd3_jax.models.backbones`` builds any)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from sd3_jax.models import mup
 from sd3_jax.models.field_checks import check_config
 
+# The backbones of the paper's architecture study (section 5.2.3); docs/backbones.md.
+BACKBONES = ("mmdit", "mmdit3", "dit", "crossdit", "uvit")
+
 
 @dataclasses.dataclass(frozen=True)
 class MMDiTConfig:
-  """Architecture of an MM-DiT; everything a checkpoint needs to be rebuilt.
+  """Architecture of an MM-DiT (or of another backbone); everything a checkpoint needs to be rebuilt.
 
   Attributes:
-    depth: number of joint blocks d. Hidden size defaults to 64*d and heads to d (head dim 64).
+    backbone: 'mmdit' (image and text streams, joint attention), 'mmdit3' (image, CLIP and T5
+      streams), 'dit' (one weight set over the text+image sequence), 'crossdit' (image tokens
+      with cross-attention to the text) or 'uvit' (convolutional stages around DiT blocks);
+      docs/backbones.md.
+    depth: number of transformer blocks d. Hidden size defaults to 64*d and heads to d (head dim 64).
     hidden_size / num_heads: override the 64*d / d rule (tiny test models).
     patch_size: latent patch side (2 for all released models).
     in_channels / out_channels: latent channels (16 for SD3).
@@ -33,6 +41,10 @@ class MMDiTConfig:
     sample_size: metadata only, not used by the model: the latent side diffusers' config.json
       calls ``sample_size`` (its pipelines derive their default resolution from it). None means
       ``default_sample_size``; a converted checkpoint keeps its source's value.
+    clip_tokens: 'mmdit3' only: context rows [0, clip_tokens) are the CLIP tokens, the rest T5
+      (flow.TextLayout).
+    uvit_res_blocks: 'uvit' only: residual conv blocks per stage on the way down (one more on
+      the way up). A UViT has log2(patch_size) conv stages (``uvit_widths``).
     parametrization: 'sp' (standard) or 'mup' (models/mup.py: init, per-parameter Adam learning
       rates and attention scale follow muP relative to ``mup_base_width``).
     mup_base_width: the hidden size the hyperparameters were tuned at (muP only).
@@ -56,6 +68,9 @@ class MMDiTConfig:
   pos_embed_base_size: int = 16
   pos_embed_scale: float = 1.0
   sample_size: int | None = None
+  backbone: str = "mmdit"
+  clip_tokens: int = 77
+  uvit_res_blocks: int = 2
   parametrization: str = "sp"
   mup_base_width: int | None = None
   mup_base_head_dim: int | None = None
@@ -76,10 +91,11 @@ class MMDiTConfig:
         "mlp_ratio",
         "pos_embed_base_size",
         "sample_size",
+        "clip_tokens",
         "mup_base_width",
         "mup_base_head_dim",
       ),
-      non_negative=("dual_attention_layers",),
+      non_negative=("dual_attention_layers", "uvit_res_blocks"),
       positive_real=("pos_embed_scale",),
     )
     object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
@@ -94,6 +110,24 @@ class MMDiTConfig:
     bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
     if bad:
       raise ValueError(f"dual_attention_layers {bad} outside 0..{self.depth - 1}")
+    if self.backbone not in BACKBONES:
+      raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+    if self.dual_attention_layers and self.backbone not in ("mmdit", "mmdit3"):
+      raise ValueError(
+        f"dual_attention_layers (MMDiT-X) exist for the MM-DiT backbones only, not {self.backbone!r}; leave them empty"
+      )
+    if self.backbone == "uvit":
+      stages = self.patch_size.bit_length() - 1
+      if self.patch_size != 2**stages or stages < 1:
+        raise ValueError(
+          f"a UViT has one 2x conv stage per factor 2 of patch_size, so patch_size must be a power of 2 "
+          f">= 2, got {self.patch_size}"
+        )
+      if self.hidden_size % (2 ** (stages + 1)):
+        raise ValueError(
+          f"UViT conv widths are hidden_size/4, /8, ... ({stages} stages): hidden_size {self.hidden_size} "
+          f"must be divisible by {2 ** (stages + 1)}"
+        )
     mup.scaling(self.parametrization, self.hidden_size, self.mup_base_width)  # raises on a bad value
     if self.parametrization == "mup" and self.mup_base_head_dim is None and self.mup_base_width % self.num_heads:
       raise ValueError(
@@ -118,6 +152,11 @@ class MMDiTConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def text_streams(self) -> tuple[str, ...]:
+    """The MM-DiT backbones' text streams (the names of their blocks' text sub-blocks)."""
+    return {"mmdit": ("context_block",), "mmdit3": ("clip_block", "t5_block")}.get(self.backbone, ())
 
   @property
   def default_sample_size(self) -> int:
@@ -189,3 +228,49 @@ def iter_blocks(config: MMDiTConfig) -> Iterator[tuple[int, bool, bool]]:
   """(index, dual, context_pre_only) for every joint block."""
   for i in range(config.depth):
     yield i, i in config.dual_attention_layers, i == config.depth - 1
+
+
+def scan_segments(config: MMDiTConfig) -> tuple[str, list[tuple[int, int]]]:
+  """(prefix, runs) of any backbone: its transformer blocks are ``{prefix}{i}`` in the unscanned
+  layout, and each run [start, stop) of identical blocks is stacked under
+  ``scan_blocks_{start}_{stop}`` in the scanned layout. A last block that differs from the
+  others (the MM-DiTs' pre-only text streams; the DiT's and UViT's, whose text outputs are
+  dropped) stays unscanned."""
+  if config.backbone in ("mmdit", "mmdit3"):
+    return "joint_blocks_", [(start, stop) for start, stop, _ in block_segments(config)]
+  if config.backbone == "crossdit":  # no text stream: every block is the same
+    return "blocks_", [(0, config.depth)]
+  return "blocks_", [(0, config.depth - 1)] if config.depth > 1 else []
+
+
+def uvit_widths(config: MMDiTConfig) -> tuple[int, ...]:
+  """Channels of a UViT's conv stages, highest resolution first: log2(patch_size) stages, the one
+  beside the transformer at hidden/4 (its feature map holds as many numbers as the token grid),
+  halving at each stage further up, as U-Nets do."""
+  stages = config.patch_size.bit_length() - 1
+  return tuple(config.hidden_size // 2 ** (stages + 1 - s) for s in range(stages))
+
+
+def check_inputs(
+  config: MMDiTConfig, x: Sequence[int], t: Sequence[int], pooled: Sequence[int], context: Sequence[int]
+) -> None:
+  """The shapes of a backbone's inputs (x NHWC latents, t [B], pooled [B, P], context [B, L, D]);
+  a ValueError names the first that does not fit."""
+  cfg = config
+  if len(x) != 4 or x[-1] != cfg.in_channels:
+    raise ValueError(f"x must be NHWC latents [B,H,W,{cfg.in_channels}], got shape {tuple(x)}")
+  b, hh, ww, _ = x
+  p = cfg.patch_size
+  if hh % p or ww % p:
+    raise ValueError(f"latent height and width must be divisible by the patch size {p}, got {hh}x{ww}")
+  if tuple(t) != (b,):
+    raise ValueError(f"t must have shape [B]=({b},) of flow times in [0, 1], got {tuple(t)}")
+  if tuple(pooled) != (b, cfg.pooled_dim):
+    raise ValueError(f"pooled must have shape [B, {cfg.pooled_dim}] = ({b}, {cfg.pooled_dim}), got {tuple(pooled)}")
+  if len(context) != 3 or context[0] != b or context[-1] != cfg.context_dim:
+    raise ValueError(f"context must have shape [B, L, {cfg.context_dim}] with B={b}, got {tuple(context)}")
+  if cfg.backbone == "mmdit3" and context[1] <= cfg.clip_tokens:
+    raise ValueError(
+      f"backbone 'mmdit3' reads context rows [0, {cfg.clip_tokens}) as CLIP tokens and the rest as T5 tokens, "
+      f"but the context has {context[1]} rows; give CLIP and T5 tokens (or set model.clip_tokens to the layout's)"
+    )

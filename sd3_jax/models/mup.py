@@ -2,20 +2,22 @@
 initialisation, per-parameter Adam learning rates and attention scale change with width, so that
 hyperparameters tuned at a small base width transfer to wide models (docs/mup_wsd.md).
 
-Every parameter has a role:
-  input   weights from a fixed-width space into the width (patch, timestep, text embedders)
-  hidden  weights from width to width (attention, MLP, adaLN modulation, embedder second layers)
-  output  weights from the width to a fixed-width space (the final projection)
-  vector  biases and norm gains (TP5 counts them with the input weights)
+Every parameter has a role, its class in ``backbones.param_class`` (one table for every backbone):
+  input   weights from a fixed-width space into the width (patch, timestep, text embedders, a UViT's
+          first conv), and biases and norm gains (TP5 counts vectors with the input weights)
+  hidden  weights from width to width (attention, MLP, adaLN modulation, conv stages, embedder
+          second layers)
+  output  weights from the width to a fixed-width space (the final projection or conv)
   fixed   not trained (the sin-cos positional table)
-A backbone declares its input and output weights in one ``RoleRule``; every other weight is hidden.
+Each backbone creates its input layers with this module's initialisers (``Scaling.normal``,
+``Scaling.xavier_uniform``); tests/test_mup.py checks, per backbone, that the init of every
+parameter scales with width as its class prescribes, so the two cannot disagree.
 
 With m = width / base width, relative to the standard parametrization (SP) at the base width:
   role     init std            Adam lr
   input    x 1                 x 1
   hidden   x m^-1/2            x 1/m
   output   x m^-1              x 1/m
-  vector   x 1                 x 1
 and attention logits q.k scaled by sqrt(d_base)/d instead of 1/sqrt(d) (d the head dimension). At
 m = 1 every factor is exactly 1, so muP at its base width is SP, bit for bit.
 """
@@ -31,41 +33,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 PARAMETRIZATIONS = ("sp", "mup")
-INPUT, HIDDEN, OUTPUT, VECTOR, FIXED = "input", "hidden", "output", "vector", "fixed"
-ROLES = (INPUT, HIDDEN, OUTPUT, VECTOR, FIXED)
-WEIGHT_NAMES = ("kernel", "embedding")  # leaves that are weights; any other leaf is a vector
+INPUT, HIDDEN, OUTPUT, FIXED = "input", "hidden", "output", "fixed"
+ROLES = (INPUT, HIDDEN, OUTPUT, FIXED)  # = backbones.PARAM_CLASSES
 
 # Exponents a (init std x m^-a) and c (Adam lr x m^-c) per role (TP5, Table 3, in base-relative form).
-INIT_EXPONENT = {INPUT: 0.0, HIDDEN: 0.5, OUTPUT: 1.0, VECTOR: 0.0, FIXED: 0.0}
-LR_EXPONENT = {INPUT: 0.0, HIDDEN: 1.0, OUTPUT: 1.0, VECTOR: 0.0, FIXED: 0.0}
+INIT_EXPONENT = {INPUT: 0.0, HIDDEN: 0.5, OUTPUT: 1.0, FIXED: 0.0}
+LR_EXPONENT = {INPUT: 0.0, HIDDEN: 1.0, OUTPUT: 1.0, FIXED: 0.0}
 
 Initializer = Callable[..., jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class RoleRule:
-  """A backbone's parameter classes: '/'-joined path prefixes of its input weights, its output
-  weights and its untrained parameters. Other weights are hidden, other leaves vectors."""
-
-  inputs: tuple[str, ...]
-  outputs: tuple[str, ...]
-  fixed: tuple[str, ...] = ("pos_embed",)
-
-  def role(self, names: Sequence[str]) -> str:
-    path = "/".join(names)
-    if _matches(path, self.fixed):
-      return FIXED
-    if names[-1] not in WEIGHT_NAMES:
-      return VECTOR
-    if _matches(path, self.inputs):
-      return INPUT
-    if _matches(path, self.outputs):
-      return OUTPUT
-    return HIDDEN
-
-
-def _matches(path: str, prefixes: Sequence[str]) -> bool:
-  return any(path == p or path.startswith(p + "/") for p in prefixes)
+Classify = Callable[[str], str]  # '/'-joined parameter path -> role (backbones.param_class)
 
 
 def path_names(path) -> tuple[str, ...]:
@@ -73,15 +49,16 @@ def path_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def roles(params: Any, rule: RoleRule) -> Any:
-  """The role of every parameter, a tree like ``params``. Raises ValueError when a prefix of the
-  rule matches no parameter (a renamed layer would otherwise silently become hidden)."""
-  names = [path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  paths = ["/".join(n) for n in names]
-  for prefix in (*rule.inputs, *rule.outputs):
-    if not any(_matches(p, [prefix]) for p in paths):
-      raise ValueError(f"the muP role rule names {prefix!r}, which matches no parameter of this model")
-  return jax.tree_util.tree_map_with_path(lambda p, _: rule.role(path_names(p)), params)
+def roles(params: Any, classify: Classify) -> Any:
+  """The role of every parameter, a tree like ``params``."""
+
+  def role(path, _):
+    r = classify("/".join(path_names(path)))
+    if r not in ROLES:
+      raise ValueError(f"parameter class {r!r} of {'/'.join(path_names(path))} is not one of {ROLES}")
+    return r
+
+  return jax.tree_util.tree_map_with_path(role, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +75,9 @@ class Scaling:
   def lr_factor(self, role: str) -> float:
     return self.width_mult ** -LR_EXPONENT[role] if self.mup else 1.0
 
-  def lr_factors(self, params: Any, rule: RoleRule) -> Any:
+  def lr_factors(self, params: Any, classify: Classify) -> Any:
     """Adam learning-rate multipliers, a tree of floats like ``params`` (all 1 under SP)."""
-    return jax.tree.map(self.lr_factor, roles(params, rule))
+    return jax.tree.map(self.lr_factor, roles(params, classify))
 
   def normal(self, std: float, role: str) -> Initializer:
     """A fixed-std normal init (SP: ``normal(std)``) at the base width, scaled for ``role``."""
@@ -154,3 +131,15 @@ def attention_scale(head_dim: int, base_head_dim: int | None) -> float | None:
   if base_head_dim is None or base_head_dim == head_dim:
     return None
   return math.sqrt(base_head_dim) / head_dim
+
+
+def check_exportable(config, fmt: str) -> None:
+  """For the converters (convert/formats.py): the PyTorch formats compute attention with 1/sqrt(head_dim): a muP model whose head
+  dimension differs from its base's (attention scale sqrt(d_base)/d) has no faithful export."""
+  if fmt != "jax" and getattr(config, "attention_scale", None) is not None:
+    raise ValueError(
+      f"this MM-DiT uses muP's attention scale sqrt(d_base)/d = {config.attention_scale:.6g} (head dim "
+      f"{config.head_dim}, base {config.mup_base_head_dim or config.mup_base_width // config.num_heads}); the "
+      f"{fmt!r} format computes 1/sqrt(d) and cannot hold it: sample and evaluate it with sd3_jax, or train with "
+      "model.mup_base_head_dim equal to the head dim"
+    )

@@ -119,9 +119,17 @@ def _score(args) -> None:
     print(f"{os.path.basename(run_dir)}: sample accuracy {r['sample_accuracy']:.3f}, parts {r['part_accuracy']:.3f}")
 
 
+_INTERRUPTED = {  # what a Ctrl-C keeps, by subcommand
+  "run": "the finished runs are kept; rerun the same command to go on (it skips them)",
+  "analyze": "nothing was written (--out comes at the end)",
+  "toy_data": "the finished parts are kept; rerun the same command to go on",
+  "score": "the runs already scored are kept (RUN/sample_eval.json); rerun the same command to go on",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog="python -m sd3_jax.scaling",
+  p = command.ArgumentParser(
+    prog="sd3-scaling",
     description=__doc__.split("\n\n")[0],
     epilog=__doc__.split("\n\n", 1)[1],
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -199,10 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
   args = build_parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
   logging.getLogger("matplotlib").setLevel(logging.WARNING)
-  args.fn(args)
+  try:
+    args.fn(args)
+  except KeyboardInterrupt:  # (a run stopped inside its training loop raises command.Stopped instead)
+    raise command.Stopped(f"interrupted (Ctrl-C): {_INTERRUPTED[args.command]}") from None
 
 
 def entry_point() -> None:

@@ -2,8 +2,10 @@
 
 The paper's family (Sec. 5.3) is hidden = 64 d with d heads (head dim 64), d = 15..38; a smaller
 ``width_per_depth`` gives CPU-sized families with the same shape rule (head dim =
-width_per_depth). Parameter counts are closed-form (no model is built, nothing is allocated) and
-agree with ``mmdit.count_params``; training compute is the exact train-step FLOPs
+width_per_depth). The rule holds for every backbone (``model.backbone``; for the UViT, d counts
+its transformer blocks and its conv widths follow the hidden size), so a sweep can put the
+backbone on an axis. Parameter counts are closed-form (no model is built, nothing is allocated)
+and agree with ``backbones.count_params``; training compute is the exact train-step FLOPs
 (``models.flops.train_step_flops``) times steps, with the 6ND approximation beside it.
 """
 
@@ -12,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 
 from sd3_jax.models import flops
-from sd3_jax.models.flops import TIMESTEP_FREQ_DIM
 from sd3_jax.models.mmdit import MMDiTConfig
+from sd3_jax.models.param_counts import param_counts as model_param_counts
 
 PAPER_WIDTH_PER_DEPTH = 64
 
@@ -30,56 +32,12 @@ def family_config(depth: int, width_per_depth: int = PAPER_WIDTH_PER_DEPTH, **fi
   return MMDiTConfig(depth=depth, hidden_size=width_per_depth * depth, num_heads=depth, **fields)
 
 
-def _dense(n_in: int, n_out: int) -> int:
-  return n_in * n_out + n_out  # kernel + bias (every Dense of the model has a bias)
-
-
-def _attention(h: int, head_dim: int, qk_norm: bool, has_proj: bool) -> int:
-  return _dense(h, 3 * h) + (2 * head_dim if qk_norm else 0) + (_dense(h, h) if has_proj else 0)
-
-
-def _stream(config: MMDiTConfig, pre_only: bool, dual: bool) -> int:
-  h, r = config.hidden_size, config.mlp_ratio
-  n_mods = 2 if pre_only else (9 if dual else 6)
-  n = _dense(h, n_mods * h) + _attention(h, config.head_dim, config.qk_norm, not pre_only)
-  if dual:
-    n += _attention(h, config.head_dim, config.qk_norm, True)
-  if not pre_only:
-    n += _dense(h, r * h) + _dense(r * h, h)
-  return n
-
-
 def param_counts(config: MMDiTConfig) -> dict[str, int]:
-  """Parameters of an MM-DiT by part, in closed form.
-
-  ``non_embedding``: the joint blocks (the part that grows with d, as Kaplan et al. 2020 count);
-  ``embedding``: patch, timestep, pooled-text and context embedders and the final layer;
-  ``total``: both, without the fixed positional table (``mmdit.count_params``'s convention);
-  ``pos_embed``: the fixed sin-cos table (no gradient), reported apart.
-  """
-  h, p = config.hidden_size, config.patch_size
-  # Block i: the context stream (pre-only in the last block) and the image stream (dual or not).
-  blocks = sum(
-    _stream(config, pre_only=i == config.depth - 1, dual=False)
-    + _stream(config, pre_only=False, dual=i in config.dual_attention_layers)
-    for i in range(config.depth)
-  )
-  embedding = (
-    _dense(p * p * config.in_channels, h)  # x_embedder (patch conv)
-    + _dense(TIMESTEP_FREQ_DIM, h)
-    + _dense(h, h)  # t_embedder
-    + _dense(config.pooled_dim, h)
-    + _dense(h, h)  # y_embedder
-    + _dense(config.context_dim, h)  # context_embedder
-    + _dense(h, 2 * h)
-    + _dense(h, p * p * config.out_channels)
-  )  # final_layer
-  return {
-    "total": blocks + embedding,
-    "non_embedding": blocks,
-    "embedding": embedding,
-    "pos_embed": config.pos_embed_max_size**2 * h,
-  }
+  """Parameters of the family member by part, in closed form, for any backbone
+  (``models.param_counts``): ``non_embedding`` (the blocks, as Kaplan et al. 2020 count),
+  ``embedding`` (embedders and final layer), ``total`` (both, without the fixed positional
+  table: ``backbones.count_params``'s convention) and ``pos_embed`` (the fixed table, apart)."""
+  return model_param_counts(config)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,14 @@
-"""Orbax checkpoints of a training run: train state + grain iterator position + config, async,
-atomic, keep-N, restored straight into the current shardings (``Checkpointer``), and read-only
-access to a run's weights for sampling, evaluation and export (``load_workdir``). The on-disk
-layout and the guarantees are in docs/training.md.
+"""Orbax checkpoints of a training run: train state + grain iterator position + config +
+per-array checksums, async, atomic, keep-N, restored straight into the current shardings
+(``Checkpointer``), and read-only access to a run's weights for sampling, evaluation and export
+(``load_workdir``). Resuming takes the newest intact step (a damaged one is moved aside,
+``restore_newest_intact``); a failed write is one line (``storage.recovery``). The on-disk
+layout and the guarantees are in docs/training.md and docs/multislice.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any, Optional, Sequence
@@ -17,10 +20,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from sd3_jax import sharding
-from sd3_jax.models import mmdit
-from sd3_jax.storage import fileutil
+from sd3_jax.models import backbones, mmdit
+from sd3_jax.storage import checksums as checksums_lib
+from sd3_jax.storage import fileutil, recovery
 
-STATE, DATA, CONFIG = "state", "data", "config"
+STATE, DATA, CONFIG, CHECKSUMS = "state", "data", "config", "checksums"
 COMMIT_FILE = "commit_success.txt"  # written by orbax when a step is finalised
 
 
@@ -29,17 +33,7 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _key_str(path) -> str:
-  """'opt_state.0.mu.w': the dotted naming orbax uses for a leaf, whatever the node types."""
-  parts = []
-  for k in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return ".".join(parts)
+_key_str = checksums_lib.key_name  # 'opt_state.0.mu.w': orbax's dotted naming of a leaf
 
 
 def _flatten(tree: Any) -> dict[str, Any]:
@@ -69,12 +63,14 @@ class Checkpointer:
     *,
     max_to_keep: int = 3,
     async_save: bool = True,
+    compress: bool = True,
     keep_steps: Sequence[int] = (),
     read_only: bool = False,
   ):
     """``keep_steps``: steps kept whatever ``max_to_keep`` says (a cooldown branch's start);
     ``read_only``: only restore (another run's directory: nothing is created or cleaned up)."""
     self.directory = fileutil.as_epath(str(directory))
+    recovery.quiet_orbax_write_failures()
     if read_only:
       options = ocp.CheckpointManagerOptions(
         read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False
@@ -91,15 +87,20 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True
       )
+    state_handler = ocp.StandardCheckpointHandler()
+    if not compress:  # orbax exposes compression on the PyTree handler the standard one wraps
+      state_handler._impl = ocp.PyTreeCheckpointHandler(use_compression=False)
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=options,
       item_handlers={
-        STATE: ocp.StandardCheckpointHandler(),
+        STATE: state_handler,
         DATA: grain.checkpoint.CheckpointHandler(),
         CONFIG: ocp.JsonCheckpointHandler(),
+        CHECKSUMS: ocp.JsonCheckpointHandler(),
       },
     )
+    self._saving: Optional[int] = None
     stray = sorted(set(self._manager.all_steps()) - set(self.all_steps()))
     if stray:
       logging.warning("ignoring step directories without %s in %s: %s", COMMIT_FILE, self.directory, stray)
@@ -143,7 +144,27 @@ class Checkpointer:
       except TypeError as e:
         raise TypeError(f"config must be JSON-serialisable: {e}") from e
       args[CONFIG] = ocp.args.JsonSave(dict(config))
-    return self._manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+    args[CHECKSUMS] = ocp.args.JsonSave(checksums_lib.checksums(state))
+    with self._write_errors(int(step)):
+      started = self._manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+    self._saving = int(step) if started else self._saving
+    return started
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: Optional[int]):
+    """A failed write (disk full, quota, read-only or lost mount) -> one-line
+    CheckpointWriteError naming the directory, its free space and the last intact step. The
+    error of an async save surfaces at the next save or wait: it names the step being saved."""
+    try:
+      yield
+    except Exception as e:
+      reason = recovery.write_failure(e)
+      if reason is None:
+        raise
+      failed = self._saving if self._saving is not None else step
+      # From disk: orbax drops keep-N's victims from its own list when a save starts.
+      intact = [s for s in committed_steps(self.directory) if s != failed]
+      raise recovery.write_error(failed, self.directory, reason, intact[-1] if intact else None) from e
 
   # -- restore
 
@@ -155,7 +176,19 @@ class Checkpointer:
         "abstract_state leaves need a sharding (jax.ShapeDtypeStruct(shape, dtype, "
         f"sharding=...)) to restore in place; missing at: {_listing(unsharded)}"
       )
-    saved = _flatten(self._manager.item_metadata(step)[STATE].tree)
+    try:
+      meta = self._manager.item_metadata(step)
+      tree = meta[STATE].tree
+    except Exception as e:  # a missing or garbled _METADATA or manifest: the step is damaged
+      missing = not (self.directory / str(step) / STATE / "_METADATA").exists()
+      raise recovery.DamagedCheckpoint(
+        step,
+        "missing-metadata" if missing else "unreadable",
+        f"{STATE}/_METADATA is missing"
+        if missing
+        else f"its state metadata cannot be read ({recovery.one_line(f'{type(e).__name__}: {e}', 200)})",
+      ) from e
+    saved = _flatten(tree)
     where = f"checkpoint step {step} in {self.directory}"
     missing, unexpected = set(wanted) - set(saved), set(saved) - set(wanted)
     if missing or unexpected:
@@ -172,21 +205,26 @@ class Checkpointer:
     ]
     if shapes:
       raise ValueError(f"state shapes do not match {where}: {_listing(shapes)}")
+    return saved
 
   def saved_config(self, step: int) -> Optional[dict]:
-    """The config saved with ``step`` (None if it was saved without one), without the state."""
-    if not (self.directory / str(step) / CONFIG).exists():
+    """The config saved with ``step`` (None when it was saved without one)."""
+    step_dir = self.directory / str(step)
+    if not (step_dir / CONFIG).exists():
       return None
-    return self._manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / CONFIG)
 
   def restore(
     self, step: Optional[int] = None, *, abstract_state: Any, data_iterator: Any = None
   ) -> tuple[Any, Optional[dict]]:
-    """Restores ``step`` (default: the latest committed one) -> (state, config or None).
+    """Restores ``step`` (default: the latest committed one) -> (state, config or None), and
+    checks every array against the checksums recorded when it was saved.
 
     ``abstract_state``: pytree of jax.ShapeDtypeStruct with shardings (the target layout).
     ``data_iterator``: a fresh grain iterator of the same pipeline; its position is set in
     place so that it continues with the element that followed the saved one.
+    Raises ``recovery.DamagedCheckpoint`` when the step cannot be read or does not match its
+    checksums, and ValueError when it does not fit ``abstract_state`` (another config).
     """
     steps = self.all_steps()
     if not steps:
@@ -195,9 +233,16 @@ class Checkpointer:
       step = steps[-1]
     elif step not in steps:
       raise FileNotFoundError(f"no committed checkpoint for step {step} in {self.directory}; available steps: {steps}")
-    self._check_against_saved(step, abstract_state)
+    saved = self._check_against_saved(step, abstract_state)
     step_dir = self.directory / str(step)
-    args = {STATE: ocp.args.StandardRestore(abstract_state)}
+    # Restore in the stored dtypes (what the checksums are of), cast afterwards.
+    stored = jax.tree_util.tree_map_with_path(
+      lambda p, a: jax.ShapeDtypeStruct(
+        a.shape, getattr(saved[_key_str(p)], "dtype", a.dtype) or a.dtype, sharding=a.sharding
+      ),
+      abstract_state,
+    )
+    args = {STATE: ocp.args.StandardRestore(stored)}
     if data_iterator is not None:
       if not (step_dir / DATA).exists():
         raise ValueError(
@@ -207,18 +252,101 @@ class Checkpointer:
       args[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     if (step_dir / CONFIG).exists():
       args[CONFIG] = ocp.args.JsonRestore()
+    recorded = self._saved_items(step)
+    if CHECKSUMS in recorded:
+      args[CHECKSUMS] = ocp.args.JsonRestore()
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:
-      if hasattr(e, "add_note"):
-        e.add_note(f"while restoring {sorted(args)} of step {step} from {self.directory}")
-      raise
-    return restored[STATE], (restored[CONFIG] if CONFIG in args else None)
+      raise recovery.classify(step, e) from e
+    state = restored[STATE]
+    if CHECKSUMS in args:
+      differ, unlisted = checksums_lib.mismatches(state, restored[CHECKSUMS] or {})
+      if differ or unlisted:
+        what = (
+          f"{len(differ)} array(s) differ from the checksums written with them: {_listing(differ, 4)}" if differ else ""
+        )
+        if unlisted:
+          what += ("; " if what else "") + f"no checksum recorded for {_listing(unlisted, 4)}"
+        raise recovery.DamagedCheckpoint(step, "checksum", what)
+    else:
+      logging.warning(
+        "checkpoint step %d in %s has no checksums (written before they existed): restored without checking its arrays",
+        step,
+        self.directory,
+      )
+    casts = jax.tree.map(lambda x, a: x.dtype != a.dtype, state, abstract_state)
+    if any(jax.tree.leaves(casts)):
+      state = jax.tree.map(
+        lambda x, a, c: jax.jit(lambda v: v.astype(a.dtype), out_shardings=a.sharding)(x) if c else x,
+        state,
+        abstract_state,
+        casts,
+      )
+    return state, (restored[CONFIG] if CONFIG in args else None)
+
+  def _saved_items(self, step: int) -> set[str]:
+    """The items a step's metadata says were saved (a damaged step may have lost some)."""
+    try:
+      meta = json.loads((self.directory / str(step) / "_CHECKPOINT_METADATA").read_text())
+      return set(meta.get("item_handlers") or {})
+    except (OSError, ValueError) as e:
+      raise recovery.DamagedCheckpoint(step, "missing-metadata", f"_CHECKPOINT_METADATA: {recovery.one_line(e, 200)}")
+
+  def restore_newest_intact(self, *, abstract_state: Any, data_iterator: Any = None):
+    """Restores the newest step that is intact -> (state, config or None, step), or None when
+    there is no checkpoint. A damaged step is named in one warning and moved aside to
+    ``<step>.damaged-<kind>`` (never deleted) before the previous one is tried; with several
+    processes a step is intact only if it is for all of them. Raises
+    ``recovery.NoIntactCheckpointError`` (exit 2) when checkpoints exist but none is intact."""
+    steps = self.all_steps()
+    damaged = []
+    for i, step in enumerate(reversed(steps)):
+      try:
+        state, config = self.restore(step, abstract_state=abstract_state, data_iterator=data_iterator)
+        error = None
+      except recovery.DamagedCheckpoint as e:
+        state, config, error = None, None, e
+      if _all_processes_agree(error is None):
+        return state, config, step
+      if error is None:
+        error = recovery.DamagedCheckpoint(step, "unreadable", "another process could not restore its part")
+      moved = self._move_aside(step, error.kind)
+      older = steps[-i - 2] if i + 1 < len(steps) else None
+      logging.warning(
+        "%s; moved aside to %s; %s",
+        error,
+        moved,
+        f"trying the previous one, step {older}" if older is not None else "no older checkpoint",
+      )
+      damaged.append(
+        f"step {step} ({error.kind.replace('-', ' ')}: {recovery.one_line(error.detail, 120)}; moved to {moved.name})"
+      )
+    if damaged:
+      raise recovery.NoIntactCheckpointError(
+        f"no intact checkpoint in {self.directory}: " + "; ".join(damaged) + ". They were moved aside, not "
+        "deleted; restore a good copy or start afresh in another workdir"
+      )
+    return None
+
+  def _move_aside(self, step: int, kind: str) -> epath.Path:
+    if jax.process_index() == 0:
+      moved = recovery.move_aside(self.directory, step, kind)
+    else:
+      moved = self.directory / f"{step}{recovery.DAMAGED}{kind}"
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"sd3_jax moved aside checkpoint {step}")
+    self._manager.reload()
+    return moved
 
   # -- lifetime
 
   def wait_until_finished(self):
-    self._manager.wait_until_finished()
+    with self._write_errors(None):
+      self._manager.wait_until_finished()
+    self._saving = None
 
   def close(self):
     self._manager.close()
@@ -228,6 +356,16 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True when ``ok`` holds on every process (one process: ``ok``)."""
+  if jax.process_count() == 1:
+    return ok
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +409,7 @@ def load_workdir(
     raise FileNotFoundError(f"{step_dir} has no config item (saved without config=...); cannot rebuild the model")
   config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / CONFIG)
   cfg = ml_collections.ConfigDict(config)
-  model = mmdit.MMDiT(
+  model = backbones.build(
     mmdit.config_from_preset(**cfg.model),
     dtype=jnp.dtype(dtype or cfg.dtype),
     scan_layers=cfg.scan_layers,

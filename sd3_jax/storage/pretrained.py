@@ -28,7 +28,9 @@ from sd3_jax.models import mmdit
 
 CONFIG_FILE = "sd3_jax_config.json"
 PARAMS_DIR = "params"
-FORMAT = "sd3_jax.mmdit"  # the MM-DiT's format name (the default of read_config)
+# The format of the MM-DiT and of the other backbones of the study (its config's 'backbone' says
+# which; the default of read_config).
+FORMAT = "sd3_jax.mmdit"
 FORMAT_VERSION = 1
 _MAX_LOADS_IN_FLIGHT = 2
 log = logging.getLogger(__name__)
@@ -82,7 +84,12 @@ def register_format(fmt: ModelFormat) -> ModelFormat:
 
 register_format(
   ModelFormat(
-    FORMAT, "sd3_jax.models.mmdit", "MMDiTConfig", "MMDiT", "MM-DiT", config_module="sd3_jax.models.mmdit_config"
+    FORMAT,
+    "sd3_jax.models.backbones",
+    "MMDiTConfig",
+    "build",
+    "diffusion backbone (MM-DiT, DiT, CrossDiT, UViT)",
+    config_module="sd3_jax.models.mmdit_config",
   )
 )
 register_format(
@@ -325,8 +332,8 @@ def load_pretrained(
     dtype: compute dtype of the returned module (bfloat16 on accelerators).
     param_dtype: cast every parameter to this dtype (None keeps the stored dtypes). Parameters
       are float32 by default, as the models and the trainer expect.
-    scan_layers: MM-DiT only: return the scanned layout (``mmdit.stack_block_params``) and a
-      model with ``scan_layers=True``.
+    scan_layers: MM-DiT and the other backbones only: return the scanned layout
+      (``mmdit.stack_block_params``) and a model with ``scan_layers=True``.
     shardings: None (default device), one ``jax.sharding.Sharding`` for every leaf, or a tree
       of shardings with the structure of the returned params.
     verify: check every leaf against the checksum written with it (an error names a damaged
@@ -335,7 +342,7 @@ def load_pretrained(
     **model_kwargs: other module options (MMDiT: remat, attention_impl; AutoencoderKL:
       attention_impl).
 
-  The module is ``MMDiT``, ``CLIPTextEncoder``, ``T5Encoder``, ``AutoencoderKL``,
+  The module is ``MMDiT`` (or the config's other backbone: ``backbones.build``), ``CLIPTextEncoder``, ``T5Encoder``, ``AutoencoderKL``,
   ``CLIPVisionEncoder`` or ``CLIPModel`` as the checkpoint's format says (``read_format``). Parameters are read one top-level group (one
   block, or one run of blocks when scanned) at a time and placed on device before the next is
   read, so host memory holds only that group besides the result.
@@ -343,7 +350,10 @@ def load_pretrained(
   fmt = read_format(path)
   config = read_config(path, expected_format=None)
   if scan_layers and fmt.name != FORMAT:
-    raise ValueError(f"scan_layers is only supported for MM-DiT checkpoints; {path} holds a {fmt.description}")
+    raise ValueError(
+      f"scan_layers is only supported for MM-DiT (and the other diffusion backbones') checkpoints; "
+      f"{path} holds a {fmt.description}"
+    )
   stored = stored_params(path)
   integrity.check_stored_grid(config, stored, path)
   trees.check_shapes({k: v[0] for k, v in stored.items()}, expected_shapes(config), f"checkpoint {path}")
@@ -362,8 +372,9 @@ def load_pretrained(
   groups = sorted({k.split("/")[0] for k in stored})
   params = {}
   if scan_layers:
-    for start, stop, _ in mmdit.block_segments(config):
-      names = [f"joint_blocks_{i}" for i in range(start, stop)]
+    prefix, runs = mmdit.scan_segments(config)
+    for start, stop in runs:
+      names = [f"{prefix}{i}" for i in range(start, stop)]
       blocks = load_params(path, names, verify=verify, checksums=sums)
       stacked = jax.tree.map(lambda *xs: np.stack(xs), *[blocks.pop(n) for n in names])
       params[f"scan_blocks_{start}_{stop}"] = place(f"scan_blocks_{start}_{stop}", stacked)
@@ -458,7 +469,7 @@ def write_checkpoint(path, config, leaves: Mapping[str, Any], *, overwrite: bool
 
 
 def save_pretrained(path, params: Mapping, config, *, dtype=None, overwrite: bool = False) -> None:
-  """Saves parameters (jax or numpy arrays; an MM-DiT's may be in the scanned layout) with
+  """Saves parameters (jax or numpy arrays; a backbone's may be in the scanned layout) with
   their config (MMDiTConfig, CLIPTextConfig, T5EncoderConfig, VAEConfig, CLIPVisionConfig or
   CLIPConfig).
 

@@ -53,8 +53,15 @@ _RANGES = {
   "sample.num_per_prompt": ("int", 1, None),
   "sample.num_steps": ("int", 1, None),
 }
-_BOOLS = ("async_checkpointing", "scan_layers", "data.shuffle", "val.use_ema", "sample.pixel_space")
-_MESH = ("mesh.data", "mesh.fsdp", "mesh.tensor")
+_BOOLS = (
+  "async_checkpointing",
+  "checkpoint_compression",
+  "scan_layers",
+  "data.shuffle",
+  "val.use_ema",
+  "sample.pixel_space",
+)
+_MESH = ("mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data", "mesh.dcn_fsdp", "mesh.dcn_tensor")
 
 
 def _get(config, key: str):

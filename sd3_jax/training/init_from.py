@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from sd3_jax.storage import pretrained
 from sd3_jax.storage import trees
+from sd3_jax.models import backbones
 from sd3_jax.models.mmdit import MMDiTConfig
 
 
@@ -23,6 +24,7 @@ def check(path: str, model_config: MMDiTConfig, latent_hw: Sequence[int]) -> MMD
   """Checks the checkpoint at ``path`` against the run's model and latent size; returns the
   checkpoint's config."""
   ckpt = pretrained.read_config(path)
+  backbones.check_backbone(ckpt.backbone, model_config.backbone, f"config.init_from={path}")
   patch = model_config.patch_size
   grid = max(latent_hw) // patch
   if grid > ckpt.pos_embed_max_size:

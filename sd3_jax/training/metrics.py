@@ -205,26 +205,36 @@ def _format_duration(seconds: float) -> str:
   return f"{m}m{s:02d}s"
 
 
+def _format_flops(tflops: float) -> str:
+  """FLOP/s in the largest unit that keeps the figure at 1 or more (a CPU does GFLOP/s)."""
+  for scale, unit in ((1.0, "TFLOP/s"), (1e-3, "GFLOP/s"), (1e-6, "MFLOP/s")):
+    if tflops >= scale:
+      break
+  return f"{unit}/dev {tflops / scale:.1f}"
+
+
 _PROGRESS_FIELDS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
   ("loss", "loss", lambda v: f"{v:.4f}"),
+  ("val/loss", "val_loss", lambda v: f"{v:.4f}"),
   ("grad_norm", "grad_norm", lambda v: f"{v:.3g}"),
   ("learning_rate", "lr", lambda v: f"{v:.2e}"),
   ("step_time", "step", lambda v: f"{v:.3g}s"),
   ("images_per_sec", "img/s", lambda v: f"{v:.1f}"),
-  ("tflops_per_sec_per_device", "TFLOP/s/dev", lambda v: f"{v:.1f}"),
+  ("tflops_per_sec_per_device", "", _format_flops),
   ("mfu", "MFU", lambda v: f"{100 * v:.1f}%"),
 )
 
 
 def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any]) -> str:
   """One console line, e.g.
-  ``step 1200/500000 (0.2%) | loss 0.4312 | lr 1.00e-04 | step 0.52s | MFU 41.3% | ETA 3d00h``.
-  Missing or None fields are left out; ETA needs ``step_time``."""
+  ``step 1200/500000 (0.2%) | loss 0.4312 | lr 1.00e-04 | step 0.52s | MFU 41.3% | ETA 3d00h``;
+  for validation rows ``step 300/1200 (25.0%) | val_loss 0.2690``. Missing or None fields are
+  left out; ETA needs ``step_time``; FLOP/s per device in T, G or M, whichever shows the figure."""
   parts = [f"step {step}/{total_steps} ({100 * step / max(total_steps, 1):.1f}%)"]
   for key, label, fmt in _PROGRESS_FIELDS:
     value = metrics.get(key)
     if value is not None:
-      parts.append(f"{label} {fmt(float(value))}")
+      parts.append(f"{label} {fmt(float(value))}".strip())
   step_time = metrics.get("step_time")
   if step_time is not None and total_steps > step:
     parts.append(f"ETA {_format_duration(float(step_time) * (total_steps - step))}")

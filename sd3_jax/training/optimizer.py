@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from sd3_jax.models import mmdit, mup
+from sd3_jax.models import backbones, mmdit, mup
 
 # Cooldown shapes of the WSD schedule: x in [0, 1] (the fraction of the cooldown done) -> how
 # far the learning rate has gone from the peak to the end value.
@@ -84,18 +84,18 @@ def _decays(path, leaf) -> bool:
   return (not _is_frozen(path)) and getattr(path[-1], "key", None) == "kernel"
 
 
-def scale_by_mup(scaling: mup.Scaling, rule: mup.RoleRule) -> optax.GradientTransformation:
+def scale_by_mup(scaling: mup.Scaling, classify: mup.Classify) -> optax.GradientTransformation:
   """Multiplies every parameter's update by its muP learning-rate factor (models/mup.py: 1/m for
   hidden and output weights). Placed before the weight decay, so that decay x lr is the same at
   every width, as in mup's MuAdamW."""
 
   def init(params):
-    mup.roles(params, rule)  # the rule must name this model's layers
+    mup.roles(params, classify)  # every parameter has a class
     return optax.EmptyState()
 
   def update(updates, state, params=None):
     def scale(path, u):
-      factor = scaling.lr_factor(rule.role(mup.path_names(path)))
+      factor = scaling.lr_factor(classify("/".join(mup.path_names(path))))
       return u if factor == 1.0 else u * factor
 
     return jax.tree_util.tree_map_with_path(scale, updates), state
@@ -116,7 +116,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   else:  # optax.adamw's own chain with the muP factors between Adam and the weight decay
     adamw = optax.chain(
       optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
-      scale_by_mup(mcfg.mup_scaling, mmdit.MUP_ROLES),
+      scale_by_mup(mcfg.mup_scaling, backbones.param_class),
       optax.add_decayed_weights(opt.weight_decay, mask),
       optax.scale_by_learning_rate(schedule),
     )

@@ -14,7 +14,7 @@ from flax import linen as nn
 from flax import struct
 
 from sd3_jax import sharding
-from sd3_jax.models import attention, mmdit
+from sd3_jax.models import attention, backbones, mmdit
 
 
 @struct.dataclass
@@ -25,11 +25,12 @@ class TrainState:
   ema_params: Any
 
 
-def make_model(config: ml_collections.ConfigDict, platform: str | None = None) -> mmdit.MMDiT:
-  """The MM-DiT of ``config`` with attention_impl resolved for ``platform`` (default: that of
-  jax.devices(); tools.aot_compile passes 'tpu' for compile-only topologies)."""
+def make_model(config: ml_collections.ConfigDict, platform: str | None = None) -> nn.Module:
+  """The backbone of ``config`` (config.model.backbone: MM-DiT by default; models/backbones.py)
+  with attention_impl resolved for ``platform`` (default: that of jax.devices();
+  tools.aot_compile passes 'tpu' for compile-only topologies)."""
   impl = attention.resolve_impl(config.attention_impl, platform or jax.devices()[0].platform, config.dtype)
-  return mmdit.MMDiT(
+  return backbones.build(
     mmdit.config_from_preset(**config.model),
     dtype=jnp.dtype(config.dtype),
     remat=config.remat,
@@ -39,7 +40,7 @@ def make_model(config: ml_collections.ConfigDict, platform: str | None = None) -
   )
 
 
-def init_state(model: mmdit.MMDiT, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
   params = mmdit.init_params(model, rng)
   return TrainState(
     step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=jax.tree.map(jnp.copy, params)

@@ -24,9 +24,9 @@ from sd3_jax import sharding, text_conditioning
 from sd3_jax.data import buckets, input_pipeline
 from sd3_jax.evaluation import scoring
 from sd3_jax.inference import generation
-from sd3_jax.models import flops, mmdit
+from sd3_jax.models import backbones, flops, mmdit
 from sd3_jax.storage import checkpoint as ckpt_lib
-from sd3_jax.training import branch, config_checks, divergence, init_from, optimizer, preemption, prefetch
+from sd3_jax.training import branch, config_checks, divergence, goodput, init_from, optimizer, preemption, prefetch
 from sd3_jax.training import metrics as metrics_lib
 from sd3_jax.training import startup_checks, state as state_lib, step as step_lib, train_data, validation
 from sd3_jax.training import writers
@@ -65,14 +65,19 @@ def _sample_conditioner(s: ml_collections.ConfigDict):
   return generation.encode_once(encoders, list(s.prompts), with_empty=s.cfg_scale != 1.0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, started_at: float | None = None
+) -> dict[str, Any]:
   """Train (resuming from workdir/checkpoints if present); returns the last logged metrics.
 
   Config values that cannot run are refused first (config_checks). Raises preemption.Preempted
   after saving the current step when told to stop (SIGTERM), and TrainingDivergedError on
   NaN/Inf; in-flight checkpoint saves are waited for in every case. On any error the async
   checkpointer and the input pipeline's workers are shut down before it propagates, so a clean
-  error is not followed by a second traceback from their threads at interpreter exit."""
+  error is not followed by a second traceback from their threads at interpreter exit.
+
+  Wall time goes by category to WORKDIR/goodput (training.goodput; ``started_at``: when the
+  process started, default now), summarised in metrics.jsonl and at exit."""
   config_checks.check_runnable(config.to_dict())
   startup_checks.check_storage(
     workdir=workdir,
@@ -82,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   closers: list = []
   try:
-    return _train_and_evaluate(config, workdir, closers)
+    return _train_and_evaluate(config, workdir, closers, started_at)
   except BaseException:
     for close in reversed(closers):
       try:
@@ -92,10 +97,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers: list) -> dict[str, Any]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers: list, started_at=None):
   workdir = epath.Path(workdir)  # a local path or a URL such as gs://bucket/run
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  recorder = goodput.GoodputRecorder(str(workdir), enabled=jax.process_index() == 0, start_time=started_at)
+  closers.append(lambda: recorder.record(end=recorder.end or "error"))
+  mesh = sharding.mesh_from_settings(config.mesh)
   model = state_lib.make_model(config)
   tx = optimizer.make_optimizer(config)
   opts = step_lib.step_options(config)
@@ -114,6 +121,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
     str(workdir / "checkpoints"),
     max_to_keep=config.keep_checkpoints,
     async_save=config.async_checkpointing,
+    compress=config.checkpoint_compression,
     keep_steps=sorted(keep_steps),
   )
   closers.append(checkpointer.close)
@@ -155,9 +163,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
     )
 
   latest = checkpointer.latest_step()
-  if latest is not None:
-    state, _ = checkpointer.restore(latest, abstract_state=abstract, data_iterator=train_iter)
+  if latest is not None:  # a clear error for a workdir trained with another backbone, before any restore
+    try:
+      saved_model = (checkpointer.saved_config(latest) or {}).get("model") or {}
+    except Exception:  # an unreadable config: restore_newest_intact names the damage
+      saved_model = {}
+    where = f"the checkpoint of step {latest} in {workdir / 'checkpoints'}"
+    backbones.check_backbone(saved_model.get("backbone") or "mmdit", model.config.backbone, where)
+  with recorder.phase("restore"):  # the newest intact step; damaged ones are moved aside
+    restored = checkpointer.restore_newest_intact(abstract_state=abstract, data_iterator=train_iter)
+  if restored is not None:
+    state, _, latest = restored
+    recorder.resumed(latest)
     log.info("resumed from step %d", latest)
+    if primary:
+      print(f"resuming from step {latest} ({workdir / 'checkpoints' / str(latest)})", flush=True)
   elif config.branch_from:  # a cooldown branch: another run's state, this run's schedule
     state = branch.start(config, abstract, train_iter)
   else:
@@ -247,6 +267,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
       compiles = b not in compiled and step != start_step  # a new bucket shape: not timed
       if compiles:
         jax.block_until_ready(state.step)
+        recorder.steps_done(step)
+      if b not in compiled:
+        recorder.switch("compile")
       with (
         timer.paused(steps=1) if compiles else contextlib.nullcontext(),
         jax.transfer_guard(config.transfer_guard if steady else "allow"),
@@ -265,8 +288,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
         jax.block_until_ready(out["loss"])
         timer.tick(done)
         window_flops = 0.0
+      if compiles or step == start_step:
+        recorder.steps_done(done)  # the compiling step: compile time, not step time
+        recorder.switch("step")
       if is_log:
         values = acc.compute()  # waits for the step
+        recorder.steps_done(done)
+        values.update(goodput.metrics(recorder.summary()))
         values.update({k: v for k, v in timer.tick(done, flops=window_flops).items() if v is not None})
         if len(shapes) > 1:
           values.update({f"bucket_steps/{n}": c for n, c in zip(names, bucket_steps)})
@@ -274,17 +302,31 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
         values["param_norm"] = float(jax.device_get(out["param_norm"]))
         _check_finite(done, {k: values[k] for k in ("loss", "grad_norm", "param_norm")}, checkpointer, explain(done))
         writer.write_scalars(done, values)
+        recorder.record()
         if primary:
           print(metrics_lib.format_progress(done, config.total_steps, values), flush=True)
         last = dict(values, step=done)
         acc = None
       if stop:  # preempted: save this step now, wait until it is committed, and stop
-        if checkpointer.latest_step() != done:
-          save(done, out)
-        checkpointer.wait_until_finished()
+        jax.block_until_ready(out["loss"])
+        recorder.steps_done(done)
+        with recorder.phase("checkpoint"):
+          if checkpointer.latest_step() != done:
+            save(done, out)
+          checkpointer.wait_until_finished()
+        recorder.record(end=f"{'stopped by Ctrl-C' if watcher.interrupted else 'preempted'} at step {done}")
         writer.flush()
-        raise preemption.Preempted(done)
-      with timer.paused():
+        raise watcher.stopped(done)  # Preempted (SIGTERM) or Interrupted (Ctrl-C)
+      evaluates = (
+        (val_fn is not None and (done % config.val.every == 0 or is_last))
+        or (s.every > 0 and (done % s.every == 0 or is_last))
+        or (evaluator is not None and (done % e.every == 0 or is_last))
+      )
+      saves = done % config.checkpoint_every == 0 or is_last or done in keep_steps
+      if evaluates or saves:  # close the step window first: evaluation and saving are not steps
+        jax.block_until_ready(out["loss"])
+        recorder.steps_done(done)
+      with timer.paused(), recorder.phase("evaluation"):
         if val_fn is not None and (done % config.val.every == 0 or is_last):
           params = state.ema_params if config.val.use_ema else state.params
           val = validation.evaluate(
@@ -299,6 +341,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
             formulation=opts.formulation,
           )
           writer.write_scalars(done, val)
+          if primary:
+            print(metrics_lib.format_progress(done, config.total_steps, val), flush=True)
           last.update(val)
         if s.every > 0 and (done % s.every == 0 or is_last):
           generation.write_sample_grid(
@@ -328,13 +372,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
           )
           writer.write_scalars(done, values)
           last.update(values)
-        if done % config.checkpoint_every == 0 or is_last or done in keep_steps:
-          save(done, out)
+        if saves:
+          with recorder.phase("checkpoint"):
+            save(done, out)
+    if watcher.interrupted:  # Ctrl-C after the last step's check: complete and saved, stop as asked
+      with recorder.phase("checkpoint"):
+        checkpointer.wait_until_finished()
+      recorder.record(end=f"stopped by Ctrl-C at step {checkpointer.latest_step()}")
+      raise watcher.stopped(checkpointer.latest_step())
   finally:  # also on errors (NaN stop, preemption, bugs): never leave a save half written
-    watcher.close()
     if config.data.prefetch:
       batches.close()
-    checkpointer.wait_until_finished()
+    with recorder.phase("checkpoint"):
+      checkpointer.wait_until_finished()
+    watcher.close()  # after the wait: a Ctrl-C during it is the watcher's (a second one aborts)
     checkpointer.close()
     writer.close()
+  summary = recorder.summary()
+  recorder.record(end="done")
+  if primary and summary:
+    print(goodput.format_summary(summary), flush=True)
   return last

@@ -92,6 +92,12 @@ def check_config_and_data(config: ml_collections.ConfigDict, mesh, sources: dict
   {latent (h, w): source} or None."""
   d, m = config.data, mmdit.config_from_preset(**config.model)
   size_key = "config.data.buckets" if d.buckets else "config.data.latent_size"
+  if m.backbone == "mmdit3" and (m.clip_tokens != config.text.clip_tokens or d.context_len <= m.clip_tokens):
+    raise ValueError(
+      f"backbone 'mmdit3' reads context rows [0, model.clip_tokens={m.clip_tokens}) as CLIP tokens and the rest "
+      f"as T5 tokens: set config.model.clip_tokens to config.text.clip_tokens={config.text.clip_tokens}, below "
+      f"config.data.context_len={d.context_len}"
+    )
   for hw in latent_sizes(config):
     if config.init_from:  # its positional grid and leaves first: the most specific messages
       init_from.check(config.init_from, m, hw)
