@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The toy scaling study end to end on this machine (configs/scaling/toy.py): the embedded demo's
-# coloured-shapes data and random text encoders, a depth family d = 1..4 at width 16 d, 400 and
-# 1200 steps each, plus the timestep-sampler comparison at both lengths (14 runs, each a training
-# workdir), held-out sample accuracy of every run, then fits and plots. Every stage skips finished work, so a rerun resumes.
+# coloured-shapes data and random text encoders, a depth family d = 1..4 at width 16 d trained 400,
+# 800 and 1200 steps, plus the timestep-sampler comparison at the same lengths (21 runs, each a
+# training workdir). The lengths are cooldown branches of one warmup-stable-decay run per model
+# (the 400- and 800-step runs train only their cooldowns from the 1200-step run's checkpoints:
+# 40% fewer steps). Then held-out sample accuracy of every run, fits and plots. Every stage skips
+# finished work, so a rerun resumes. About 50 minutes on an idle 2-core CPU (docs/mup_wsd.md).
 # Writes WORKDIR/sweep/<run>/, WORKDIR/analysis{_all,}/{runs.csv,scaling.json,*.png}.
 # Usage: bash launch/scaling_demo.sh [WORKDIR]      (PYTHON=/path/to/python skips the .venv set-up)
 set -euo pipefail

@@ -31,6 +31,9 @@ _MODEL_FIELDS = dict(
   mlp_ratio=int,
   pos_embed_base_size=int,
   pos_embed_scale=float,
+  parametrization=str,  # 'sp' | 'mup' (sd3_jax/models/mup.py, docs/mup_wsd.md)
+  mup_base_width=int,
+  mup_base_head_dim=int,
   backbone=str,  # 'mmdit' (default) | 'mmdit3' | 'dit' | 'crossdit' | 'uvit' (docs/backbones.md)
   clip_tokens=int,  # 'mmdit3': context rows that are CLIP tokens (= text.clip_tokens)
   uvit_res_blocks=int,  # 'uvit': conv blocks per stage
@@ -116,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 100
   c.checkpoint_every = 2000
   c.keep_checkpoints = 3
+  # Steps at which a checkpoint is also written and never deleted by keep_checkpoints: the
+  # branch points of cooldown branches (sd3_jax.scaling sets them on a sweep's stable runs).
+  c.keep_checkpoint_steps = ()
   c.async_checkpointing = True
   # zstd for the saved arrays (orbax's default); False: faster saves, larger files. Either way
   # every array's checksum is recorded and checked on resume (docs/multislice.md).
@@ -124,18 +130,29 @@ def base_config() -> ml_collections.ConfigDict:
   # sd3_jax.storage.pretrained): its weights and positional table, a fresh optimizer. Ignored once the
   # run has a checkpoint of its own (a restart resumes that).
   c.init_from = ""
+  # Start a new run from another run's training checkpoint (RUN/checkpoints/STEP): its
+  # parameters, EMA, optimizer state, step and data position, continued under this config (a
+  # cooldown branch: the same run with a shorter total_steps; docs/mup_wsd.md). Everything but
+  # the length and the checkpoint cadence must equal that run's config. Ignored once the run has
+  # a checkpoint of its own.
+  c.branch_from = ""
   # jax.transfer_guard level ('allow' | 'log' | 'disallow') around the steady-state steps of the
   # loop (neither logging nor checkpoint/validation/sample steps): 'disallow' proves that a step
   # makes no implicit host<->device transfers (the tests do).
   c.transfer_guard = "allow"
 
   # AdamW (the paper's appendix: lr 1e-4, 1000 warm-up steps). Weight decay applies to kernels only.
+  # schedule after the linear warm-up: 'constant' | 'cosine' | 'linear' (decay to end_lr_ratio x
+  # lr at total_steps) | 'wsd' (warmup-stable-decay: constant, then a cooldown over the last
+  # round(decay_fraction x total_steps) steps shaped '1-sqrt' | 'linear' | 'cosine'; docs/mup_wsd.md).
   c.optimizer = ml_collections.ConfigDict(
     dict(
       learning_rate=1e-4,
       warmup_steps=1000,
       schedule="constant",
       end_lr_ratio=0.0,
+      decay_fraction=0.2,
+      decay_shape="1-sqrt",
       b1=0.9,
       b2=0.999,
       eps=1e-8,

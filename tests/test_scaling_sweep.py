@@ -1,17 +1,21 @@
 """Scaling sweeps end to end: plan, --print_commands, run, a kill mid-sweep and the rerun that
-resumes it, then analyze (sd3_jax.scaling.sweep / runner / analysis / cli).
+resumes it, then analyze (sd3_jax.scaling.sweep / branches / runner / analysis / cli).
 
-The mini sweep is the tiny CPU config (synthetic latents) at width 16 d for d = 1, 2 and two
-lengths: 4 runs of seconds each.
+The mini sweep is the tiny CPU config (synthetic latents, warmup-stable-decay) at width 16 d for
+d = 1, 2 and two lengths: 4 runs of seconds each. Run end to end, its lengths are cooldown
+branches: per depth a stable run of 200 steps, and the 5-step run a branch from its step 4,
+which must equal the same run trained from scratch.
 """
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -32,11 +36,11 @@ def get_config(long_steps="200"):
   s.name = "mini"
   s.base_config = {tiny!r}
   s.base_overrides = dotted({{"global_batch_size": 4, "log_every": 2, "keep_checkpoints": 2,
-                             "optimizer.warmup_steps": 2, "data.num_synthetic": 64,
+                             "optimizer.warmup_steps": 2, "optimizer.schedule": "wsd", "data.num_synthetic": 64,
                              "val.num_examples": 8, "val.batch_size": 8}})
   s.width_per_depth = 16
-  s.val_points = 2
-  s.grids = [dict(name="mini", depths=(1, 2), lengths=(4, int(long_steps)))]
+  s.val_points = 4
+  s.grids = [dict(name="mini", depths=(1, 2), lengths=(5, int(long_steps)))]
   return s
 """
 
@@ -51,10 +55,10 @@ def sweep_file(tmp_path):
 def test_plan_names_steps_and_compute(sweep_file):
   sweep = sweep_lib.load_sweep(sweep_file)
   runs = sweep_lib.plan(sweep)
-  assert [r.name for r in runs] == ["d1_s4", "d1_s200", "d2_s4", "d2_s200"]
+  assert [r.name for r in runs] == ["d1_s5", "d1_s200", "d2_s5", "d2_s200"]
   r = runs[3]
   assert r.overrides["model.hidden_size"] == 32 and r.overrides["model.num_heads"] == 2
-  assert r.overrides["val.every"] == 100 and r.overrides["checkpoint_every"] == 100
+  assert r.overrides["val.every"] == 50 and r.overrides["checkpoint_every"] == 50
   cfg = sweep_lib.run_config(sweep, r)
   mcfg = mmdit.config_from_preset(**cfg.model)
   assert r.compute.flops == 200 * flops.train_step_flops(mcfg, 8, 8, 8, 4)
@@ -69,6 +73,45 @@ def test_plan_names_steps_and_compute(sweep_file):
   assert runs[2].steps == round(1e9 / runs[2].compute.flops_per_step) and runs[2].budget == 1e9
   assert runs[0].steps > runs[2].steps  # the smaller model trains longer on the same budget
   assert "flow.formulation" not in runs[0].overrides and runs[1].overrides["flow.formulation"] == "rf"
+
+
+def test_branched_plan_shares_the_stable_part_and_counts_it_once(sweep_file):
+  sweep = sweep_lib.load_sweep(sweep_file, {"cooldown_branches": True})
+  runs = sweep_lib.plan(sweep)
+  assert [r.name for r in runs] == ["d1_s200", "d1_s5", "d2_s200", "d2_s5"]  # a stable run before its branches
+  stable, short = runs[0], runs[1]
+  assert (short.branch_of, short.branch_step) == ("d1_s200", 4)  # 5 - round(0.2 x 5)
+  assert stable.overrides["keep_checkpoint_steps"] == (4,) and stable.branch_of is None
+  cfg = sweep_lib.run_config(sweep, short, "/sweeps/mini")
+  assert cfg.branch_from == "/sweeps/mini/d1_s200/checkpoints/4" and cfg.total_steps == 5
+  assert short.own_flops == short.compute.flops_per_step * 1 and short.compute.flops == short.compute.flops_per_step * 5
+  total = sweep_lib.total_compute(runs)
+  per_step = {r.depth: r.compute.flops_per_step for r in runs}
+  assert total["flops"] == sum(p * (200 + 1) for p in per_step.values())
+  assert total["flops_from_scratch"] == sum(p * (200 + 5) for p in per_step.values())
+  assert total["saved_fraction"] == pytest.approx(4 / 205)
+  # A width grid sweeps width_per_depth at a fixed depth (d heads), a muP transfer's axis.
+  sweep.grids = [dict(name="w", depths=(2,), widths=(16, 32), lengths=(10,))]
+  runs = sweep_lib.plan(sweep)
+  assert [(r.name, r.overrides["model.hidden_size"], r.overrides["model.num_heads"]) for r in runs] == [
+    ("d2_s10", 32, 2),
+    ("d2_s10_w32", 64, 2),
+  ]
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"optimizer.schedule": "cosine"}, "cooldown_branches needs optimizer.schedule='wsd'"),
+    ({"optimizer.warmup_steps": 5}, "run d1_s5: its cooldown would start at step 4, inside the warm-up"),
+    ({"optimizer.decay_fraction": 0.05}, "rounds to no cooldown step"),
+  ],
+)
+def test_bad_branched_sweeps_name_the_fix(sweep_file, overrides, message):
+  sweep = sweep_lib.load_sweep(sweep_file, {"cooldown_branches": True})
+  sweep.base_overrides.update(overrides)
+  with pytest.raises(ValueError, match=message):
+    sweep_lib.plan(sweep)
 
 
 def test_backbone_on_a_sweep_axis(sweep_file):
@@ -149,11 +192,26 @@ def _scaling(args, **kw):
   )
 
 
-def test_sweep_runs_resumes_after_a_kill_and_analyzes(sweep_file, tmp_path):
+def _main(args):
+  """``python -m sd3_jax.main ARGS`` as the sweep's runs train (one CPU device)."""
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _params(workdir):
+  from sd3_jax.storage import checkpoint
+
+  _, params, _, step = checkpoint.load_workdir(workdir, use_ema=False)
+  return step, jax.tree.map(np.asarray, params)
+
+
+def test_branched_sweep_resumes_after_a_kill_branches_equal_scratch_and_compute_is_counted(sweep_file, tmp_path):
   sweep_dir = str(tmp_path / "sweep")
-  # 1. Start the sweep and kill it in the middle of its second run (d1_s200, between the
-  #    checkpoint at step 100 and the end).
-  proc = _scaling(["run", sweep_file, "--sweep_dir", sweep_dir], start_new_session=True)
+  branched = ["--set", "cooldown_branches=True"]
+  # 1. Start the sweep and kill it in the middle of its first run, the stable d1_s200 (between
+  #    its checkpoint at step 100 and the end), after it wrote the branch point at step 4.
+  proc = _scaling(["run", sweep_file, "--sweep_dir", sweep_dir, *branched], start_new_session=True)
   ckpt = os.path.join(sweep_dir, "d1_s200", "checkpoints")
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
@@ -163,47 +221,79 @@ def test_sweep_runs_resumes_after_a_kill_and_analyzes(sweep_file, tmp_path):
   assert proc.poll() is None, "the sweep ended before it could be killed:\n" + proc.stdout.read()
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
-  assert runner.is_finished(os.path.join(sweep_dir, "d1_s4"), 4)
   assert not runner.is_finished(os.path.join(sweep_dir, "d1_s200"), 200), "killed too late to test a resume"
-  assert not os.path.exists(os.path.join(sweep_dir, "d2_s4"))
+  assert runner.checkpoint.committed_steps(ckpt) == [4, 50, 100]  # the branch point outlives keep_checkpoints=2
+  assert not os.path.exists(os.path.join(sweep_dir, "d1_s5"))
 
-  # 2. Rerun: the finished run is skipped, the killed one resumes, the rest run.
-  proc = _scaling(["run", sweep_file, "--sweep_dir", sweep_dir])
+  # 2. Rerun: the stable run resumes, keeps its branch point through more saves, and the
+  #    branches start from it; once a branch has run, its branch point is deleted.
+  proc = _scaling(["run", sweep_file, "--sweep_dir", sweep_dir, *branched])
   out, _ = proc.communicate(timeout=900)
   assert proc.returncode == 0, out
-  assert "d1_s4: finished, skipped" in out
-  assert "trained 3 run(s)" in out
-  assert "resuming from step 100 (" in out
-  for name, steps in (("d1_s4", 4), ("d1_s200", 200), ("d2_s4", 4), ("d2_s200", 200)):
+  assert "resuming from step 100 (" in out and "trained 4 run(s)" in out
+  assert out.count("branched from") == 2 and f"{ckpt} at step 4" in out
+  for name, steps in (("d1_s5", 5), ("d1_s200", 200), ("d2_s5", 5), ("d2_s200", 200)):
     assert runner.is_finished(os.path.join(sweep_dir, name), steps), name
+  assert runner.checkpoint.committed_steps(ckpt) == [150, 200]  # step 4 released after its branch ran
   rows = [json.loads(l) for l in open(os.path.join(sweep_dir, "d1_s200", "metrics.jsonl"))]
-  val_steps = [r["step"] for r in rows if "val/loss" in r]
-  assert val_steps == [100, 200]  # the resumed run's file equals an uninterrupted one's
+  assert [r["step"] for r in rows if "val/loss" in r] == [50, 100, 150, 200]  # as an uninterrupted run's
   plan = json.load(open(os.path.join(sweep_dir, runner.SWEEP_FILE)))
-  assert [r["name"] for r in plan["runs"]] == ["d1_s4", "d1_s200", "d2_s4", "d2_s200"]
+  assert [(r["name"], r["branch_of"], r["branch_step"]) for r in plan["runs"]] == [
+    ("d1_s200", None, 0),
+    ("d1_s5", "d1_s200", 4),
+    ("d2_s200", None, 0),
+    ("d2_s5", "d2_s200", 4),
+  ]
 
-  # 3. Analyze: one CSV row per validation point, compute from the config, fits recorded.
+  # 3. The branch equals the same 5-step WSD run from scratch: its command without branch_from.
+  sweep = sweep_lib.load_sweep(sweep_file, {"cooldown_branches": True})
+  short = next(r for r in sweep_lib.plan(sweep) if r.name == "d1_s5")
+  scratch = str(tmp_path / "scratch")
+  words = shlex.split(sweep_lib.command_line(sweep, short, sweep_dir, python=sys.executable))
+  words = [w for w in words if not w.startswith("--config.branch_from=")]
+  words[words.index("--workdir") + 1] = scratch
+  done = _main(words[1:])
+  assert done.returncode == 0, done.stdout + done.stderr
+
+  def last(workdir):
+    rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    keys = ("loss", "grad_norm", "learning_rate", "val/loss")
+    return {k: r[k] for r in rows if r["step"] == 5 for k in keys if k in r}
+
+  assert last(os.path.join(sweep_dir, "d1_s5")) == last(scratch) and len(last(scratch)) == 4
+  (step_b, branch_params), (step_s, scratch_params) = _params(os.path.join(sweep_dir, "d1_s5")), _params(scratch)
+  assert step_b == step_s == 5
+  assert jax.tree.all(jax.tree.map(np.array_equal, branch_params, scratch_params)), "a branch is its run from scratch"
+
+  # 4. Analyze: one CSV row per validation point, compute from the config, fits recorded, and
+  #    the compute the branches saved.
   out_dir = str(tmp_path / "analysis")
-  result = analysis.analyze([sweep_dir], out_dir, num_bootstrap=5, holdout="d2_s200")
+  result = analysis.analyze([sweep_dir], out_dir, num_bootstrap=20, holdout="d2_s200")
   import csv
 
   table = list(csv.DictReader(open(os.path.join(out_dir, "runs.csv"))))
   assert [(t["run"], int(t["step"])) for t in table] == [
-    ("d1_s200", 100),
-    ("d1_s200", 200),
-    ("d1_s4", 2),
-    ("d1_s4", 4),
-    ("d2_s200", 100),
-    ("d2_s200", 200),
-    ("d2_s4", 2),
-    ("d2_s4", 4),
+    *[("d1_s200", s) for s in (50, 100, 150, 200)],
+    ("d1_s5", 5),
+    *[("d2_s200", s) for s in (50, 100, 150, 200)],
+    ("d2_s5", 5),
   ]
-  d2 = sweep_lib.plan(sweep_lib.load_sweep(sweep_file))[3]
-  row = table[5]
+  d2 = next(r for r in sweep_lib.plan(sweep) if r.name == "d2_s200")
+  row = table[8]
   assert int(row["params_total"]) == d2.params["total"] and int(row["images_seen"]) == 800
   assert float(row["compute"]) == pytest.approx(d2.compute.flops)
   assert float(row["fit_loss"]) == pytest.approx(float(row["val_loss"]))
   assert "val/loss_t0.000" in row and "val/loss_t1.000" in row
+  totals = sweep_lib.total_compute(sweep_lib.plan(sweep))
+  assert result["compute"]["spent"] == pytest.approx(totals["flops"])
+  assert result["compute"]["from_scratch"] == pytest.approx(totals["flops_from_scratch"])
+  assert (
+    result["compute"]["saved_fraction"] == pytest.approx(totals["saved_fraction"])
+    and result["compute"]["branches"] == 2
+  )
+  runs = {r["name"]: r for r in result["runs"]}
+  assert runs["d1_s5"]["own_compute"] == pytest.approx(runs["d1_s5"]["compute"] / 5)  # one step of five
+  assert runs["d1_s5"]["branch_of"] == "d1_s200" and runs["d1_s5"]["branch_step"] == 4
   saved = json.load(open(os.path.join(out_dir, "scaling.json")))
   assert saved["holdout_runs"] == ["d2_s200"] and "d2_s200" not in saved["fit_runs"]
   assert saved["parametric"]["fit"] is not None and set(saved["parametric"]["fit"]["ci"]) == {

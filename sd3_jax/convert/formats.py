@@ -26,6 +26,7 @@ import numpy as np
 
 from sd3_jax.storage import fileutil, integrity, pretrained
 from sd3_jax.storage import trees
+from sd3_jax.models import mup
 from sd3_jax.models.mmdit import MMDiTConfig
 from sd3_jax.convert import mmdit_keys as K
 from sd3_jax.convert import text_keys as TK
@@ -371,9 +372,12 @@ def _out_dtype(source: Source, e: K.Entry, dtype) -> np.dtype:
 
 def iter_native(source: Source, fmt: str, dtype=None):
   """Yields (entry, array) for every tensor of ``fmt``, converted one at a time."""
+  mup.check_exportable(source.config, fmt)  # before the first tensor, not at it
   originals = _Originals(source)
-  for e in K.entries(source.config, fmt):
-    yield e, K.to_native(e, originals(e.orig)).astype(_out_dtype(source, e, dtype), copy=False)
+  return (
+    (e, K.to_native(e, originals(e.orig)).astype(_out_dtype(source, e, dtype), copy=False))
+    for e in K.entries(source.config, fmt)
+  )
 
 
 def check_dst(dst: str, overwrite: bool, is_ours: Callable[[str], bool], kind: str) -> None:
@@ -391,6 +395,7 @@ def check_dst(dst: str, overwrite: bool, is_ours: Callable[[str], bool], kind: s
 
 def write_sd3(source: Source, dst, *, dtype=None, overwrite: bool = False) -> None:
   """One original single file with ``model.diffusion_model.`` keys (config in its metadata)."""
+  mup.check_exportable(source.config, "sd3")
   dst = os.fspath(dst)
   if os.path.isdir(dst):
     raise IsADirectoryError(f"{dst} is a directory; --to sd3 writes one .safetensors file")
@@ -419,6 +424,7 @@ def write_diffusers(
   source: Source, dst, *, dtype=None, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 ) -> None:
   """A SD3Transformer2DModel directory, sharded with an index above ``max_shard_bytes``."""
+  mup.check_exportable(source.config, "diffusers")
   dst = os.fspath(dst).rstrip("/")
   check_dst(dst, overwrite, is_diffusers_dir, "diffusers model directory")
   cfg_json = K.diffusers_config(source.config)

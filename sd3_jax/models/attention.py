@@ -101,11 +101,11 @@ class SplashBlocks:
     return bq, bkv
 
 
-def _splash_local(q, k, v, *, blocks: tuple[int, int], interpret: bool):
+def _splash_local(q, k, v, *, blocks: tuple[int, int], interpret: bool, scale: float | None = None):
   """Splash on one shard: q [b, Lq, h, D], k/v [b, Lk, h, D] -> [b, Lq, h, D]. Pads the queries
   and the keys to their blocks (one joint sequence: to both blocks) and masks the padded keys
   (segment id 0 against 1 for real keys; every query, padded or not, has segment id 1, so no
-  row is fully masked)."""
+  row is fully masked). ``scale``: logit scale (None: 1/sqrt(D))."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -136,7 +136,7 @@ def _splash_local(q, k, v, *, blocks: tuple[int, int], interpret: bool):
   def prep(x, to):  # [b, L, h, D] -> [b, h, to, D]
     return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, to - x.shape[1]), (0, 0)))
 
-  scale = 1.0 / math.sqrt(dh)  # the kernel does not scale q
+  scale = 1.0 / math.sqrt(dh) if scale is None else scale  # the kernel does not scale q
   qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
   out = jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=segments))(
     prep(qs, padded), prep(k, kv_padded), prep(v, kv_padded)
@@ -144,7 +144,9 @@ def _splash_local(q, k, v, *, blocks: tuple[int, int], interpret: bool):
   return out[:, :, :length].transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def splash_attention(q, k, v, *, blocks: SplashBlocks = SplashBlocks(), interpret: bool = False):
+def splash_attention(
+  q, k, v, *, blocks: SplashBlocks = SplashBlocks(), interpret: bool = False, scale: float | None = None
+):
   """Unmasked softmax attention through the splash kernel, q [B, Lq, H, Dh], k/v [B, Lk, H, Dh]
   -> [B, Lq, H, Dh].
 
@@ -152,7 +154,7 @@ def splash_attention(q, k, v, *, blocks: SplashBlocks = SplashBlocks(), interpre
   the batch split like the activations ('act_batch') and the heads like 'act_heads'; outside
   a mesh it runs on the whole arrays.
   """
-  fn = functools.partial(_splash_local, blocks=blocks.resolve(q.shape[1], k.shape[1]), interpret=interpret)
+  fn = functools.partial(_splash_local, blocks=blocks.resolve(q.shape[1], k.shape[1]), interpret=interpret, scale=scale)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return fn(q, k, v)
@@ -161,23 +163,24 @@ def splash_attention(q, k, v, *, blocks: SplashBlocks = SplashBlocks(), interpre
   return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
 
 
-def attention(q, k, v, implementation: str = "xla", blocks: SplashBlocks = SplashBlocks()):
+def attention(q, k, v, implementation: str = "xla", blocks: SplashBlocks = SplashBlocks(), scale: float | None = None):
   """Softmax attention q [B, Lq, H, Dh], k/v [B, Lk, H, Dh] -> [B, Lq, H, Dh] with a resolved implementation
   ('auto' is resolved here from the default backend; the trainer resolves it from the mesh's
-  devices with ``resolve_impl`` instead, which is what an ahead-of-time TPU compile needs)."""
+  devices with ``resolve_impl`` instead, which is what an ahead-of-time TPU compile needs).
+  ``scale`` multiplies the logits (None: 1/sqrt(Dh); muP passes its own, models/mup.py)."""
   if implementation == "auto":
     implementation = resolve_impl("auto", jax.default_backend(), q.dtype)
   if implementation == "xla":
-    return L.dot_product_attention(q, k, v, "xla")
+    return L.dot_product_attention(q, k, v, "xla", scale=scale)
   if implementation in ("splash", "splash_interpret"):
-    return splash_attention(q, k, v, blocks=blocks, interpret=implementation == "splash_interpret")
+    return splash_attention(q, k, v, blocks=blocks, interpret=implementation == "splash_interpret", scale=scale)
   if implementation == "cudnn":
     if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
       raise ValueError(
         f"attention_impl='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}; "
         "set the compute dtype to bfloat16 or use attention_impl='xla'"
       )
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
   raise ValueError(f"attention_impl must be one of {IMPLEMENTATIONS}, got {implementation!r}")
 
 

@@ -44,18 +44,19 @@ class CrossDiTBlock(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
   attention_blocks: A.SplashBlocks = A.SplashBlocks()
+  attention_scale: float | None = None  # None: 1/sqrt(head dim); muP's sqrt(d_base)/d (models/mup.py)
 
   @nn.compact
   def __call__(self, carry, c_BxD):
     ctx, x = carry
-    impl, blocks = self.attention_impl, self.attention_blocks
+    impl, blocks, scale = self.attention_impl, self.attention_blocks, self.attention_scale
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = L.ada_modulation(c_BxD, 6, self.hidden, self.dtype)
     attn = A.AttentionProjections(self.hidden, self.heads, self.qk_norm, dtype=self.dtype, name="attn")
     q, k, v = attn.qkv_heads(L.modulate(L.layer_norm(x), shift_msa, scale_msa))
-    x = x + gate_msa[:, None] * attn.out(R.tag(A.attention(q, k, v, impl, blocks), R.ATTN_OUT))
+    x = x + gate_msa[:, None] * attn.out(R.tag(A.attention(q, k, v, impl, blocks, scale), R.ATTN_OUT))
     cross = A.CrossAttentionProjections(self.hidden, self.heads, self.qk_norm, dtype=self.dtype, name="cross_attn")
     q, k, v = cross.heads_of(L.layer_norm(x), ctx)
-    x = x + cross.out(R.tag(A.attention(q, k, v, impl, blocks), R.ATTN_OUT))
+    x = x + cross.out(R.tag(A.attention(q, k, v, impl, blocks, scale), R.ATTN_OUT))
     mlp_in = R.tag(L.modulate(L.layer_norm(x), shift_mlp, scale_mlp), R.MLP_IN)
     x = x + gate_mlp[:, None] * L.Mlp(self.hidden, self.mlp_ratio * self.hidden, dtype=self.dtype, name="mlp")(mlp_in)
     return (ctx, nn.with_logical_constraint(x, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_EMBED))), None
@@ -78,7 +79,7 @@ class CrossDiT(nn.Module):
     check_inputs(cfg, x.shape, t.shape, pooled.shape, context.shape)
     hp, wp = x.shape[1] // cfg.patch_size, x.shape[2] // cfg.patch_size
     x_tok = M.embed_image(self, cfg, x, self.dtype)
-    c = L.conditioning(t, pooled, cfg.hidden_size, self.dtype)
+    c = L.conditioning(t, pooled, cfg.hidden_size, self.dtype, cfg.mup_scaling)
     ctx = M.embed_text(cfg, context, self.dtype)
     kw = dict(
       hidden=cfg.hidden_size,
@@ -88,6 +89,7 @@ class CrossDiT(nn.Module):
       dtype=self.dtype,
       attention_impl=self.attention_impl,
       attention_blocks=self.attention_blocks,
+      attention_scale=cfg.attention_scale,
     )
     _, x_tok = R.run_blocks(
       CrossDiTBlock,

@@ -38,7 +38,7 @@ class DiTBlock(M.StreamBlock):
 
   def __call__(self, seq_BxSxD, c_BxD):
     (q, k, v), (x, x_norm, mods) = self.pre_attention(seq_BxSxD, c_BxD)
-    a = R.tag(A.attention(q, k, v, self.attention_impl, self.attention_blocks), R.ATTN_OUT)
+    a = R.tag(A.attention(q, k, v, self.attention_impl, self.attention_blocks, self.attention_scale), R.ATTN_OUT)
     n = self.out_from
     return self.post_attention(a[:, n:], (x[:, n:], x_norm[:, n:], mods)), None
 
@@ -53,6 +53,7 @@ def block_kwargs(module: nn.Module, cfg: MMDiTConfig, out_from: int = 0) -> dict
     dtype=module.dtype,
     attention_impl=module.attention_impl,
     attention_blocks=module.attention_blocks,
+    attention_scale=cfg.attention_scale,
     out_from=out_from,
   )
 
@@ -102,7 +103,7 @@ class DiT(nn.Module):
     check_inputs(cfg, x.shape, t.shape, pooled.shape, context.shape)
     hp, wp = x.shape[1] // cfg.patch_size, x.shape[2] // cfg.patch_size
     x_tok = M.embed_image(self, cfg, x, self.dtype)
-    c = L.conditioning(t, pooled, cfg.hidden_size, self.dtype)
+    c = L.conditioning(t, pooled, cfg.hidden_size, self.dtype, cfg.mup_scaling)
     ctx = M.embed_text(cfg, context, self.dtype)
     x_tok = joint_transformer(self, cfg, ctx, x_tok, c, skip_layers)
     return M.decode_image(cfg, x_tok, c, hp, wp, self.dtype)

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from sd3_jax.models import mup
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -98,20 +100,23 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
-  """Unmasked softmax attention, q/k/v [B, L, H, Dh] -> [B, L, H, Dh].
+def dot_product_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla", scale: float | None = None
+) -> jax.Array:
+  """Unmasked softmax attention, q/k/v [B, L, H, Dh] -> [B, L, H, Dh], logits scaled by
+  ``scale`` (None: 1/sqrt(Dh)).
 
   'xla' computes the logits and softmax in float32 explicitly (numerically safe in bf16 and
   identical on every backend); 'cudnn' / 'auto' use jax.nn.dot_product_attention (fused flash
   attention on GPU).
   """
   if implementation == "xla":
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
   impl = None if implementation == "auto" else implementation
-  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
@@ -200,26 +205,31 @@ class Mlp(nn.Module):
 
 
 class MlpEmbedder(nn.Module):
-  """Linear -> SiLU -> Linear (the reference's TimestepEmbedder / VectorEmbedder mlp)."""
+  """Linear -> SiLU -> Linear (the reference's TimestepEmbedder / VectorEmbedder mlp); the kernel
+  initialisers default to the Dense's xavier-uniform."""
 
   hidden: int
   dtype: Dtype = jnp.float32
-  init_std: float | None = None
+  init_0: Initializer | None = None
+  init_2: Initializer | None = None
 
   @nn.compact
   def __call__(self, x):
-    init = nn.initializers.normal(self.init_std) if self.init_std else None
-    x = Dense(self.hidden, ("cond", "embed"), dtype=self.dtype, kernel_init=init, name="mlp_0")(x)
-    return Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, kernel_init=init, name="mlp_2")(nn.silu(x))
+    x = Dense(self.hidden, ("cond", "embed"), dtype=self.dtype, kernel_init=self.init_0, name="mlp_0")(x)
+    return Dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, kernel_init=self.init_2, name="mlp_2")(nn.silu(x))
 
 
-def conditioning(t_B: jax.Array, pooled_BxP: jax.Array, hidden: int, dtype) -> jax.Array:
+def conditioning(
+  t_B: jax.Array, pooled_BxP: jax.Array, hidden: int, dtype, mu: mup.Scaling = mup.Scaling()
+) -> jax.Array:
   """The adaLN conditioning vector c [B, hidden] = t_embedder(timestep features) +
   y_embedder(pooled text), both created in the calling module. The network sees t*1000 (the
-  reference feeds sigma*1000)."""
+  reference feeds sigma*1000). ``mu``: the model's muP scaling (SP: the standard inits)."""
   t_feat = timestep_embedding(t_B.astype(jnp.float32) * 1000.0)
-  c = MlpEmbedder(hidden, dtype=dtype, init_std=0.02, name="t_embedder")(t_feat.astype(dtype))
-  return c + MlpEmbedder(hidden, dtype=dtype, name="y_embedder")(pooled_BxP.astype(dtype))
+  t_inits = dict(init_0=mu.normal(0.02, mup.INPUT), init_2=mu.normal(0.02, mup.HIDDEN))
+  c = MlpEmbedder(hidden, dtype=dtype, **t_inits, name="t_embedder")(t_feat.astype(dtype))
+  y_init = mu.xavier_uniform(mup.INPUT)
+  return c + MlpEmbedder(hidden, dtype=dtype, init_0=y_init, name="y_embedder")(pooled_BxP.astype(dtype))
 
 
 class PatchEmbed(nn.Module):
@@ -229,13 +239,14 @@ class PatchEmbed(nn.Module):
   patch: int
   dtype: Dtype = jnp.float32
   axes: tuple[str | None, ...] = (None, None, None, "embed")
+  kernel_init: Initializer | None = None  # None: the Dense's xavier-uniform
 
   @nn.compact
   def __call__(self, x_BxHxWxC):
     b, hh, ww, ch = x_BxHxWxC.shape
     p = self.patch
     patches = x_BxHxWxC.reshape(b, hh // p, p, ww // p, p, ch).transpose(0, 1, 3, 2, 4, 5)  # [B,h,w,p,q,C]
-    return Dense(self.hidden, self.axes, n_in=3, dtype=self.dtype, name="proj")(patches)
+    return Dense(self.hidden, self.axes, n_in=3, dtype=self.dtype, kernel_init=self.kernel_init, name="proj")(patches)
 
 
 def unpatchify(x_BxNxF: jax.Array, hp: int, wp: int, p: int) -> jax.Array:

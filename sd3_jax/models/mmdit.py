@@ -17,6 +17,7 @@ from flax import linen as nn
 
 from sd3_jax.models import attention as A
 from sd3_jax.models import layers as L
+from sd3_jax.models import mup
 
 # The configuration API lives beside the model and is part of its namespace (mmdit.get_config).
 from sd3_jax.models.mmdit_config import (  # noqa: F401
@@ -57,6 +58,7 @@ class StreamBlock(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
   attention_blocks: A.SplashBlocks = A.SplashBlocks()
+  attention_scale: float | None = None  # None: 1/sqrt(head dim); muP's sqrt(d_base)/d (models/mup.py)
 
   def setup(self):
     n_mods = 2 if self.pre_only else (9 if self.dual else 6)
@@ -86,7 +88,8 @@ class StreamBlock(nn.Module):
     if self.dual:
       shift2, scale2, gate2 = mods[6:9]
       q2, k2, v2 = self.attn2.qkv_heads(L.modulate(x_norm, shift2, scale2))
-      a2 = R.tag(A.attention(q2, k2, v2, self.attention_impl, self.attention_blocks), R.ATTN_OUT)
+      a2 = A.attention(q2, k2, v2, self.attention_impl, self.attention_blocks, self.attention_scale)
+      a2 = R.tag(a2, R.ATTN_OUT)
       x = x + gate2[:, None] * self.attn2.out(a2)
     mlp_in = R.tag(L.modulate(L.layer_norm(x), shift_mlp, scale_mlp), R.MLP_IN)
     x = x + gate_mlp[:, None] * self.mlp(mlp_in)
@@ -111,6 +114,7 @@ class JointBlock(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str = "xla"
   attention_blocks: A.SplashBlocks = A.SplashBlocks()
+  attention_scale: float | None = None
   text_streams: tuple[str, ...] = ("context_block",)
 
   @nn.compact
@@ -124,6 +128,7 @@ class JointBlock(nn.Module):
       dtype=self.dtype,
       attention_impl=self.attention_impl,
       attention_blocks=self.attention_blocks,
+      attention_scale=self.attention_scale,
     )
     text_blocks = [StreamBlock(pre_only=self.context_pre_only, name=n, **kw) for n in self.text_streams]
     x_block = StreamBlock(dual=self.dual, name="x_block", **kw)
@@ -131,7 +136,7 @@ class JointBlock(nn.Module):
     (xq, xk, xv), x_saved = x_block.pre_attention(x, c_BxD)
     # Reference order: text tokens first, then image tokens.
     qkv = [jnp.concatenate([p[0][j] for p in pre] + [xkv], 1) for j, xkv in enumerate((xq, xk, xv))]
-    a = R.tag(A.attention(*qkv, self.attention_impl, self.attention_blocks), R.ATTN_OUT)
+    a = R.tag(A.attention(*qkv, self.attention_impl, self.attention_blocks, self.attention_scale), R.ATTN_OUT)
     bounds = np.cumsum([0] + [tok.shape[1] for tok in texts])
     if not self.context_pre_only:
       texts = [
@@ -151,7 +156,8 @@ def embed_image(module: nn.Module, cfg: MMDiTConfig, x, dtype):
   b, hh, ww, _ = x.shape
   p, d = cfg.patch_size, cfg.hidden_size
   hp, wp = hh // p, ww // p
-  x_emb = L.PatchEmbed(d, p, dtype=dtype, name="x_embedder")(x.astype(dtype))
+  init = cfg.mup_scaling.xavier_uniform(mup.INPUT, in_axis=(0, 1, 2), out_axis=3)  # None under SP
+  x_emb = L.PatchEmbed(d, p, dtype=dtype, kernel_init=init, name="x_embedder")(x.astype(dtype))
   pos = L.pos_embed(module, d, cfg.pos_embed_max_size, cfg.pos_embed_base_size, cfg.pos_embed_scale, hp, wp)
   x_tok = x_emb.reshape(b, hp * wp, d) + pos.astype(dtype)  # row-major (h, w) tokens
   return nn.with_logical_constraint(x_tok, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_EMBED))
@@ -159,7 +165,8 @@ def embed_image(module: nn.Module, cfg: MMDiTConfig, x, dtype):
 
 def embed_text(cfg: MMDiTConfig, context, dtype, name: str = "context_embedder"):
   """Text tokens [B, L, context_dim] -> [B, L, h] (a Dense created in the calling module)."""
-  ctx = L.Dense(cfg.hidden_size, ("cond", "embed"), dtype=dtype, name=name)(context.astype(dtype))
+  init = cfg.mup_scaling.xavier_uniform(mup.INPUT)  # None under SP
+  ctx = L.Dense(cfg.hidden_size, ("cond", "embed"), dtype=dtype, kernel_init=init, name=name)(context.astype(dtype))
   return nn.with_logical_constraint(ctx, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_EMBED))
 
 
@@ -217,6 +224,7 @@ class MMDiT(nn.Module):
       dtype=self.dtype,
       attention_impl=self.attention_impl,
       attention_blocks=self.attention_blocks,
+      attention_scale=cfg.attention_scale,
       text_streams=cfg.text_streams,
     )
 
@@ -231,7 +239,7 @@ class MMDiT(nn.Module):
     p = cfg.patch_size
     hp, wp = x.shape[1] // p, x.shape[2] // p
     x_tok = embed_image(self, cfg, x, self.dtype)
-    c = L.conditioning(t, pooled, cfg.hidden_size, self.dtype)
+    c = L.conditioning(t, pooled, cfg.hidden_size, self.dtype, cfg.mup_scaling)
     if cfg.backbone == "mmdit":
       texts = (embed_text(cfg, context, self.dtype),)
     else:  # CLIP rows first, then T5 (flow.TextLayout), each with its own embedder

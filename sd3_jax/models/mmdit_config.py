@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Sequence
 
+from sd3_jax.models import mup
 from sd3_jax.models.field_checks import check_config
 
 # The backbones of the paper's architecture study (section 5.2.3); docs/backbones.md.
@@ -44,6 +45,12 @@ class MMDiTConfig:
       (flow.TextLayout).
     uvit_res_blocks: 'uvit' only: residual conv blocks per stage on the way down (one more on
       the way up). A UViT has log2(patch_size) conv stages (``uvit_widths``).
+    parametrization: 'sp' (standard) or 'mup' (models/mup.py: init, per-parameter Adam learning
+      rates and attention scale follow muP relative to ``mup_base_width``).
+    mup_base_width: the hidden size the hyperparameters were tuned at (muP only).
+    mup_base_head_dim: the base model's head dimension (muP's attention scale sqrt(d_base)/d);
+      None means mup_base_width / num_heads, a base with as many heads as this model. Set it to
+      this model's head dim when widths grow by adding heads of a fixed size (the SD3 family).
   """
 
   depth: int
@@ -64,6 +71,9 @@ class MMDiTConfig:
   backbone: str = "mmdit"
   clip_tokens: int = 77
   uvit_res_blocks: int = 2
+  parametrization: str = "sp"
+  mup_base_width: int | None = None
+  mup_base_head_dim: int | None = None
 
   def __post_init__(self):
     check_config(
@@ -82,6 +92,8 @@ class MMDiTConfig:
         "pos_embed_base_size",
         "sample_size",
         "clip_tokens",
+        "mup_base_width",
+        "mup_base_head_dim",
       ),
       non_negative=("dual_attention_layers", "uvit_res_blocks"),
       positive_real=("pos_embed_scale",),
@@ -116,6 +128,26 @@ class MMDiTConfig:
           f"UViT conv widths are hidden_size/4, /8, ... ({stages} stages): hidden_size {self.hidden_size} "
           f"must be divisible by {2 ** (stages + 1)}"
         )
+    mup.scaling(self.parametrization, self.hidden_size, self.mup_base_width)  # raises on a bad value
+    if self.parametrization == "mup" and self.mup_base_head_dim is None and self.mup_base_width % self.num_heads:
+      raise ValueError(
+        f"mup_base_width {self.mup_base_width} is not divisible by num_heads {self.num_heads}: set "
+        "model.mup_base_head_dim to the base model's head dimension"
+      )
+
+  @property
+  def mup_scaling(self) -> mup.Scaling:
+    """The muP width multiplier and rules of this model (identity under 'sp')."""
+    return mup.scaling(self.parametrization, self.hidden_size, self.mup_base_width)
+
+  @property
+  def attention_scale(self) -> float | None:
+    """The attention logit scale, or None for the usual 1/sqrt(head_dim) (SP, or muP at the base
+    head dimension)."""
+    if self.parametrization != "mup":
+      return None
+    base = self.mup_base_head_dim or self.mup_base_width // self.num_heads
+    return mup.attention_scale(self.head_dim, base)
 
   @property
   def head_dim(self) -> int:

@@ -34,6 +34,7 @@ from flax import linen as nn
 
 from sd3_jax.models import attention as A
 from sd3_jax.models import layers as L
+from sd3_jax.models import mup
 from sd3_jax.models import remat as R
 from sd3_jax.models.dit import joint_transformer
 from sd3_jax.models.mmdit import embed_text
@@ -119,9 +120,10 @@ class UViT(nn.Module):
     check_inputs(cfg, x.shape, t.shape, pooled.shape, context.shape)
     widths, hidden, n_res = uvit_widths(cfg), cfg.hidden_size, cfg.uvit_res_blocks
     res = R.wrap(ResBlock, self.remat)
-    c = L.conditioning(t, pooled, hidden, self.dtype)
+    c = L.conditioning(t, pooled, hidden, self.dtype, cfg.mup_scaling)
 
-    h = L.Conv(widths[0], (None, "conv_out"), dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+    init = cfg.mup_scaling.xavier_uniform(mup.INPUT, in_axis=-2, out_axis=-1)  # None under SP
+    h = L.Conv(widths[0], (None, "conv_out"), dtype=self.dtype, kernel_init=init, name="conv_in")(x.astype(self.dtype))
     skips = [h]
     for s, width in enumerate(widths):
       for j in range(n_res):

@@ -8,6 +8,9 @@ metrics and ``RUN/sample_eval.json`` (``toy.score_run``) add the run's sample me
 sampling step count. Runs that differ in one key are ranked by ``ranking`` (for formulations:
 by the yardstick and every sample metric). The fits and the held-out prediction are described in
 docs/scaling.md.
+A point's ``compute`` is what its model cost from scratch; a run's ``own_compute`` is what it added
+to the study (a cooldown branch: its cooldown only). ``compare`` sums both ("compute") and reports
+learning-rate transfer across width ("transfer").
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import numpy as np
 from sd3_jax import config as config_lib
 from sd3_jax import flow
 from sd3_jax.storage import fileutil
+from sd3_jax.training import branch
 from sd3_jax.models import mmdit
-from sd3_jax.scaling import family, fits, isoflop, ranking
+from sd3_jax.scaling import compare, family, fits, isoflop, ranking
 
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
+DIVERGED = "diverged.json"  # written by the sweep runner when a run's loss became NaN/Inf
 # Config keys that place a run in the family or its length, not what a comparison varies.
 FAMILY_KEYS = (
   "model.depth",
@@ -39,6 +44,8 @@ FAMILY_KEYS = (
   "val.every",
   "checkpoint_every",
   "log_every",
+  "keep_checkpoint_steps",
+  "branch_from",
 )
 
 
@@ -149,19 +156,26 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
       }
     )
   extra = {}
-  for name in ("scaling_run.json", "sample_eval.json"):
+  for name in ("scaling_run.json", "sample_eval.json", DIVERGED):
     path = os.path.join(run_dir, name)
     if os.path.isfile(path):
       with open(path) as f:
         extra[name] = json.load(f)
   sample = extra.get("sample_eval.json", {})
+  origin = branch.parse(cfg["branch_from"])[1] if cfg.get("branch_from") else 0  # a cooldown branch's start
+  last = points[-1]["step"] if points else origin
   return {
     "name": os.path.basename(run_dir),
     "dir": run_dir,
     "config": normalized_config(cfg),
     "sample_metrics": sample_metrics(evals, cfg, sample),
     "depth": mcfg.depth,
+    "width": mcfg.hidden_size,
     "width_per_depth": mcfg.hidden_size / mcfg.depth,
+    "branch_of": os.path.basename(os.path.dirname(os.path.dirname(cfg["branch_from"].rstrip("/")))) if origin else None,
+    "branch_step": origin,
+    "own_compute": per_step.flops_per_step * max(last - origin, 0),
+    "diverged": extra.get(DIVERGED),
     "params": family.param_counts(mcfg),
     "flops_per_step": per_step.flops_per_step,
     "total_steps": cfg["total_steps"],
@@ -281,6 +295,7 @@ def analyze(
   seed: int = 0,
   param_count: str = "non_embedding",
   plots: bool = True,
+  transfer_key: str = "optimizer.learning_rate",
 ) -> dict:
   """Reads the runs under ``dirs``, writes OUT/runs.csv and OUT/scaling.json (and plots)."""
   if param_count not in ("non_embedding", "total"):
@@ -310,6 +325,7 @@ def analyze(
         for k in (
           "name",
           "depth",
+          "width",
           "width_per_depth",
           "params",
           "flops_per_step",
@@ -318,6 +334,10 @@ def analyze(
           "finished",
           "sample_accuracy",
           "part_accuracy",
+          "branch_of",
+          "branch_step",
+          "own_compute",
+          "diverged",
         )
       }
       | {
@@ -366,7 +386,9 @@ def analyze(
   result["holdout"] = [_predict(r, law, par, param_count) for r in runs if r["name"] in held]
   result["comparisons"] = ranking.comparisons(runs, varying_keys(runs))
   ranking.write_csv(result["comparisons"], os.path.join(out, "comparisons.csv"))
-  result["spearman"] = spearman(runs)
+  result["spearman"] = ranking.spearman(runs)
+  result["compute"] = compare.compute_totals(runs)
+  result["transfer"] = compare.transfer(runs, varying_keys(runs), transfer_key)
   fileutil.atomic_json(os.path.join(out, "scaling.json"), result, indent=1)
   if plots:
     from sd3_jax.scaling import plots as plots_lib
@@ -395,21 +417,6 @@ def _predict(run: dict, law, par, param_count: str) -> dict:
   last = run["points"][-1]
   out["frontier_final_predicted"] = float(law.predict(last["compute"])) if law else None
   out["frontier_final_rel_error"] = (out["frontier_final_predicted"] - last["loss"]) / last["loss"] if law else None
-  return out
-
-
-def spearman(runs: Sequence[dict]) -> dict | None:
-  """Rank correlation of final loss with sample accuracy across every scored run."""
-  from scipy import stats
-
-  scored = [r for r in runs if r["sample_accuracy"] is not None]
-  if len(scored) < 3:
-    return None
-  loss = [r["points"][-1]["loss"] for r in scored]
-  out = {"num_runs": len(scored), "runs": [r["name"] for r in scored]}
-  for key in ("sample_accuracy", "part_accuracy"):
-    rho, p = stats.spearmanr(loss, [r[key] for r in scored])
-    out[key] = {"rho": None if np.isnan(rho) else float(rho), "p_value": None if np.isnan(p) else float(p)}
   return out
 
 
@@ -472,6 +479,11 @@ def headline(result: dict) -> dict:
     "fit_runs": len(result["fit_runs"]),
     "holdout_runs": result["holdout_runs"],
   }
+  if result.get("compute", {}).get("branches"):
+    out["compute"] = {k: result["compute"][k] for k in ("spent", "from_scratch", "saved_fraction")}
+  for t in result.get("transfer", []):
+    name = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in t["fixed"].items()) or "all"
+    out[f"transfer {t['key']} ({name})"] = {"best": t["best"], "shift_in_grid_steps": t["shift"]}
   law = (result.get("frontier") or {}).get("fit")
   if law:
     out["frontier"] = {k: law[k] for k in ("e", "a", "alpha", "r2_log", "ci")}

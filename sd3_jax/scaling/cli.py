@@ -5,7 +5,12 @@ run SWEEP[:ARG] --sweep_dir DIR [--print_commands] [--only NAME ...] [--set KEY=
     killed sweep resumes), or print one `python -m sd3_jax.main ...` line per run
 analyze RUN_OR_SWEEP_DIR ... --out DIR [--loss val/loss | --levels interior | --levels 0.143,0.286]
         [--holdout largest | --holdout NAME,NAME] [--where KEY=VALUE ...] [--num_bootstrap N]
-    runs.csv, scaling.json (fits with bootstrap 95% intervals) and plots
+        [--transfer KEY]
+    runs.csv, scaling.json (fits with bootstrap 95% intervals, compute spent and saved by
+    cooldown branches, hyperparameter transfer across width) and plots
+coord_check --config CONFIG [--set KEY=VALUE ...] --widths W W W ... --out DIR
+    muP's coordinate check: a few steps at each width under SP and muP, per-layer output and
+    update sizes against width (coord_check.png, coord_check.json)
 toy_data --workdir DIR      the toy study's text encoders and coloured-shapes records
 score RUN_OR_SWEEP_DIR ... --text_encoders DIR [--sampling_steps 5 10 25 50]
     held-out sample accuracy of each run (the demo's shapes checker, the run's formulation) at
@@ -18,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from typing import Sequence
 
 from sd3_jax import command
@@ -33,6 +39,8 @@ def _run(args) -> None:
     for run in runs:
       if not args.only or run.name in args.only:
         remote = "://" in args.sweep_dir  # gs://... as the trainer takes it; local paths made absolute
+        if run.branch_of:  # the order a scheduler must keep, beside the lines (stdout stays one line a run)
+          print(f"# {run.name} starts once {run.branch_of} has committed step {run.branch_step}", file=sys.stderr)
         print(sweep_lib.command_line(sweep, run, args.sweep_dir if remote else os.path.abspath(args.sweep_dir)))
     return
   trained = runner.run_sweep(sweep, args.sweep_dir, only=args.only)
@@ -54,6 +62,7 @@ def _analyze(args) -> None:
     seed=args.seed,
     param_count=args.params,
     plots=not args.no_plots,
+    transfer_key=args.transfer,
   )
   print(json.dumps(analysis.headline(result), indent=1))
   print(
@@ -66,6 +75,28 @@ def _parse_where(text: str):
   from sd3_jax.scaling import sweep as sweep_lib
 
   return sweep_lib.parse_assignment(text)
+
+
+def _coord_check(args) -> None:
+  from sd3_jax import config as config_lib
+  from sd3_jax.storage import fileutil
+  from sd3_jax.scaling import coord_check, sweep as sweep_lib
+
+  overrides = dict(sweep_lib.parse_assignment(a) for a in args.set)
+  config = config_lib.load_config_file(args.config, overrides=overrides)
+  if len(args.widths) < 2:
+    raise ValueError(f"--widths needs at least two widths, got {args.widths}")
+  results = [coord_check.coord_data(config, args.widths, p, steps=args.steps, seed=args.seed) for p in ("sp", "mup")]
+  os.makedirs(args.out, exist_ok=True)
+  summary = {r["parametrization"]: coord_check.summary(r) for r in results}
+  fileutil.atomic_json(
+    os.path.join(args.out, "coord_check.json"),
+    {"summary": summary, "slopes": {r["parametrization"]: coord_check.slopes(r) for r in results}, "data": results},
+    indent=1,
+  )
+  coord_check.plot(results, os.path.join(args.out, "coord_check.png"))
+  print(json.dumps(summary, indent=1))
+  print(f"wrote {os.path.join(args.out, 'coord_check.png')} and coord_check.json")
 
 
 def _toy_data(args) -> None:
@@ -140,7 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
   a.add_argument("--num_bootstrap", type=int, default=200, help="bootstrap resamples per fit")
   a.add_argument("--seed", type=int, default=0, help="bootstrap seed")
   a.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
+  a.add_argument(
+    "--transfer",
+    default="optimizer.learning_rate",
+    help="the swept hyperparameter whose best value is compared across widths (if it varies)",
+  )
   a.set_defaults(fn=_analyze)
+
+  c = sub.add_parser("coord_check", help="muP's coordinate check: layer sizes against width under SP and muP")
+  c.add_argument("--config", required=True, help="experiment config whose model is scaled in width")
+  c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+  c.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 256], help="hidden sizes (heads fixed)")
+  c.add_argument("--steps", type=int, default=3, help="training steps at each width")
+  c.add_argument("--seed", type=int, default=0)
+  c.add_argument("--out", required=True, help="output directory")
+  c.set_defaults(fn=_coord_check)
 
   t = sub.add_parser("toy_data", help="the toy study's text encoders and records (the demo's data)")
   t.add_argument("--workdir", required=True)

@@ -5,7 +5,9 @@
 * ``loss_vs_steps.png``: validation loss against steps per run;
 * ``isoflop.png``: final loss against N per budget with each parabola (isoFLOP sweeps only);
 * ``holdout.png``: held-out runs, measured against predicted by L(N, D);
-* ``loss_vs_accuracy.png``: final loss against held-out sample accuracy (scored runs only).
+* ``loss_vs_accuracy.png``: final loss against held-out sample accuracy (scored runs only);
+* ``transfer_<key>.png``: final loss against a swept hyperparameter, one curve per width, one
+  panel per setting of the other varied keys (SP beside muP, as Zheng et al. 2025 plot it).
 """
 
 from __future__ import annotations
@@ -182,6 +184,39 @@ def accuracy_plot(runs, result, path) -> None:
   plt.close(fig)
 
 
+def transfer_plot(groups: Sequence[dict], path: str) -> None:
+  plt = _plt()
+  fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.2), dpi=110, squeeze=False, sharey=True)
+  cmap = plt.get_cmap("viridis")
+  done = [c["final_loss"] for g in groups for w in g["curves"].values() for c in w if c["final_loss"] is not None]
+  top = max(done) if done else 1.0
+  for ax, g in zip(axes[0], groups):
+    widths = sorted(g["curves"], key=int)
+    for i, w in enumerate(widths):
+      color = cmap(i / max(len(widths) - 1, 1))
+      ok = [c for c in g["curves"][w] if c["final_loss"] is not None]
+      ax.plot([c["value"] for c in ok], [c["final_loss"] for c in ok], "o-", color=color, ms=4, label=f"width {w}")
+      bad = [c["value"] for c in g["curves"][w] if c["final_loss"] is None]
+      if bad:  # diverged: drawn at the top of the panel
+        ax.plot(bad, [top] * len(bad), "x", color=color, ms=7)
+      if g["best"][w] is not None:
+        best = next(c for c in ok if c["value"] == g["best"][w])
+        ax.plot([best["value"]], [best["final_loss"]], "*", color=color, ms=12, mec="k")
+    setting = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in g["fixed"].items())
+    ax.set_title(
+      f"{setting}{', ' if setting else ''}d={g['depth']}, {g['steps']} steps\nbest moves {g['shift']} grid step(s)",
+      fontsize=9,
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(g["key"])
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+  axes[0][0].set_ylabel("final validation loss (x: diverged)")
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
 def write_all(
   runs: Sequence[dict], result: dict, out: str, *, law=None, param_count: str = "non_embedding"
 ) -> list[str]:
@@ -198,4 +233,7 @@ def write_all(
   if any(r["sample_accuracy"] is not None for r in runs):
     paths.append(os.path.join(out, "loss_vs_accuracy.png"))
     accuracy_plot(runs, result, paths[-1])
+  for key in sorted({g["key"] for g in result.get("transfer") or []}):
+    paths.append(os.path.join(out, f"transfer_{key.rsplit('.', 1)[-1]}.png"))
+    transfer_plot([g for g in result["transfer"] if g["key"] == key], paths[-1])
   return paths

@@ -161,3 +161,16 @@ def write_csv(groups: Sequence[dict], path: str) -> None:
           [g["key"], g["depth"], g["steps"], row["value"], row["run"], row["rank"], row["rf_loss"], row["val_loss"]]
           + [row["final_loss"], *[row["sample_metrics"].get(m) for m in metrics], row["mean_rank"], row["paper_rank"]]
         )
+
+
+def spearman(runs: Sequence[dict]) -> dict | None:
+  """Rank correlation of final loss with sample accuracy across every scored run."""
+  scored = [r for r in runs if r["sample_accuracy"] is not None]
+  if len(scored) < 3:
+    return None
+  loss = [r["points"][-1]["loss"] for r in scored]
+  out = {"num_runs": len(scored), "runs": [r["name"] for r in scored]}
+  for key in ("sample_accuracy", "part_accuracy"):
+    rho, p = stats.spearmanr(loss, [r[key] for r in scored])
+    out[key] = {"rho": None if np.isnan(rho) else float(rho), "p_value": None if np.isnan(p) else float(p)}
+  return out

@@ -8,14 +8,20 @@ A sweep file (``configs/scaling/*.py``) is an ml_collections ``get_config()`` re
   base_overrides   {dotted key: value} applied to every run (data paths, batch size, ...)
   width_per_depth  the family's width rule: hidden = width_per_depth x d, d heads
   val_points       validation points per run: val.every = steps // val_points (a loss curve)
-  grids            one or more {name, depths, lengths | budgets, axes}: ``lengths`` are step
-                   counts; ``budgets`` are training FLOPs (an isoFLOP sweep: each depth's step
-                   count is derived from its exact FLOPs per step); ``axes`` maps any other
-                   config key to the values to cross with (``flow.formulation``, learning rate, ...)
+  grids            one or more {name, depths, lengths | budgets, widths, axes}: ``lengths`` are
+                   step counts; ``budgets`` are training FLOPs (an isoFLOP sweep: each depth's
+                   step count is derived from its exact FLOPs per step); ``widths`` are
+                   width_per_depth values to sweep instead of the sweep's one (hidden = w x d,
+                   still d heads: a width sweep at a fixed depth, as muP transfer needs);
+                   ``axes`` maps any other config key to the values to cross with
+                   (``flow.formulation``, ``optimizer.learning_rate``, ``model.parametrization``, ...)
+  cooldown_branches  True: the lengths of one model are one warmup-stable-decay run to the
+                   longest and a cooldown branch from it for each shorter one (scaling/branches.py)
 
-Every (grid, depth, length or budget, axis values) is one run, named from what it varies
-(``d4_s1200``, ``d4_s1200_formulation-rf``, ``d6_C2e13``); a value equal to the base config's
-is left out of the name, so grids that share a run share its directory.
+Every (grid, depth, width, length or budget, axis values) is one run, named from what it varies
+(``d4_s1200``, ``d4_s1200_formulation-rf``, ``d6_C2e13``, ``d2_s400_w32_learning_rate-0.003``);
+a value equal to the base config's is left out of the name, so grids that share a run share its
+directory.
 """
 
 from __future__ import annotations
@@ -32,10 +38,19 @@ import ml_collections
 from sd3_jax import config as config_lib
 from sd3_jax import flow
 from sd3_jax.models import mmdit
-from sd3_jax.scaling import family
+from sd3_jax.scaling import branches, family
 
 # Keys a sweep sets itself for every run; an axis or base override must not set them.
-RUN_KEYS = ("model.depth", "model.hidden_size", "model.num_heads", "total_steps", "val.every", "checkpoint_every")
+RUN_KEYS = (
+  "model.depth",
+  "model.hidden_size",
+  "model.num_heads",
+  "total_steps",
+  "val.every",
+  "checkpoint_every",
+  "keep_checkpoint_steps",
+  "branch_from",
+)
 
 
 def sweep_config() -> ml_collections.ConfigDict:
@@ -47,6 +62,7 @@ def sweep_config() -> ml_collections.ConfigDict:
       base_overrides=dotted({}),
       width_per_depth=family.PAPER_WIDTH_PER_DEPTH,
       val_points=8,
+      cooldown_branches=False,
       grids=[],
     )
   )
@@ -59,28 +75,42 @@ def dotted(overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One training run of a sweep: its name, grids, place in the family and config overrides."""
+  """One training run of a sweep: its name, grids, place in the family and config overrides.
+
+  ``compute`` is what the model at its last step cost from scratch; a cooldown branch
+  (``branch_of`` the stable run, starting at ``branch_step``) spends only ``own_flops`` of it."""
 
   name: str
   grids: tuple[str, ...]
   depth: int
+  width_per_depth: int
   steps: int
   budget: float | None
   overrides: dict[str, Any]
   params: dict[str, int]
   compute: family.RunCompute
+  branch_of: str | None = None
+  branch_step: int = 0
+
+  @property
+  def own_flops(self) -> int:
+    return self.compute.flops_per_step * (self.steps - self.branch_step)
 
   def to_dict(self) -> dict:
     return {
       "name": self.name,
       "grids": list(self.grids),
       "depth": self.depth,
+      "width_per_depth": self.width_per_depth,
       "steps": self.steps,
       "budget": self.budget,
       "overrides": {k: _jsonable(v) for k, v in self.overrides.items()},
       "params": self.params,
       "compute": dataclasses.asdict(self.compute),
       "compute_6nd_over_exact": self.compute.approx_ratio,
+      "branch_of": self.branch_of,
+      "branch_step": self.branch_step,
+      "own_flops": self.own_flops,
     }
 
 
@@ -157,11 +187,13 @@ def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
 
 def _check_grid(grid: Mapping, index: int) -> None:
   name = grid.get("name", f"grid{index}")
-  unknown = set(grid) - {"name", "depths", "lengths", "budgets", "axes"}
+  unknown = set(grid) - {"name", "depths", "lengths", "budgets", "widths", "axes"}
   if unknown:
     raise ValueError(
-      f"grid {name!r} has unknown keys {sorted(unknown)}; a grid has name, depths, lengths or budgets, and axes"
+      f"grid {name!r} has unknown keys {sorted(unknown)}; a grid has name, depths, lengths or budgets, widths and axes"
     )
+  if any(int(w) < 1 for w in grid.get("widths") or ()):
+    raise ValueError(f"grid {name!r}: widths (width_per_depth values) must be >= 1, got {list(grid['widths'])}")
   if not grid.get("depths"):
     raise ValueError(f"grid {name!r} lists no depths")
   if bool(grid.get("lengths")) == bool(grid.get("budgets")):
@@ -183,6 +215,7 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
     raise ValueError(f"base_overrides sets {sorted(clash)}, which the sweep sets per run; remove them")
   base = config_lib.load_config_file(sweep.base_config, overrides=base_overrides)
   runs: dict[str, Run] = {}
+  configs: dict[str, ml_collections.ConfigDict] = {}
   for gi, grid in enumerate(sweep.grids):
     grid = dict(grid)
     _check_grid(grid, gi)
@@ -195,17 +228,14 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
         raise ValueError(f"grid {gname!r}: {e}") from None
     lengths = [("steps", int(s)) for s in grid.get("lengths") or ()]
     budgets = [("budget", float(b)) for b in grid.get("budgets") or ()]
-    for depth, (kind, amount), values in itertools.product(
-      [int(d) for d in grid["depths"]], lengths + budgets, itertools.product(*axes.values())
+    widths = [int(w) for w in grid.get("widths") or (sweep.width_per_depth,)]
+    for depth, width, (kind, amount), values in itertools.product(
+      [int(d) for d in grid["depths"]], widths, lengths + budgets, itertools.product(*axes.values())
     ):
       # A value equal to the base config's changes nothing: left out of the overrides and the
       # name, so that grids sharing a run share its directory.
       axis_values = {k: v for k, v in zip(axes, values) if v != _lookup(base, k)}
-      family_overrides = {
-        "model.depth": depth,
-        "model.hidden_size": sweep.width_per_depth * depth,
-        "model.num_heads": depth,
-      }
+      family_overrides = {"model.depth": depth, "model.hidden_size": width * depth, "model.num_heads": depth}
       cfg = config_lib.load_config_file(
         sweep.base_config, overrides={**base_overrides, **axis_values, **family_overrides}
       )
@@ -234,11 +264,13 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
         "checkpoint_every": every,
       }
       name = f"d{depth}_s{steps}" if kind == "steps" else f"d{depth}_C{_budget_name(amount)}"
+      name += f"_w{width}" if width != sweep.width_per_depth else ""
       name += "".join(f"_{_short(k, v)}" for k, v in axis_values.items())
       run = Run(
         name=name,
         grids=(gname,),
         depth=depth,
+        width_per_depth=width,
         steps=steps,
         budget=amount if kind == "budget" else None,
         overrides=overrides,
@@ -258,6 +290,9 @@ def plan(sweep: ml_collections.ConfigDict) -> list[Run]:
           runs[name] = dataclasses.replace(runs[name], grids=runs[name].grids + (gname,))
       else:
         runs[name] = run
+        configs[name] = cfg
+  if sweep.cooldown_branches:
+    return branches.attach(list(runs.values()), configs)
   return list(runs.values())
 
 
@@ -267,22 +302,39 @@ def _flag_value(value: Any) -> str:
   return repr(value) if isinstance(value, float) else str(value)
 
 
+def run_overrides(run: Run, sweep_dir: str | None) -> dict[str, Any]:
+  """``run.overrides`` plus, for a cooldown branch, where it starts (needs ``sweep_dir``)."""
+  if not run.branch_of:
+    return dict(run.overrides)
+  if sweep_dir is None:
+    raise ValueError(f"run {run.name} is a cooldown branch: its config needs the sweep directory")
+  return {**run.overrides, "branch_from": branches.branch_point(sweep_dir, run)}
+
+
 def command_line(sweep: ml_collections.ConfigDict, run: Run, sweep_dir: str, python: str = "python") -> str:
-  """The ``python -m sd3_jax.main ...`` line that trains ``run`` (for a pod scheduler or SLURM)."""
+  """The ``python -m sd3_jax.main ...`` line that trains ``run`` (for a pod scheduler or SLURM).
+  A branch's line may start only once its stable run has committed the branch step."""
   workdir = f"{sweep_dir.rstrip('/')}/{run.name}" if "://" in sweep_dir else os.path.join(sweep_dir, run.name)
   parts = [python, "-m", "sd3_jax.main", "--config", sweep.base_config, "--workdir", workdir]
-  parts += [f"--config.{k}={_flag_value(v)}" for k, v in run.overrides.items()]
+  parts += [f"--config.{k}={_flag_value(v)}" for k, v in run_overrides(run, sweep_dir).items()]
   return " ".join(shlex.quote(p) for p in parts)
 
 
-def run_config(sweep: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:
+def run_config(sweep: ml_collections.ConfigDict, run: Run, sweep_dir: str | None = None) -> ml_collections.ConfigDict:
   """The experiment config of ``run`` (what ``command_line`` would give the trainer)."""
-  return config_lib.load_config_file(sweep.base_config, overrides=run.overrides)
+  return config_lib.load_config_file(sweep.base_config, overrides=run_overrides(run, sweep_dir))
 
 
 def total_compute(runs: Sequence[Run]) -> dict[str, float]:
+  """What the sweep costs (``flops``: a stable run's shared part counted once, each branch its
+  cooldown only), what its runs would cost from scratch, and the difference."""
+  spent = float(sum(r.own_flops for r in runs))
+  scratch = float(sum(r.compute.flops for r in runs))
   return {
-    "flops": float(sum(r.compute.flops for r in runs)),
-    "flops_6nd": float(sum(r.compute.flops_6nd for r in runs)),
-    "images": float(sum(r.compute.images for r in runs)),
+    "flops": spent,
+    "flops_from_scratch": scratch,
+    "flops_saved": scratch - spent,
+    "saved_fraction": (scratch - spent) / scratch if scratch else 0.0,
+    "flops_6nd": float(sum(r.compute.flops_6nd * (r.steps - r.branch_step) / r.steps for r in runs)),
+    "images": float(sum(r.compute.images * (r.steps - r.branch_step) // r.steps for r in runs)),
   }

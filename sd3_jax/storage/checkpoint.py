@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import grain
 import jax
@@ -57,12 +57,36 @@ class Checkpointer:
   Each process saves its own iterator position: resume needs the same process count.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True, compress: bool = True):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    max_to_keep: int = 3,
+    async_save: bool = True,
+    compress: bool = True,
+    keep_steps: Sequence[int] = (),
+    read_only: bool = False,
+  ):
+    """``keep_steps``: steps kept whatever ``max_to_keep`` says (a cooldown branch's start);
+    ``read_only``: only restore (another run's directory: nothing is created or cleaned up)."""
     self.directory = fileutil.as_epath(str(directory))
     recovery.quiet_orbax_write_failures()
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True
-    )
+    if read_only:
+      options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False
+      )
+    elif keep_steps:
+      policies = ocp.checkpoint_managers
+      keep = policies.AnyPreservationPolicy(
+        [policies.LatestN(n=max_to_keep), policies.CustomSteps(steps=[int(s) for s in keep_steps])]
+      )
+      options = ocp.CheckpointManagerOptions(
+        preservation_policy=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True
+      )
+    else:
+      options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True
+      )
     state_handler = ocp.StandardCheckpointHandler()
     if not compress:  # orbax exposes compression on the PyTree handler the standard one wraps
       state_handler._impl = ocp.PyTreeCheckpointHandler(use_compression=False)

@@ -25,6 +25,7 @@ _RANGES = {
   "optimizer.learning_rate": ("real", 0.0, None),
   "optimizer.warmup_steps": ("int", 0, None),
   "optimizer.end_lr_ratio": ("real", 0.0, 1.0),
+  "optimizer.decay_fraction": ("real", 0.0, 1.0),
   "optimizer.b1": ("real", 0.0, 1.0),
   "optimizer.b2": ("real", 0.0, 1.0),
   "optimizer.eps": ("real", 0.0, None),

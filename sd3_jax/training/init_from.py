@@ -63,6 +63,13 @@ def check(path: str, model_config: MMDiTConfig, latent_hw: Sequence[int]) -> MMD
       else ""
     )
     raise ValueError(f"{e}.{hint}") from None
+  if ckpt.attention_scale != model_config.attention_scale:  # same shapes, another function
+    raise ValueError(
+      f"config.init_from={path}: the checkpoint's model computes attention with scale "
+      f"{ckpt.attention_scale or 'the usual 1/sqrt(head_dim)'} (parametrization {ckpt.parametrization!r}), this run's "
+      f"with {model_config.attention_scale or 'the usual 1/sqrt(head_dim)'}: set config.model.parametrization, "
+      "mup_base_width and mup_base_head_dim to the checkpoint's"
+    )
   return ckpt
 
 

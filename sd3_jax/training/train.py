@@ -26,7 +26,7 @@ from sd3_jax.evaluation import scoring
 from sd3_jax.inference import generation
 from sd3_jax.models import backbones, flops, mmdit
 from sd3_jax.storage import checkpoint as ckpt_lib
-from sd3_jax.training import config_checks, divergence, goodput, init_from, optimizer, preemption, prefetch
+from sd3_jax.training import branch, config_checks, divergence, goodput, init_from, optimizer, preemption, prefetch
 from sd3_jax.training import metrics as metrics_lib
 from sd3_jax.training import startup_checks, state as state_lib, step as step_lib, train_data, validation
 from sd3_jax.training import writers
@@ -116,11 +116,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
   train_data.check_config_and_data(config, mesh, {"train": train_sources, "val": val_sources})
 
   abstract, shardings = state_lib.state_shardings(model, tx, mesh)
+  keep_steps = {int(k) for k in config.keep_checkpoint_steps}  # a stable run's branch points
   checkpointer = ckpt_lib.Checkpointer(
     str(workdir / "checkpoints"),
     max_to_keep=config.keep_checkpoints,
     async_save=config.async_checkpointing,
     compress=config.checkpoint_compression,
+    keep_steps=sorted(keep_steps),
   )
   closers.append(checkpointer.close)
   # Batches stay in the records' dtype (float16) on the host; the step casts them on device.
@@ -176,6 +178,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
     log.info("resumed from step %d", latest)
     if primary:
       print(f"resuming from step {latest} ({workdir / 'checkpoints' / str(latest)})", flush=True)
+  elif config.branch_from:  # a cooldown branch: another run's state, this run's schedule
+    state = branch.start(config, abstract, train_iter)
   else:
     state = state_lib.create_sharded_state(model, tx, mesh, jax.random.key(config.seed), shardings)
     if config.init_from:  # fine-tuning: the checkpoint's weights, EMA equal to them, fresh optimizer
@@ -255,6 +259,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
         b not in compiled
         or is_log
         or done % config.checkpoint_every == 0
+        or done in keep_steps
         or (val_fn is not None and done % config.val.every == 0)
         or (s.every > 0 and done % s.every == 0)
         or (e.every > 0 and done % e.every == 0)
@@ -317,7 +322,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closers
         or (s.every > 0 and (done % s.every == 0 or is_last))
         or (evaluator is not None and (done % e.every == 0 or is_last))
       )
-      saves = done % config.checkpoint_every == 0 or is_last
+      saves = done % config.checkpoint_every == 0 or is_last or done in keep_steps
       if evaluates or saves:  # close the step window first: evaluation and saving are not steps
         jax.block_until_ready(out["loss"])
         recorder.steps_done(done)
