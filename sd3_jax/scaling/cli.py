@@ -5,7 +5,8 @@ run SWEEP[:ARG] --sweep_dir DIR [--print_commands] [--only NAME ...] [--set KEY=
     killed sweep resumes), or print one `python -m sd3_jax.main ...` line per run
 analyze RUN_OR_SWEEP_DIR ... --out DIR [--loss val/loss | --levels interior | --levels 0.143,0.286]
         [--holdout largest | --holdout NAME,NAME] [--where KEY=VALUE ...] [--num_bootstrap N]
-    runs.csv, scaling.json (fits with bootstrap 95% intervals) and plots
+    runs.csv, scaling.json (fits with bootstrap 95% intervals, each marked trusted or not) and
+    plots; a law that cannot be trusted is shown as "not a result" and named on one warning line
 toy_data --workdir DIR      the toy study's text encoders and coloured-shapes records
 score RUN_OR_SWEEP_DIR ... --text_encoders DIR [--sampling_steps 5 10 25 50]
     held-out sample accuracy of each run (the demo's shapes checker, the run's formulation) at
@@ -18,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from typing import Sequence
 
 from sd3_jax import command
@@ -40,7 +42,7 @@ def _run(args) -> None:
 
 
 def _analyze(args) -> None:
-  from sd3_jax.scaling import analysis
+  from sd3_jax.scaling import analysis, laws
 
   where = dict(_parse_where(w) for w in args.where)
   result = analysis.analyze(
@@ -55,7 +57,10 @@ def _analyze(args) -> None:
     param_count=args.params,
     plots=not args.no_plots,
   )
-  print(json.dumps(analysis.headline(result), indent=1))
+  print(json.dumps(laws.headline(result), indent=1))
+  warning = laws.warning_line(result)
+  if warning:
+    print(warning, file=sys.stderr)
   print(
     f"wrote {os.path.join(args.out, 'runs.csv')}, {os.path.join(args.out, 'scaling.json')}"
     + ("" if args.no_plots else " and plots")
