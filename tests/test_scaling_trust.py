@@ -156,7 +156,7 @@ def test_a_healthy_family_is_trusted(seed):
   assert par.alpha == pytest.approx(0.34, abs=0.05) and par.beta == pytest.approx(0.28, abs=0.03)
   result = {"runs": runs, "fit_runs": [r["name"] for r in runs], "holdout_runs": [], **found}
   assert laws.warning_line(result) is None
-  shown = laws.headline(result)
+  shown = analysis.headline(result)
   assert shown["frontier"]["alpha"] == law.alpha and shown["parametric"]["beta"] == par.beta
 
 
@@ -195,5 +195,5 @@ def test_predictions_from_an_untrusted_law_are_withheld():
   result["holdout"] = [laws.predict(big, law, par, "non_embedding", result)]
   h = result["holdout"][0]
   assert h["parametric_law_trusted"] is False and h["points"][0]["predicted"] is not None  # kept, marked
-  shown = laws.headline(result)["holdout big"]
+  shown = analysis.headline(result)["holdout big"]
   assert all(v.startswith("not a result") for v in shown.values())

@@ -400,3 +400,16 @@ def write_csv(runs: Sequence[dict], path: str) -> None:
           ]
         )
   os.replace(tmp, path)
+
+
+def headline(result: dict) -> dict:
+  """The numbers a user reads first; a law that cannot be trusted appears as 'not a result'."""
+  out: dict[str, Any] = {
+    "runs": len(result["runs"]),
+    "fit_runs": len(result["fit_runs"]),
+    "holdout_runs": result["holdout_runs"],
+  }
+  out.update(laws.headline(result))
+  if result.get("spearman"):
+    out["spearman"] = result["spearman"]
+  return out

@@ -57,7 +57,7 @@ def _analyze(args) -> None:
     param_count=args.params,
     plots=not args.no_plots,
   )
-  print(json.dumps(laws.headline(result), indent=1))
+  print(json.dumps(analysis.headline(result), indent=1))
   warning = laws.warning_line(result)
   if warning:
     print(warning, file=sys.stderr)

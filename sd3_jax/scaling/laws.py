@@ -130,12 +130,9 @@ def warning_line(result: dict) -> str | None:
 
 
 def headline(result: dict) -> dict:
-  """The numbers a user reads first; a law that is not trusted appears as 'not a result: ...'."""
-  out: dict[str, Any] = {
-    "runs": len(result["runs"]),
-    "fit_runs": len(result["fit_runs"]),
-    "holdout_runs": result["holdout_runs"],
-  }
+  """The laws and held-out errors of the headline (``analysis.headline``); a law that is not
+  trusted appears as 'not a result: ...', and so do the errors it predicted."""
+  out: dict[str, Any] = {}
   keys = {"frontier": ("e", "a", "alpha", "r2_log", "ci"), "parametric": ("e", "a", "b", "alpha", "beta", "r2_log")}
   keys["isoflop"] = ("a", "k", "ci")
   for name, shown in keys.items():
@@ -150,6 +147,4 @@ def headline(result: dict) -> dict:
       "parametric_final_rel_error": h["parametric_final_rel_error"] if par_ok else withheld,
       "frontier_final_rel_error": h["frontier_final_rel_error"] if law_ok else withheld,
     }
-  if result.get("spearman"):
-    out["spearman"] = result["spearman"]
   return out
