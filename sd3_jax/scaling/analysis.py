@@ -6,8 +6,8 @@ and compute come from the config (``family``); every validation row of a run is 
 (step, images seen, compute, loss, the rf yardstick val/rf_loss). The last logged ``eval/``
 metrics and ``RUN/sample_eval.json`` (``toy.score_run``) add the run's sample metrics at each
 sampling step count. Runs that differ in one key are ranked by ``ranking`` (for formulations:
-by the yardstick and every sample metric). The fits and the held-out prediction are described in
-docs/scaling.md.
+by the yardstick and every sample metric). The laws (``laws``: each marked trusted or not, with
+its reasons) and the held-out prediction are described in docs/scaling.md.
 A point's ``compute`` is what its model cost from scratch; a run's ``own_compute`` is what it added
 to the study (a cooldown branch: its cooldown only). ``compare`` sums both ("compute") and reports
 learning-rate transfer across width ("transfer").
@@ -29,7 +29,7 @@ from sd3_jax import flow
 from sd3_jax.storage import fileutil
 from sd3_jax.training import branch
 from sd3_jax.models import mmdit
-from sd3_jax.scaling import compare, family, fits, isoflop, ranking
+from sd3_jax.scaling import compare, family, laws, ranking
 
 log = logging.getLogger(__name__)
 
@@ -269,20 +269,6 @@ def _holdout(runs: Sequence[dict], holdout: str | None) -> list[str]:
   return names
 
 
-def _points(runs, n_key):
-  rows = [(r["name"], r["params"][n_key], p["images"], p["compute"], p["loss"]) for r in runs for p in r["points"]]
-  names = np.array([x[0] for x in rows])
-  return names, *(np.array([x[i] for x in rows], np.float64) for i in range(1, 5))
-
-
-def _try(what: str, fn):
-  try:
-    return fn(), None
-  except ValueError as e:
-    log.warning("%s: not fitted (%s)", what, e)
-    return None, str(e)
-
-
 def analyze(
   dirs: Sequence[str],
   out: str,
@@ -355,35 +341,9 @@ def analyze(
     "fit_runs": [r["name"] for r in train_runs],
     "holdout_runs": held,
   }
-  names, n, d, c, y = _points(train_runs, param_count)
-  front = isoflop.frontier(c, y) if len(c) else np.array([], int)
-  law, why = _try(
-    "compute frontier", lambda: fits.fit_power_law(c[front], y[front], num_bootstrap=num_bootstrap, seed=seed)
-  )
-  result["frontier"] = {
-    "fit": law.to_dict() if law else None,
-    "error": why,
-    "points": [{"run": str(names[i]), "compute": c[i], "loss": y[i]} for i in front],
-  }
-  par, why = _try(
-    "parametric law", lambda: fits.fit_parametric(n, d, y, num_bootstrap=num_bootstrap, seed=seed, groups=names)
-  )
-  result["parametric"] = {"fit": par.to_dict() if par else None, "error": why, "num_runs": len(train_runs)}
-  budgeted = [r for r in train_runs if r["budget"]]
-  result["isoflop"] = None
-  if len({r["budget"] for r in budgeted}) >= 2:
-    iso, why = _try(
-      "isoFLOP",
-      lambda: isoflop.fit_isoflop(
-        [r["budget"] for r in budgeted],
-        [r["params"][param_count] for r in budgeted],
-        [r["points"][-1]["loss"] for r in budgeted],
-        num_bootstrap=num_bootstrap,
-        seed=seed,
-      ),
-    )
-    result["isoflop"] = {"fit": iso.to_dict() if iso else None, "error": why}
-  result["holdout"] = [_predict(r, law, par, param_count) for r in runs if r["name"] in held]
+  laws_found, law, par = laws.fit_laws(train_runs, param_count=param_count, num_bootstrap=num_bootstrap, seed=seed)
+  result.update(laws_found)
+  result["holdout"] = [laws.predict(r, law, par, param_count, result) for r in runs if r["name"] in held]
   result["comparisons"] = ranking.comparisons(runs, varying_keys(runs))
   ranking.write_csv(result["comparisons"], os.path.join(out, "comparisons.csv"))
   result["spearman"] = ranking.spearman(runs)
@@ -395,29 +355,6 @@ def analyze(
 
     plots_lib.write_all(runs, result, out, law=law, param_count=param_count)
   return result
-
-
-def _predict(run: dict, law, par, param_count: str) -> dict:
-  """A held-out run's curve predicted by the parametric law, and its final point by the frontier law."""
-  out = {"run": run["name"], "points": []}
-  for p in run["points"]:
-    pred = float(par.predict(run["params"][param_count], p["images"])) if par else None
-    out["points"].append(
-      {
-        "step": p["step"],
-        "compute": p["compute"],
-        "measured": p["loss"],
-        "predicted": pred,
-        "rel_error": None if pred is None else (pred - p["loss"]) / p["loss"],
-      }
-    )
-  errs = [abs(q["rel_error"]) for q in out["points"] if q["rel_error"] is not None]
-  out["parametric_mean_abs_rel_error"] = float(np.mean(errs)) if errs else None
-  out["parametric_final_rel_error"] = out["points"][-1]["rel_error"]
-  last = run["points"][-1]
-  out["frontier_final_predicted"] = float(law.predict(last["compute"])) if law else None
-  out["frontier_final_rel_error"] = (out["frontier_final_predicted"] - last["loss"]) / last["loss"] if law else None
-  return out
 
 
 def write_csv(runs: Sequence[dict], path: str) -> None:
@@ -473,7 +410,7 @@ def write_csv(runs: Sequence[dict], path: str) -> None:
 
 
 def headline(result: dict) -> dict:
-  """The numbers a user reads first."""
+  """The numbers a user reads first; a law that cannot be trusted appears as 'not a result'."""
   out: dict[str, Any] = {
     "runs": len(result["runs"]),
     "fit_runs": len(result["fit_runs"]),
@@ -484,16 +421,7 @@ def headline(result: dict) -> dict:
   for t in result.get("transfer", []):
     name = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in t["fixed"].items()) or "all"
     out[f"transfer {t['key']} ({name})"] = {"best": t["best"], "shift_in_grid_steps": t["shift"]}
-  law = (result.get("frontier") or {}).get("fit")
-  if law:
-    out["frontier"] = {k: law[k] for k in ("e", "a", "alpha", "r2_log", "ci")}
-  par = (result.get("parametric") or {}).get("fit")
-  if par:
-    out["parametric"] = {k: par[k] for k in ("e", "a", "b", "alpha", "beta", "r2_log")}
-  for h in result.get("holdout", []):
-    out[f"holdout {h['run']}"] = {
-      k: h[k] for k in ("parametric_mean_abs_rel_error", "parametric_final_rel_error", "frontier_final_rel_error")
-    }
+  out.update(laws.headline(result))
   if result.get("spearman"):
     out["spearman"] = result["spearman"]
   return out

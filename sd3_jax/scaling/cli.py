@@ -6,8 +6,9 @@ run SWEEP[:ARG] --sweep_dir DIR [--print_commands] [--only NAME ...] [--set KEY=
 analyze RUN_OR_SWEEP_DIR ... --out DIR [--loss val/loss | --levels interior | --levels 0.143,0.286]
         [--holdout largest | --holdout NAME,NAME] [--where KEY=VALUE ...] [--num_bootstrap N]
         [--transfer KEY]
-    runs.csv, scaling.json (fits with bootstrap 95% intervals, compute spent and saved by
-    cooldown branches, hyperparameter transfer across width) and plots
+    runs.csv, scaling.json (fits with bootstrap 95% intervals, each marked trusted or not; compute
+    spent and saved by cooldown branches; hyperparameter transfer across width) and plots; a law
+    that cannot be trusted is shown as "not a result" and named on one warning line
 coord_check --config CONFIG [--set KEY=VALUE ...] --widths W W W ... --out DIR
     muP's coordinate check: a few steps at each width under SP and muP, per-layer output and
     update sizes against width (coord_check.png, coord_check.json)
@@ -48,7 +49,7 @@ def _run(args) -> None:
 
 
 def _analyze(args) -> None:
-  from sd3_jax.scaling import analysis
+  from sd3_jax.scaling import analysis, laws
 
   where = dict(_parse_where(w) for w in args.where)
   result = analysis.analyze(
@@ -65,6 +66,9 @@ def _analyze(args) -> None:
     transfer_key=args.transfer,
   )
   print(json.dumps(analysis.headline(result), indent=1))
+  warning = laws.warning_line(result)
+  if warning:
+    print(warning, file=sys.stderr)
   print(
     f"wrote {os.path.join(args.out, 'runs.csv')}, {os.path.join(args.out, 'scaling.json')}"
     + ("" if args.no_plots else " and plots")

@@ -11,7 +11,9 @@ OLMo-core's model ladder: the prediction is written as a log-sum-exp of its term
 is the Huber loss (delta 1e-3) of the log residuals, minimised by L-BFGS-B from a grid of
 starting points, E bounded by the lowest observed loss. Inputs are centred on their geometric
 means inside the fit (better conditioning); results are reported in the original units.
-Confidence intervals are percentile bootstrap 95% intervals; ``groups`` (e.g. the run of each
+Confidence intervals are percentile bootstrap 95% intervals (``ci``; ``ci_at_centre``: A and B
+as the term's value at the data's geometric mean, where the fit sets them); ``at_bound`` names
+the parameters the search range stopped (``trust`` says when a fit cannot be trusted); ``groups`` (e.g. the run of each
 point of a loss curve) makes the bootstrap resample whole groups, since points of one curve are
 not independent. Everything is deterministic for a given ``seed``.
 """
@@ -25,6 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import optimize
 from threadpoolctl import threadpool_limits
+
+from sd3_jax.scaling import trust
 
 HUBER_DELTA = 1e-3
 CI_LEVEL = 0.95
@@ -171,6 +175,8 @@ class PowerLawFit:
   r2_log: float
   num_points: int
   num_bootstrap: int
+  at_bound: dict[str, str] = dataclasses.field(default_factory=dict)
+  ci_at_centre: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
   def predict(self, compute) -> np.ndarray:
     c = np.asarray(compute, np.float64)
@@ -180,9 +186,14 @@ class PowerLawFit:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in dataclasses.asdict(self).items()}
 
 
+def _power_law_bounds(log_y):
+  y_min, y_mid = float(np.exp(log_y.min())), float(np.exp(np.median(log_y)))
+  return [(np.log(y_min) - 25.0, np.log(y_min)), (-25.0, np.log(y_mid) + 5.0), (0.0, 5.0)]
+
+
 def _power_law_theta(x, log_y, delta, extra_starts=(), grid=True):
   y_min, y_mid = float(np.exp(log_y.min())), float(np.exp(np.median(log_y)))
-  bounds = [(np.log(y_min) - 25.0, np.log(y_min)), (-25.0, np.log(y_mid) + 5.0), (0.0, 5.0)]
+  bounds = _power_law_bounds(log_y)
   starts = list(extra_starts)
   if grid:  # 3 x 4 x 2 starting points around the data's scale
     for frac, alpha, shift in itertools.product((0.01, 0.5, 0.9), (0.05, 0.2, 0.6, 1.5), (-1.0, 1.0)):
@@ -205,17 +216,18 @@ def fit_power_law(
   theta, starts = _power_law_theta(x, log_y, huber_delta)
   warm = [theta] + starts  # bootstrap refits start from the full fit and the best grid starts
 
-  def to_params(t):  # (E, A, alpha) in original units: A C^-alpha = A' (C / c0)^-alpha
-    return np.array([np.exp(t[0]), np.exp(t[1]) * c0 ** t[2], t[2]])
+  def to_params(t):  # (E, A, alpha) in original units: A C^-alpha = A' (C / c0)^-alpha; and A'
+    return np.array([np.exp(t[0]), np.exp(t[1]) * c0 ** t[2], t[2], np.exp(t[1])])
 
   def fit_once(idx):
     if len(np.unique(x[idx])) < 2:
-      return np.full(3, np.nan)
+      return np.full(4, np.nan)
     return to_params(_power_law_theta(x[idx], log_y[idx], huber_delta, extra_starts=warm, grid=False)[0])
 
   params = to_params(theta)
   samples = _bootstrap(fit_once, len(c), groups, num_bootstrap, seed)
-  ci = _intervals(("e", "a", "alpha"), samples) if len(samples) else {}
+  ci = _intervals(("e", "a", "alpha", "a_at_centre"), samples) if len(samples) else {}
+  centred = {"a": ci.pop("a_at_centre")} if ci else {}
   fit = PowerLawFit(
     e=float(params[0]),
     a=float(params[1]),
@@ -224,6 +236,8 @@ def fit_power_law(
     r2_log=0.0,
     num_points=len(c),
     num_bootstrap=num_bootstrap,
+    at_bound=trust.bound_hits(theta, _power_law_bounds(log_y), ("e", "a", "alpha")),
+    ci_at_centre=centred,
   )
   return dataclasses.replace(fit, r2_log=r2_log(fit.predict(c), y))
 
@@ -245,6 +259,8 @@ class ParametricFit:
   r2_log: float
   num_points: int
   num_bootstrap: int
+  at_bound: dict[str, str] = dataclasses.field(default_factory=dict)
+  ci_at_centre: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
   def predict(self, n, d) -> np.ndarray:
     n, d = np.asarray(n, np.float64), np.asarray(d, np.float64)
@@ -254,10 +270,15 @@ class ParametricFit:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-def _parametric_theta(xn, xd, log_y, delta, extra_starts=(), grid=True):
+def _parametric_bounds(log_y):
   y_min, y_mid = float(np.exp(log_y.min())), float(np.exp(np.median(log_y)))
   hi = np.log(y_mid) + 5.0
-  bounds = [(np.log(y_min) - 25.0, np.log(y_min)), (-25.0, hi), (-25.0, hi), (0.0, 5.0), (0.0, 5.0)]
+  return [(np.log(y_min) - 25.0, np.log(y_min)), (-25.0, hi), (-25.0, hi), (0.0, 5.0), (0.0, 5.0)]
+
+
+def _parametric_theta(xn, xd, log_y, delta, extra_starts=(), grid=True):
+  y_min, y_mid = float(np.exp(log_y.min())), float(np.exp(np.median(log_y)))
+  bounds = _parametric_bounds(log_y)
   starts = list(extra_starts)
   if grid:  # 3 x 3 x 3 x 2 starting points around the data's scale
     for frac, alpha, beta, sa in itertools.product((0.01, 0.5, 0.9), (0.1, 0.4, 1.2), (0.1, 0.4, 1.2), (-1.0, 0.5)):
@@ -284,18 +305,19 @@ def fit_parametric(
   theta, starts = _parametric_theta(xn, xd, log_y, huber_delta)
   warm = [theta] + starts  # bootstrap refits start from the full fit and the best grid starts
 
-  def to_params(t):
-    return np.array([np.exp(t[0]), np.exp(t[1]) * n0 ** t[3], np.exp(t[2]) * d0 ** t[4], t[3], t[4]])
+  def to_params(t):  # (E, A, B, alpha, beta) in original units, then A' and B' (at n0, d0)
+    return np.array([np.exp(t[0]), np.exp(t[1]) * n0 ** t[3], np.exp(t[2]) * d0 ** t[4], t[3], t[4], *np.exp(t[1:3])])
 
   def fit_once(idx):
     if len(np.unique(xn[idx])) < 2 or len(np.unique(xd[idx])) < 2:
-      return np.full(5, np.nan)
+      return np.full(7, np.nan)
     t, _ = _parametric_theta(xn[idx], xd[idx], log_y[idx], huber_delta, extra_starts=warm, grid=False)
     return to_params(t)
 
   params = to_params(theta)
   samples = _bootstrap(fit_once, len(n_), groups, num_bootstrap, seed)
-  ci = _intervals(("e", "a", "b", "alpha", "beta"), samples) if len(samples) else {}
+  ci = _intervals(("e", "a", "b", "alpha", "beta", "a_at_centre", "b_at_centre"), samples) if len(samples) else {}
+  centred = {k: ci.pop(f"{k}_at_centre") for k in ("a", "b")} if ci else {}
   fit = ParametricFit(
     e=float(params[0]),
     a=float(params[1]),
@@ -306,5 +328,7 @@ def fit_parametric(
     r2_log=0.0,
     num_points=len(n_),
     num_bootstrap=num_bootstrap,
+    at_bound=trust.bound_hits(theta, _parametric_bounds(log_y), ("e", "a", "b", "alpha", "beta")),
+    ci_at_centre=centred,
   )
   return dataclasses.replace(fit, r2_log=r2_log(fit.predict(n_, d_), y))

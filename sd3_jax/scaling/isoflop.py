@@ -6,6 +6,8 @@ in log N to the final losses of each budget, takes its vertex as the budget's op
 fits N_opt(C) = k C^a over the budgets, with a bootstrap 95% interval (points resampled within
 each budget). Parabolas are biased when the sizes are not centred on the optimum (Besiroglu et
 al. 2024); each profile reports whether its vertex lies inside the sizes it was fitted on.
+``ci_at_centre`` holds the interval of N_opt at the budgets' geometric mean (k's interval
+inherits a's times log C); ``trust.isoflop`` says when the fit cannot be trusted.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class IsoFlopFit:
   k: float
   ci: dict[str, tuple[float, float]]
   num_bootstrap: int
+  ci_at_centre: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
   def predict_n_opt(self, compute) -> np.ndarray:
     return self.k * np.asarray(compute, np.float64) ** self.a
@@ -88,6 +91,7 @@ def fit_isoflop(budget, n, loss, *, num_bootstrap: int = 200, seed: int = 0) -> 
       f"got {len(found)} of {len(budgets)} budgets"
     )
   a, log_k = np.polyfit(np.log([f[0] for f in found]), np.log([f[1] for f in found]), 1)
+  log_centre = float(np.mean(np.log(budgets)))
   rng = np.random.default_rng(seed)
   samples = []
   for _ in range(num_bootstrap):
@@ -95,11 +99,12 @@ def fit_isoflop(budget, n, loss, *, num_bootstrap: int = 200, seed: int = 0) -> 
     v = _vertices(c[idx], log_n[idx], log_y[idx], budgets)
     if len(v) >= 2:
       sa, sk = np.polyfit(np.log([f[0] for f in v]), np.log([f[1] for f in v]), 1)
-      samples.append((sa, np.exp(sk)))
+      samples.append((sa, np.exp(sk), np.exp(sk + sa * log_centre)))
   samples = np.array(samples)
   lo, hi = 100 * (1 - CI_LEVEL) / 2, 100 * (1 + CI_LEVEL) / 2
-  ci = {}
+  ci, centred = {}, {}
   if len(samples):
+    centred = {"k": (float(np.percentile(samples[:, 2], lo)), float(np.percentile(samples[:, 2], hi)))}
     ci = {
       "a": (float(np.percentile(samples[:, 0], lo)), float(np.percentile(samples[:, 0], hi))),
       "k": (float(np.percentile(samples[:, 1], lo)), float(np.percentile(samples[:, 1], hi))),
@@ -115,4 +120,6 @@ def fit_isoflop(budget, n, loss, *, num_bootstrap: int = 200, seed: int = 0) -> 
     }
     for f in found
   ]
-  return IsoFlopFit(profiles=profiles, a=float(a), k=float(np.exp(log_k)), ci=ci, num_bootstrap=num_bootstrap)
+  return IsoFlopFit(
+    profiles=profiles, a=float(a), k=float(np.exp(log_k)), ci=ci, num_bootstrap=num_bootstrap, ci_at_centre=centred
+  )

@@ -2,6 +2,8 @@
 
 * ``loss_vs_compute.png``: validation loss against training compute, log-log, one curve per run
   coloured by depth, the frontier points and the fitted L(C) (the paper's Fig. 8 style);
+  a law that cannot be trusted (``laws``) is drawn dashed and labelled with its reasons, never
+  with its equation, here and on the other figures;
 * ``loss_vs_steps.png``: validation loss against steps per run;
 * ``isoflop.png``: final loss against N per budget with each parabola (isoFLOP sweeps only);
 * ``holdout.png``: held-out runs, measured against predicted by L(N, D);
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -40,7 +43,15 @@ def _label(run, result):
   return f"{run['name']}" + (f" ({extra})" if extra else "")
 
 
-def loss_vs_compute(runs, result, path, law=None) -> None:
+def untrusted_label(entry: dict, what: str) -> str:
+  """The legend of a law that is not a result: what it is and why, wrapped."""
+  from sd3_jax.scaling import trust
+
+  return textwrap.fill(f"{what}, untrusted, not a result: {trust.summary(entry['warnings'])}", 70)
+
+
+def loss_vs_compute(runs, result, path, law=None) -> list[str]:
+  """The figure; returns its legend labels."""
   plt = _plt()
   colors = _colors(runs)
   fit_names, held = set(result["fit_runs"]), set(result["holdout_runs"])
@@ -67,14 +78,11 @@ def loss_vs_compute(runs, result, path, law=None) -> None:
   if law is not None:
     all_c = [p["compute"] for r in runs for p in r["points"]]
     grid = np.logspace(np.log10(min(all_c)), np.log10(max(all_c)), 100)
-    ax.plot(
-      grid,
-      law.predict(grid),
-      "k-",
-      lw=1.5,
-      alpha=0.7,
-      label=f"L = {law.e:.3g} + {law.a:.3g} C^-{law.alpha:.3g} (R² log {law.r2_log:.3f})",
-    )
+    if result["frontier"].get("trusted", True):
+      style, label = "k-", f"L = {law.e:.3g} + {law.a:.3g} C^-{law.alpha:.3g} (R² log {law.r2_log:.3f})"
+    else:
+      style, label = "r--", untrusted_label(result["frontier"], "fitted L(C)")
+    ax.plot(grid, law.predict(grid), style, lw=1.5, alpha=0.7, label=label)
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel("training compute (FLOPs, exact train-step count x steps)")
@@ -86,6 +94,7 @@ def loss_vs_compute(runs, result, path, law=None) -> None:
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
+  return list(seen)
 
 
 def loss_vs_steps(runs, result, path) -> None:
@@ -113,7 +122,7 @@ def loss_vs_steps(runs, result, path) -> None:
 
 def isoflop_plot(runs, result, path, param_count) -> None:
   plt = _plt()
-  fit = result["isoflop"]["fit"]
+  fit, trusted = result["isoflop"]["fit"], result["isoflop"].get("trusted", True)
   fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
   budgets = sorted({r["budget"] for r in runs if r["budget"]})
   cmap = plt.get_cmap("plasma")
@@ -125,13 +134,16 @@ def isoflop_plot(runs, result, path, param_count) -> None:
     prof = next((p for p in fit["profiles"] if p["budget"] == b), None)
     if prof:
       x = np.linspace(np.log(min(n)), np.log(max(n)), 50)
-      ax.plot(np.exp(x), np.exp(np.polyval(prof["coeffs"], x)), "-", color=color)
+      ax.plot(np.exp(x), np.exp(np.polyval(prof["coeffs"], x)), "-" if trusted else "--", color=color)
       ax.plot([prof["n_opt"]], [prof["loss_opt"]], "k+", ms=10)
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel(f"parameters ({param_count})")
   ax.set_ylabel("final validation loss")
-  ax.set_title(f"isoFLOP profiles; N_opt ~ C^{fit['a']:.2f}")
+  if trusted:
+    ax.set_title(f"isoFLOP profiles; N_opt ~ C^{fit['a']:.2f}")
+  else:
+    ax.set_title(untrusted_label(result["isoflop"], "isoFLOP N_opt(C)"), fontsize=7)
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -150,7 +162,9 @@ def holdout_plot(result, path) -> None:
         [p["step"] for p in pts],
         [p["predicted"] for p in pts],
         "s--",
-        label=f"{h['run']} predicted by L(N, D) (mean |err| {h['parametric_mean_abs_rel_error']:.1%})",
+        label=f"{h['run']} predicted by L(N, D) (mean |err| {h['parametric_mean_abs_rel_error']:.1%})"
+        if h.get("parametric_law_trusted", True)
+        else f"{h['run']} predicted by an untrusted L(N, D): not a result",
       )
   ax.set_xlabel("step")
   ax.set_ylabel(f"validation loss ({result['loss']})")
