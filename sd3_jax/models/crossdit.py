@@ -29,7 +29,7 @@ from sd3_jax.models import attention as A
 from sd3_jax.models import layers as L
 from sd3_jax.models import mmdit as M
 from sd3_jax.models import remat as R
-from sd3_jax.models.mmdit_config import MMDiTConfig, check_inputs, scan_segments
+from sd3_jax.models.mmdit_config import check_inputs, scan_segments
 
 Dtype = Any
 
@@ -62,15 +62,8 @@ class CrossDiTBlock(nn.Module):
     return (ctx, nn.with_logical_constraint(x, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_EMBED))), None
 
 
-class CrossDiT(nn.Module):
+class CrossDiT(M.Backbone):
   """CrossDiT. Runtime options as ``mmdit.MMDiT``'s."""
-
-  config: MMDiTConfig
-  dtype: Dtype = jnp.float32
-  remat: str = "none"
-  scan_layers: bool = False
-  attention_impl: str = "xla"
-  attention_blocks: A.SplashBlocks = A.SplashBlocks()
 
   @nn.compact
   def __call__(self, x, t, pooled, context, *, skip_layers: tuple[int, ...] = ()):

@@ -86,15 +86,8 @@ def joint_transformer(module: nn.Module, cfg: MMDiTConfig, ctx_BxLxD, x_BxNxD, c
   )
 
 
-class DiT(nn.Module):
+class DiT(M.Backbone):
   """DiT over the concatenated text and image tokens. Runtime options as ``mmdit.MMDiT``'s."""
-
-  config: MMDiTConfig
-  dtype: Dtype = jnp.float32
-  remat: str = "none"
-  scan_layers: bool = False
-  attention_impl: str = "xla"
-  attention_blocks: A.SplashBlocks = A.SplashBlocks()
 
   @nn.compact
   def __call__(self, x, t, pooled, context, *, skip_layers: tuple[int, ...] = ()):

@@ -178,7 +178,19 @@ def decode_image(cfg: MMDiTConfig, x_tok, c, hp: int, wp: int, dtype):
   return L.unpatchify(x_out, hp, wp, p).astype(jnp.float32)
 
 
-class MMDiT(nn.Module):
+class Backbone(nn.Module):
+  """The fields every backbone takes: its config and the runtime options (not part of the
+  checkpoint) described under ``MMDiT``."""
+
+  config: MMDiTConfig
+  dtype: Dtype = jnp.float32
+  remat: str = "none"
+  scan_layers: bool = False
+  attention_impl: str = "xla"
+  attention_blocks: A.SplashBlocks = A.SplashBlocks()
+
+
+class MMDiT(Backbone):
   """The MM-DiT (``backbone`` 'mmdit'), or with three weight sets ('mmdit3': CLIP and T5 tokens in
   streams of their own, joint attention over all three). Runtime options (not part of the
   checkpoint):
@@ -204,13 +216,6 @@ class MMDiT(nn.Module):
   With ``scan_layers`` runs of equal blocks are stacked under ``scan_blocks_{start}_{stop}``
   (leading 'layers' axis); ``stack_block_params`` / ``unstack_block_params`` convert.
   """
-
-  config: MMDiTConfig
-  dtype: Dtype = jnp.float32
-  remat: str = "none"
-  scan_layers: bool = False
-  attention_impl: str = "xla"
-  attention_blocks: A.SplashBlocks = A.SplashBlocks()
 
   def _block_kwargs(self, start: int, pre_only: bool = False) -> dict:
     cfg = self.config

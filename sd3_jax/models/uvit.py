@@ -32,13 +32,12 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sd3_jax.models import attention as A
 from sd3_jax.models import layers as L
 from sd3_jax.models import mup
 from sd3_jax.models import remat as R
 from sd3_jax.models.dit import joint_transformer
-from sd3_jax.models.mmdit import embed_text
-from sd3_jax.models.mmdit_config import MMDiTConfig, check_inputs, uvit_widths
+from sd3_jax.models.mmdit import Backbone, embed_text
+from sd3_jax.models.mmdit_config import check_inputs, uvit_widths
 
 Dtype = Any
 _MAP = (L.ACT_BATCH, None, None, L.ACT_EMBED)  # logical axes of a feature map [B, H, W, C]
@@ -103,15 +102,8 @@ class FinalConv(nn.Module):
     return L.Conv(self.out_channels, ("conv_in", None), dtype=self.dtype, kernel_init=zeros, name="conv")(x)
 
 
-class UViT(nn.Module):
+class UViT(Backbone):
   """UViT. Runtime options as ``mmdit.MMDiT``'s; remat applies to the conv blocks too."""
-
-  config: MMDiTConfig
-  dtype: Dtype = jnp.float32
-  remat: str = "none"
-  scan_layers: bool = False
-  attention_impl: str = "xla"
-  attention_blocks: A.SplashBlocks = A.SplashBlocks()
 
   @nn.compact
   def __call__(self, x, t, pooled, context, *, skip_layers: tuple[int, ...] = ()):
