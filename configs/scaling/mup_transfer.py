@@ -12,9 +12,9 @@ width 32: 48 runs. ``analyze`` reports, for each parametrization, the final vali
   python -m sd3_jax.scaling run configs/scaling/mup_transfer.py:WORKDIR/data --sweep_dir WORKDIR/transfer
   python -m sd3_jax.scaling analyze WORKDIR/transfer --out WORKDIR/transfer_analysis
 
-Measured on this project's 2-core CPU while it was shared (so slower than idle): 0.019, 0.079 and
-0.23 s per step at widths 32, 64 and 128; about an hour in all, compilation included, and
-about half that on an idle machine (docs/mup_wsd.md). The argument after ':' is the directory of
+Measured on this project's 2-core CPU (no accelerator), 2026-12-04: 0.019, 0.025 and 0.062 s per
+step at widths 32, 64 and 128; 27 minutes in all, compilation included. The results and what
+they say about muP are in docs/mup_wsd.md. The argument after ':' is the directory of
 the demo's records, written by ``python -m sd3_jax.scaling toy_data --workdir WORKDIR``.
 """
 
