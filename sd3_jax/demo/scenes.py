@@ -4,14 +4,16 @@ Every image shows two shapes of different colours on a black background, e.g. "a
 above a blue square". The generator is deterministic per (seed, index); the checker reads a
 generated image back (which colours are present, where their centroids are, how much of their
 bounding box each fills) so that a text-to-image model can be scored on held-out caption
-combinations without any learned classifier.
+combinations without any learned classifier. ``reading_distance`` compares the distribution of
+those readings over a set of images with their distribution over real renders of the same prompts.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -147,20 +149,24 @@ def read_color(image: np.ndarray, color: str, min_pixels: int = 6) -> Reading:
   return Reading((float(ys.mean()), float(xs.mean())), _classify(mask))
 
 
+def read_relation(a: Reading, b: Reading) -> str | None:
+  """Where shape a sits relative to shape b, by the larger centroid offset (one of RELATIONS);
+  None when either is absent or the centroids coincide."""
+  if a.centroid is None or b.centroid is None:
+    return None
+  dy, dx = a.centroid[0] - b.centroid[0], a.centroid[1] - b.centroid[1]
+  if abs(dy) > abs(dx):
+    return "above" if dy < 0 else "below"
+  if dx != 0:
+    return "left of" if dx < 0 else "right of"
+  return None
+
+
 def check(image: np.ndarray, scene: Scene) -> dict[str, bool]:
   """Which parts of the caption the image satisfies: colours present, shapes, relation."""
   a, b = read_color(image, scene.color1), read_color(image, scene.color2)
   present = a.centroid is not None and b.centroid is not None
-  relation = False
-  if present:
-    dy, dx = a.centroid[0] - b.centroid[0], a.centroid[1] - b.centroid[1]
-    vertical = abs(dy) > abs(dx)
-    relation = {
-      "above": vertical and dy < 0,
-      "below": vertical and dy > 0,
-      "left of": (not vertical) and dx < 0,
-      "right of": (not vertical) and dx > 0,
-    }[scene.relation]
+  relation = present and read_relation(a, b) == scene.relation
   out = {"colors": present, "shape1": a.shape == scene.shape1, "shape2": b.shape == scene.shape2, "relation": relation}
   out["all"] = all(out.values())
   return out
@@ -170,3 +176,76 @@ def accuracy(images: list[np.ndarray], scenes: list[Scene]) -> dict[str, float]:
   """Fraction of images satisfying each part of their caption, and all of it."""
   results = [check(im, sc) for im, sc in zip(images, scenes)]
   return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# How far a set of images is from real renders, by the checker's readings
+
+PARTS = ("colors", "shape1", "shape2", "relation")
+
+
+def renders(scenes: Sequence[Scene], size: int, seed: int = 0) -> list[np.ndarray]:
+  """Real renders of `scenes` in order (repeat a scene for several per prompt); image i's jitter
+  comes from (seed, i)."""
+  return [render(s, size, np.random.default_rng([seed, i])) for i, s in enumerate(scenes)]
+
+
+def readings(image: np.ndarray, scene: Scene) -> dict[str, str]:
+  """What the checker reads for each part of `scene`'s caption, as a category, right or wrong:
+  colors: which of the caption's two colours are present ('both', 'first only', 'second only',
+  'neither'), with ' + other' when another palette colour is present too; shape1 / shape2: the
+  shape class read for the first / second colour, or 'absent'; relation: the relation read
+  between them (one of RELATIONS), or 'absent'."""
+  found = {c: read_color(image, c) for c in COLORS}
+  a, b = found[scene.color1], found[scene.color2]
+  has = (a.centroid is not None, b.centroid is not None)
+  colors = {(True, True): "both", (True, False): "first only", (False, True): "second only"}.get(has, "neither")
+  if any(r.centroid is not None for c, r in found.items() if c not in (scene.color1, scene.color2)):
+    colors += " + other"
+  return {
+    "colors": colors,
+    "shape1": a.shape or "absent",
+    "shape2": b.shape or "absent",
+    "relation": read_relation(a, b) or "absent",
+  }
+
+
+def _histogram(values: Sequence[str]) -> dict[str, float]:
+  n = len(values)
+  return {v: c / n for v, c in collections.Counter(values).items()}
+
+
+def reading_distance(
+  images: Sequence[np.ndarray], references: Sequence[np.ndarray], scenes: Sequence[Scene]
+) -> dict[str, float]:
+  """How far the checker's readings of `images` are, as a distribution, from its readings of
+  `references` (real renders of the same prompts: ``renders(scenes, size, seed)``); image i and
+  reference i are both read against scenes[i]. No learned network is involved.
+
+  For each part p in PARTS, P_p and Q_p are the distributions of the part's reading (``readings``)
+  over the images and over the references, and
+
+      D_p = TV(P_p, Q_p) = 1/2 * sum_v |P_p(v) - Q_p(v)|,      reading_distance = mean_p D_p.
+
+  Total variation is bounded in [0, 1], symmetric, 0 only for equal distributions, and reads
+  directly: the share of the images whose reading would have to change to match the references.
+  Like FID it compares sets, not image-caption pairs: it sees missing or extra colours, shapes
+  the references do not have, one shape or relation drawn for every prompt, but not errors that
+  keep the distribution (every 'above' drawn as 'below' in a set with as many of each); that is
+  the sample accuracy's to see. Per part rather than joint: with 4 parts of 5 to 8 values each,
+  a joint histogram would need far more than the few hundred samples scored.
+
+  Returns {part: D_p for each part, 'mean': reading_distance}; lower is better."""
+  if not (len(images) == len(references) == len(scenes)) or not scenes:
+    raise ValueError(
+      f"reading_distance needs one reference and one scene per image, got {len(images)} images, "
+      f"{len(references)} references and {len(scenes)} scenes; render the references with renders(scenes, size)"
+    )
+  ours = [readings(im, sc) for im, sc in zip(images, scenes)]
+  real = [readings(im, sc) for im, sc in zip(references, scenes)]
+  out = {}
+  for part in PARTS:
+    p, q = _histogram([r[part] for r in ours]), _histogram([r[part] for r in real])
+    out[part] = 0.5 * sum(abs(p.get(v, 0.0) - q.get(v, 0.0)) for v in set(p) | set(q))
+  out["mean"] = float(np.mean([out[part] for part in PARTS]))
+  return out

@@ -214,7 +214,7 @@ def sample_metrics(eval_row: dict, cfg: dict, sample: dict) -> dict[str, float]:
   if not by_steps and sample.get("sample_accuracy") is not None:
     by_steps = {str((sample.get("sampler") or {}).get("steps")): sample}
   for steps, values in by_steps.items():
-    for name in ("sample_accuracy", "part_accuracy"):
+    for name in ("sample_accuracy", "part_accuracy", "reading_distance"):
       if values.get(name) is not None:
         out[f"{name}@{steps}"] = float(values[name])
   return out

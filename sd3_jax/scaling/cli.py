@@ -14,8 +14,8 @@ coord_check --config CONFIG [--set KEY=VALUE ...] --widths W W W ... --out DIR
     update sizes against width (coord_check.png, coord_check.json)
 toy_data --workdir DIR      the toy study's text encoders and coloured-shapes records
 score RUN_OR_SWEEP_DIR ... --text_encoders DIR [--sampling_steps 5 10 25 50]
-    held-out sample accuracy of each run (the demo's shapes checker, the run's formulation) at
-    each sampling step count, RUN/sample_eval.json
+    held-out sample accuracy of each run (the demo's shapes checker, the run's formulation) and
+    its reading distance to real renders, at each sampling step count, RUN/sample_eval.json
 """
 
 from __future__ import annotations
@@ -120,7 +120,10 @@ def _score(args) -> None:
       sampling_steps=args.sampling_steps,
       cfg_scale=args.cfg_scale,
     )
-    print(f"{os.path.basename(run_dir)}: sample accuracy {r['sample_accuracy']:.3f}, parts {r['part_accuracy']:.3f}")
+    print(
+      f"{os.path.basename(run_dir)}: sample accuracy {r['sample_accuracy']:.3f}, parts {r['part_accuracy']:.3f}, "
+      f"reading distance {r['reading_distance']:.3f}"
+    )
 
 
 _INTERRUPTED = {  # what a Ctrl-C keeps, by subcommand

@@ -5,10 +5,12 @@ Runs equal in everything but the key (same depth, length and other settings) for
 group every run is ranked by each criterion: the loss (for ``flow.formulation`` the yardstick
 val/rf_loss, the only loss all formulations share; otherwise the fitted loss), and every sample
 metric at each sampling step count it was logged at (``clip_score@25``, ``fid_clip@25``,
-``sample_accuracy@20``: lower is better for losses and FIDs, higher for the rest). Two summaries
-per run: the mean of its ranks, and the paper's: at each step count where both a CLIP score and
-an FID were logged, non-dominated sorting of the (CLIP, FID) pairs (rank 1 = no run is better in
-both), averaged over the step counts.
+``sample_accuracy@20``, ``reading_distance@20``: lower is better for losses, FIDs and distances,
+higher for the rest). Two summaries per run: the mean of its ranks, and the paper's: at each step
+count where every run has both of two quality measures, non-dominated sorting of the pairs (rank 1
+= no run is better in both), averaged over the step counts. The pair is CLIP score and FID where
+they were logged (the paper's), otherwise the toy study's sample accuracy and reading distance
+(``QUALITY_PAIRS``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
-LOWER_IS_BETTER = ("loss", "fid")
+LOWER_IS_BETTER = ("loss", "fid", "distance")
+# The paper's rank sorts by two quality measures, one of alignment with the caption and one of
+# distance to real images; the first pair every run has at some step count is used.
+QUALITY_PAIRS = (("clip_score", "fid_clip"), ("sample_accuracy", "reading_distance"))
 
 
 def higher_is_better(metric: str) -> bool:
@@ -61,17 +66,29 @@ def _steps(metric: str) -> str | None:
   return metric.split("@", 1)[1] if "@" in metric else None
 
 
-def paper_average_rank(members: Sequence[dict]) -> list[float | None]:
-  """The paper's summary: per step count with clip_score and fid_clip for every run, the
-  non-dominated-sorting rank of (CLIP, -FID); averaged over the step counts."""
-  counts = sorted({_steps(m) for r in members for m in r["sample_metrics"] if m.startswith("clip_score@")})
+def _shared_counts(members: Sequence[dict], pair: tuple[str, str]) -> list[str]:
+  """The sampling step counts at which every run has both metrics of `pair`."""
+  counts = {_steps(m) for r in members for m in r["sample_metrics"] if m.startswith(f"{pair[0]}@")}
+  shared = [c for c in counts if all(r["sample_metrics"].get(f"{m}@{c}") is not None for r in members for m in pair)]
+  return sorted(shared, key=lambda c: (len(c), c))  # numeric order
+
+
+def quality_pair(members: Sequence[dict]) -> tuple[str, str] | None:
+  """The first of QUALITY_PAIRS that every run has at some sampling step count, or None."""
+  return next((pair for pair in QUALITY_PAIRS if _shared_counts(members, pair)), None)
+
+
+def paper_average_rank(members: Sequence[dict], pair: tuple[str, str] | None = None) -> list[float | None]:
+  """The paper's summary: at each step count where every run has both quality measures of
+  `pair` (default ``quality_pair(members)``: CLIP score and FID, else sample accuracy and reading
+  distance), the non-dominated-sorting rank of the pair, each measure turned so that higher is
+  better (``higher_is_better``: -FID, -distance); averaged over those step counts."""
+  pair = pair or quality_pair(members)
   per_run: list[list[int]] = [[] for _ in members]
-  for steps in counts:
-    clip = [r["sample_metrics"].get(f"clip_score@{steps}") for r in members]
-    fid = [r["sample_metrics"].get(f"fid_clip@{steps}") for r in members]
-    if any(v is None for v in clip + fid):
-      continue
-    for i, rank in enumerate(pareto_ranks([(c, -f) for c, f in zip(clip, fid)])):
+  for steps in _shared_counts(members, pair) if pair else []:
+    sign = [1.0 if higher_is_better(m) else -1.0 for m in pair]
+    points = [tuple(s * r["sample_metrics"][f"{m}@{steps}"] for s, m in zip(sign, pair)) for r in members]
+    for i, rank in enumerate(pareto_ranks(points)):
       per_run[i].append(rank)
   return [float(np.mean(r)) if r else None for r in per_run]
 
@@ -83,7 +100,8 @@ def rank_group(members: Sequence[dict], key: str, loss: str) -> list[dict]:
     criteria[m] = higher_is_better(m)
   values = {c: [_value(r, c, loss) for r in members] for c in criteria}
   by = {c: ranks(v, hb) for (c, hb), v in zip(criteria.items(), values.values())}
-  paper = paper_average_rank(members)
+  pair = quality_pair(members)
+  paper = paper_average_rank(members, pair)
   rows = []
   for i, r in enumerate(members):
     own = [by[c][i] for c in criteria if by[c][i] is not None]
@@ -98,6 +116,7 @@ def rank_group(members: Sequence[dict], key: str, loss: str) -> list[dict]:
         "ranks": {c: by[c][i] for c in criteria},
         "mean_rank": float(np.mean(own)) if own else None,
         "paper_rank": paper[i],
+        "paper_rank_by": "/".join(pair) if pair else None,
         # kept for readers of older reports
         "sample_accuracy": r.get("sample_accuracy"),
         "part_accuracy": r.get("part_accuracy"),
@@ -151,7 +170,7 @@ def write_csv(groups: Sequence[dict], path: str) -> None:
 
   metrics = sorted({m for g in groups for row in g["rows"] for m in row["sample_metrics"]})
   header = ["key", "depth", "steps", "value", "run", "rank", "rf_loss", "val_loss", "final_loss", *metrics]
-  header += ["mean_rank", "paper_rank"]
+  header += ["mean_rank", "paper_rank", "paper_rank_by"]
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(header)
@@ -160,6 +179,7 @@ def write_csv(groups: Sequence[dict], path: str) -> None:
         w.writerow(
           [g["key"], g["depth"], g["steps"], row["value"], row["run"], row["rank"], row["rf_loss"], row["val_loss"]]
           + [row["final_loss"], *[row["sample_metrics"].get(m) for m in metrics], row["mean_rank"], row["paper_rank"]]
+          + [row["paper_rank_by"]]
         )
 
 

@@ -81,8 +81,13 @@ def score_run(
 ) -> dict:
   """Held-out sample accuracy of a run's last checkpoint (EMA weights), sampled with the run's
   formulation, written to ``RUN/sample_eval.json``; an existing file for the same checkpoint step
-  and step counts is reused. Several ``sampling_steps`` (the paper compares 5, 10, 25 and 50)
-  are each scored, under ``by_steps``; the top-level accuracy is the first count's."""
+  and step counts is reused (one written before ``reading_distance`` existed is rescored). Several
+  ``sampling_steps`` (the paper compares 5, 10, 25 and 50) are each scored, under ``by_steps``;
+  the top-level accuracy is the first count's. Beside the
+  accuracy (how well samples match their captions) each count records ``reading_distance``, how
+  far the checker's readings of the samples are as a distribution from its readings of real
+  renders of the same prompts (``scenes.reading_distance``; lower is better): the second quality
+  measure the paper's ranking needs, as FID is beside CLIP score."""
   from sd3_jax import config as config_lib
   from sd3_jax import flow, text_conditioning
   from sd3_jax.inference import generation
@@ -95,7 +100,8 @@ def score_run(
     raise FileNotFoundError(f"{run_dir} has no committed checkpoint to sample from")
   if os.path.exists(path):
     found = _read(path)
-    if found.get("step") == steps[-1] and sorted(found.get("by_steps", {})) == sorted(str(n) for n in counts):
+    same = found.get("step") == steps[-1] and sorted(found.get("by_steps", {})) == sorted(str(n) for n in counts)
+    if same and all("reading_distance" in v for v in found["by_steps"].values()):  # older files lack it
       return found
   model, params, config, step = checkpoint.load_workdir(run_dir, use_ema=True)
   formulation = flow.get_formulation(config_lib.formulation_name(config))
@@ -106,6 +112,7 @@ def score_run(
   )
   size = config["data"]["latent_size"]
   scenes = [s for s in heldout for _ in range(samples_per_prompt)]
+  references = scene_lib.renders(scenes, size, seed=seed)  # real renders of the same prompts
   by_steps = {}
   for n in counts:
     images = generation.generate(
@@ -122,11 +129,14 @@ def score_run(
       formulation=formulation,
     )
     acc = scene_lib.accuracy(list(images), scenes)
+    distance = scene_lib.reading_distance(list(images), references, scenes)
     by_steps[str(n)] = {
       "sample_accuracy": acc["all"],
       "part_accuracy": float(np.mean([acc[k] for k in ("colors", "shape1", "shape2", "relation")])),
       "parts": acc,
       "chance": demo_stages.chance_accuracy(list(images), scenes, seed=seed),
+      "reading_distance": distance["mean"],
+      "reading_parts": {k: v for k, v in distance.items() if k != "mean"},
     }
   first = by_steps[str(counts[0])]
   result = {
@@ -138,7 +148,13 @@ def score_run(
     "sampler": {"steps": counts[0], "cfg_scale": cfg_scale, "weights": "ema", "formulation": formulation.name},
   }
   fileutil.atomic_json(path, result, indent=1)
-  log.info("%s: sample accuracy %.3f (parts %.3f)", run_dir, result["sample_accuracy"], result["part_accuracy"])
+  log.info(
+    "%s: sample accuracy %.3f (parts %.3f), reading distance %.3f",
+    run_dir,
+    result["sample_accuracy"],
+    result["part_accuracy"],
+    result["reading_distance"],
+  )
   return result
 
 
