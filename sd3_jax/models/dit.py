@@ -25,7 +25,7 @@ from sd3_jax.models import attention as A
 from sd3_jax.models import layers as L
 from sd3_jax.models import mmdit as M
 from sd3_jax.models import remat as R
-from sd3_jax.models.mmdit_config import MMDiTConfig, check_inputs, scan_segments
+from sd3_jax.models.mmdit_config import MMDiTConfig, scan_segments
 
 Dtype = Any
 
@@ -93,10 +93,6 @@ class DiT(M.Backbone):
   def __call__(self, x, t, pooled, context, *, skip_layers: tuple[int, ...] = ()):
     """Velocity v(x, t); ``skip_layers`` (unscanned only) bypasses those blocks."""
     cfg = self.config
-    check_inputs(cfg, x.shape, t.shape, pooled.shape, context.shape)
-    hp, wp = x.shape[1] // cfg.patch_size, x.shape[2] // cfg.patch_size
-    x_tok = M.embed_image(self, cfg, x, self.dtype)
-    c = L.conditioning(t, pooled, cfg.hidden_size, self.dtype, cfg.mup_scaling)
-    ctx = M.embed_text(cfg, context, self.dtype)
+    x_tok, c, ctx, (hp, wp) = M.embed_inputs(self, x, t, pooled, context)
     x_tok = joint_transformer(self, cfg, ctx, x_tok, c, skip_layers)
     return M.decode_image(cfg, x_tok, c, hp, wp, self.dtype)

@@ -170,6 +170,17 @@ def embed_text(cfg: MMDiTConfig, context, dtype, name: str = "context_embedder")
   return nn.with_logical_constraint(ctx, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_EMBED))
 
 
+def embed_inputs(module, x, t, pooled, context):
+  """The DiT's and CrossDiT's inputs, checked and embedded in ``module`` (a ``Backbone``): image
+  tokens [B, N, h], the conditioning vector [B, h], one text stream [B, L, h] and the patch grid."""
+  cfg, dtype = module.config, module.dtype
+  check_inputs(cfg, x.shape, t.shape, pooled.shape, context.shape)
+  grid = (x.shape[1] // cfg.patch_size, x.shape[2] // cfg.patch_size)
+  x_tok = embed_image(module, cfg, x, dtype)
+  c = L.conditioning(t, pooled, cfg.hidden_size, dtype, cfg.mup_scaling)
+  return x_tok, c, embed_text(cfg, context, dtype), grid
+
+
 def decode_image(cfg: MMDiTConfig, x_tok, c, hp: int, wp: int, dtype):
   """Image tokens -> velocity [B, H, W, C_out] float32 through ``final_layer`` (adaLN + a
   zero-initialised Dense to p*p*C_out) and unpatchify."""
