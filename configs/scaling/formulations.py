@@ -17,10 +17,7 @@ scaling.json, formulations.csv). For a paper-sized study, point base_config at a
 config on real data and keep the axis.
 """
 
-import os
-
-from sd3_jax.demo import config as demo_config
-from sd3_jax.scaling.sweep import dotted, sweep_config
+from sd3_jax.scaling import toy
 
 TABLE_1 = (
   "rf/lognorm(0.00,1.00)",
@@ -38,21 +35,7 @@ TABLE_1 = (
 
 
 def get_config(data_dir: str = "workdirs/scaling_demo/data"):
-  s = sweep_config()
-  s.name = "formulations"
-  s.base_config = os.path.abspath(demo_config.__file__)
-  data_dir = os.path.abspath(data_dir)
-  s.base_overrides = dotted(
-    {
-      "data.path": os.path.join(data_dir, "train"),
-      "data.val_path": os.path.join(data_dir, "val"),
-      "global_batch_size": 16,
-      "log_every": 50,
-      "keep_checkpoints": 1,
-      "val.num_examples": 128,
-      "val.batch_size": 64,
-    }
-  )
+  s = toy.sweep_on_demo_data("formulations", data_dir)
   s.width_per_depth = 16
   s.val_points = 4
   s.grids = [dict(name="formulations", depths=(2,), lengths=(400, 1200), axes={"flow.formulation": TABLE_1})]

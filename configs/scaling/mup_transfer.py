@@ -18,32 +18,20 @@ they say about muP are in docs/mup_wsd.md. The argument after ':' is the directo
 the demo's records, written by ``python -m sd3_jax.scaling toy_data --workdir WORKDIR``.
 """
 
-import os
-
-from sd3_jax.demo import config as demo_config
-from sd3_jax.scaling.sweep import dotted, sweep_config
+from sd3_jax.scaling import toy
 
 LEARNING_RATES = tuple(2.0**e for e in range(-12, -4))  # 2^-12 .. 2^-5
 
 
 def get_config(data_dir: str = "workdirs/scaling_demo/data"):
-  s = sweep_config()
-  s.name = "mup_transfer"
-  s.base_config = os.path.abspath(demo_config.__file__)
-  data_dir = os.path.abspath(data_dir)
-  s.base_overrides = dotted(
+  s = toy.sweep_on_demo_data(
+    "mup_transfer",
+    data_dir,
     {
-      "data.path": os.path.join(data_dir, "train"),
-      "data.val_path": os.path.join(data_dir, "val"),
-      "global_batch_size": 16,
-      "log_every": 50,
-      "keep_checkpoints": 1,
-      "val.num_examples": 128,
-      "val.batch_size": 64,
       "optimizer.schedule": "wsd",
       "optimizer.end_lr_ratio": 0.0,
       "model.mup_base_width": 32,  # the narrowest width (d = 2 x 16): there muP is SP
-    }
+    },
   )
   s.width_per_depth = 16
   s.val_points = 2

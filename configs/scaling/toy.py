@@ -19,31 +19,19 @@ The argument after ':' is the directory holding the demo's records (train/, val/
 ``python -m sd3_jax.scaling toy_data --workdir WORKDIR``.
 """
 
-import os
-
-from sd3_jax.demo import config as demo_config
-from sd3_jax.scaling.sweep import dotted, sweep_config
+from sd3_jax.scaling import toy
 
 
 def get_config(data_dir: str = "workdirs/scaling_demo/data"):
-  s = sweep_config()
-  s.name = "toy"
-  s.base_config = os.path.abspath(demo_config.__file__)
-  data_dir = os.path.abspath(data_dir)
-  s.base_overrides = dotted(
+  s = toy.sweep_on_demo_data(
+    "toy",
+    data_dir,
     {
-      "data.path": os.path.join(data_dir, "train"),
-      "data.val_path": os.path.join(data_dir, "val"),
-      "global_batch_size": 16,
-      "log_every": 50,
-      "keep_checkpoints": 1,
-      "val.num_examples": 128,
-      "val.batch_size": 64,
       "optimizer.schedule": "wsd",
       "optimizer.decay_fraction": 0.2,
       "optimizer.decay_shape": "1-sqrt",
       "optimizer.end_lr_ratio": 0.0,
-    }
+    },
   )
   s.width_per_depth = 16
   s.val_points = 4

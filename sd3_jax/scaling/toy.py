@@ -26,6 +26,32 @@ log = logging.getLogger(__name__)
 SAMPLE_FILE = "sample_eval.json"
 
 
+def sweep_on_demo_data(name: str, data_dir: str, overrides: dict | None = None):
+  """A sweep of the demo's pixel-space model (``sd3_jax/demo/config.py``) on the toy data in
+  ``data_dir`` (``sd3-scaling toy_data``'s records): batch 16, a log line every 50 steps, one
+  kept checkpoint, validation on 128 held-out examples; ``overrides`` (dotted keys) are added
+  after these. The caller sets the family, the validation points and the grids."""
+  from sd3_jax.scaling.sweep import dotted, sweep_config
+
+  s = sweep_config()
+  s.name = name
+  s.base_config = os.path.abspath(demo_config.__file__)
+  data_dir = os.path.abspath(data_dir)
+  s.base_overrides = dotted(
+    {
+      "data.path": os.path.join(data_dir, "train"),
+      "data.val_path": os.path.join(data_dir, "val"),
+      "global_batch_size": 16,
+      "log_every": 50,
+      "keep_checkpoints": 1,
+      "val.num_examples": 128,
+      "val.batch_size": 64,
+      **(overrides or {}),
+    }
+  )
+  return s
+
+
 def prepare_data(
   workdir: str, *, num_train: int = 20_000, num_val: int = 512, num_heldout: int = 24, seed: int = 0
 ) -> dict[str, str]:
