@@ -7,9 +7,7 @@ import os
 import re
 import subprocess
 import sys
-import zlib
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -27,6 +25,7 @@ from sd3_jax.evaluation import clip_metrics, scoring, stats
 from sd3_jax.inference import loader
 
 from text_encoder_helpers import TINY_CLIP
+from tiny_run_helpers import conditioner as _conditioner, decoder as _decoder, train_tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,43 +109,12 @@ def clip_dirs(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------
-# A tiny trained workdir and stand-ins for the SD3 text encoders / VAE (as tests/test_sampling.py)
-
-
-def _conditioner(prompts):
-  rs = [np.random.default_rng(zlib.crc32(p.encode())) for p in prompts]
-  return (
-    jnp.asarray(np.stack([r.standard_normal((8, 32)) for r in rs]), jnp.float32),
-    jnp.asarray(np.stack([r.standard_normal(32) for r in rs]), jnp.float32),
-  )
-
-
-def _decoder(z):
-  return jnp.tanh(3.0 * z[..., :3])
+# A tiny trained workdir and stand-ins for the SD3 text encoders / VAE (tests/tiny_run_helpers.py)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  w = str(tmp_path_factory.mktemp("run"))
-  subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "sd3_jax.main",
-      "--config",
-      "configs/tiny.py",
-      "--workdir",
-      w,
-      "--config.total_steps=2",
-      "--config.val.every=0",
-    ],
-    cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    check=True,
-    capture_output=True,
-    timeout=600,
-  )
-  return w
+  return train_tiny(str(tmp_path_factory.mktemp("run")))
 
 
 PROMPTS = ["a cat", "the dog", "a cat with the dog", "the cat sat"]

@@ -6,7 +6,6 @@ The sampler itself is tested in test_sampling.py."""
 import os
 import subprocess
 import sys
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -24,46 +23,12 @@ from sd3_jax.models import vae
 from sd3_jax.storage import checkpoint as ckpt_lib
 from sd3_jax.storage import pretrained
 from sd3_jax.training import optimizer, state as state_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _conditioner(prompts):
-  """Deterministic stand-in for the text encoders: each prompt hashes to fixed random vectors."""
-  rs = [np.random.default_rng(zlib.crc32(p.encode())) for p in prompts]
-  return (
-    jnp.asarray(np.stack([r.standard_normal((8, 32)) for r in rs]), jnp.float32),
-    jnp.asarray(np.stack([r.standard_normal(32) for r in rs]), jnp.float32),
-  )
-
-
-def _decoder(z):
-  return jnp.tanh(3.0 * z[..., :3])
+from tiny_run_helpers import REPO, conditioner as _conditioner, decoder as _decoder, train_tiny
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  w = str(tmp_path_factory.mktemp("run"))
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "sd3_jax.main",
-      "--config",
-      "configs/tiny.py",
-      "--workdir",
-      w,
-      "--config.total_steps=2",
-      "--config.val.every=0",
-    ],
-    cwd=REPO,
-    env=env,
-    check=True,
-    capture_output=True,
-    timeout=600,
-  )
-  return w
+  return train_tiny(str(tmp_path_factory.mktemp("run")))
 
 
 def test_load_workdir_reads_only_the_wanted_params(workdir):
