@@ -29,24 +29,15 @@ from sd3_jax import flow
 from sd3_jax.storage import fileutil
 from sd3_jax.training import branch
 from sd3_jax.models import mmdit
-from sd3_jax.scaling import compare, family, laws, ranking
+from sd3_jax.scaling import compare, family, laws, ranking, sweep
 
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 DIVERGED = "diverged.json"  # written by the sweep runner when a run's loss became NaN/Inf
-# Config keys that place a run in the family or its length, not what a comparison varies.
-FAMILY_KEYS = (
-  "model.depth",
-  "model.hidden_size",
-  "model.num_heads",
-  "total_steps",
-  "val.every",
-  "checkpoint_every",
-  "log_every",
-  "keep_checkpoint_steps",
-  "branch_from",
-)
+# Config keys that place a run in the family or its length, not what a comparison varies: those
+# a sweep sets for every run, and the logging cadence.
+FAMILY_KEYS = sweep.RUN_KEYS + ("log_every",)
 
 
 def find_runs(dirs: Sequence[str]) -> list[str]:
