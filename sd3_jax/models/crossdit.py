@@ -70,16 +70,7 @@ class CrossDiT(M.Backbone):
     """Velocity v(x, t); ``skip_layers`` (unscanned only) bypasses those blocks."""
     cfg = self.config
     x_tok, c, ctx, (hp, wp) = M.embed_inputs(self, x, t, pooled, context)
-    kw = dict(
-      hidden=cfg.hidden_size,
-      heads=cfg.num_heads,
-      mlp_ratio=cfg.mlp_ratio,
-      qk_norm=cfg.qk_norm,
-      dtype=self.dtype,
-      attention_impl=self.attention_impl,
-      attention_blocks=self.attention_blocks,
-      attention_scale=cfg.attention_scale,
-    )
+    kw = M.block_attributes(self, cfg)
     _, x_tok = R.run_blocks(
       CrossDiTBlock,
       lambda _: kw,

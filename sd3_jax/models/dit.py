@@ -45,17 +45,7 @@ class DiTBlock(M.StreamBlock):
 
 def block_kwargs(module: nn.Module, cfg: MMDiTConfig, out_from: int = 0) -> dict:
   """The DiTBlock attributes of a backbone module (dtype, attention options) and config."""
-  return dict(
-    hidden=cfg.hidden_size,
-    heads=cfg.num_heads,
-    mlp_ratio=cfg.mlp_ratio,
-    qk_norm=cfg.qk_norm,
-    dtype=module.dtype,
-    attention_impl=module.attention_impl,
-    attention_blocks=module.attention_blocks,
-    attention_scale=cfg.attention_scale,
-    out_from=out_from,
-  )
+  return dict(M.block_attributes(module, cfg), out_from=out_from)
 
 
 def joint_transformer(module: nn.Module, cfg: MMDiTConfig, ctx_BxLxD, x_BxNxD, c_BxD, skip_layers=()):

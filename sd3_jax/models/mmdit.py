@@ -170,6 +170,21 @@ def embed_text(cfg: MMDiTConfig, context, dtype, name: str = "context_embedder")
   return nn.with_logical_constraint(ctx, (L.ACT_BATCH, L.ACT_LENGTH, L.ACT_EMBED))
 
 
+def block_attributes(module, cfg: MMDiTConfig) -> dict:
+  """The attributes every backbone's transformer blocks share: widths and attention from ``cfg``,
+  dtype and the attention implementation from ``module`` (a ``Backbone``)."""
+  return dict(
+    hidden=cfg.hidden_size,
+    heads=cfg.num_heads,
+    mlp_ratio=cfg.mlp_ratio,
+    qk_norm=cfg.qk_norm,
+    dtype=module.dtype,
+    attention_impl=module.attention_impl,
+    attention_blocks=module.attention_blocks,
+    attention_scale=cfg.attention_scale,
+  )
+
+
 def embed_inputs(module, x, t, pooled, context):
   """The DiT's and CrossDiT's inputs, checked and embedded in ``module`` (a ``Backbone``): image
   tokens [B, N, h], the conditioning vector [B, h], one text stream [B, L, h] and the patch grid."""
@@ -231,16 +246,9 @@ class MMDiT(Backbone):
   def _block_kwargs(self, start: int, pre_only: bool = False) -> dict:
     cfg = self.config
     return dict(
-      hidden=cfg.hidden_size,
-      heads=cfg.num_heads,
-      mlp_ratio=cfg.mlp_ratio,
-      qk_norm=cfg.qk_norm,
+      block_attributes(self, cfg),
       context_pre_only=pre_only,
       dual=start in cfg.dual_attention_layers,
-      dtype=self.dtype,
-      attention_impl=self.attention_impl,
-      attention_blocks=self.attention_blocks,
-      attention_scale=cfg.attention_scale,
       text_streams=cfg.text_streams,
     )
 
