@@ -210,11 +210,6 @@ def readings(image: np.ndarray, scene: Scene) -> dict[str, str]:
   }
 
 
-def _histogram(values: Sequence[str]) -> dict[str, float]:
-  n = len(values)
-  return {v: c / n for v, c in collections.Counter(values).items()}
-
-
 def reading_distance(
   images: Sequence[np.ndarray], references: Sequence[np.ndarray], scenes: Sequence[Scene]
 ) -> dict[str, float]:
@@ -244,8 +239,9 @@ def reading_distance(
   ours = [readings(im, sc) for im, sc in zip(images, scenes)]
   real = [readings(im, sc) for im, sc in zip(references, scenes)]
   out = {}
-  for part in PARTS:
-    p, q = _histogram([r[part] for r in ours]), _histogram([r[part] for r in real])
-    out[part] = 0.5 * sum(abs(p.get(v, 0.0) - q.get(v, 0.0)) for v in set(p) | set(q))
+  for part in PARTS:  # both sets hold len(scenes) readings: TV = sum_v |count difference| / (2 n),
+    # summed in integers so that the value does not depend on the order of the readings' set
+    p, q = collections.Counter(r[part] for r in ours), collections.Counter(r[part] for r in real)
+    out[part] = sum(abs(p[v] - q[v]) for v in p.keys() | q.keys()) / (2 * len(scenes))
   out["mean"] = float(np.mean([out[part] for part in PARTS]))
   return out
