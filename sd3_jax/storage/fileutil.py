@@ -47,8 +47,12 @@ def atomic_directory(path: str) -> Iterator[str]:
 
 def atomic_json(path: str, obj, indent: int = 1) -> None:
   """Writes ``obj`` as JSON to a temporary sibling, then renames it over ``path``."""
+  atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes ``text`` to a temporary sibling, then renames it over ``path``."""
   tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=indent)
-    f.write("\n")
+    f.write(text)
   os.replace(tmp, path)
