@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sd3_jax.scaling import cli, study
+from sd3_jax.scaling import cli, runner, study
 from sd3_jax.scaling import sweep as sweep_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,3 +212,35 @@ def test_claim5_ignores_depths_near_chance():
 def test_study_command_on_a_directory_without_parts_names_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="launch/scaling_demo.sh .* --part scaling"):
     cli.main(["study", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("part,num_workers", [("scaling", 2), ("backbones", 3), ("formulations", 4)])
+def test_workers_share_a_sweep_without_splitting_a_stable_run_from_its_branches(part, num_workers):
+  runs = sweep_lib.plan(_sweep(part))
+  shares = [runner.worker_share(runs, i, num_workers) for i in range(num_workers)]
+  assert set().union(*shares) == {r.name for r in runs} and sum(map(len, shares)) == len(runs)  # a partition
+  for r in runs:
+    if r.branch_of:
+      assert [r.branch_of in s for s in shares] == [r.name in s for s in shares]
+  groups = [{r.branch_of or r.name for r in runs if r.name in s} for s in shares]
+  assert max(map(len, groups)) - min(map(len, groups)) <= 1  # whole groups, dealt evenly
+  with pytest.raises(ValueError, match="give I/N"):
+    cli.main(["run", f"{STUDY}:/data,{part}", "--sweep_dir", "/tmp/x", "--worker", "2"])
+  with pytest.raises(ValueError, match="worker 2 of 2"):
+    runner.worker_share(runs, 2, 2)
+
+
+@pytest.mark.parametrize(
+  "args,message",
+  [(["--part", "sizes"], "unknown part 'sizes'"), (["--jobs", "two"], "--jobs 'two'"), (["--fast"], "unknown option")],
+)
+def test_the_study_launcher_refuses_bad_arguments_before_any_work(tmp_path, args, message):
+  import subprocess
+
+  done = subprocess.run(
+    ["bash", os.path.join(REPO, "launch", "scaling_demo.sh"), str(tmp_path / "w"), *args],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, PYTHON="/nonexistent/python"),
+  )
+  assert done.returncode == 2 and message in done.stderr and not os.path.exists(tmp_path / "w")

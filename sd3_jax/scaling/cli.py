@@ -1,8 +1,9 @@
 r"""Scaling-law studies from the command line (``python -m sd3_jax.scaling`` or ``sd3-scaling``).
 
-run SWEEP[:ARG] --sweep_dir DIR [--print_commands] [--only NAME ...] [--set KEY=VALUE ...]
+run SWEEP[:ARG] --sweep_dir DIR [--print_commands] [--only NAME ...] [--worker I/N] [--set KEY=VALUE ...]
     train every run of a sweep file here, one after another (finished runs are skipped, a
-    killed sweep resumes), or print one `python -m sd3_jax.main ...` line per run
+    killed sweep resumes), or worker I's share of N side by side, or print one
+    `python -m sd3_jax.main ...` line per run
 analyze RUN_OR_SWEEP_DIR ... --out DIR [--loss val/loss | --levels interior | --levels 0.143,0.286]
         [--holdout largest | --holdout NAME,NAME] [--where KEY=VALUE ...] [--num_bootstrap N]
         [--transfer KEY]
@@ -46,8 +47,18 @@ def _run(args) -> None:
           print(f"# {run.name} starts once {run.branch_of} has committed step {run.branch_step}", file=sys.stderr)
         print(sweep_lib.command_line(sweep, run, args.sweep_dir if remote else os.path.abspath(args.sweep_dir)))
     return
-  trained = runner.run_sweep(sweep, args.sweep_dir, only=args.only)
+  trained = runner.run_sweep(sweep, args.sweep_dir, only=args.only, worker=_parse_worker(args.worker))
   print(f"trained {len(trained)} run(s) into {args.sweep_dir}: {', '.join(trained) or 'all were finished'}")
+
+
+def _parse_worker(text: str | None) -> tuple[int, int] | None:
+  if not text:
+    return None
+  try:
+    i, n = (int(x) for x in text.split("/"))
+  except ValueError:
+    raise ValueError(f"--worker {text!r}: give I/N, e.g. --worker 0/2 (worker 0 of 2)") from None
+  return i, n
 
 
 def _analyze(args) -> None:
@@ -162,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("--sweep_dir", required=True, help="one training workdir per run goes under it")
   r.add_argument("--print_commands", action="store_true", help="print one `python -m sd3_jax.main` line per run")
   r.add_argument("--only", nargs="+", default=[], help="only these run names")
+  r.add_argument(
+    "--worker",
+    metavar="I/N",
+    help="train only worker I's share of N (a stable run and its branches stay together): run N such "
+    "commands side by side to use more cores with small models (launch/scaling_demo.sh --jobs)",
+  )
   r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key")
   r.set_defaults(fn=_run)
 

@@ -79,19 +79,35 @@ def release_branch_points(runs: Sequence[sweep_lib.Run], sweep_dir: str) -> list
   return deleted
 
 
-def run_sweep(sweep: ml_collections.ConfigDict, sweep_dir: str, *, only: Sequence[str] = ()) -> list[str]:
-  """Trains every planned run (or those named in ``only``) in order; returns the names trained
-  now (finished runs are skipped). Runs in this process with ``train.train_and_evaluate``."""
+def worker_share(runs: Sequence[sweep_lib.Run], worker: int, num_workers: int) -> set[str]:
+  """The names of the runs worker ``worker`` of ``num_workers`` trains: whole groups (a stable run
+  with its cooldown branches, or a run of its own) dealt round-robin in plan order, so a branch is
+  always trained by the worker that trains its stable run."""
+  if not 0 <= worker < num_workers:
+    raise ValueError(f"worker {worker} of {num_workers}: give I/N with 0 <= I < N, e.g. --worker 0/2")
+  groups: dict[str, int] = {}
+  for r in runs:
+    groups.setdefault(r.branch_of or r.name, len(groups))
+  return {r.name for r in runs if groups[r.branch_of or r.name] % num_workers == worker}
+
+
+def run_sweep(
+  sweep: ml_collections.ConfigDict, sweep_dir: str, *, only: Sequence[str] = (), worker: tuple[int, int] | None = None
+) -> list[str]:
+  """Trains every planned run (or those named in ``only``; with ``worker`` (I, N), only worker I's
+  share of N, ``worker_share``) in order; returns the names trained now (finished runs are
+  skipped). Runs in this process with ``train.train_and_evaluate``."""
   from sd3_jax.training import divergence, train  # jax starts here, not when the sweep is only planned
 
   runs = sweep_lib.plan(sweep)
   unknown = set(only) - {r.name for r in runs}
   if unknown:
     raise ValueError(f"--only names unknown runs {sorted(unknown)}; the sweep has {[r.name for r in runs]}")
+  share = worker_share(runs, *worker) if worker else None
   write_plan(sweep, runs, sweep_dir)
   trained = []
   for i, run in enumerate(runs):
-    if only and run.name not in only:
+    if (only and run.name not in only) or (share is not None and run.name not in share):
       continue
     workdir = os.path.join(os.path.abspath(sweep_dir), run.name)
     if is_finished(workdir, run.steps) or is_diverged(workdir):
