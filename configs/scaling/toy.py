@@ -1,4 +1,5 @@
-r"""The toy scaling study on the embedded demo's coloured shapes (``bash launch/scaling_demo.sh``).
+r"""The first toy scaling study on the embedded demo's coloured shapes (2026-11-30; the current one,
+``bash launch/scaling_demo.sh``, is ``toy_study.py``: wider, with batch 64, where quality discriminates).
 
 A CPU-sized depth family with the paper's shape rule at a quarter of its width: hidden 16 d,
 d heads (head dim 16), d = 1, 2, 3, 4 (15k to 0.59M parameters), patch 4 on 32x32x3 pixels
