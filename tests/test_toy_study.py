@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sd3_jax.scaling import cli, runner, study
+from sd3_jax.scaling import claims, cli, runner, study
 from sd3_jax.scaling import sweep as sweep_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +34,7 @@ def test_each_part_plans_the_regime_written_down():
     len(formulations) == 21 and {r.depth for r in formulations} == {2} and {r.steps for r in formulations} == {1200}
   )
   pairs = {(c.flow.formulation, c.seed) for c in cfgs}
-  assert pairs == {(f, s) for f in study.PAPER_FORMULATION_RANK for s in (0, 1, 2)}
+  assert pairs == {(f, s) for f in claims.PAPER_FORMULATION_RANK for s in (0, 1, 2)}
   assert {c.global_batch_size for c in cfgs} == {64} and {c.optimizer.schedule for c in cfgs} == {"wsd"}
 
   sweep = _sweep("backbones")
@@ -101,7 +101,7 @@ def workdir(tmp_path_factory):
   sweep = _sweep("formulations")
   for run in sweep_lib.plan(sweep):
     cfg = sweep_lib.run_config(sweep, run)
-    place = list(study.PAPER_FORMULATION_RANK).index(cfg.flow.formulation)  # 0 = the paper's best
+    place = list(claims.PAPER_FORMULATION_RANK).index(cfg.flow.formulation)  # 0 = the paper's best
     acc = 0.1 - 0.01 * place - 0.002 * cfg.seed
     quality = {n: (acc - (0.01 if n == 5 else 0.0), 0.3 + 0.02 * place) for n in (5, 25)}
     _write_run(os.path.join(root, "formulations"), sweep, run, {1200: 0.30 + 0.01 * place + 0.001 * cfg.seed}, quality)
@@ -141,7 +141,7 @@ def test_the_report_judges_each_claim_from_the_numbers(workdir, tmp_path):
   )
 
   c2 = result["claim2_formulations"]
-  assert [r["formulation"] for r in c2["rows"]] == list(study.PAPER_FORMULATION_RANK)
+  assert [r["formulation"] for r in c2["rows"]] == list(claims.PAPER_FORMULATION_RANK)
   assert [r["rank"]["mean"] for r in c2["rows"]] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
   cell = c2["rows"][0]["sample_accuracy@25"]
   accs = [0.1, 0.098, 0.096]
@@ -182,7 +182,7 @@ def test_a_claim_the_numbers_contradict_is_reported_not_reproduced(workdir, tmp_
   sweep = _sweep("formulations")
   for run in sweep_lib.plan(sweep):
     cfg = sweep_lib.run_config(sweep, run)
-    place = list(study.PAPER_FORMULATION_RANK).index(cfg.flow.formulation)
+    place = list(claims.PAPER_FORMULATION_RANK).index(cfg.flow.formulation)
     quality = {n: (0.03 + 0.01 * place, 0.5 - 0.02 * place) for n in (5, 25)}
     _write_run(os.path.join(root, "formulations"), sweep, run, {1200: 0.3}, quality)
   result = study.study(root, str(tmp_path / "out"), plots=False)
@@ -204,7 +204,7 @@ def test_claim5_ignores_depths_near_chance():
       "quality": {25: {"sample_accuracy": many, "chance": {"all": CHANCE}}, 5: {"sample_accuracy": few}},
     }
 
-  result = study.claim_steps([run(1, 0.008, 0.0), run(2, 0.05, 0.04), run(3, 0.08, 0.07), run(4, 0.1, 0.095)])
+  result = claims.claim_steps([run(1, 0.008, 0.0), run(2, 0.05, 0.04), run(3, 0.08, 0.07), run(4, 0.1, 0.095)])
   assert result["usable_depths"] == [2, 3, 4] and result["rows"][0]["relative_drop"] == pytest.approx(1.0)
   assert result["depth_vs_drop"]["rho"] == pytest.approx(-1.0) and result["reproduced"]
 

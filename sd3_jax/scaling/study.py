@@ -1,385 +1,31 @@
-"""The toy study's report: the paper's five claims read from the parts' runs (``sd3-scaling study``).
+"""The toy study's report (``sd3-scaling study WORKDIR --out OUT``): the paper's five claims.
 
 ``study(workdir, out)`` reads the parts ``bash launch/scaling_demo.sh`` trains
-(``WORKDIR/{scaling,formulations,backbones}``, ``configs/scaling/toy_study.py``), each run's
-validation points, held-out sample scores (``RUN/sample_eval.json``) and logged throughput, and
-writes ``OUT/study.json``, ``OUT/study.md`` (one table per claim with the paper's result beside
-ours and a verdict from the numbers) and one figure per claim. A part that has not run yet is
+(``WORKDIR/{scaling,formulations,backbones}``, ``configs/scaling/toy_study.py``), judges each claim
+(``claims``) and writes ``OUT/study.json``, ``OUT/study.md`` (one table per claim with the paper's
+result beside ours and the verdict) and one figure per claim. A part that has not run yet is
 reported as missing; a claim is judged only from what ran.
 
-Quality is the checker's all-parts sample accuracy (``sample_accuracy@N``: colours, both shapes
-and the relation right) and the reading distance to real renders (``reading_distance@N``, lower is
-better) at N sampling steps; the validation loss of every claim is the rf yardstick
-``val/rf_loss`` (``docs/formulations.md``), the one loss every formulation shares.
+Figures (PNG): ``claim2_formulations.png`` (quality at both step counts per formulation, mean and
+interval over seeds), ``claim3_backbones.png`` (yardstick loss over training and quality against
+compute, per backbone), ``claim4_loss_vs_quality.png`` (every scored run), ``claim5_steps.png``
+(quality at few and many steps per depth). Claim 1's figures are the analysis's own
+(``claim1_all/loss_vs_compute.png``, ``claim1_holdout/holdout.png``).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import platform
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from sd3_jax.storage import fileutil
-from sd3_jax.scaling import analysis, laws, ranking
+from sd3_jax.scaling import analysis
+from sd3_jax.scaling import claims
 
-log = logging.getLogger(__name__)
-
-PARTS = ("scaling", "formulations", "backbones")
-MANY, FEW = 25, 5  # sampling step counts the study scores
-REGIME_FACTOR = 10.0  # the best run must reach this multiple of the checker's chance level
-
-# The paper's results the claims are read against (Esser et al. 2024).
-PAPER_FORMULATION_RANK = {  # Table 1, average rank over all 24 settings (lower is better)
-  "rf/lognorm(0.00,1.00)": 1.54,
-  "rf/mode(1.29)": 2.75,
-  "eps/linear": 2.88,
-  "rf/cosmap": 4.13,
-  "rf": 5.67,
-  "v/cos": 9.17,
-  "edm(-1.20,1.20)": 15.58,
-}
-PAPER_STEP_DROP = {15: 0.0430, 38: 0.0271}  # section 5.3: relative CLIP-score drop, 50 -> 5 steps
-PAPER_BACKBONES = (
-  "MM-DiT best in loss and quality; DiT worst; UViT fastest early; 3 weight sets only slightly better than 2"
-)
-
-
-def throughput(run_dir: str) -> dict[str, float | None]:
-  """Median training throughput a run logged (``metrics.jsonl``: step time, GFLOP/s over all
-  devices from the exact FLOPs), compilation and checkpointing excluded by the trainer's timer."""
-  step_times, tflops = [], []
-  path = os.path.join(run_dir, analysis.METRICS)
-  if os.path.isfile(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if row.get("step_time") is not None and row.get("tflops_per_sec") is not None:
-          step_times.append(float(row["step_time"]))
-          tflops.append(float(row["tflops_per_sec"]))
-  if not step_times:
-    return {"step_time": None, "gflops_per_sec": None}
-  return {"step_time": float(np.median(step_times)), "gflops_per_sec": 1e3 * float(np.median(tflops))}
-
-
-def read_part(part_dir: str) -> list[dict]:
-  """The runs of one part that have a validation point, each with its throughput, quality at the
-  study's step counts, chance level and yardstick loss."""
-  out = []
-  for run_dir in analysis.find_runs([part_dir]):
-    try:
-      run = analysis.read_run(run_dir, loss="val/rf_loss")
-    except FileNotFoundError as e:
-      log.warning("skipping %s: %s", run_dir, e)
-      continue
-    if not run["points"]:
-      continue
-    run.update(throughput(run_dir))
-    sample_path = os.path.join(run_dir, "sample_eval.json")
-    by_steps = {}
-    if os.path.isfile(sample_path):
-      with open(sample_path) as f:
-        by_steps = json.load(f).get("by_steps", {})
-    run["quality"] = {
-      int(n): {k: v[k] for k in ("sample_accuracy", "part_accuracy", "reading_distance", "chance") if k in v}
-      for n, v in by_steps.items()
-    }
-    run["final_rf_loss"] = run["points"][-1]["loss"]
-    out.append(run)
-  return out
-
-
-def backbone_of(run: dict) -> str:
-  """The backbone a run trained (a config without the key, or with None, is an MM-DiT)."""
-  return run["config"].get("model.backbone") or "mmdit"
-
-
-def _quality(run: dict, n: int, key: str = "sample_accuracy") -> float | None:
-  return (run["quality"].get(n) or {}).get(key)
-
-
-def _chance(run: dict, n: int = MANY) -> float | None:
-  chance = (run["quality"].get(n) or {}).get("chance")
-  return None if chance is None else float(chance.get("all", np.nan) if isinstance(chance, dict) else chance)
-
-
-def interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
-  """Mean and the Student-t interval of the mean over ``values`` (seeds); no interval from one value."""
-  x = np.asarray([v for v in values if v is not None], np.float64)
-  if len(x) == 0:
-    return {"mean": None, "low": None, "high": None, "n": 0}
-  if len(x) == 1:
-    return {"mean": float(x[0]), "low": None, "high": None, "n": 1}
-  half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-  return {"mean": float(x.mean()), "low": float(x.mean() - half), "high": float(x.mean() + half), "n": len(x)}
-
-
-# Regime and throughput
-
-
-def regime(runs: Sequence[dict]) -> dict[str, Any]:
-  """Does the checker separate runs? The best and worst accuracy (at MANY steps) against chance."""
-  scored = [r for r in runs if _quality(r, MANY) is not None and _chance(r) is not None]
-  if not scored:
-    return {"scored_runs": 0}
-  chance = float(np.mean([_chance(r) for r in scored]))
-  acc = [_quality(r, MANY) for r in scored]
-  best, worst = int(np.argmax(acc)), int(np.argmin(acc))
-  ratio = acc[best] / chance if chance > 0 else None
-  return {
-    "scored_runs": len(scored),
-    "chance": chance,
-    "best": {"run": scored[best]["name"], "accuracy": acc[best], "times_chance": ratio},
-    "worst": {
-      "run": scored[worst]["name"],
-      "accuracy": acc[worst],
-      "times_chance": acc[worst] / chance if chance else None,
-    },
-    "discriminates": bool(ratio is not None and ratio >= REGIME_FACTOR),
-  }
-
-
-def throughput_table(runs: Sequence[dict]) -> list[dict]:
-  """Per model (depth, backbone): parameters, exact train FLOPs per step, median step time and
-  GFLOP/s achieved, over the runs that logged them."""
-  groups: dict[tuple, list[dict]] = {}
-  for r in runs:
-    groups.setdefault((r["depth"], backbone_of(r)), []).append(r)
-  rows = []
-  for (depth, backbone), members in sorted(groups.items()):
-    timed = [m for m in members if m["gflops_per_sec"] is not None]
-    rows.append(
-      {
-        "depth": depth,
-        "backbone": backbone,
-        "params": members[0]["params"]["total"],
-        "gflop_per_step": members[0]["flops_per_step"] / 1e9,
-        "step_time": float(np.median([m["step_time"] for m in timed])) if timed else None,
-        "gflops_per_sec": float(np.median([m["gflops_per_sec"] for m in timed])) if timed else None,
-        "runs": len(members),
-      }
-    )
-  return rows
-
-
-# Claim 1: loss against compute
-
-
-def claim_frontier(part_dir: str, out: str, num_bootstrap: int = 200) -> dict[str, Any]:
-  """The frontier and parametric laws over every depth, and with the largest depth held out and
-  predicted (figures: out/claim1_all/, out/claim1_holdout/)."""
-  full = analysis.analyze([part_dir], os.path.join(out, "claim1_all"), loss="val/rf_loss", num_bootstrap=num_bootstrap)
-  held = analysis.analyze(
-    [part_dir], os.path.join(out, "claim1_holdout"), loss="val/rf_loss", holdout="largest", num_bootstrap=num_bootstrap
-  )
-  frontier = full["frontier"]
-  r2 = frontier["fit"]["r2_log"] if frontier["fit"] else None
-  predictions = []
-  for h in held["holdout"]:
-    predictions.append(
-      {
-        "run": h["run"],
-        "final_step": h["points"][-1]["step"],
-        "measured": h["points"][-1]["measured"],
-        "frontier_rel_error": h["frontier_final_rel_error"] if h["frontier_law_trusted"] else None,
-        "parametric_rel_error": h["parametric_final_rel_error"] if h["parametric_law_trusted"] else None,
-      }
-    )
-  predictions.sort(key=lambda p: p["final_step"])
-  within = {
-    law: sum(1 for p in predictions if p[f"{law}_rel_error"] is not None and abs(p[f"{law}_rel_error"]) <= 0.05)
-    for law in ("frontier", "parametric")
-  }
-  return {
-    "frontier": {"fit": frontier["fit"], "trusted": frontier["trusted"], "why_not": laws.not_a_result(frontier)},
-    "parametric": {
-      "fit": full["parametric"]["fit"],
-      "trusted": full["parametric"]["trusted"],
-      "why_not": laws.not_a_result(full["parametric"]),
-    },
-    "holdout_fit": {k: laws.not_a_result(held[k]) or "trusted" for k in ("frontier", "parametric")},
-    "r2_log": r2,
-    "holdout": predictions,
-    "lengths_within_5pct": within,
-    "reproduced": bool(
-      frontier["trusted"] and r2 is not None and r2 >= 0.97 and within["frontier"] >= 2 and within["parametric"] >= 2
-    ),
-  }
-
-
-# Claim 2: formulations
-
-
-def claim_formulations(runs: Sequence[dict]) -> dict[str, Any]:
-  """Per formulation over seeds: the paper's rank (non-dominated sorting over sample accuracy and
-  reading distance among the formulations of one seed, averaged over MANY and FEW steps), the
-  two quality measures at both step counts and the yardstick loss, each with its interval."""
-  by_seed: dict[Any, list[dict]] = {}
-  for r in runs:
-    by_seed.setdefault(r["config"].get("seed", 0), []).append(r)
-  paper_rank: dict[str, list[float]] = {}
-  pair = ranking.QUALITY_PAIRS[-1]
-  for members in by_seed.values():
-    for r, rank in zip(members, ranking.paper_average_rank(members, pair)):
-      if rank is not None:
-        paper_rank.setdefault(r["config"]["flow.formulation"], []).append(rank)
-  names = sorted({r["config"]["flow.formulation"] for r in runs}, key=lambda n: PAPER_FORMULATION_RANK.get(n, 99))
-  rows = []
-  for name in names:
-    members = [r for r in runs if r["config"]["flow.formulation"] == name]
-    row = {
-      "formulation": name,
-      "seeds": sorted(r["config"].get("seed", 0) for r in members),
-      "paper_rank": PAPER_FORMULATION_RANK.get(name),
-      "rank": interval(paper_rank.get(name, [])),
-      "rf_loss": interval([r["final_rf_loss"] for r in members]),
-    }
-    for n in (FEW, MANY):
-      row[f"sample_accuracy@{n}"] = interval([_quality(r, n) for r in members])
-      row[f"reading_distance@{n}"] = interval([_quality(r, n, "reading_distance") for r in members])
-    rows.append(row)
-  ours = [r["rank"]["mean"] for r in rows]
-  theirs = [r["paper_rank"] for r in rows]
-  ok = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a is not None and b is not None]
-  rho = p = None
-  if len(ok) >= 3:
-    rho, p = stats.spearmanr([ours[i] for i in ok], [theirs[i] for i in ok])
-    rho, p = (None, None) if np.isnan(rho) else (float(rho), float(p))
-  best = min((r for r in rows if r["rank"]["mean"] is not None), key=lambda r: r["rank"]["mean"], default=None)
-  return {
-    "rows": rows,
-    "ranked_by": f"non-dominated sorting over ({pair[0]}, {pair[1]}) at {FEW} and {MANY} steps, per seed",
-    "spearman_with_paper": {"rho": rho, "p_value": p},
-    "best": best and best["formulation"],
-    "reproduced": bool(best and best["formulation"] == "rf/lognorm(0.00,1.00)" and rho is not None and rho > 0),
-  }
-
-
-# Claim 3: backbones
-
-
-def claim_backbones(runs: Sequence[dict]) -> dict[str, Any]:
-  """Per backbone at each compute budget (a cooldown branch per budget): yardstick loss and
-  quality; the paper's four observations judged from them."""
-  rows = []
-  for r in sorted(runs, key=lambda r: (backbone_of(r), r["points"][-1]["compute"])):
-    rows.append(
-      {
-        "backbone": backbone_of(r),
-        "run": r["name"],
-        "params": r["params"]["total"],
-        "steps": r["points"][-1]["step"],
-        "compute": r["points"][-1]["compute"],
-        "rf_loss": r["final_rf_loss"],
-        f"sample_accuracy@{MANY}": _quality(r, MANY),
-        f"reading_distance@{MANY}": _quality(r, MANY, "reading_distance"),
-        f"sample_accuracy@{FEW}": _quality(r, FEW),
-      }
-    )
-  budgets = sorted({r["budget"] for r in runs if r.get("budget")})
-  at = {b: {backbone_of(r): r for r in runs if r.get("budget") == b} for b in budgets}
-  checks: dict[str, Any] = {}
-  if budgets and len(at[budgets[-1]]) >= 2:
-    last, first = at[budgets[-1]], at[budgets[0]]
-    loss_last = {k: v["final_rf_loss"] for k, v in last.items()}
-    acc_last = {k: _quality(v, MANY) for k, v in last.items()}
-    checks["lowest_loss_at_largest_budget"] = min(loss_last, key=loss_last.get)
-    checks["highest_loss_at_largest_budget"] = max(loss_last, key=loss_last.get)
-    scored = {k: a for k, a in acc_last.items() if a is not None}
-    checks["best_accuracy_at_largest_budget"] = max(scored, key=scored.get) if scored else None
-    loss_first = {k: v["final_rf_loss"] for k, v in first.items()}
-    checks["lowest_loss_at_smallest_budget"] = min(loss_first, key=loss_first.get)
-    if "mmdit" in loss_last and "mmdit3" in loss_last:
-      checks["mmdit3_vs_mmdit_rel_loss"] = loss_last["mmdit3"] / loss_last["mmdit"] - 1.0
-    checks["mmdit_best"] = checks["lowest_loss_at_largest_budget"] in ("mmdit", "mmdit3")
-    checks["dit_worst"] = checks["highest_loss_at_largest_budget"] == "dit"
-    checks["uvit_fastest_early"] = checks["lowest_loss_at_smallest_budget"] == "uvit"
-  return {
-    "rows": rows,
-    "budgets": budgets,
-    "checks": checks,
-    "reproduced": bool(checks.get("mmdit_best") and checks.get("dit_worst")),
-  }
-
-
-# Claim 4: validation loss predicts quality
-
-
-def claim_correlation(runs: Sequence[dict]) -> dict[str, Any]:
-  """Spearman's rho between final yardstick loss and sample accuracy (at MANY steps) over every
-  scored run of the study, with its p-value; also per part."""
-
-  def rho(members):
-    pairs = [(r["final_rf_loss"], _quality(r, MANY)) for r in members if _quality(r, MANY) is not None]
-    if len(pairs) < 3 or any(len(set(x)) < 2 for x in zip(*pairs)):  # a constant has no rank correlation
-      return {"num_runs": len(pairs), "rho": None, "p_value": None}
-    value, p = stats.spearmanr(*zip(*pairs))
-    return {
-      "num_runs": len(pairs),
-      "rho": None if np.isnan(value) else float(value),
-      "p_value": None if np.isnan(p) else float(p),
-    }
-
-  out = {"all": rho(runs)}
-  for part in PARTS:
-    members = [r for r in runs if r.get("part") == part]
-    if members:
-      out[part] = rho(members)
-  out["reproduced"] = bool(out["all"]["rho"] is not None and out["all"]["rho"] <= -0.8)
-  return out
-
-
-# Claim 5: larger models need fewer steps
-
-
-def claim_steps(runs: Sequence[dict]) -> dict[str, Any]:
-  """Per depth (the longest run of each): the relative accuracy drop from MANY to FEW sampling
-  steps, (q_many - q_few) / q_many, and the reading distance's rise; the paper's drop shrinks
-  with depth."""
-  longest: dict[int, dict] = {}
-  for r in runs:
-    if r["depth"] not in longest or r["points"][-1]["step"] > longest[r["depth"]]["points"][-1]["step"]:
-      longest[r["depth"]] = r
-  rows = []
-  for depth, r in sorted(longest.items()):
-    many, few = _quality(r, MANY), _quality(r, FEW)
-    chance = _chance(r)
-    rows.append(
-      {
-        "depth": depth,
-        "run": r["name"],
-        f"sample_accuracy@{MANY}": many,
-        f"sample_accuracy@{FEW}": few,
-        "relative_drop": (many - few) / many if many else None,
-        f"reading_distance@{MANY}": _quality(r, MANY, "reading_distance"),
-        f"reading_distance@{FEW}": _quality(r, FEW, "reading_distance"),
-        # below 2x chance the ratio measures noise, not the model
-        "above_2x_chance": bool(many is not None and chance and many >= 2 * chance),
-      }
-    )
-  usable = [row for row in rows if row["relative_drop"] is not None and row["above_2x_chance"]]
-  trend = None
-  if len(usable) >= 3:
-    value, p = stats.spearmanr([row["depth"] for row in usable], [row["relative_drop"] for row in usable])
-    trend = {"rho": None if np.isnan(value) else float(value), "p_value": None if np.isnan(p) else float(p)}
-  elif len(usable) == 2:
-    trend = {"rho": 1.0 if usable[1]["relative_drop"] > usable[0]["relative_drop"] else -1.0, "p_value": None}
-  return {
-    "rows": rows,
-    "usable_depths": [row["depth"] for row in usable],
-    "depth_vs_drop": trend,
-    "reproduced": bool(trend and trend["rho"] is not None and trend["rho"] < 0),
-  }
-
-
-# The whole study
+MANY, FEW = claims.MANY, claims.FEW
 
 
 def study(workdir: str, out: str, *, num_bootstrap: int = 200, plots: bool = True) -> dict[str, Any]:
@@ -387,36 +33,310 @@ def study(workdir: str, out: str, *, num_bootstrap: int = 200, plots: bool = Tru
   the figures; returns the result."""
   os.makedirs(out, exist_ok=True)
   parts: dict[str, list[dict]] = {}
-  for part in PARTS:
+  for part in claims.PARTS:
     path = os.path.join(workdir, part)
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, s, analysis.METRICS)) for s in os.listdir(path)):
-      parts[part] = read_part(path)
+      parts[part] = claims.read_part(path)
       for r in parts[part]:
         r["part"] = part
   if not parts:
     raise FileNotFoundError(
-      f"{workdir} holds none of the study's parts {PARTS}: run `bash launch/scaling_demo.sh {workdir} --part scaling` first"
+      f"{workdir} holds none of the study's parts {claims.PARTS}: run `bash launch/scaling_demo.sh {workdir} --part scaling` first"
     )
   every = [r for members in parts.values() for r in members]
   result: dict[str, Any] = {
     "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-    "parts": {p: len(parts.get(p, [])) for p in PARTS},
-    "missing_parts": [p for p in PARTS if not parts.get(p)],
-    "regime": regime(every),
-    "throughput": throughput_table(every),
+    "parts": {p: len(parts.get(p, [])) for p in claims.PARTS},
+    "missing_parts": [p for p in claims.PARTS if not parts.get(p)],
+    "regime": claims.regime(every),
+    "throughput": claims.throughput_table(every),
   }
   if parts.get("scaling"):
-    result["claim1_frontier"] = claim_frontier(os.path.join(workdir, "scaling"), out, num_bootstrap)
-    result["claim5_steps"] = claim_steps(parts["scaling"])
+    result["claim1_frontier"] = claims.claim_frontier(os.path.join(workdir, "scaling"), out, num_bootstrap)
+    result["claim5_steps"] = claims.claim_steps(parts["scaling"])
   if parts.get("formulations"):
-    result["claim2_formulations"] = claim_formulations(parts["formulations"])
+    result["claim2_formulations"] = claims.claim_formulations(parts["formulations"])
   if parts.get("backbones"):
-    result["claim3_backbones"] = claim_backbones(parts["backbones"])
-  result["claim4_correlation"] = claim_correlation(every)
-  from sd3_jax.scaling import study_report  # it imports this module
-
+    result["claim3_backbones"] = claims.claim_backbones(parts["backbones"])
+  result["claim4_correlation"] = claims.claim_correlation(every)
   fileutil.atomic_json(os.path.join(out, "study.json"), result, indent=1)
   if plots:
-    study_report.figures(parts, result, out)
-  fileutil.atomic_write_text(os.path.join(out, "study.md"), study_report.markdown(result))
+    figures(parts, result, out)
+  fileutil.atomic_write_text(os.path.join(out, "study.md"), markdown(result))
   return result
+
+
+def _plt():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def _errorbar(ax, x, cells, **kw):
+  mean = np.array([c["mean"] if c["mean"] is not None else np.nan for c in cells])
+  low = np.array([c["low"] if c["low"] is not None else m for c, m in zip(cells, mean)])
+  high = np.array([c["high"] if c["high"] is not None else m for c, m in zip(cells, mean)])
+  ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="o", capsize=3, **kw)
+
+
+def figures(parts: dict[str, list[dict]], result: dict[str, Any], out: str) -> list[str]:
+  plt = _plt()
+  written = []
+  chance = result["regime"].get("chance")
+  if "claim2_formulations" in result:
+    rows = result["claim2_formulations"]["rows"]
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (n, c) in enumerate(((FEW, "tab:orange"), (MANY, "tab:blue"))):
+      _errorbar(axes[0], x + (i - 0.5) * 0.2, [r[f"sample_accuracy@{n}"] for r in rows], color=c, label=f"{n} steps")
+      _errorbar(axes[1], x + (i - 0.5) * 0.2, [r[f"reading_distance@{n}"] for r in rows], color=c, label=f"{n} steps")
+    if chance:
+      axes[0].axhline(chance, color="grey", ls=":", label="chance")
+    axes[0].set_ylabel("held-out sample accuracy (all parts)")
+    axes[1].set_ylabel("reading distance to real renders (lower is better)")
+    for ax in axes:
+      ax.set_xticks(x, [r["formulation"] for r in rows], rotation=35, ha="right", fontsize=8)
+      ax.legend(fontsize=8)
+    fig.suptitle("formulations at equal compute: mean and 95% interval over seeds (paper's Table 1 order)")
+    fig.tight_layout()
+    written.append(_save(fig, out, "claim2_formulations.png"))
+  if parts.get("backbones"):
+    runs = parts["backbones"]
+    names = sorted({claims.backbone_of(r) for r in runs})
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, name in enumerate(names):
+      members = sorted((r for r in runs if claims.backbone_of(r) == name), key=lambda r: r["points"][-1]["compute"])
+      stable = members[-1]
+      axes[0].plot([p["compute"] for p in stable["points"]], [p["loss"] for p in stable["points"]], "-", color=cmap(i))
+      axes[0].plot(
+        [m["points"][-1]["compute"] for m in members], [m["final_rf_loss"] for m in members], "o", color=cmap(i)
+      )
+      acc = [claims._quality(m, MANY) for m in members]
+      axes[1].plot([m["points"][-1]["compute"] for m in members], acc, "o-", color=cmap(i), label=name)
+    if chance:
+      axes[1].axhline(chance, color="grey", ls=":", label="chance")
+    axes[0].set_ylabel("validation loss (val/rf_loss)")
+    axes[1].set_ylabel(f"held-out sample accuracy, {MANY} steps")
+    for ax in axes:
+      ax.set_xscale("log")
+      ax.set_xlabel("training FLOPs")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("backbones at equal compute (curve: the longest run; dots: each budget's cooldown end)")
+    fig.tight_layout()
+    written.append(_save(fig, out, "claim3_backbones.png"))
+  scored = [r for members in parts.values() for r in members if claims._quality(r, MANY) is not None]
+  if scored:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for part, marker in zip(claims.PARTS, "osD"):
+      members = [r for r in scored if r.get("part") == part]
+      if members:
+        ax.plot(
+          [r["final_rf_loss"] for r in members],
+          [claims._quality(r, MANY) for r in members],
+          marker,
+          label=part,
+          alpha=0.8,
+        )
+    if chance:
+      ax.axhline(chance, color="grey", ls=":", label="chance")
+    c = result["claim4_correlation"]["all"]
+    title = "final validation loss against sample quality"
+    if c["rho"] is not None:
+      title += f"\nSpearman rho = {c['rho']:.2f} (p = {c['p_value']:.1e}, {c['num_runs']} runs)"
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("final val/rf_loss")
+    ax.set_ylabel(f"held-out sample accuracy, {MANY} steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(_save(fig, out, "claim4_loss_vs_quality.png"))
+  if "claim5_steps" in result:
+    rows = result["claim5_steps"]["rows"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    depths = [r["depth"] for r in rows]
+    for n, c in ((FEW, "tab:orange"), (MANY, "tab:blue")):
+      ax.plot(depths, [r[f"sample_accuracy@{n}"] for r in rows], "o-", color=c, label=f"{n} sampling steps")
+    if chance:
+      ax.axhline(chance, color="grey", ls=":", label="chance")
+    ax.set_xlabel("depth d")
+    ax.set_ylabel("held-out sample accuracy")
+    ax.set_xticks(depths)
+    ax.legend(fontsize=8)
+    ax.set_title("few against many sampling steps, per depth (longest runs)", fontsize=10)
+    fig.tight_layout()
+    written.append(_save(fig, out, "claim5_steps.png"))
+  return written
+
+
+def _save(fig, out: str, name: str) -> str:
+  path = os.path.join(out, name)
+  fig.savefig(path, dpi=110)
+  _plt().close(fig)
+  return path
+
+
+def _f(v, fmt="{:.3f}") -> str:
+  return "-" if v is None else fmt.format(v)
+
+
+def _pct(v) -> str:
+  return "-" if v is None else f"{100 * v:+.1f}%"
+
+
+def _cell(c: dict, fmt="{:.3f}") -> str:
+  if c["mean"] is None:
+    return "-"
+  if c["low"] is None:
+    return fmt.format(c["mean"])
+  return f"{fmt.format(c['mean'])} [{fmt.format(c['low'])}, {fmt.format(c['high'])}]"
+
+
+def _verdict(ok: bool) -> str:
+  return "**reproduced**" if ok else "**not reproduced**"
+
+
+def markdown(result: dict[str, Any]) -> str:
+  """The report: the claims.regime check, throughput and one section per claim, paper beside ours."""
+  lines = [f"# The toy study's report ({result['machine']})", ""]
+  if result["missing_parts"]:
+    lines += [f"Parts not run yet: {', '.join(result['missing_parts'])}; their claims are not judged.", ""]
+  g = result["regime"]
+  if g.get("scored_runs"):
+    lines += [
+      "## Does quality discriminate?",
+      "",
+      f"Chance (the same samples against shuffled captions): {g['chance']:.4f}. Best run {g['best']['run']}: "
+      f"{g['best']['accuracy']:.3f} ({g['best']['times_chance']:.1f}x chance); worst {g['worst']['run']}: "
+      f"{g['worst']['accuracy']:.3f} ({_f(g['worst']['times_chance'], '{:.1f}')}x). "
+      f"The claims.regime {'meets' if g['discriminates'] else 'misses'} the 10x-chance bar.",
+      "",
+    ]
+  lines += [
+    "## Throughput",
+    "",
+    "| depth | backbone | parameters | GFLOP / step | step time | GFLOP/s |",
+    "|---|---|---|---|---|---|",
+  ]
+  for t in result["throughput"]:
+    lines.append(
+      f"| {t['depth']} | {t['backbone']} | {t['params']:,} | {t['gflop_per_step']:.1f} | "
+      f"{_f(t['step_time'], '{:.3f} s')} | {_f(t['gflops_per_sec'], '{:.1f}')} |"
+    )
+  lines.append("")
+  c1 = result.get("claim1_frontier")
+  if c1:
+    fit = c1["frontier"]["fit"]
+    law = (
+      f"L = {fit['e']:.3f} + {fit['a']:.3g} C^-{fit['alpha']:.3f}, log R^2 {fit['r2_log']:.3f}"
+      if fit and c1["frontier"]["trusted"]
+      else c1["frontier"]["why_not"]
+    )
+    lines += [
+      "## Claim 1: loss against compute (paper: Fig. 8, a clean power law; held-out sizes predicted)",
+      "",
+      f"Frontier law over every depth: {law}. Parametric L(N, D): "
+      f"{'trusted' if c1['parametric']['trusted'] else c1['parametric']['why_not']}. "
+      f"Fits without the largest depth: frontier {c1['holdout_fit']['frontier']}, parametric "
+      f"{c1['holdout_fit']['parametric']}.",
+      "",
+      "| held-out run | steps | measured loss | frontier error | parametric error |",
+      "|---|---|---|---|---|",
+    ]
+    for h in c1["holdout"]:
+      lines.append(
+        f"| {h['run']} | {h['final_step']} | {h['measured']:.4f} | {_pct(h['frontier_rel_error'])} | "
+        f"{_pct(h['parametric_rel_error'])} |"
+      )
+    lines += [
+      "",
+      f"Lengths predicted within 5%: frontier {c1['lengths_within_5pct']['frontier']}, parametric "
+      f"{c1['lengths_within_5pct']['parametric']} (goal: log R^2 >= 0.97 and >= 2 lengths each). "
+      f"{_verdict(c1['reproduced'])}.",
+      "",
+    ]
+  c2 = result.get("claim2_formulations")
+  if c2:
+    lines += [
+      "## Claim 2: formulations (paper: Table 1, rf/lognorm(0.00,1.00) ranks first)",
+      "",
+      f"Ranked by {c2['ranked_by']}; mean and 95% interval over seeds.",
+      "",
+      f"| formulation | paper's rank | our rank | accuracy@{FEW} | accuracy@{MANY} | distance@{FEW} | "
+      f"distance@{MANY} | val/rf_loss |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in c2["rows"]:
+      lines.append(
+        f"| {r['formulation']} | {_f(r['paper_rank'], '{:.2f}')} | {_cell(r['rank'], '{:.2f}')} | "
+        f"{_cell(r[f'sample_accuracy@{FEW}'])} | {_cell(r[f'sample_accuracy@{MANY}'])} | "
+        f"{_cell(r[f'reading_distance@{FEW}'])} | {_cell(r[f'reading_distance@{MANY}'])} | {_cell(r['rf_loss'], '{:.4f}')} |"
+      )
+    s = c2["spearman_with_paper"]
+    lines += [
+      "",
+      f"Best by our rank: {c2['best']}. Spearman between our mean rank and the paper's: "
+      f"{_f(s['rho'], '{:.2f}')} (p {_f(s['p_value'], '{:.2g}')}). {_verdict(c2['reproduced'])} "
+      "(rf/lognorm(0.00,1.00) first and a positive rank correlation with the paper).",
+      "",
+    ]
+  c3 = result.get("claim3_backbones")
+  if c3:
+    lines += [
+      f"## Claim 3: backbones (paper: Fig. 4, {claims.PAPER_BACKBONES})",
+      "",
+      f"| backbone | parameters | steps | training FLOPs | val/rf_loss | accuracy@{MANY} | distance@{MANY} | "
+      f"accuracy@{FEW} |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in c3["rows"]:
+      lines.append(
+        f"| {r['backbone']} | {r['params']:,} | {r['steps']} | {r['compute']:.3g} | {r['rf_loss']:.4f} | "
+        f"{_f(r[f'sample_accuracy@{MANY}'])} | {_f(r[f'reading_distance@{MANY}'])} | {_f(r[f'sample_accuracy@{FEW}'])} |"
+      )
+    k = c3["checks"]
+    if k:
+      lines += [
+        "",
+        f"At the largest budget the lowest loss is {k['lowest_loss_at_largest_budget']}'s, the highest "
+        f"{k['highest_loss_at_largest_budget']}'s, the best accuracy {k['best_accuracy_at_largest_budget']}'s; at the "
+        f"smallest the lowest loss is {k['lowest_loss_at_smallest_budget']}'s. MM-DiT3 against MM-DiT: "
+        f"{_pct(k.get('mmdit3_vs_mmdit_rel_loss'))} loss. {_verdict(c3['reproduced'])} (an MM-DiT lowest and the "
+        "DiT highest in loss at the largest budget).",
+      ]
+    lines.append("")
+  c4 = result["claim4_correlation"]
+  lines += [
+    "## Claim 4: validation loss predicts quality (paper: section 5.3, strongly correlated)",
+    "",
+    "| runs | Spearman rho (final val/rf_loss, accuracy) | p-value |",
+    "|---|---|---|",
+  ]
+  for name, c in c4.items():
+    if isinstance(c, dict):
+      lines.append(f"| {name} ({c['num_runs']}) | {_f(c['rho'], '{:.2f}')} | {_f(c['p_value'], '{:.2g}')} |")
+  lines += ["", f"Goal rho <= -0.8 over all runs: {_verdict(c4['reproduced'])}.", ""]
+  c5 = result.get("claim5_steps")
+  if c5:
+    lines += [
+      "## Claim 5: larger models need fewer steps (paper: relative drop 50 -> 5 steps 4.30% at d=15, 2.71% at d=38)",
+      "",
+      f"| depth | accuracy@{MANY} | accuracy@{FEW} | relative drop | distance@{MANY} | distance@{FEW} | above 2x chance |",
+      "|---|---|---|---|---|---|---|",
+    ]
+    for r in c5["rows"]:
+      lines.append(
+        f"| {r['depth']} | {_f(r[f'sample_accuracy@{MANY}'])} | {_f(r[f'sample_accuracy@{FEW}'])} | "
+        f"{_pct(r['relative_drop'])} | {_f(r[f'reading_distance@{MANY}'])} | {_f(r[f'reading_distance@{FEW}'])} | "
+        f"{'yes' if r['above_2x_chance'] else 'no'} |"
+      )
+    t = c5["depth_vs_drop"]
+    lines += [
+      "",
+      f"Depths whose accuracy is above 2x chance: {c5['usable_depths']}; Spearman (depth, drop) "
+      f"{_f(t and t['rho'], '{:.2f}')}. {_verdict(c5['reproduced'])} (the drop shrinks with depth).",
+      "",
+    ]
+  return "\n".join(lines)
