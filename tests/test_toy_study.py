@@ -125,7 +125,7 @@ def test_the_report_judges_each_claim_from_the_numbers(workdir, tmp_path):
 
   g = result["regime"]
   assert g["best"]["run"] == "d4_s1200" and g["best"]["times_chance"] == pytest.approx(0.16 / CHANCE)
-  assert g["discriminates"] and g["worst"]["accuracy"] == pytest.approx(0.01 / 3)
+  assert g["discriminates"] and g["worst"]["accuracy"] == pytest.approx(0.01 / 3) and g["chance"] == CHANCE
 
   tp = {(t["depth"], t["backbone"]): t for t in result["throughput"]}
   assert tp[(3, "mmdit")]["gflops_per_sec"] == pytest.approx(30.0 * 1.02)  # the median logged row
@@ -244,3 +244,14 @@ def test_the_study_launcher_refuses_bad_arguments_before_any_work(tmp_path, args
     env=dict(os.environ, PYTHON="/nonexistent/python"),
   )
   assert done.returncode == 2 and message in done.stderr and not os.path.exists(tmp_path / "w")
+
+
+def test_each_run_is_judged_against_its_own_chance_level():
+  def run(name, acc, chance):
+    return {"name": name, "quality": {25: {"sample_accuracy": acc, "chance": {"all": chance}}}}
+
+  # a blob-drawing model is read generously (high chance); a sharp one at 5% is far above its own
+  g = claims.regime([run("blobs", 0.07, 0.05), run("sharp", 0.05, 0.004), run("mid", 0.03, 0.01)])
+  assert g["best"]["run"] == "sharp" and g["best"]["times_chance"] == pytest.approx(12.5) and g["discriminates"]
+  assert g["worst"]["run"] == "blobs" and g["chance"] == 0.01
+  assert not claims.regime([run("a", 0.05, 0.01), run("b", 0.02, 0.01)])["discriminates"]
