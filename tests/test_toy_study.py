@@ -135,7 +135,7 @@ def test_the_report_judges_each_claim_from_the_numbers(workdir, tmp_path):
   assert [h["final_step"] for h in c1["holdout"]] == [400, 800, 1200]
   for h in c1["holdout"]:  # the data follow a parametric law exactly
     assert abs(h["parametric_rel_error"]) < 0.01
-  assert c1["lengths_within_5pct"]["parametric"] == 3
+  assert c1["lengths_within_5pct"]["parametric"] == 3 and c1["holdout"][0]["untrusted_parametric_rel_error"] is None
   assert c1["reproduced"] == (
     c1["frontier"]["trusted"] and c1["r2_log"] >= 0.97 and min(c1["lengths_within_5pct"].values()) >= 2
   )
@@ -255,3 +255,10 @@ def test_each_run_is_judged_against_its_own_chance_level():
   assert g["best"]["run"] == "sharp" and g["best"]["times_chance"] == pytest.approx(12.5) and g["discriminates"]
   assert g["worst"]["run"] == "blobs" and g["chance"] == 0.01
   assert not claims.regime([run("a", 0.05, 0.01), run("b", 0.02, 0.01)])["discriminates"]
+
+
+def test_an_error_predicted_by_an_untrusted_law_is_marked_not_a_result():
+  held = {"frontier_rel_error": None, "untrusted_frontier_rel_error": 0.061, "parametric_rel_error": -0.02}
+  held["untrusted_parametric_rel_error"] = None
+  assert study._error(held, "frontier") == "not a result (+6.1% from an untrusted law)"
+  assert study._error(held, "parametric") == "-2.0%"

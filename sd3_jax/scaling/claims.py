@@ -191,6 +191,9 @@ def claim_frontier(part_dir: str, out: str, num_bootstrap: int = 200) -> dict[st
         "measured": h["points"][-1]["measured"],
         "frontier_rel_error": h["frontier_final_rel_error"] if h["frontier_law_trusted"] else None,
         "parametric_rel_error": h["parametric_final_rel_error"] if h["parametric_law_trusted"] else None,
+        # what an untrusted law predicted: kept for the account of why the claim failed, never a result
+        "untrusted_frontier_rel_error": None if h["frontier_law_trusted"] else h["frontier_final_rel_error"],
+        "untrusted_parametric_rel_error": None if h["parametric_law_trusted"] else h["parametric_final_rel_error"],
       }
     )
   predictions.sort(key=lambda p: p["final_step"])

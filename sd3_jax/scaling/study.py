@@ -186,6 +186,13 @@ def _pct(v) -> str:
   return "-" if v is None else f"{100 * v:+.1f}%"
 
 
+def _error(h: dict, law: str) -> str:
+  """A held-out error; one predicted by a law that is not trusted is marked as not a result."""
+  if h.get(f"untrusted_{law}_rel_error") is not None:
+    return f"not a result ({_pct(h[f'untrusted_{law}_rel_error'])} from an untrusted law)"
+  return _pct(h[f"{law}_rel_error"])
+
+
 def _cell(c: dict, fmt="{:.3f}") -> str:
   if c["mean"] is None:
     return "-"
@@ -233,7 +240,7 @@ def markdown(result: dict[str, Any]) -> str:
     law = (
       f"L = {fit['e']:.3f} + {fit['a']:.3g} C^-{fit['alpha']:.3f}, log R^2 {fit['r2_log']:.3f}"
       if fit and c1["frontier"]["trusted"]
-      else c1["frontier"]["why_not"]
+      else f"{c1['frontier']['why_not']} (log R^2 {_f(c1['r2_log'])})"
     )
     lines += [
       "## Claim 1: loss against compute (paper: Fig. 8, a clean power law; held-out sizes predicted)",
@@ -248,8 +255,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for h in c1["holdout"]:
       lines.append(
-        f"| {h['run']} | {h['final_step']} | {h['measured']:.4f} | {_pct(h['frontier_rel_error'])} | "
-        f"{_pct(h['parametric_rel_error'])} |"
+        f"| {h['run']} | {h['final_step']} | {h['measured']:.4f} | {_error(h, 'frontier')} | "
+        f"{_error(h, 'parametric')} |"
       )
     lines += [
       "",
