@@ -262,3 +262,11 @@ def test_an_error_predicted_by_an_untrusted_law_is_marked_not_a_result():
   held["untrusted_parametric_rel_error"] = None
   assert study._error(held, "frontier") == "not a result (+6.1% from an untrusted law)"
   assert study._error(held, "parametric") == "-2.0%"
+
+
+def test_the_relative_drop_interval_reflects_how_many_samples_were_scored():
+  small = claims.drop_interval(0.13, 0.078, 192)
+  large = claims.drop_interval(0.13, 0.078, 192 * 16)
+  assert small[0] < 0.4 < small[1] and large[0] < 0.4 < large[1]
+  assert (large[1] - large[0]) < (small[1] - small[0]) / 3  # about 1/sqrt(16) as wide
+  assert claims.drop_interval(0.0, 0.0, 192) is None and claims.drop_interval(0.1, 0.05, None) is None

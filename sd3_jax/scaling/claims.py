@@ -79,10 +79,12 @@ def read_part(part_dir: str) -> list[dict]:
       continue
     run.update(throughput(run_dir))
     sample_path = os.path.join(run_dir, "sample_eval.json")
-    by_steps = {}
+    sample = {}
     if os.path.isfile(sample_path):
       with open(sample_path) as f:
-        by_steps = json.load(f).get("by_steps", {})
+        sample = json.load(f)
+    by_steps = sample.get("by_steps", {})
+    run["num_samples"] = sample.get("num_prompts", 0) * sample.get("samples_per_prompt", 0) or None
     run["quality"] = {
       int(n): {k: v[k] for k in ("sample_accuracy", "part_accuracy", "reading_distance", "chance") if k in v}
       for n, v in by_steps.items()
@@ -343,6 +345,21 @@ def claim_correlation(runs: Sequence[dict]) -> dict[str, Any]:
 # Claim 5: larger models need fewer steps
 
 
+def drop_interval(many: float | None, few: float | None, n: int | None, draws: int = 4000, seed: int = 0):
+  """95% interval of (many - few) / many when each accuracy is a share of ``n`` samples: a
+  parametric bootstrap drawing both counts as independent binomials. The two step counts sample
+  the same prompts with the same noise, so their errors are positively correlated and the true
+  interval is narrower: this one is conservative."""
+  if not many or few is None or not n:
+    return None
+  rng = np.random.default_rng(seed)
+  a = rng.binomial(n, many, draws) / n
+  b = rng.binomial(n, few, draws) / n
+  ok = a > 0
+  drop = (a[ok] - b[ok]) / a[ok]
+  return [float(np.percentile(drop, 2.5)), float(np.percentile(drop, 97.5))]
+
+
 def claim_steps(runs: Sequence[dict]) -> dict[str, Any]:
   """Per depth (the longest run of each): the relative accuracy drop from MANY to FEW sampling
   steps, (q_many - q_few) / q_many, and the reading distance's rise; the paper's drop shrinks
@@ -362,6 +379,7 @@ def claim_steps(runs: Sequence[dict]) -> dict[str, Any]:
         f"sample_accuracy@{MANY}": many,
         f"sample_accuracy@{FEW}": few,
         "relative_drop": (many - few) / many if many else None,
+        "relative_drop_interval": drop_interval(many, few, r.get("num_samples")),
         f"reading_distance@{MANY}": _quality(r, MANY, "reading_distance"),
         f"reading_distance@{FEW}": _quality(r, FEW, "reading_distance"),
         # below 2x chance the ratio measures noise, not the model

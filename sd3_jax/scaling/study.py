@@ -186,6 +186,10 @@ def _pct(v) -> str:
   return "-" if v is None else f"{100 * v:+.1f}%"
 
 
+def _range(interval) -> str:
+  return "" if not interval else f" [{_pct(interval[0])}, {_pct(interval[1])}]"
+
+
 def _error(h: dict, law: str) -> str:
   """A held-out error; one predicted by a law that is not trusted is marked as not a result."""
   if h.get(f"untrusted_{law}_rel_error") is not None:
@@ -331,13 +335,13 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
       "## Claim 5: larger models need fewer steps (paper: relative drop 50 -> 5 steps 4.30% at d=15, 2.71% at d=38)",
       "",
-      f"| depth | accuracy@{MANY} | accuracy@{FEW} | relative drop | distance@{MANY} | distance@{FEW} | above 2x chance |",
+      f"| depth | accuracy@{MANY} | accuracy@{FEW} | relative drop [95%] | distance@{MANY} | distance@{FEW} | above 2x chance |",
       "|---|---|---|---|---|---|---|",
     ]
     for r in c5["rows"]:
       lines.append(
         f"| {r['depth']} | {_f(r[f'sample_accuracy@{MANY}'])} | {_f(r[f'sample_accuracy@{FEW}'])} | "
-        f"{_pct(r['relative_drop'])} | {_f(r[f'reading_distance@{MANY}'])} | {_f(r[f'reading_distance@{FEW}'])} | "
+        f"{_pct(r['relative_drop'])}{_range(r['relative_drop_interval'])} | {_f(r[f'reading_distance@{MANY}'])} | {_f(r[f'reading_distance@{FEW}'])} | "
         f"{'yes' if r['above_2x_chance'] else 'no'} |"
       )
     t = c5["depth_vs_drop"]
