@@ -165,6 +165,7 @@ def test_the_report_judges_each_claim_from_the_numbers(workdir, tmp_path):
   c5 = result["claim5_steps"]
   drops = {r["depth"]: r["relative_drop"] for r in c5["rows"]}
   assert drops == pytest.approx({1: 0.4, 2: 0.2, 3: 0.4 / 3, 4: 0.1})
+  assert [r["part_relative_drop"] for r in c5["rows"]] == pytest.approx([0.4, 0.2, 0.4 / 3, 0.1])  # parts = all here
   assert c5["usable_depths"] == [2, 3, 4]  # d1 (0.01) is below 2x chance
   assert c5["depth_vs_drop"]["rho"] == pytest.approx(-1.0) and c5["reproduced"]
 

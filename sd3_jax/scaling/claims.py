@@ -345,6 +345,10 @@ def claim_correlation(runs: Sequence[dict]) -> dict[str, Any]:
 # Claim 5: larger models need fewer steps
 
 
+def _drop(many: float | None, few: float | None) -> float | None:
+  return (many - few) / many if many and few is not None else None
+
+
 def drop_interval(many: float | None, few: float | None, n: int | None, draws: int = 4000, seed: int = 0):
   """95% interval of (many - few) / many when each accuracy is a share of ``n`` samples: a
   parametric bootstrap drawing both counts as independent binomials. The two step counts sample
@@ -378,10 +382,12 @@ def claim_steps(runs: Sequence[dict]) -> dict[str, Any]:
         "run": r["name"],
         f"sample_accuracy@{MANY}": many,
         f"sample_accuracy@{FEW}": few,
-        "relative_drop": (many - few) / many if many else None,
+        "relative_drop": _drop(many, few),
         "relative_drop_interval": drop_interval(many, few, r.get("num_samples")),
         f"reading_distance@{MANY}": _quality(r, MANY, "reading_distance"),
         f"reading_distance@{FEW}": _quality(r, FEW, "reading_distance"),
+        # reported beside the verdict: the mean over the checker's four parts is a finer measure
+        "part_relative_drop": _drop(_quality(r, MANY, "part_accuracy"), _quality(r, FEW, "part_accuracy")),
         # below 2x chance the ratio measures noise, not the model
         "above_2x_chance": bool(many is not None and chance and many >= 2 * chance),
       }

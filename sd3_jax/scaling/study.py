@@ -335,13 +335,14 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
       "## Claim 5: larger models need fewer steps (paper: relative drop 50 -> 5 steps 4.30% at d=15, 2.71% at d=38)",
       "",
-      f"| depth | accuracy@{MANY} | accuracy@{FEW} | relative drop [95%] | distance@{MANY} | distance@{FEW} | above 2x chance |",
-      "|---|---|---|---|---|---|---|",
+      f"| depth | accuracy@{MANY} | accuracy@{FEW} | relative drop [95%] | part-accuracy drop | distance@{MANY} | "
+      f"distance@{FEW} | above 2x chance |",
+      "|---|---|---|---|---|---|---|---|",
     ]
     for r in c5["rows"]:
       lines.append(
         f"| {r['depth']} | {_f(r[f'sample_accuracy@{MANY}'])} | {_f(r[f'sample_accuracy@{FEW}'])} | "
-        f"{_pct(r['relative_drop'])}{_range(r['relative_drop_interval'])} | {_f(r[f'reading_distance@{MANY}'])} | {_f(r[f'reading_distance@{FEW}'])} | "
+        f"{_pct(r['relative_drop'])}{_range(r['relative_drop_interval'])} | {_pct(r['part_relative_drop'])} | {_f(r[f'reading_distance@{MANY}'])} | {_f(r[f'reading_distance@{FEW}'])} | "
         f"{'yes' if r['above_2x_chance'] else 'no'} |"
       )
     t = c5["depth_vs_drop"]
