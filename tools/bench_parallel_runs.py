@@ -23,11 +23,13 @@ import subprocess
 import sys
 import time
 
+from sd3_jax import command
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
-def command(data: str, depth: int, steps: int, workdir: str, seed: int) -> list[str]:
+def train_command(data: str, depth: int, steps: int, workdir: str, seed: int) -> list[str]:
   overrides = {
     "data.path": os.path.join(data, "train"),
     "data.val_path": os.path.join(data, "val"),
@@ -70,7 +72,9 @@ def trial(args, name: str, jobs: int, flags: str) -> dict:
   for i, d in enumerate(dirs):
     log = open(os.path.join(args.out, f"{name}{i}.log"), "w")
     procs.append(
-      subprocess.Popen(command(args.data, args.depth, args.steps, d, i), env=env, stdout=log, stderr=log, cwd=REPO)
+      subprocess.Popen(
+        train_command(args.data, args.depth, args.steps, d, i), env=env, stdout=log, stderr=log, cwd=REPO
+      )
     )
   for p in procs:
     if p.wait() != 0:
@@ -87,7 +91,7 @@ def trial(args, name: str, jobs: int, flags: str) -> dict:
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = command.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data", required=True, help="sd3-scaling toy_data's WORKDIR/data")
   p.add_argument("--depth", type=int, default=2)
   p.add_argument("--steps", type=int, default=300)
