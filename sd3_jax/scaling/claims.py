@@ -150,16 +150,20 @@ def regime(runs: Sequence[dict]) -> dict[str, Any]:
 
 
 def throughput_table(runs: Sequence[dict]) -> list[dict]:
-  """Per model (depth, backbone): parameters, exact train FLOPs per step, median step time and
-  GFLOP/s achieved, over the runs that logged them."""
+  """Per part and model (depth, backbone): parameters, exact train FLOPs per step, median step
+  time and GFLOP/s achieved per run, over the runs that logged them (a part trained with
+  ``--jobs N`` ran N such runs at once)."""
   groups: dict[tuple, list[dict]] = {}
   for r in runs:
-    groups.setdefault((r["depth"], backbone_of(r)), []).append(r)
+    groups.setdefault((r.get("part", ""), r["depth"], backbone_of(r)), []).append(r)
   rows = []
-  for (depth, backbone), members in sorted(groups.items()):
+  for (part, depth, backbone), members in sorted(
+    groups.items(), key=lambda kv: (PARTS.index(kv[0][0]) if kv[0][0] in PARTS else 9, kv[0])
+  ):
     timed = [m for m in members if m["gflops_per_sec"] is not None]
     rows.append(
       {
+        "part": part,
         "depth": depth,
         "backbone": backbone,
         "params": members[0]["params"]["total"],

@@ -229,12 +229,15 @@ def markdown(result: dict[str, Any]) -> str:
   lines += [
     "## Throughput",
     "",
-    "| depth | backbone | parameters | GFLOP / step | step time | GFLOP/s |",
-    "|---|---|---|---|---|---|",
+    "Per run, from the exact FLOPs (compilation and checkpoints excluded); a part trained with `--jobs N` ran "
+    "N runs at once, each single-threaded.",
+    "",
+    "| part | depth | backbone | parameters | GFLOP / step | step time | GFLOP/s |",
+    "|---|---|---|---|---|---|---|",
   ]
   for t in result["throughput"]:
     lines.append(
-      f"| {t['depth']} | {t['backbone']} | {t['params']:,} | {t['gflop_per_step']:.1f} | "
+      f"| {t['part']} | {t['depth']} | {t['backbone']} | {t['params']:,} | {t['gflop_per_step']:.1f} | "
       f"{_f(t['step_time'], '{:.3f} s')} | {_f(t['gflops_per_sec'], '{:.1f}')} |"
     )
   lines.append("")
