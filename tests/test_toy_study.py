@@ -161,6 +161,9 @@ def test_the_report_judges_each_claim_from_the_numbers(workdir, tmp_path):
   c4 = result["claim4_correlation"]
   assert c4["all"]["num_runs"] == 48 and c4["all"]["rho"] < -0.5 and c4["all"]["p_value"] < 1e-3
   assert c4["formulations"]["rho"] == pytest.approx(-1.0) and c4["reproduced"] == (c4["all"]["rho"] <= -0.8)
+  # the fixture's distance rises with loss in every part: rho > 0; accuracy over one chance level = accuracy
+  assert c4["beside"]["reading_distance@25"]["rho"] > 0.5
+  assert c4["beside"]["accuracy_over_chance@25"]["rho"] == pytest.approx(c4["all"]["rho"], abs=0.01)  # ties may round
 
   c5 = result["claim5_steps"]
   drops = {r["depth"]: r["relative_drop"] for r in c5["rows"]}

@@ -324,10 +324,12 @@ def claim_backbones(runs: Sequence[dict]) -> dict[str, Any]:
 
 def claim_correlation(runs: Sequence[dict]) -> dict[str, Any]:
   """Spearman's rho between final yardstick loss and sample accuracy (at MANY steps) over every
-  scored run of the study, with its p-value; also per part."""
+  scored run of the study, with its p-value; also per part. Beside the verdict, over all runs: the
+  reading distance (FID's part) and the accuracy over the run's own chance level (a model drawing
+  blobs is read generously, so its raw accuracy can pass a better model's)."""
 
-  def rho(members):
-    pairs = [(r["final_rf_loss"], _quality(r, MANY)) for r in members if _quality(r, MANY) is not None]
+  def rho(members, quality=lambda r: _quality(r, MANY)):
+    pairs = [(r["final_rf_loss"], quality(r)) for r in members if quality(r) is not None]
     if len(pairs) < 3 or any(len(set(x)) < 2 for x in zip(*pairs)):  # a constant has no rank correlation
       return {"num_runs": len(pairs), "rho": None, "p_value": None}
     value, p = stats.spearmanr(*zip(*pairs))
@@ -343,6 +345,10 @@ def claim_correlation(runs: Sequence[dict]) -> dict[str, Any]:
     if members:
       out[part] = rho(members)
   out["reproduced"] = bool(out["all"]["rho"] is not None and out["all"]["rho"] <= -0.8)
+  out["beside"] = {
+    f"reading_distance@{MANY}": rho(runs, lambda r: _quality(r, MANY, "reading_distance")),
+    f"accuracy_over_chance@{MANY}": rho(runs, lambda r: _quality(r, MANY) / _chance(r) if _chance(r) else None),
+  }
   return out
 
 

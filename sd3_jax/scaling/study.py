@@ -330,9 +330,14 @@ def markdown(result: dict[str, Any]) -> str:
     "|---|---|---|",
   ]
   for name, c in c4.items():
-    if isinstance(c, dict):
+    if isinstance(c, dict) and name != "beside":
       lines.append(f"| {name} ({c['num_runs']}) | {_f(c['rho'], '{:.2f}')} | {_f(c['p_value'], '{:.2g}')} |")
   lines += ["", f"Goal rho <= -0.8 over all runs: {_verdict(c4['reproduced'])}.", ""]
+  lines += ["Beside the verdict, all runs:", "", "| quality measure | Spearman rho with final val/rf_loss | p-value |"]
+  lines.append("|---|---|---|")
+  for name, c in c4.get("beside", {}).items():
+    lines.append(f"| {name} ({c['num_runs']} runs) | {_f(c['rho'], '{:.2f}')} | {_f(c['p_value'], '{:.2g}')} |")
+  lines.append("")
   c5 = result.get("claim5_steps")
   if c5:
     lines += [
