@@ -156,6 +156,7 @@ def test_the_report_judges_each_claim_from_the_numbers(workdir, tmp_path):
   k = c3["checks"]
   assert k["lowest_loss_at_largest_budget"] == "mmdit3" and k["highest_loss_at_largest_budget"] == "dit"
   assert k["lowest_loss_at_smallest_budget"] == "uvit" and k["uvit_fastest_early"]
+  assert k["best_distance_at_largest_budget"] == "mmdit3"  # the fixture's distance is the loss
   assert k["mmdit3_vs_mmdit_rel_loss"] < 0 and c3["reproduced"]
 
   c4 = result["claim4_correlation"]

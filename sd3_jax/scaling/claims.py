@@ -304,6 +304,9 @@ def claim_backbones(runs: Sequence[dict]) -> dict[str, Any]:
     checks["highest_loss_at_largest_budget"] = max(loss_last, key=loss_last.get)
     scored = {k: a for k, a in acc_last.items() if a is not None}
     checks["best_accuracy_at_largest_budget"] = max(scored, key=scored.get) if scored else None
+    distance = {k: _quality(v, MANY, "reading_distance") for k, v in last.items()}
+    distance = {k: d for k, d in distance.items() if d is not None}
+    checks["best_distance_at_largest_budget"] = min(distance, key=distance.get) if distance else None
     loss_first = {k: v["final_rf_loss"] for k, v in first.items()}
     checks["lowest_loss_at_smallest_budget"] = min(loss_first, key=loss_first.get)
     if "mmdit" in loss_last and "mmdit3" in loss_last:
