@@ -215,8 +215,17 @@ def _verdict(ok: bool) -> str:
   return "**reproduced**" if ok else "**not reproduced**"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+  """A markdown table's lines."""
+  return [f"| {' | '.join(header)} |", "|" + "---|" * len(header)] + [f"| {' | '.join(r)} |" for r in rows]
+
+
+def _rho_row(name: str, c: dict) -> list[str]:
+  return [name, _f(c["rho"], "{:.2f}"), _f(c["p_value"], "{:.2g}")]
+
+
 def markdown(result: dict[str, Any]) -> str:
-  """The report: the claims.regime check, throughput and one section per claim, paper beside ours."""
+  """The report: the regime check, throughput and one section per claim, paper beside ours."""
   lines = [f"# The toy study's report ({result['machine']})", ""]
   if result["missing_parts"]:
     lines += [f"Parts not run yet: {', '.join(result['missing_parts'])}; their claims are not judged.", ""]
@@ -238,14 +247,15 @@ def markdown(result: dict[str, Any]) -> str:
     "Per run, from the exact FLOPs (compilation and checkpoints excluded); a part trained with `--jobs N` ran "
     "N runs at once, each single-threaded.",
     "",
-    "| part | depth | backbone | parameters | GFLOP / step | step time | GFLOP/s |",
-    "|---|---|---|---|---|---|---|",
   ]
-  for t in result["throughput"]:
-    lines.append(
-      f"| {t['part']} | {t['depth']} | {t['backbone']} | {t['params']:,} | {t['gflop_per_step']:.1f} | "
-      f"{_f(t['step_time'], '{:.3f} s')} | {_f(t['gflops_per_sec'], '{:.1f}')} |"
-    )
+  lines += _table(
+    ["part", "depth", "backbone", "parameters", "GFLOP / step", "step time", "GFLOP/s"],
+    [
+      [t["part"], str(t["depth"]), t["backbone"], f"{t['params']:,}", f"{t['gflop_per_step']:.1f}"]
+      + [_f(t["step_time"], "{:.3f} s"), _f(t["gflops_per_sec"], "{:.1f}")]
+      for t in result["throughput"]
+    ],
+  )
   lines.append("")
   c1 = result.get("claim1_frontier")
   if c1:
@@ -263,14 +273,14 @@ def markdown(result: dict[str, Any]) -> str:
       f"Fits without the largest depth: frontier {c1['holdout_fit']['frontier']}, parametric "
       f"{c1['holdout_fit']['parametric']}.",
       "",
-      "| held-out run | steps | measured loss | frontier error | parametric error |",
-      "|---|---|---|---|---|",
     ]
-    for h in c1["holdout"]:
-      lines.append(
-        f"| {h['run']} | {h['final_step']} | {h['measured']:.4f} | {_error(h, 'frontier')} | "
-        f"{_error(h, 'parametric')} |"
-      )
+    lines += _table(
+      ["held-out run", "steps", "measured loss", "frontier error", "parametric error"],
+      [
+        [h["run"], str(h["final_step"]), f"{h['measured']:.4f}", _error(h, "frontier"), _error(h, "parametric")]
+        for h in c1["holdout"]
+      ],
+    )
     lines += [
       "",
       f"Lengths predicted within 5%: frontier {c1['lengths_within_5pct']['frontier']}, parametric "
@@ -285,16 +295,22 @@ def markdown(result: dict[str, Any]) -> str:
       "",
       f"Ranked by {c2['ranked_by']}; mean and 95% interval over seeds.",
       "",
-      f"| formulation | paper's rank | our rank | accuracy@{FEW} | accuracy@{MANY} | distance@{FEW} | "
-      f"distance@{MANY} | val/rf_loss |",
-      "|---|---|---|---|---|---|---|---|",
     ]
-    for r in c2["rows"]:
-      lines.append(
-        f"| {r['formulation']} | {_f(r['paper_rank'], '{:.2f}')} | {_cell(r['rank'], '{:.2f}')} | "
-        f"{_cell(r[f'sample_accuracy@{FEW}'])} | {_cell(r[f'sample_accuracy@{MANY}'])} | "
-        f"{_cell(r[f'reading_distance@{FEW}'])} | {_cell(r[f'reading_distance@{MANY}'])} | {_cell(r['rf_loss'], '{:.4f}')} |"
-      )
+    metrics = [
+      f"sample_accuracy@{FEW}",
+      f"sample_accuracy@{MANY}",
+      f"reading_distance@{FEW}",
+      f"reading_distance@{MANY}",
+    ]
+    lines += _table(
+      ["formulation", "paper's rank", "our rank", *[m.replace("sample_", "").replace("reading_", "") for m in metrics]]
+      + ["val/rf_loss"],
+      [
+        [r["formulation"], _f(r["paper_rank"], "{:.2f}"), _cell(r["rank"], "{:.2f}"), *[_cell(r[m]) for m in metrics]]
+        + [_cell(r["rf_loss"], "{:.4f}")]
+        for r in c2["rows"]
+      ],
+    )
     s = c2["spearman_with_paper"]
     lines += [
       "",
@@ -305,18 +321,17 @@ def markdown(result: dict[str, Any]) -> str:
     ]
   c3 = result.get("claim3_backbones")
   if c3:
-    lines += [
-      f"## Claim 3: backbones (paper: Fig. 4, {claims.PAPER_BACKBONES})",
-      "",
-      f"| backbone | parameters | steps | training FLOPs | val/rf_loss | accuracy@{MANY} | distance@{MANY} | "
-      f"accuracy@{FEW} |",
-      "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in c3["rows"]:
-      lines.append(
-        f"| {r['backbone']} | {r['params']:,} | {r['steps']} | {r['compute']:.3g} | {r['rf_loss']:.4f} | "
-        f"{_f(r[f'sample_accuracy@{MANY}'])} | {_f(r[f'reading_distance@{MANY}'])} | {_f(r[f'sample_accuracy@{FEW}'])} |"
-      )
+    lines += [f"## Claim 3: backbones (paper: Fig. 4, {claims.PAPER_BACKBONES})", ""]
+    metrics = [f"sample_accuracy@{MANY}", f"reading_distance@{MANY}", f"sample_accuracy@{FEW}"]
+    lines += _table(
+      ["backbone", "parameters", "steps", "training FLOPs", "val/rf_loss"]
+      + [m.replace("sample_", "").replace("reading_", "") for m in metrics],
+      [
+        [r["backbone"], f"{r['params']:,}", str(r["steps"]), f"{r['compute']:.3g}", f"{r['rf_loss']:.4f}"]
+        + [_f(r[m]) for m in metrics]
+        for r in c3["rows"]
+      ],
+    )
     k = c3["checks"]
     if k:
       lines += [
@@ -330,36 +345,39 @@ def markdown(result: dict[str, Any]) -> str:
       ]
     lines.append("")
   c4 = result["claim4_correlation"]
+  lines += ["## Claim 4: validation loss predicts quality (paper: section 5.3, strongly correlated)", ""]
+  lines += _table(
+    ["runs", "Spearman rho (final val/rf_loss, accuracy)", "p-value"],
+    [_rho_row(f"{name} ({c['num_runs']})", c) for name, c in c4.items() if isinstance(c, dict) and name != "beside"],
+  )
   lines += [
-    "## Claim 4: validation loss predicts quality (paper: section 5.3, strongly correlated)",
     "",
-    "| runs | Spearman rho (final val/rf_loss, accuracy) | p-value |",
-    "|---|---|---|",
+    f"Goal rho <= -0.8 over all runs: {_verdict(c4['reproduced'])}.",
+    "",
+    "Beside the verdict, all runs:",
+    "",
   ]
-  for name, c in c4.items():
-    if isinstance(c, dict) and name != "beside":
-      lines.append(f"| {name} ({c['num_runs']}) | {_f(c['rho'], '{:.2f}')} | {_f(c['p_value'], '{:.2g}')} |")
-  lines += ["", f"Goal rho <= -0.8 over all runs: {_verdict(c4['reproduced'])}.", ""]
-  lines += ["Beside the verdict, all runs:", "", "| quality measure | Spearman rho with final val/rf_loss | p-value |"]
-  lines.append("|---|---|---|")
-  for name, c in c4.get("beside", {}).items():
-    lines.append(f"| {name} ({c['num_runs']} runs) | {_f(c['rho'], '{:.2f}')} | {_f(c['p_value'], '{:.2g}')} |")
+  lines += _table(
+    ["quality measure", "Spearman rho with final val/rf_loss", "p-value"],
+    [_rho_row(f"{name} ({c['num_runs']} runs)", c) for name, c in c4.get("beside", {}).items()],
+  )
   lines.append("")
   c5 = result.get("claim5_steps")
   if c5:
     lines += [
       "## Claim 5: larger models need fewer steps (paper: relative drop 50 -> 5 steps 4.30% at d=15, 2.71% at d=38)",
       "",
-      f"| depth | accuracy@{MANY} | accuracy@{FEW} | relative drop [95%] | part-accuracy drop | distance@{MANY} | "
-      f"distance@{FEW} | above 2x chance |",
-      "|---|---|---|---|---|---|---|---|",
     ]
-    for r in c5["rows"]:
-      lines.append(
-        f"| {r['depth']} | {_f(r[f'sample_accuracy@{MANY}'])} | {_f(r[f'sample_accuracy@{FEW}'])} | "
-        f"{_pct(r['relative_drop'])}{_range(r['relative_drop_interval'])} | {_pct(r['part_relative_drop'])} | {_f(r[f'reading_distance@{MANY}'])} | {_f(r[f'reading_distance@{FEW}'])} | "
-        f"{'yes' if r['above_2x_chance'] else 'no'} |"
-      )
+    lines += _table(
+      ["depth", f"accuracy@{MANY}", f"accuracy@{FEW}", "relative drop [95%]", "part-accuracy drop"]
+      + [f"distance@{MANY}", f"distance@{FEW}", "above 2x chance"],
+      [
+        [str(r["depth"]), _f(r[f"sample_accuracy@{MANY}"]), _f(r[f"sample_accuracy@{FEW}"])]
+        + [_pct(r["relative_drop"]) + _range(r["relative_drop_interval"]), _pct(r["part_relative_drop"])]
+        + [_f(r[f"reading_distance@{MANY}"]), _f(r[f"reading_distance@{FEW}"]), "yes" if r["above_2x_chance"] else "no"]
+        for r in c5["rows"]
+      ],
+    )
     t = c5["depth_vs_drop"]
     lines += [
       "",
