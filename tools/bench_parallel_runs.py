@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 from sd3_jax import command
+from sd3_jax.scaling import analysis
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -57,11 +57,11 @@ def train_command(data: str, depth: int, steps: int, workdir: str, seed: int) ->
 
 
 def median_gflops(workdir: str) -> float:
-  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl")) if line.strip()]
-  values = [r["tflops_per_sec"] * 1e3 for r in rows if r.get("tflops_per_sec") is not None]
-  if not values:
+  rows = [json.loads(line) for line in open(os.path.join(workdir, analysis.METRICS)) if line.strip()]
+  gflops = analysis.throughput(rows)["gflops_per_sec"]
+  if gflops is None:
     raise RuntimeError(f"{workdir} logged no throughput: train more steps (--steps)")
-  return statistics.median(values)
+  return gflops
 
 
 def trial(args, name: str, jobs: int, flags: str) -> dict:

@@ -116,6 +116,7 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
   )
   rows: dict[int, dict] = {}
   evals: dict[str, Any] = {}  # the last logged value of every eval/ key
+  timed: list[dict] = []  # rows with the trainer's throughput
   with open(os.path.join(run_dir, METRICS)) as f:
     for line in f:
       if line.strip():
@@ -126,6 +127,8 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
         if "val/loss" in r:
           rows[int(r["step"])] = r  # a resumed run logs a step again: keep the last
         evals.update({k: v for k, v in r.items() if k.startswith("eval/")})
+        if r.get("step_time") is not None and r.get("tflops_per_sec") is not None:
+          timed.append(r)
   points = []
   for step in sorted(rows):
     c = family.run_compute(
@@ -175,6 +178,21 @@ def read_run(run_dir: str, *, loss: str = "val/loss", levels: str | None = None)
     "points": points,
     "sample_accuracy": sample.get("sample_accuracy"),
     "part_accuracy": sample.get("part_accuracy"),
+    "sample_eval": sample,  # RUN/sample_eval.json as written ({} when the run was not scored)
+    **throughput(timed),
+  }
+
+
+def throughput(rows: Sequence[dict]) -> dict[str, float | None]:
+  """Median training throughput over logged metrics rows: ``step_time`` (s) and
+  ``gflops_per_sec`` (all devices, from the exact FLOPs; the trainer's timer excludes compilation
+  and checkpointing); None for both when no row has them."""
+  rows = [r for r in rows if r.get("step_time") is not None and r.get("tflops_per_sec") is not None]
+  if not rows:
+    return {"step_time": None, "gflops_per_sec": None}
+  return {
+    "step_time": float(np.median([r["step_time"] for r in rows])),
+    "gflops_per_sec": 1e3 * float(np.median([r["tflops_per_sec"] for r in rows])),
   }
 
 

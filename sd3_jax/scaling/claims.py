@@ -13,7 +13,6 @@ better) at N sampling steps; the validation loss of every claim is the rf yardst
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Sequence
@@ -45,29 +44,9 @@ PAPER_BACKBONES = (
 )
 
 
-def throughput(run_dir: str) -> dict[str, float | None]:
-  """Median training throughput a run logged (``metrics.jsonl``: step time, GFLOP/s over all
-  devices from the exact FLOPs), compilation and checkpointing excluded by the trainer's timer."""
-  step_times, tflops = [], []
-  path = os.path.join(run_dir, analysis.METRICS)
-  if os.path.isfile(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if row.get("step_time") is not None and row.get("tflops_per_sec") is not None:
-          step_times.append(float(row["step_time"]))
-          tflops.append(float(row["tflops_per_sec"]))
-  if not step_times:
-    return {"step_time": None, "gflops_per_sec": None}
-  return {"step_time": float(np.median(step_times)), "gflops_per_sec": 1e3 * float(np.median(tflops))}
-
-
 def read_part(part_dir: str) -> list[dict]:
-  """The runs of one part that have a validation point, each with its throughput, quality at the
-  study's step counts, chance level and yardstick loss."""
+  """The runs of one part that have a validation point (``analysis.read_run``, with its
+  throughput), each with its quality at the study's step counts, chance level and yardstick loss."""
   out = []
   for run_dir in analysis.find_runs([part_dir]):
     try:
@@ -77,12 +56,7 @@ def read_part(part_dir: str) -> list[dict]:
       continue
     if not run["points"]:
       continue
-    run.update(throughput(run_dir))
-    sample_path = os.path.join(run_dir, "sample_eval.json")
-    sample = {}
-    if os.path.isfile(sample_path):
-      with open(sample_path) as f:
-        sample = json.load(f)
+    sample = run["sample_eval"]
     by_steps = sample.get("by_steps", {})
     run["num_samples"] = sample.get("num_prompts", 0) * sample.get("samples_per_prompt", 0) or None
     run["quality"] = {
@@ -99,11 +73,11 @@ def backbone_of(run: dict) -> str:
   return run["config"].get("model.backbone") or "mmdit"
 
 
-def _quality(run: dict, n: int, key: str = "sample_accuracy") -> float | None:
+def quality(run: dict, n: int, key: str = "sample_accuracy") -> float | None:
   return (run["quality"].get(n) or {}).get(key)
 
 
-def _chance(run: dict, n: int = MANY) -> float | None:
+def chance_of(run: dict, n: int = MANY) -> float | None:
   chance = (run["quality"].get(n) or {}).get("chance")
   return None if chance is None else float(chance.get("all", np.nan) if isinstance(chance, dict) else chance)
 
@@ -126,23 +100,23 @@ def regime(runs: Sequence[dict]) -> dict[str, Any]:
   """Does the checker separate runs? Each run's accuracy (at MANY steps) against its own chance
   level (its samples scored against shuffled captions: a model that draws blobs the checker reads
   generously has a high one), the best and worst runs by that ratio."""
-  scored = [r for r in runs if _quality(r, MANY) is not None and _chance(r)]
+  scored = [r for r in runs if quality(r, MANY) is not None and chance_of(r)]
   if not scored:
     return {"scored_runs": 0}
-  ratio = [_quality(r, MANY) / _chance(r) for r in scored]
+  ratio = [quality(r, MANY) / chance_of(r) for r in scored]
   best, worst = int(np.argmax(ratio)), int(np.argmin(ratio))
 
   def entry(i):
     return {
       "run": scored[i]["name"],
-      "accuracy": _quality(scored[i], MANY),
-      "chance": _chance(scored[i]),
+      "accuracy": quality(scored[i], MANY),
+      "chance": chance_of(scored[i]),
       "times_chance": ratio[i],
     }
 
   return {
     "scored_runs": len(scored),
-    "chance": float(np.median([_chance(r) for r in scored])),  # the median run's
+    "chance": float(np.median([chance_of(r) for r in scored])),  # the median run's
     "best": entry(best),
     "worst": entry(worst),
     "discriminates": bool(ratio[best] >= REGIME_FACTOR),
@@ -252,23 +226,24 @@ def claim_formulations(runs: Sequence[dict]) -> dict[str, Any]:
       "rf_loss": interval([r["final_rf_loss"] for r in members]),
     }
     for n in (FEW, MANY):
-      row[f"sample_accuracy@{n}"] = interval([_quality(r, n) for r in members])
-      row[f"reading_distance@{n}"] = interval([_quality(r, n, "reading_distance") for r in members])
+      row[f"sample_accuracy@{n}"] = interval([quality(r, n) for r in members])
+      row[f"reading_distance@{n}"] = interval([quality(r, n, "reading_distance") for r in members])
     rows.append(row)
   ours = [r["rank"]["mean"] for r in rows]
   theirs = [r["paper_rank"] for r in rows]
   ok = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a is not None and b is not None]
-  rho = p = None
+  agreement = {"rho": None, "p_value": None}
   if len(ok) >= 3:
-    rho, p = stats.spearmanr([ours[i] for i in ok], [theirs[i] for i in ok])
-    rho, p = (None, None) if np.isnan(rho) else (float(rho), float(p))
+    agreement = ranking.rank_correlation([ours[i] for i in ok], [theirs[i] for i in ok])
   best = min((r for r in rows if r["rank"]["mean"] is not None), key=lambda r: r["rank"]["mean"], default=None)
   return {
     "rows": rows,
     "ranked_by": f"non-dominated sorting over ({pair[0]}, {pair[1]}) at {FEW} and {MANY} steps, per seed",
-    "spearman_with_paper": {"rho": rho, "p_value": p},
+    "spearman_with_paper": agreement,
     "best": best and best["formulation"],
-    "reproduced": bool(best and best["formulation"] == "rf/lognorm(0.00,1.00)" and rho is not None and rho > 0),
+    "reproduced": bool(
+      best and best["formulation"] == "rf/lognorm(0.00,1.00)" and agreement["rho"] is not None and agreement["rho"] > 0
+    ),
   }
 
 
@@ -288,9 +263,9 @@ def claim_backbones(runs: Sequence[dict]) -> dict[str, Any]:
         "steps": r["points"][-1]["step"],
         "compute": r["points"][-1]["compute"],
         "rf_loss": r["final_rf_loss"],
-        f"sample_accuracy@{MANY}": _quality(r, MANY),
-        f"reading_distance@{MANY}": _quality(r, MANY, "reading_distance"),
-        f"sample_accuracy@{FEW}": _quality(r, FEW),
+        f"sample_accuracy@{MANY}": quality(r, MANY),
+        f"reading_distance@{MANY}": quality(r, MANY, "reading_distance"),
+        f"sample_accuracy@{FEW}": quality(r, FEW),
       }
     )
   budgets = sorted({r["budget"] for r in runs if r.get("budget")})
@@ -299,12 +274,12 @@ def claim_backbones(runs: Sequence[dict]) -> dict[str, Any]:
   if budgets and len(at[budgets[-1]]) >= 2:
     last, first = at[budgets[-1]], at[budgets[0]]
     loss_last = {k: v["final_rf_loss"] for k, v in last.items()}
-    acc_last = {k: _quality(v, MANY) for k, v in last.items()}
+    acc_last = {k: quality(v, MANY) for k, v in last.items()}
     checks["lowest_loss_at_largest_budget"] = min(loss_last, key=loss_last.get)
     checks["highest_loss_at_largest_budget"] = max(loss_last, key=loss_last.get)
     scored = {k: a for k, a in acc_last.items() if a is not None}
     checks["best_accuracy_at_largest_budget"] = max(scored, key=scored.get) if scored else None
-    distance = {k: _quality(v, MANY, "reading_distance") for k, v in last.items()}
+    distance = {k: quality(v, MANY, "reading_distance") for k, v in last.items()}
     distance = {k: d for k, d in distance.items() if d is not None}
     checks["best_distance_at_largest_budget"] = min(distance, key=distance.get) if distance else None
     loss_first = {k: v["final_rf_loss"] for k, v in first.items()}
@@ -331,16 +306,11 @@ def claim_correlation(runs: Sequence[dict]) -> dict[str, Any]:
   reading distance (FID's part) and the accuracy over the run's own chance level (a model drawing
   blobs is read generously, so its raw accuracy can pass a better model's)."""
 
-  def rho(members, quality=lambda r: _quality(r, MANY)):
+  def rho(members, quality=lambda r: quality(r, MANY)):
     pairs = [(r["final_rf_loss"], quality(r)) for r in members if quality(r) is not None]
-    if len(pairs) < 3 or any(len(set(x)) < 2 for x in zip(*pairs)):  # a constant has no rank correlation
+    if len(pairs) < 3:
       return {"num_runs": len(pairs), "rho": None, "p_value": None}
-    value, p = stats.spearmanr(*zip(*pairs))
-    return {
-      "num_runs": len(pairs),
-      "rho": None if np.isnan(value) else float(value),
-      "p_value": None if np.isnan(p) else float(p),
-    }
+    return {"num_runs": len(pairs), **ranking.rank_correlation(*zip(*pairs))}
 
   out = {"all": rho(runs)}
   for part in PARTS:
@@ -349,8 +319,8 @@ def claim_correlation(runs: Sequence[dict]) -> dict[str, Any]:
       out[part] = rho(members)
   out["reproduced"] = bool(out["all"]["rho"] is not None and out["all"]["rho"] <= -0.8)
   out["beside"] = {
-    f"reading_distance@{MANY}": rho(runs, lambda r: _quality(r, MANY, "reading_distance")),
-    f"accuracy_over_chance@{MANY}": rho(runs, lambda r: _quality(r, MANY) / _chance(r) if _chance(r) else None),
+    f"reading_distance@{MANY}": rho(runs, lambda r: quality(r, MANY, "reading_distance")),
+    f"accuracy_over_chance@{MANY}": rho(runs, lambda r: quality(r, MANY) / chance_of(r) if chance_of(r) else None),
   }
   return out
 
@@ -387,8 +357,8 @@ def claim_steps(runs: Sequence[dict]) -> dict[str, Any]:
       longest[r["depth"]] = r
   rows = []
   for depth, r in sorted(longest.items()):
-    many, few = _quality(r, MANY), _quality(r, FEW)
-    chance = _chance(r)
+    many, few = quality(r, MANY), quality(r, FEW)
+    chance = chance_of(r)
     rows.append(
       {
         "depth": depth,
@@ -397,10 +367,10 @@ def claim_steps(runs: Sequence[dict]) -> dict[str, Any]:
         f"sample_accuracy@{FEW}": few,
         "relative_drop": _drop(many, few),
         "relative_drop_interval": drop_interval(many, few, r.get("num_samples")),
-        f"reading_distance@{MANY}": _quality(r, MANY, "reading_distance"),
-        f"reading_distance@{FEW}": _quality(r, FEW, "reading_distance"),
+        f"reading_distance@{MANY}": quality(r, MANY, "reading_distance"),
+        f"reading_distance@{FEW}": quality(r, FEW, "reading_distance"),
         # reported beside the verdict: the mean over the checker's four parts is a finer measure
-        "part_relative_drop": _drop(_quality(r, MANY, "part_accuracy"), _quality(r, FEW, "part_accuracy")),
+        "part_relative_drop": _drop(quality(r, MANY, "part_accuracy"), quality(r, FEW, "part_accuracy")),
         # below 2x chance the ratio measures noise, not the model
         "above_2x_chance": bool(many is not None and chance and many >= 2 * chance),
       }
@@ -408,8 +378,7 @@ def claim_steps(runs: Sequence[dict]) -> dict[str, Any]:
   usable = [row for row in rows if row["relative_drop"] is not None and row["above_2x_chance"]]
   trend = None
   if len(usable) >= 3:
-    value, p = stats.spearmanr([row["depth"] for row in usable], [row["relative_drop"] for row in usable])
-    trend = {"rho": None if np.isnan(value) else float(value), "p_value": None if np.isnan(p) else float(p)}
+    trend = ranking.rank_correlation([row["depth"] for row in usable], [row["relative_drop"] for row in usable])
   elif len(usable) == 2:
     trend = {"rho": 1.0 if usable[1]["relative_drop"] > usable[0]["relative_drop"] else -1.0, "p_value": None}
   return {

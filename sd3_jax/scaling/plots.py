@@ -21,7 +21,8 @@ from typing import Sequence
 import numpy as np
 
 
-def _plt():
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -31,7 +32,7 @@ def _plt():
 
 
 def _colors(runs):
-  plt = _plt()
+  plt = pyplot()
   depths = sorted({r["depth"] for r in runs})
   cmap = plt.get_cmap("viridis")
   return {d: cmap(i / max(len(depths) - 1, 1)) for i, d in enumerate(depths)}
@@ -52,7 +53,7 @@ def untrusted_label(entry: dict, what: str) -> str:
 
 def loss_vs_compute(runs, result, path, law=None) -> list[str]:
   """The figure; returns its legend labels."""
-  plt = _plt()
+  plt = pyplot()
   colors = _colors(runs)
   fit_names, held = set(result["fit_runs"]), set(result["holdout_runs"])
   fig, ax = plt.subplots(figsize=(7, 4.8), dpi=110)
@@ -98,7 +99,7 @@ def loss_vs_compute(runs, result, path, law=None) -> list[str]:
 
 
 def loss_vs_steps(runs, result, path) -> None:
-  plt = _plt()
+  plt = pyplot()
   colors = _colors(runs)
   fig, ax = plt.subplots(figsize=(7, 4.8), dpi=110)
   for r in runs:
@@ -121,7 +122,7 @@ def loss_vs_steps(runs, result, path) -> None:
 
 
 def isoflop_plot(runs, result, path, param_count) -> None:
-  plt = _plt()
+  plt = pyplot()
   fit, trusted = result["isoflop"]["fit"], result["isoflop"].get("trusted", True)
   fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
   budgets = sorted({r["budget"] for r in runs if r["budget"]})
@@ -152,7 +153,7 @@ def isoflop_plot(runs, result, path, param_count) -> None:
 
 
 def holdout_plot(result, path) -> None:
-  plt = _plt()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
   for h in result["holdout"]:
     pts = [p for p in h["points"] if p["predicted"] is not None]
@@ -177,7 +178,7 @@ def holdout_plot(result, path) -> None:
 
 
 def accuracy_plot(runs, result, path) -> None:
-  plt = _plt()
+  plt = pyplot()
   colors = _colors(runs)
   fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
   for r in runs:
@@ -199,7 +200,7 @@ def accuracy_plot(runs, result, path) -> None:
 
 
 def transfer_plot(groups: Sequence[dict], path: str) -> None:
-  plt = _plt()
+  plt = pyplot()
   fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.2), dpi=110, squeeze=False, sharey=True)
   cmap = plt.get_cmap("viridis")
   done = [c["final_loss"] for g in groups for w in g["curves"].values() for c in w if c["final_loss"] is not None]

@@ -183,6 +183,15 @@ def write_csv(groups: Sequence[dict], path: str) -> None:
         )
 
 
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float | None]:
+  """Spearman's rho of ``x`` and ``y`` with its p-value; None for what is undefined (a constant
+  series has no rank correlation; two points have no p-value)."""
+  if len(set(x)) < 2 or len(set(y)) < 2:
+    return {"rho": None, "p_value": None}
+  rho, p = stats.spearmanr(x, y)
+  return {"rho": None if np.isnan(rho) else float(rho), "p_value": None if np.isnan(p) else float(p)}
+
+
 def spearman(runs: Sequence[dict]) -> dict | None:
   """Rank correlation of final loss with sample accuracy across every scored run."""
   scored = [r for r in runs if r["sample_accuracy"] is not None]
@@ -191,6 +200,5 @@ def spearman(runs: Sequence[dict]) -> dict | None:
   loss = [r["points"][-1]["loss"] for r in scored]
   out = {"num_runs": len(scored), "runs": [r["name"] for r in scored]}
   for key in ("sample_accuracy", "part_accuracy"):
-    rho, p = stats.spearmanr(loss, [r[key] for r in scored])
-    out[key] = {"rho": None if np.isnan(rho) else float(rho), "p_value": None if np.isnan(p) else float(p)}
+    out[key] = rank_correlation(loss, [r[key] for r in scored])
   return out

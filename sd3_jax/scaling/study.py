@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from sd3_jax.storage import fileutil
-from sd3_jax.scaling import analysis
 from sd3_jax.scaling import claims
+from sd3_jax.scaling.plots import pyplot
 
 MANY, FEW = claims.MANY, claims.FEW
 
@@ -34,11 +34,12 @@ def study(workdir: str, out: str, *, num_bootstrap: int = 200, plots: bool = Tru
   os.makedirs(out, exist_ok=True)
   parts: dict[str, list[dict]] = {}
   for part in claims.PARTS:
-    path = os.path.join(workdir, part)
-    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, s, analysis.METRICS)) for s in os.listdir(path)):
-      parts[part] = claims.read_part(path)
-      for r in parts[part]:
-        r["part"] = part
+    try:
+      parts[part] = claims.read_part(os.path.join(workdir, part))
+    except FileNotFoundError:  # not run yet: no directory, or no run in it (analysis.find_runs)
+      continue
+    for r in parts[part]:
+      r["part"] = part
   if not parts:
     raise FileNotFoundError(
       f"{workdir} holds none of the study's parts {claims.PARTS}: run `bash launch/scaling_demo.sh {workdir} --part scaling` first"
@@ -66,15 +67,6 @@ def study(workdir: str, out: str, *, num_bootstrap: int = 200, plots: bool = Tru
   return result
 
 
-def _plt():
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
-
-
 def _errorbar(ax, x, cells, **kw):
   mean = np.array([c["mean"] if c["mean"] is not None else np.nan for c in cells])
   low = np.array([c["low"] if c["low"] is not None else m for c, m in zip(cells, mean)])
@@ -83,7 +75,7 @@ def _errorbar(ax, x, cells, **kw):
 
 
 def figures(parts: dict[str, list[dict]], result: dict[str, Any], out: str) -> list[str]:
-  plt = _plt()
+  plt = pyplot()
   written = []
   chance = result["regime"].get("chance")
   if "claim2_formulations" in result:
@@ -118,9 +110,9 @@ def figures(parts: dict[str, list[dict]], result: dict[str, Any], out: str) -> l
       axes[0].plot(
         [m["points"][-1]["compute"] for m in members], [m["final_rf_loss"] for m in members], "o", color=cmap(i)
       )
-      acc = [claims._quality(m, MANY) for m in members]
+      acc = [claims.quality(m, MANY) for m in members]
       axes[1].plot([m["points"][-1]["compute"] for m in members], acc, "o-", color=cmap(i), label=name)
-      distance = [claims._quality(m, MANY, "reading_distance") for m in members]
+      distance = [claims.quality(m, MANY, "reading_distance") for m in members]
       axes[2].plot([m["points"][-1]["compute"] for m in members], distance, "o-", color=cmap(i), label=name)
     if chance:
       axes[1].axhline(chance, color="grey", ls=":", label="chance (median run)")
@@ -134,7 +126,7 @@ def figures(parts: dict[str, list[dict]], result: dict[str, Any], out: str) -> l
     fig.suptitle("backbones at equal compute (curve: the longest run; dots: each budget's cooldown end)")
     fig.tight_layout()
     written.append(_save(fig, out, "claim3_backbones.png"))
-  scored = [r for members in parts.values() for r in members if claims._quality(r, MANY) is not None]
+  scored = [r for members in parts.values() for r in members if claims.quality(r, MANY) is not None]
   if scored:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for part, marker in zip(claims.PARTS, "osD"):
@@ -142,7 +134,7 @@ def figures(parts: dict[str, list[dict]], result: dict[str, Any], out: str) -> l
       if members:
         ax.plot(
           [r["final_rf_loss"] for r in members],
-          [claims._quality(r, MANY) for r in members],
+          [claims.quality(r, MANY) for r in members],
           marker,
           label=part,
           alpha=0.8,
@@ -180,7 +172,7 @@ def figures(parts: dict[str, list[dict]], result: dict[str, Any], out: str) -> l
 def _save(fig, out: str, name: str) -> str:
   path = os.path.join(out, name)
   fig.savefig(path, dpi=110)
-  _plt().close(fig)
+  pyplot().close(fig)
   return path
 
 
